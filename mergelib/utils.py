@@ -1,0 +1,99 @@
+"""Small shared helpers: devices, seeding, profiles, tolerant comparisons.
+
+Everything device- or profile-dependent in the suite goes through these functions, so a notebook
+runs unchanged on a GPU and on a CPU: only the *sizes* chosen by the profile differ.
+"""
+from __future__ import annotations
+
+import os
+import random
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+PROFILES = ("quick", "full")
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """Return a torch.device: "auto"/None picks CUDA when available, else the CPU."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} was requested but CUDA is not available on this machine")
+    return dev
+
+
+def resolve_profile(profile: str = "auto", device: str | torch.device | None = "auto") -> str:
+    """"auto" -> "full" on a GPU, "quick" on the CPU. Any other value must be a known profile."""
+    if profile == "auto":
+        return "full" if resolve_device(device).type == "cuda" else "quick"
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; expected 'auto' or one of {PROFILES}")
+    return profile
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> torch.Generator:
+    """Seed Python, NumPy and torch; optionally ask torch for deterministic kernels.
+
+    Returns a CPU ``torch.Generator`` seeded with ``seed`` for callers that want explicit randomness.
+    """
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    return torch.Generator().manual_seed(seed)
+
+
+def versions() -> dict[str, str]:
+    """Versions of the pieces that determine numerical results (recorded with every checkpoint)."""
+    import platform
+
+    import torchvision
+
+    out = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": np.__version__,
+    }
+    if torch.cuda.is_available():
+        out["cuda"] = str(torch.version.cuda)
+        out["gpu"] = torch.cuda.get_device_name(0)
+    return out
+
+
+def check_close(mine: Any, ref: Any, name: str = "result", rtol: float = 1e-5, atol: float = 1e-6,
+                verbose: bool = True) -> float:
+    """Compare a hand-built result with the library's (tensors or state dicts), karpathy-style.
+
+    Prints ``exact / approx / max-diff`` and raises ``AssertionError`` when not allclose.
+    Returns the maximal absolute difference.
+    """
+    if isinstance(mine, Mapping):
+        if set(mine) != set(ref):
+            raise AssertionError(f"{name}: keys differ: only mine {sorted(set(mine) - set(ref))}, "
+                                 f"only ref {sorted(set(ref) - set(mine))}")
+        diffs = [check_close(mine[k], ref[k], f"{name}[{k}]", rtol, atol, verbose=False) for k in mine]
+        maxdiff = max(diffs, default=0.0)
+        if verbose:
+            print(f"{name:30s} | {len(mine)} tensors all close | max-diff: {maxdiff:.2e}")
+        return maxdiff
+    a, b = torch.as_tensor(mine), torch.as_tensor(ref)
+    if a.shape != b.shape:
+        raise AssertionError(f"{name}: shape {tuple(a.shape)} != {tuple(b.shape)}")
+    a64, b64 = a.detach().double().cpu(), b.detach().double().cpu()
+    exact = bool(torch.equal(a64, b64))
+    approx = bool(torch.allclose(a64, b64, rtol=rtol, atol=atol))
+    maxdiff = float((a64 - b64).abs().max()) if a.numel() else 0.0
+    if verbose:
+        print(f"{name:30s} | exact: {exact!s:5} | approx: {approx!s:5} | max-diff: {maxdiff:.2e}")
+    if not approx:
+        raise AssertionError(f"{name}: not close (max-diff {maxdiff:.3e}, rtol={rtol}, atol={atol})")
+    return maxdiff
