@@ -1,0 +1,227 @@
+"""FREE-Merging experts: extraction, rescaling, storage, per-task parameters, trained experts."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch.func import functional_call
+
+from mergelib.experts import (Expert, LowRankExpert, SparseExpert, allocate_ranks, expert_scale,
+                              extract_expert, free_params, load_expert, train_expert)
+from mergelib.models import ViT
+
+
+def _rand_sd(shapes, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(s, generator=g) * scale for k, s in shapes.items()}
+
+
+SHAPES = {"blocks.0.attn.qkv.weight": (12, 10), "blocks.0.attn.qkv.bias": (12,),
+          "blocks.0.mlp.fc1.weight": (3, 4, 9), "blocks.0.mlp.fc2.weight": (2, 33)}
+
+
+def test_k1_with_zero_backbone_gives_pretrained_plus_rescaled_task_vector():
+    theta0, tau = _rand_sd(SHAPES, 0), _rand_sd(SHAPES, 1, 0.1)
+    zero = {k: torch.zeros_like(v) for k, v in tau.items()}
+    mu, lam_e = 2.5, 0.3
+    expert = extract_expert(tau, 1.0, rescale=mu)
+    assert expert.mu == mu and expert.density() == 1.0
+    for mode in ("add", "replace"):
+        out = free_params(theta0, zero, 0.7, expert, lam_e, mode=mode)
+        for k in theta0:
+            torch.testing.assert_close(out[k], theta0[k] + lam_e * mu * tau[k], rtol=1e-6, atol=1e-7)
+    # both rescale formulas carry log(k): at k = 1 the rescaled expert vanishes
+    e1 = extract_expert(tau, 1.0, rescale="official", filtered_tv=tau)
+    assert e1.mu == 0.0 and all(bool((v == 0).all()) for v in e1.to_dense().values())
+
+
+@pytest.mark.parametrize("k", [0.01, 0.1, 0.29, 0.5, 0.999, 1.0])
+def test_per_row_density_is_floor_cols_times_k_and_keeps_the_largest(k):
+    tau = _rand_sd(SHAPES, 2)
+    e = extract_expert(tau, k, rescale=None)
+    for key, t in tau.items():
+        cols = t.shape[-1]
+        rows = t.numel() // cols
+        kk = math.floor(cols * k)
+        assert e.row_density(key) == kk / cols
+        mask = e.support_mask(key).reshape(rows, cols)
+        assert mask.sum(1).tolist() == [kk] * rows  # exactly kk distinct entries in every row
+        a = t.reshape(rows, cols).abs()
+        if 0 < kk < cols:  # the kept entries are the largest |tau| of their row
+            kept_min = a.masked_fill(~mask, float("inf")).min(1).values
+            dropped_max = a.masked_fill(mask, -1.0).max(1).values
+            assert bool((kept_min >= dropped_max).all())
+        dense = e.to_dense()[key]
+        assert torch.equal(dense, torch.where(mask.view(t.shape), t, torch.zeros_like(t)))
+    total = sum(t.numel() for t in tau.values())
+    assert e.density() == sum(math.floor(t.shape[-1] * k) * t.numel() // t.shape[-1] for t in tau.values()) / total
+
+
+def test_official_and_paper_rescale_by_hand():
+    tau = {"a": torch.tensor([[4.0, -1.0, 0.5, 2.0], [0.1, -0.2, 3.0, -6.0]]), "b": torch.tensor([1.0, -3.0])}
+    fr = {"a": torch.full((2, 4), 0.5), "b": torch.tensor([0.25, -0.25])}
+    k = 0.5
+    # kept: a rows {4, 2} and {3, -6}; b {-3}.  mean|M|: a = 15/8, b = 3/2
+    m = [15 / 8, 3 / 2]
+    e_fr = (0.5 + 0.25) / 2
+    mu_official = -math.log10(k) * (sum(m) / 2 / k) / e_fr
+    e = extract_expert(tau, k, rescale="official", filtered_tv=fr)
+    assert e.mu == pytest.approx(mu_official, rel=1e-6)
+    torch.testing.assert_close(e.to_dense()["a"], mu_official * torch.tensor(
+        [[4.0, 0, 0, 2.0], [0, 0, 3.0, -6.0]]))
+    e_raw = (sum(abs(v) for v in tau["a"].flatten().tolist()) / 8 + 2.0) / 2
+    lam = 0.4
+    mu_paper = -(sum(m) / 2) * math.log(k) / (lam * e_raw)
+    assert extract_expert(tau, k, rescale="paper", lam=lam).mu == pytest.approx(mu_paper, rel=1e-6)
+    mu_paper_fr = -(sum(m) / 2) * math.log(k) / (lam * e_fr)
+    assert extract_expert(tau, k, "paper", filtered_tv=fr, lam=lam).mu == pytest.approx(mu_paper_fr, rel=1e-6)
+    assert expert_scale(m, [0.5, 0.25], k, "official") == pytest.approx(mu_official)
+
+
+def test_add_and_replace_differ_exactly_on_the_support():
+    theta0, tau, s = _rand_sd(SHAPES, 3), _rand_sd(SHAPES, 4, 0.1), _rand_sd(SHAPES, 5, 0.1)
+    c = 0.5
+    e = extract_expert(tau, 0.3, rescale="official", filtered_tv=s)
+    add = free_params(theta0, s, c**2, e, c, mode="add")
+    rep = free_params(theta0, s, c**2, e, c, mode="replace")
+    for k in theta0:
+        mask = e.support_mask(k)
+        assert bool(mask.any()) and not bool(mask.all())
+        assert torch.equal((add[k] != rep[k]), mask)  # differ on S (s != 0 there), equal elsewhere
+        torch.testing.assert_close(add[k][mask] - rep[k][mask], c**2 * s[k][mask])
+        # official form: theta0 + c*z, z = e on S and c*s elsewhere
+        z = torch.where(mask, e.to_dense()[k], c * s[k])
+        torch.testing.assert_close(rep[k], theta0[k] + c * z)
+        torch.testing.assert_close(add[k], theta0[k] + c**2 * s[k] + c * e.to_dense()[k])
+
+
+def test_sparse_storage_round_trips_exactly_with_exact_bytes(tmp_path):
+    g = torch.Generator().manual_seed(6)
+    dense = {}
+    for key, (rows, cols, kk) in {"w8": (5, 16, 3), "w16": (3, 300, 7), "w32": (1, 40000, 4),
+                                  "bias": (1, 9, 2)}.items():
+        t = torch.zeros(rows, cols)
+        for r in range(rows):
+            t[r, torch.randperm(cols, generator=g)[:kk]] = torch.rand(kk, generator=g) + 0.5
+        dense[key] = t if key != "bias" else t.view(cols)
+    ks = {"w8": 3 / 16, "w16": 7 / 300 + 1e-9, "w32": 4 / 40000 + 1e-12, "bias": 2 / 9 + 1e-9}
+    for key, k in ks.items():
+        e = extract_expert({key: dense[key]}, k, rescale=None)
+        assert torch.equal(e.to_dense()[key], dense[key])  # dense -> sparse -> dense is exact
+    e = SparseExpert(*_merge_parts([extract_expert({key: dense[key]}, k, rescale=None) for key, k in ks.items()]))
+    assert {k: v.dtype for k, v in e.indices.items()} == {
+        "w8": torch.uint8, "w16": torch.int16, "w32": torch.int32, "bias": torch.uint8}
+    expected = 5 * 3 * (4 + 1) + 3 * 7 * (4 + 2) + 1 * 4 * (4 + 4) + 1 * 2 * (4 + 1)
+    assert e.nbytes == expected == sum(t.nbytes for t in e.state_dict().values())
+    path = e.save(tmp_path / "sub" / "expert.safetensors")
+    assert sorted(p.name for p in path.parent.iterdir()) == ["expert.safetensors"]  # no temp file left
+    assert sum(t.nbytes for t in load_file(str(path)).values()) == expected
+    back = load_expert(path)
+    assert isinstance(back, SparseExpert) and back.shapes == e.shapes and back.mu == e.mu
+    for key in dense:
+        assert torch.equal(back.to_dense()[key], dense[key])
+        assert back.indices[key].dtype == e.indices[key].dtype
+    again = SparseExpert.from_state_dict(e.state_dict(), e.config())
+    assert all(torch.equal(again.to_dense()[k], dense[k]) for k in dense)
+    with pytest.raises(ValueError, match="not a 'lowrank'"):
+        LowRankExpert.load(path)
+
+
+def _merge_parts(experts):
+    values, indices, shapes = {}, {}, {}
+    for e in experts:
+        values.update(e.values)
+        indices.update(e.indices)
+        shapes.update(e.shapes)
+    return values, indices, shapes
+
+
+def test_to_moves_and_casts_values_only():
+    e = extract_expert(_rand_sd(SHAPES, 7), 0.25, rescale=2.0)
+    d = e.to("cpu", torch.float64)
+    assert all(v.dtype == torch.float64 for v in d.values.values())
+    assert all(d.indices[k].dtype == e.indices[k].dtype for k in e.keys)
+    assert all(torch.equal(d.to_dense()[k], e.to_dense()[k].double()) for k in e.keys)
+
+
+def test_error_cases():
+    tau = _rand_sd(SHAPES, 8)
+    for bad in (0, 0.0, -0.1, 1.5, float("nan"), True):
+        with pytest.raises(ValueError, match=r"k must be in \(0, 1\]"):
+            extract_expert(tau, bad, rescale=None)
+    with pytest.raises(ValueError, match="needs filtered_tv"):
+        extract_expert(tau, 0.1)
+    with pytest.raises(ValueError, match="filtered_tv has no tensor 'blocks.0.attn.qkv.bias'"):
+        extract_expert(tau, 0.1, filtered_tv={k: v for k, v in tau.items() if "bias" not in k})
+    with pytest.raises(ValueError, match="unknown rescale"):
+        extract_expert(tau, 0.1, rescale="log2")
+    e = extract_expert(tau, 0.1, rescale=None)
+    other = dict(tau, **{"blocks.0.mlp.fc2.weight": torch.zeros(2, 34)})
+    with pytest.raises(ValueError, match=r"'blocks.0.mlp.fc2.weight' has shape \(2, 33\)"):
+        free_params(other, {}, 1.0, e, 1.0)
+    with pytest.raises(ValueError, match="'blocks.0.attn.qkv.bias' is not in the pretrained"):
+        free_params({k: v for k, v in tau.items() if "bias" not in k}, {}, 1.0, e, 1.0)
+    with pytest.raises(ValueError, match="unknown mode"):
+        free_params(tau, {}, 1.0, e, 1.0, mode="mix")
+    lr = LowRankExpert({"w": (torch.ones(4, 1), torch.ones(1, 3))}, {"w": (4, 3)})
+    with pytest.raises(ValueError, match="replace' needs a SparseExpert"):
+        free_params({"w": torch.zeros(4, 3)}, {}, 1.0, lr, 1.0, mode="replace")
+    with pytest.raises(ValueError, match="too small"):
+        allocate_ranks({"w": (4, 3)}, 27)
+
+
+def test_allocate_ranks_fills_the_budget_round_robin():
+    shapes = {"a": (48, 16), "b": (16, 16), "c": (4, 3)}
+    # rank-1 costs: a 256, b 128, c 28 bytes (float32); sum 412; cap c at 3
+    ranks = allocate_ranks(shapes, 1000)
+    # uniform rank 1000 // 412 = 2 (824 bytes, 176 left); round robin: a (256) no, b (128) yes, c (28) yes
+    assert ranks == {"a": 2, "b": 3, "c": 3}
+    cost = 2 * 256 + 3 * 128 + 3 * 28
+    assert cost == 980
+    lr = LowRankExpert({k: (torch.zeros(s[0], r), torch.zeros(r, s[1])) for (k, s), r in
+                        zip(shapes.items(), ranks.values())}, shapes)
+    assert lr.nbytes == cost
+
+
+def _toy(seed=0):
+    torch.manual_seed(seed)  # module construction only; data come from explicit generators
+    vit = ViT(image_size=8, patch_size=4, dim=16, depth=1, heads=2)
+    g = torch.Generator().manual_seed(seed)
+    head = torch.nn.Linear(16, 3)
+    x = torch.randn(48, 3, 8, 8, generator=g)
+    y = torch.randint(0, 3, (48,), generator=g)
+    return vit, {k: v.detach().clone() for k, v in vit.state_dict().items()}, head, x, y
+
+
+def _loss(vit, params, head, x, y):
+    with torch.no_grad():
+        return float(F.cross_entropy(head(functional_call(vit, params, (x,))), y))
+
+
+def test_trained_expert_respects_budget_and_reduces_training_loss(tmp_path):
+    vit, merged, head, x, y = _toy()
+    tv = {k: v for k, v in merged.items() if ("attn" in k or "mlp" in k) and v.dim() == 2}
+    budget = extract_expert(tv, 0.2, rescale=None).nbytes
+    e = train_expert(vit, merged, head, x, y, budget, steps=60, lr=2e-2, batch_size=16, seed=1,
+                     keys=list(tv), progress=False)
+    assert isinstance(e, LowRankExpert) and set(e.keys) <= set(tv)
+    assert 0.5 * budget < e.nbytes <= budget
+    before = _loss(vit, merged, head, x, y)
+    after = _loss(vit, free_params(merged, {}, 0.0, e, 1.0), head, x, y)
+    assert after < 0.8 * before, (before, after)
+    assert len(e.meta["loss_history"]) == 60
+    # frozen: the head and the module's own weights did not move
+    assert all(p.grad is None for p in head.parameters())
+    assert all(torch.equal(v, merged[k]) for k, v in vit.state_dict().items())
+    # same seed, same expert; save/load round trip
+    e2 = train_expert(vit, merged, head, x, y, budget, steps=5, lr=2e-2, batch_size=16, seed=1,
+                      keys=list(tv), progress=False)
+    e3 = train_expert(vit, merged, head, x, y, budget, steps=5, lr=2e-2, batch_size=16, seed=1,
+                      keys=list(tv), progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(e2.state_dict().values(), e3.state_dict().values()))
+    back = Expert.load(e.save(tmp_path / "lr.safetensors"))
+    assert isinstance(back, LowRankExpert) and back.ranks == e.ranks
+    assert all(torch.equal(back.to_dense()[k], e.to_dense()[k]) for k in e.keys)
+    torch.testing.assert_close(free_params(merged, {}, 0.0, e, 0.5)[e.keys[0]],
+                               merged[e.keys[0]] + 0.5 * e.to_dense()[e.keys[0]])
