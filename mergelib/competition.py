@@ -1,0 +1,376 @@
+"""Sparsify and resolve parameter competition: TIES, DARE and PCB-Merging (METHODS.md 3, 4, 7).
+
+Every function works on a flat task-vector matrix ``tvs`` of shape ``N x D`` (N tasks, D
+parameters in the fixed sorted key order of :func:`mergelib.task_vectors.flatten`), float32, on any
+device, and returns the **merged task vector before the global lambda** (shape ``D``). The merged
+model is then ``theta = theta_0 + lambda * tau_m`` (:func:`mergelib.merging.merge` does that).
+
+Performance notes: task-level loops are over the N rows only (never over elements); each row is
+processed with O(D) temporaries, so the extra memory stays at about one ``N x D`` copy or less.
+Exact k-th order statistics use ``torch.kthvalue`` per row on the CPU and ``torch.topk`` (a
+multi-block radix select) on CUDA, where ``kthvalue`` runs one thread block per row.
+``torch.quantile`` is never used (it rejects inputs over 2**24 elements).
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from .task_vectors import FlatLayout
+
+__all__ = [
+    "kth_smallest", "trim", "elect_sign", "disjoint_mean", "ties_merge", "dare", "dare_seed",
+    "dare_state_dict", "dare_flat", "pcb_scores", "pcb_merge", "check_fraction",
+]
+
+PCB_CLIP = 0.0001  # pcb-merging.py clamps |tau| to its [0.01%, 99.99%] order statistics
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+def check_fraction(name: str, value: float, closed_low: bool = False, closed_high: bool = True) -> float:
+    """Validate a fraction hyperparameter: ``(0, 1]`` by default, ``[0, 1)`` for DARE's p."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {value!r}") from None
+    ok_low = v >= 0 if closed_low else v > 0
+    ok_high = v <= 1 if closed_high else v < 1
+    if not (ok_low and ok_high):
+        lo, hi = ("[" if closed_low else "("), ("]" if closed_high else ")")
+        raise ValueError(f"{name}={value!r} is out of range; expected {lo}0, 1{hi}")
+    return v
+
+
+def _check_matrix(tvs: Tensor, name: str = "tvs") -> tuple[int, int]:
+    if not isinstance(tvs, Tensor) or tvs.ndim != 2:
+        raise ValueError(f"{name} must be an N x D tensor, got "
+                         f"{tuple(tvs.shape) if isinstance(tvs, Tensor) else type(tvs).__name__}")
+    if not tvs.is_floating_point():
+        raise ValueError(f"{name} must be floating point, got {tvs.dtype}")
+    if tvs.shape[0] < 1 or tvs.shape[1] < 1:
+        raise ValueError(f"{name} is empty: shape {tuple(tvs.shape)}")
+    return tvs.shape[0], tvs.shape[1]
+
+
+def kth_smallest(x: Tensor, k: int, dim: int = -1, keepdim: bool = False) -> Tensor:
+    """The k-th smallest value (1-based, ``k`` in ``[1, n]``) along ``dim``; = ``sorted(x)[k - 1]``.
+
+    Exact (same value as ``torch.kthvalue``). On CUDA uses ``torch.topk`` of the smaller side
+    (``min(k, n - k + 1)`` elements), whose multi-block radix select is fast on a few huge rows.
+    """
+    n = x.shape[dim]
+    if not 1 <= k <= n:
+        raise ValueError(f"k={k} out of range [1, {n}]")
+    if x.device.type == "cpu":
+        return torch.kthvalue(x, k, dim=dim, keepdim=keepdim).values
+    if k <= n - k + 1:
+        return torch.topk(x, k, dim=dim, largest=False, sorted=False).values.amax(dim=dim, keepdim=keepdim)
+    return torch.topk(x, n - k + 1, dim=dim, largest=True, sorted=False).values.amin(dim=dim, keepdim=keepdim)
+
+
+def _safe_den(den: Tensor) -> Tensor:
+    """max - min of a row; 0 (a constant row) becomes inf so that min-max normalisation gives 0."""
+    return torch.where(den > 0, den, torch.full_like(den, float("inf")))
+
+
+# ----------------------------------------------------------------------------------------------
+# TIES-Merging (Yadav et al., NeurIPS 2023)
+# ----------------------------------------------------------------------------------------------
+def _trim_kth(d: int, density: float) -> int | None:
+    """Official ``topk_values_mask``: threshold = kthvalue(|tau|, d - int(d * density)); None = keep all."""
+    keep = int(d * density)
+    return None if keep >= d else d - keep
+
+
+def trim(tvs: Tensor, density: float, granularity: str = "global", layout: FlatLayout | None = None,
+         inplace: bool = False) -> Tensor:
+    """TIES step 1: keep the top-``density`` fraction of |tau_i| per task, zero the rest.
+
+    ``tvs``: ``N x D`` float. Returns ``N x D`` (the same tensor when ``inplace``).
+    Equation (official ``topk_values_mask``): with ``k = d - int(d * density)``,
+    ``t_i = kthvalue(|tau_i|, k)`` and ``tau_hat_i = tau_i * 1[|tau_i| >= t_i]`` (ties kept, so
+    ``int(d * density) + 1`` entries survive when values are distinct; all if ``density = 1``).
+    ``granularity="global"`` uses the whole row (d = D, the paper); ``"tensor"`` applies the rule to
+    every segment of ``layout`` separately (d = numel of the tensor; mergekit's per-tensor variant).
+    """
+    n, D = _check_matrix(tvs)
+    density = check_fraction("density", density)
+    out = tvs if inplace else torch.empty_like(tvs)
+    if granularity == "global":
+        kth = _trim_kth(D, density)
+        for i in range(n):
+            if kth is None:
+                if not inplace:
+                    out[i].copy_(tvs[i])
+                continue
+            a = tvs[i].abs()
+            a.ge_(kth_smallest(a, kth))  # a is now the 0/1 mask (float)
+            torch.mul(tvs[i], a, out=out[i])
+    elif granularity == "tensor":
+        if layout is None or layout.D != D:
+            raise ValueError("trim granularity='tensor' needs the FlatLayout of tvs (layout.D == D)")
+        for _, s, e in layout.segments():
+            kth = _trim_kth(e - s, density)
+            seg = tvs[:, s:e]
+            if kth is None:
+                if not inplace:
+                    out[:, s:e].copy_(seg)
+                continue
+            a = seg.abs()
+            a.ge_(kth_smallest(a, kth, dim=1, keepdim=True))
+            torch.mul(seg, a, out=out[:, s:e])
+    else:
+        raise ValueError(f"granularity={granularity!r}; expected 'global' or 'tensor'")
+    return out
+
+
+def elect_sign(trimmed: Tensor, rule: str = "mass") -> Tensor:
+    """TIES step 2: gamma = sign(sum_i tau_hat_i) (``rule="mass"``, the paper and official code) or
+    sign(sum_i sign(tau_hat_i)) (``rule="count"``, mergekit's count consensus).
+
+    ``trimmed``: ``N x D``; returns ``D`` float32 in {-1, 0, +1}. Zeros of gamma take the majority
+    sign sign(sum_j gamma_j) (official ``resolve_zero_signs(..., "majority")``).
+    """
+    _check_matrix(trimmed, "trimmed")
+    if rule == "mass":
+        gamma = torch.sign(trimmed.sum(0))
+    elif rule == "count":
+        gamma = torch.zeros_like(trimmed[0])
+        for row in trimmed:
+            gamma.add_(torch.sign(row))
+        gamma.sign_()
+    else:
+        raise ValueError(f"sign_rule={rule!r}; expected 'mass' or 'count'")
+    majority = torch.sign(gamma.sum())
+    return torch.where(gamma == 0, majority, gamma)
+
+
+def disjoint_mean(trimmed: Tensor, sign: Tensor) -> Tensor:
+    """TIES step 3: tau_m[j] = sum_{i in A_j} tau_hat_i[j] / max(|A_j|, 1) with
+    A_j = {i : sign(tau_hat_i[j]) = gamma[j], tau_hat_i[j] != 0}.
+
+    ``trimmed``: ``N x D``, ``sign``: ``D``; returns ``D`` float32. As in the official code, a
+    coordinate with gamma = 0 keeps the negative entries (``where(gamma > 0, t > 0, t < 0)``).
+    """
+    _check_matrix(trimmed, "trimmed")
+    pos = sign > 0
+    num = torch.zeros_like(trimmed[0])
+    cnt = torch.zeros_like(trimmed[0])
+    for row in trimmed:
+        keep = torch.where(pos, row > 0, row < 0)
+        num.add_(torch.where(keep, row, 0.0))
+        cnt.add_(keep)
+    return num.div_(cnt.clamp_min_(1))
+
+
+def ties_merge(tvs: Tensor, density: float = 0.2, trim: str = "global", layout: FlatLayout | None = None,
+               sign_rule: str = "mass", inplace: bool = False) -> Tensor:
+    """TIES-Merging of ``N x D`` float task vectors -> merged ``D`` float32 task vector tau_m.
+
+    tau_hat = trim(tau, density) (global or per tensor); gamma = elect_sign(tau_hat);
+    tau_m = disjoint_mean(tau_hat, gamma); the model is theta_0 + lambda * tau_m (lambda = 1
+    without validation data). ``inplace=True`` trims ``tvs`` in place (saves one ``N x D`` copy).
+    """
+    trimmed = _trim(tvs, density, granularity=trim, layout=layout, inplace=inplace)
+    return disjoint_mean(trimmed, elect_sign(trimmed, sign_rule))
+
+
+_trim = trim
+
+
+# ----------------------------------------------------------------------------------------------
+# DARE (Yu et al., ICML 2024)
+# ----------------------------------------------------------------------------------------------
+def dare(tv: Tensor, p: float, generator: torch.Generator, rescale: bool = True) -> Tensor:
+    """Drop And REscale one tensor: tau_tilde = m * tau / (1 - p), m ~ Bernoulli(1 - p) elementwise.
+
+    ``tv``: any shape, float; returns the same shape and dtype (a new tensor). ``p`` in ``[0, 1)``;
+    p = 0 is the identity. ``generator`` (required) supplies the uniform draws u; an entry is kept
+    when ``u >= p``. Draws are made on the generator's device and moved to ``tv``'s device if needed.
+    """
+    p = check_fraction("p", p, closed_low=True, closed_high=False)
+    if not isinstance(generator, torch.Generator):
+        raise TypeError("dare needs an explicit torch.Generator (randomness is never global)")
+    u = torch.rand(tv.shape, generator=generator, device=generator.device, dtype=torch.float32)
+    keep = u.ge_(p).to(device=tv.device, dtype=tv.dtype)
+    out = tv * keep
+    return out.div_(1 - p) if rescale else out
+
+
+def dare_seed(seed: int, task: int | str, key: str) -> int:
+    """Deterministic 63-bit seed for (base seed, task, tensor key): blake2b of ``"seed/task/key"``.
+
+    Masks therefore do not depend on iteration order or on which other tensors are selected.
+    """
+    h = hashlib.blake2b(f"{int(seed)}/{task}/{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & (2**63 - 1)
+
+
+def dare_state_dict(tv: Mapping[str, Tensor], p: float, seed: int, task: int | str = 0,
+                    rescale: bool = True) -> dict[str, Tensor]:
+    """DARE on every tensor of one task vector, tensor k seeded with ``dare_seed(seed, task, k)``.
+
+    Returns a new dict with the same keys, shapes and dtypes (tensors on their own devices).
+    """
+    out = {}
+    for k, t in tv.items():
+        g = torch.Generator(device=t.device).manual_seed(dare_seed(seed, task, k))
+        out[k] = dare(t, p, g, rescale)
+    return out
+
+
+def dare_flat(tvs: Tensor, p: float, layout: FlatLayout, seed: int,
+              tasks: Sequence[int | str] | None = None, inplace: bool = False) -> Tensor:
+    """DARE on a flat ``N x D`` matrix, segment by segment: row i, tensor k is masked with a
+    generator seeded ``dare_seed(seed, tasks[i], k)`` (``tasks`` defaults to ``0..N-1``), so the
+    result equals :func:`dare_state_dict` on the unflattened task vectors. Returns ``N x D``.
+    """
+    n, D = _check_matrix(tvs)
+    p = check_fraction("p", p, closed_low=True, closed_high=False)
+    if layout.D != D:
+        raise ValueError(f"layout.D={layout.D} does not match tvs with D={D}")
+    tasks = list(range(n)) if tasks is None else list(tasks)
+    if len(tasks) != n:
+        raise ValueError(f"tasks has {len(tasks)} entries for {n} rows")
+    out = tvs if inplace else torch.empty_like(tvs)
+    for i, task in enumerate(tasks):
+        for k, s, e in layout.segments():
+            g = torch.Generator(device=tvs.device).manual_seed(dare_seed(seed, task, k))
+            u = torch.rand(e - s, generator=g, device=tvs.device, dtype=torch.float32)
+            torch.mul(tvs[i, s:e], u.ge_(p), out=out[i, s:e])
+            out[i, s:e].div_(1 - p)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# PCB-Merging (Du et al., NeurIPS 2024)
+# ----------------------------------------------------------------------------------------------
+def _pcb_official_row(t: Tensor, total: Tensor, n: int, lo_k: int, hi_k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """One task of ``pcb-merging.py::PCB_merge``: (tau' = sign(t) * clamp(|t|), intra, inter)."""
+    a = t.abs()
+    lo, hi = kth_smallest(a, lo_k), kth_smallest(a, hi_k)
+    a.clamp_(lo, hi)  # clamp(|t|, lo, hi): the row's min is now lo and its max hi
+    intra = (a - lo).div_(_safe_den(hi - lo)).square_().mul_(n).exp_()  # exp(N * minmax(a)^2)
+    inter = torch.mul(t, total).tanh_()  # tanh(tau_i * sum_j tau_j), raw tau
+    return a.mul_(torch.sign(t)), intra, inter
+
+
+def _pcb_official_ks(D: int) -> tuple[int, int]:
+    lo_idx = int(D * PCB_CLIP)
+    hi_idx = int(D * (1 - PCB_CLIP) - 1)
+    return lo_idx + 1, min(max(hi_idx, 0), D - 1) + 1
+
+
+def _scaled_softmax(x: Tensor) -> Tensor:
+    """D * softmax(x) over the last dim (mean 1: avoids 1/D-sized values; the factor D is common to
+    every task, so it cancels in PCB's weighted average and does not move the top-r mask)."""
+    e = (x - x.amax(-1, keepdim=True)).exp_()
+    return e.div_(e.mean(-1, keepdim=True))
+
+
+def _minmax(x: Tensor) -> Tensor:
+    mn, mx = torch.aminmax(x)
+    return (x - mn).div_(_safe_den(mx - mn))
+
+
+def _pcb_paper_inter(tvs: Tensor) -> Tensor:
+    """inter_i = sum_j D * softmax(Norm(tau_i * tau_j)); each symmetric pair computed once. N x D."""
+    n = tvs.shape[0]
+    inter = torch.zeros_like(tvs)
+    for i in range(n):
+        for j in range(i, n):
+            s = _scaled_softmax(_minmax(tvs[i] * tvs[j]))
+            inter[i].add_(s)
+            if j != i:
+                inter[j].add_(s)
+    return inter
+
+
+def _pcb_paper_intra(t: Tensor, n: int) -> Tensor:
+    """intra_i = D * softmax(N * Norm(tau_i * tau_i)). D."""
+    return _scaled_softmax(_minmax(t * t).mul_(n))
+
+
+def pcb_scores(tvs: Tensor, mode: str = "official") -> tuple[Tensor, Tensor]:
+    """PCB balancing scores (intra, inter), each ``N x D`` float32, for inspection and plots.
+
+    * ``mode="official"`` (``pcb-merging.py``): intra_i = exp(N * minmax(a_i)^2) with
+      a_i = |tau_i| clamped to its order statistics at ranks int(D*1e-4) and int(D*(1-1e-4) - 1);
+      inter_i = tanh(tau_i * sum_j tau_j).
+    * ``mode="paper"``: intra_i = Softmax(N * Norm(tau_i * tau_i)),
+      inter_i = sum_j Softmax(Norm(tau_i * tau_j)), Norm = min-max over the D entries; softmaxes
+      are returned multiplied by D (mean 1; the constant cancels in the merge).
+
+    The balancing score is beta_i = intra_i * inter_i.
+    """
+    n, D = _check_matrix(tvs)
+    if mode == "official":
+        total = tvs.sum(0)
+        lo_k, hi_k = _pcb_official_ks(D)
+        rows = [_pcb_official_row(tvs[i], total, n, lo_k, hi_k)[1:] for i in range(n)]
+        return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+    if mode == "paper":
+        return torch.stack([_pcb_paper_intra(t, n) for t in tvs]), _pcb_paper_inter(tvs)
+    raise ValueError(f"mode={mode!r}; expected 'official' or 'paper'")
+
+
+def pcb_merge(tvs: Tensor, ratio: float = 0.05, mode: str = "official",
+              lambdas: Sequence[float] | Tensor | None = None) -> Tensor:
+    """PCB-Merging of ``N x D`` float task vectors -> merged ``D`` float32 task vector (before the
+    global lambda: theta = theta_0 + lambda * tau_m). ``ratio`` r in (0, 1] is the fraction kept.
+
+    ``mode="official"`` reproduces ``pcb-merging.py::PCB_merge(tvs, r)`` step by step (METHODS.md 7),
+    with ``sorted_row`` the ascending sort of a row:
+
+    1. a = clamp(|tau|, sorted_row(|tau|)[int(D*1e-4)], sorted_row(|tau|)[int(D*(1-1e-4) - 1)]);
+       tau' = sign(tau) * a;
+    2. intra = exp(N * minmax_row(a)^2);  3. inter = tanh(tau * sum_j tau_j);  4. beta = intra*inter;
+    5. q = sorted_row(beta)[int(D*(1-r))], s = minmax_row(max(beta, q)) (entries <= q get 0);
+    6. tau_m = sum_i s_i * lambda_i * tau'_i / clamp(sum_i s_i, min=1e-12).
+
+    Deviation: a constant row (max = min) gives weight 0 where the official code divides 0/0 (NaN).
+
+    ``mode="paper"``: beta_i = Softmax(N*Norm(tau_i^2)) * sum_j Softmax(Norm(tau_i*tau_j)),
+    m_i = 1[beta_i >= sorted_row(beta_i)[int((1-r) D)]], beta_hat = m * beta,
+    tau_m = sum_i beta_hat_i * lambda_i * tau_i / sum_i beta_hat_i (0 where no task is kept).
+
+    ``lambdas``: optional per-task coefficients (PCB's evolutionary search), default all 1.
+    """
+    n, D = _check_matrix(tvs)
+    ratio = check_fraction("ratio", ratio)
+    if lambdas is None:
+        lams = [1.0] * n
+    else:
+        lams = [float(x) for x in (lambdas.tolist() if isinstance(lambdas, Tensor) else lambdas)]
+        if len(lams) != n:
+            raise ValueError(f"lambdas has {len(lams)} entries for {n} task vectors")
+    q_k = min(int(D * (1 - ratio)), D - 1) + 1
+    num = torch.zeros_like(tvs[0])
+    den = torch.zeros_like(num)
+    if mode == "official":
+        total = tvs.sum(0)
+        lo_k, hi_k = _pcb_official_ks(D)
+        for i in range(n):
+            tprime, beta, inter = _pcb_official_row(tvs[i], total, n, lo_k, hi_k)
+            beta.mul_(inter)
+            del inter
+            q = kth_smallest(beta, q_k)
+            den_i = _safe_den(beta.max() - q)
+            s = beta.clamp_min_(q).sub_(q).div_(den_i)  # minmax(max(beta, q)): min is q, max the row max
+            num.add_(s * tprime if lams[i] == 1.0 else s * (lams[i] * tprime))
+            den.add_(s)
+        return num.div_(den.clamp_min_(1e-12))
+    if mode == "paper":
+        beta_all = _pcb_paper_inter(tvs)
+        for i in range(n):
+            beta = beta_all[i].mul_(_pcb_paper_intra(tvs[i], n))
+            beta.mul_(beta >= kth_smallest(beta, q_k))  # beta_hat = m * beta
+            num.addcmul_(beta, tvs[i], value=lams[i])
+            den.add_(beta)
+        return torch.where(den > 0, num / den, 0.0)
+    raise ValueError(f"mode={mode!r}; expected 'official' or 'paper'")

@@ -1,0 +1,289 @@
+"""TIES, DARE and PCB on flat task-vector matrices (mergelib.competition)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mergelib.competition import (dare, dare_flat, dare_seed, dare_state_dict, disjoint_mean, elect_sign,
+                                  kth_smallest, pcb_merge, pcb_scores, ties_merge, trim)
+from mergelib.task_vectors import FlatLayout
+
+
+def _randn(n, d, seed=0):
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+
+
+def test_kth_smallest_matches_sort():
+    x = _randn(3, 101)
+    s = x.sort(1).values
+    for k in (1, 17, 101):
+        assert torch.equal(kth_smallest(x, k, dim=1), s[:, k - 1])
+    with pytest.raises(ValueError, match="k=0"):
+        kth_smallest(x, 0)
+
+
+# ---------------------------------------------------------------------------------- TIES
+def test_ties_plus3_minus1_minus1_elects_plus():
+    tvs = torch.tensor([[3.0], [-1.0], [-1.0]])
+    assert elect_sign(tvs).tolist() == [1.0]
+    assert ties_merge(tvs, density=1.0).tolist() == [3.0]
+    # the count rule disagrees: two negatives outvote one positive
+    assert ties_merge(tvs, density=1.0, sign_rule="count").tolist() == [-1.0]
+
+
+def test_ties_small_case_by_hand():
+    tvs = torch.tensor([[4.0, -1.0, 0.5, 2.0],
+                        [-3.0, 2.0, 1.0, -0.1],
+                        [1.0, -5.0, 0.2, 3.0]])
+    # density 0.5: k = 4 - int(2) = 2 -> threshold = 2nd smallest |x|, entries >= it are kept (3 per row)
+    tr = trim(tvs, 0.5)
+    assert tr.tolist() == [[4.0, -1.0, 0.0, 2.0], [-3.0, 2.0, 1.0, 0.0], [1.0, -5.0, 0.0, 3.0]]
+    sign = elect_sign(tr)  # column sums: 2, -4, 1, 5
+    assert sign.tolist() == [1.0, -1.0, 1.0, 1.0]
+    # mean over the agreeing entries: (4+1)/2, (-1-5)/2, 1/1, (2+3)/2
+    assert disjoint_mean(tr, sign).tolist() == [2.5, -3.0, 1.0, 2.5]
+    assert ties_merge(tvs, 0.5).tolist() == [2.5, -3.0, 1.0, 2.5]
+
+
+def test_elect_sign_zero_takes_majority_sign():
+    tvs = torch.tensor([[1.0, 2.0, 1.0], [-1.0, 1.0, 1.0]])  # column 0 sums to 0; total sign +
+    assert elect_sign(tvs).tolist() == [1.0, 1.0, 1.0]
+    assert ties_merge(tvs, 1.0).tolist() == [1.0, 1.5, 1.0]
+
+
+def test_trim_keeps_requested_fraction_and_ties():
+    x = _randn(4, 1000, seed=1)
+    for density in (0.01, 0.2, 0.5, 0.999):
+        kept = (trim(x, density) != 0).sum(1)
+        assert kept.tolist() == [int(1000 * density) + 1] * 4  # official ">= kthvalue" keeps one more
+    assert torch.equal(trim(x, 1.0), x)
+    tied = torch.tensor([[1.0, 2.0, 2.0, 2.0, 0.5]])  # density 0.2 -> threshold 2: all three 2s kept
+    assert (trim(tied, 0.2) != 0).sum().item() == 3
+    # numpy reference of the global rule
+    xn = x.numpy()
+    thr = np.sort(np.abs(xn), axis=1)[:, 1000 - 200 - 1][:, None]
+    assert np.array_equal(trim(x, 0.2).numpy(), np.where(np.abs(xn) >= thr, xn, 0))
+
+
+def test_trim_per_tensor_uses_segments():
+    layout = FlatLayout.from_shapes({"a": (10,), "b": (4, 5)})
+    x = _randn(2, 30, seed=2)
+    x[:, 10:] *= 100  # global trimming would keep only entries of "b"
+    per = trim(x, 0.3, granularity="tensor", layout=layout)
+    assert (per[:, :10] != 0).sum(1).tolist() == [4, 4] and (per[:, 10:] != 0).sum(1).tolist() == [7, 7]
+    glob = trim(x, 0.3)
+    assert (glob[:, :10] != 0).sum().item() == 0
+    y = x.clone()
+    assert trim(y, 0.3, granularity="tensor", layout=layout, inplace=True) is y and torch.equal(y, per)
+    with pytest.raises(ValueError, match="layout"):
+        trim(x, 0.3, granularity="tensor")
+    with pytest.raises(ValueError, match="granularity='row'"):
+        trim(x, 0.3, granularity="row")
+
+
+def test_ties_invariants():
+    tau = _randn(1, 500, seed=3)[0]
+    assert torch.equal(ties_merge(tau[None], density=1.0), tau)  # N=1, k=100%
+    same = tau.expand(3, -1).clone()
+    torch.testing.assert_close(ties_merge(same, density=1.0), tau)  # identical copies: (3 tau) / 3
+    torch.testing.assert_close(ties_merge(same, density=0.2), trim(tau[None], 0.2)[0])
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match=f"density={bad}"):
+            ties_merge(same, density=bad)
+
+
+# ---------------------------------------------------------------------------------- DARE
+def test_dare_identity_density_and_unbiased():
+    tau = _randn(1, 2000, seed=4)[0]
+    assert torch.equal(dare(tau, 0.0, torch.Generator().manual_seed(0)), tau)
+    p = 0.7
+    g = torch.Generator().manual_seed(1)
+    draws = torch.stack([dare(tau, p, g) for _ in range(200)])
+    kept = (draws != 0).double().mean().item()
+    assert abs(kept - (1 - p)) < 0.01
+    sigma = tau.abs() * math.sqrt(p / (1 - p)) / math.sqrt(200)  # std of the mean of 200 draws
+    assert ((draws.mean(0) - tau).abs() <= 3 * sigma + 1e-6).float().mean() > 0.99
+    kept_vals = draws[0][draws[0] != 0]
+    torch.testing.assert_close(kept_vals, tau[draws[0] != 0] / (1 - p))
+
+
+def test_dare_needs_generator_and_valid_p():
+    tau = torch.ones(5)
+    with pytest.raises(TypeError, match="Generator"):
+        dare(tau, 0.5, None)
+    for bad in (1.0, -0.1, 2):
+        with pytest.raises(ValueError, match=f"p={bad}"):
+            dare(tau, bad, torch.Generator())
+
+
+def test_dare_seeding_is_per_task_and_tensor_and_order_free():
+    tv = {"a": torch.ones(50), "b": torch.ones(6, 7)}
+    d1 = dare_state_dict(tv, 0.5, seed=3, task="mnist")
+    d2 = dare_state_dict({"b": tv["b"], "a": tv["a"]}, 0.5, seed=3, task="mnist")
+    assert all(torch.equal(d1[k], d2[k]) for k in tv)
+    d3 = dare_state_dict(tv, 0.5, seed=3, task="svhn")
+    assert not torch.equal(d1["a"], d3["a"])
+    assert dare_seed(3, "mnist", "a") != dare_seed(3, "mnist", "b")
+    # the flat version gives the same masks
+    layout = FlatLayout.from_shapes({k: v.shape for k, v in tv.items()})
+    x = torch.ones(2, layout.D)
+    flat = dare_flat(x, 0.5, layout, seed=3, tasks=["mnist", "svhn"])
+    assert torch.equal(flat[0, layout.segment("b")].view(6, 7), d1["b"])
+    assert torch.equal(flat[1, layout.segment("a")], d3["a"])
+    assert torch.equal(x, torch.ones(2, layout.D))  # not in place by default
+
+
+# ---------------------------------------------------------------------------------- PCB
+def _f32(fn, x):
+    """Elementwise exp/tanh with torch's float32 kernels: PCB's exp(N x^2) amplifies 1-ulp
+    differences between libm implementations into visible weight changes near the threshold."""
+    return fn(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
+
+
+def _pcb_official_reference(tvs: np.ndarray, r: float) -> np.ndarray:
+    """Naive transcription of pcb-merging.py::PCB_merge: Python sorting, indices and loops, float32."""
+    n, d = tvs.shape
+    tvs = tvs.astype(np.float32)
+    total = np.zeros(d, np.float32)
+    for i in range(n):
+        total += tvs[i]
+    tprime = np.zeros_like(tvs)
+    score = np.zeros_like(tvs)
+    for i in range(n):
+        a = np.abs(tvs[i])
+        srt = sorted(a.tolist())
+        lo, hi = np.float32(srt[int(d * 0.0001)]), np.float32(srt[int(d * (1 - 0.0001) - 1)])
+        a = np.array([min(max(v, lo), hi) for v in a], np.float32)
+        tprime[i] = np.sign(tvs[i]) * a
+        x = np.array([np.float32(n) * ((a[j] - lo) / (hi - lo)) ** 2 for j in range(d)], np.float32)
+        score[i] = _f32(torch.exp, x) * _f32(torch.tanh, tvs[i] * total)
+    s = np.zeros_like(tvs)
+    for i in range(n):
+        q = np.float32(sorted(score[i].tolist())[int(d * (1 - r))])
+        mx = score[i].max()
+        for j in range(d):
+            s[i, j] = (max(score[i, j], q) - q) / (mx - q)
+    return (tprime * s).sum(0) / np.maximum(s.sum(0), 1e-12)
+
+
+@pytest.mark.parametrize("n,d,r", [(3, 40, 0.3), (4, 257, 0.05), (2, 12000, 0.1)])
+def test_pcb_official_matches_naive_reference(n, d, r):
+    tvs = _randn(n, d, seed=d) * torch.linspace(0.1, 2.0, d)  # heterogeneous magnitudes
+    ref = _pcb_official_reference(tvs.numpy(), r)
+    out = pcb_merge(tvs, r, mode="official")
+    np.testing.assert_allclose(out.numpy(), ref, rtol=2e-5, atol=1e-6)
+    if d >= 10000:  # int(D * 1e-4) = 1: the smallest |tau| is clipped up to the 2nd smallest
+        a = tvs.abs()
+        i = int(a[0].argmin())
+        intra, _ = pcb_scores(tvs)
+        assert intra[0, i] == intra[0, int(a[0].kthvalue(2).indices)]
+
+
+def test_pcb_official_by_hand():
+    # D = 5: lo = sorted[0] (no low clip), hi = sorted[int(5*0.9999-1)] = sorted[3] (the max is clipped)
+    tvs = torch.tensor([[1.0, -2.0, 3.0, 0.5, 10.0]])
+    intra, inter = pcb_scores(tvs)
+    a = torch.tensor([1.0, 2.0, 3.0, 0.5, 3.0])
+    torch.testing.assert_close(intra[0], torch.exp(((a - 0.5) / 2.5) ** 2))
+    torch.testing.assert_close(inter[0], torch.tanh(tvs[0] ** 2))
+    # r = 0.4: q = sorted(beta)[int(5*0.6)] = sorted[3]; only the entries above q get weight > 0;
+    # with one task the weighted mean is tau' wherever the weight is > 0, else 0
+    beta = intra[0] * inter[0]
+    q = beta.sort().values[3]
+    out = pcb_merge(tvs, 0.4)
+    expect = torch.where(beta > q, torch.sign(tvs[0]) * a, torch.zeros(5))
+    torch.testing.assert_close(out, expect)
+    assert (out != 0).sum() == 1  # the arg-min of the kept entries (q itself) also gets weight 0
+
+
+def test_pcb_identical_copies_and_convexity():
+    tau = _randn(1, 3000, seed=7)[0]
+    same = tau.expand(4, -1).clone()
+    out = pcb_merge(same, 0.2)
+    lo, hi = tau.abs().kthvalue(1).values, tau.abs().kthvalue(int(3000 * 0.9999 - 1) + 1).values
+    tprime = torch.sign(tau) * tau.abs().clamp(lo, hi)
+    nz = out != 0
+    assert nz.float().mean() == pytest.approx(0.2, abs=0.01)
+    torch.testing.assert_close(out[nz], tprime[nz])
+    # convex combination of the kept lambda_i * tau'_i
+    x = _randn(3, 3000, seed=8)
+    lams = [0.9, 1.0, 1.3]
+    out = pcb_merge(x, 0.3, lambdas=lams)
+    intra, inter = pcb_scores(x)
+    beta = intra * inter
+    kept = beta > beta.sort(1).values[:, int(3000 * 0.7)][:, None]  # weight > 0
+    a = x.abs()
+    lo, hi = a.sort(1).values[:, :1], a.sort(1).values[:, int(3000 * 0.9999 - 1)][:, None]
+    lp = torch.tensor(lams)[:, None] * torch.sign(x) * a.clamp(lo, hi)
+    inf = torch.tensor(float("inf"))
+    lower = torch.where(kept, lp, inf).min(0).values
+    upper = torch.where(kept, lp, -inf).max(0).values
+    any_kept = kept.any(0)
+    assert any_kept.float().mean() > 0.5 and (out[~any_kept] == 0).all()
+    assert ((out >= lower - 1e-6) & (out <= upper + 1e-6))[any_kept].all()
+    for mode in ("official", "paper"):
+        assert torch.equal(pcb_merge(torch.zeros(3, 50), 0.1, mode=mode), torch.zeros(50))
+
+
+def test_pcb_kept_fraction_and_dissenter():
+    x = _randn(3, 4000, seed=9)
+    intra, inter = pcb_scores(x)
+    beta = intra * inter
+    for i in range(3):
+        q = beta[i].sort().values[int(4000 * 0.9)]
+        assert (beta[i] > q).sum() == 4000 - int(4000 * 0.9) - 1
+    # equal magnitudes, task 2 disagrees in sign at coordinate 0: its balancing score is lowest there
+    y = torch.tensor([[1.0, 0.3, -0.2], [1.0, 0.1, 0.4], [-1.0, 0.2, 0.1]])
+    for mode in ("official", "paper"):
+        intra, inter = pcb_scores(y, mode=mode)
+        b = intra * inter
+        assert b[2, 0] < b[0, 0] and b[2, 0] < b[1, 0]
+
+
+def _pcb_paper_reference(tvs: np.ndarray, r: float) -> np.ndarray:
+    """The paper's equations with true softmax normalisers, float64."""
+    n, d = tvs.shape
+    t = tvs.astype(np.float64)
+
+    def norm(v):
+        return (v - v.min()) / (v.max() - v.min())
+
+    def softmax(v):
+        e = np.exp(v - v.max())
+        return e / e.sum()
+
+    beta = np.zeros_like(t)
+    for i in range(n):
+        intra = softmax(n * norm(t[i] * t[i]))
+        inter = sum(softmax(norm(t[i] * t[j])) for j in range(n))
+        beta[i] = intra * inter
+        q = np.sort(beta[i])[int((1 - r) * d)]
+        beta[i] = np.where(beta[i] >= q, beta[i], 0.0)
+    den = beta.sum(0)
+    return np.where(den > 0, (beta * t).sum(0) / np.where(den > 0, den, 1), 0.0)
+
+
+def test_pcb_paper_matches_reference():
+    x = _randn(3, 600, seed=10)
+    ref = _pcb_paper_reference(x.numpy(), 0.25)
+    out = pcb_merge(x, 0.25, mode="paper")
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-4, atol=1e-6)
+    assert (out != 0).float().mean() > 0.25  # union of the per-task top-25% masks
+    intra, inter = pcb_scores(x, mode="paper")
+    torch.testing.assert_close(intra.mean(1), torch.ones(3))  # softmax scaled by D
+    torch.testing.assert_close(inter.mean(1), torch.full((3,), 3.0))
+
+
+def test_pcb_errors():
+    x = torch.ones(2, 10)
+    with pytest.raises(ValueError, match="ratio=0"):
+        pcb_merge(x, 0)
+    with pytest.raises(ValueError, match="ratio=1.2"):
+        pcb_merge(x, 1.2)
+    with pytest.raises(ValueError, match="mode='exact'"):
+        pcb_merge(x, 0.1, mode="exact")
+    with pytest.raises(ValueError, match="lambdas has 3 entries for 2"):
+        pcb_merge(x, 0.1, lambdas=[1, 1, 1])
+    with pytest.raises(ValueError, match="N x D"):
+        pcb_merge(torch.ones(10), 0.1)
