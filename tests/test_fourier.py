@@ -1,0 +1,155 @@
+"""FR-Merging filters (mergelib.fourier)."""
+import math
+
+import pytest
+import torch
+
+from mergelib.fourier import align_magnitudes, fr_filter, fr_mask, fr_merge, fr_paper_coefficients
+from mergelib.task_vectors import FlatLayout
+
+SHAPES = [(8, 8), (16, 16), (12, 36), (48, 16), (10, 6)]
+
+
+def _randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _official_mask_loops(h, w, ratio, base="min"):
+    r = ratio * (min(h, w) if base == "min" else max(h, w))
+    return torch.tensor([[math.sqrt((u - h // 2) ** 2 + (v - w // 2) ** 2) <= r for v in range(w)]
+                         for u in range(h)])
+
+
+def test_official_mask_matches_loops():
+    for h, w in SHAPES + [(7, 5)]:
+        for ratio in (0.1, 0.35, 0.5, 0.7):  # 0.5 on (10, 6): R = 3 lies on the grid (d <= R matters)
+            assert torch.equal(fr_mask((h, w), ratio), _official_mask_loops(h, w, ratio)), (h, w, ratio)
+    assert torch.equal(fr_mask((12, 36), 0.2, base="max"), _official_mask_loops(12, 36, 0.2, "max"))
+
+
+def test_official_filter_is_ifft2_of_masked_fft2():
+    for h, w in SHAPES + [(7, 9), (9, 4)]:  # odd sizes take the non-symmetric full-FFT path
+        x = _randn(3, h, w, seed=h * w)
+        m = fr_mask((h, w), 0.5)
+        ref = torch.fft.ifft2(torch.fft.fft2(x.double()) * m).real.float()
+        torch.testing.assert_close(fr_filter(x, 0.5), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_paper_filter_is_shift_zero_disc_unshift():
+    for h, w in SHAPES + [(7, 9)]:
+        x = _randn(h, w, seed=1)
+        d0 = 0.4 * min(h, w) / 2
+        spec = torch.fft.fftshift(torch.fft.fft2(x.double()))
+        for u in range(h):
+            for v in range(w):
+                if math.hypot(u - h // 2, v - w // 2) < d0:
+                    spec[u, v] = 0
+        ref = torch.fft.ifft2(torch.fft.ifftshift(spec)).real.float()
+        torch.testing.assert_close(fr_filter(x, 0.4, mode="paper"), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_nothing_removed_is_identity():
+    for h, w in SHAPES:
+        x = _randn(2, h, w, seed=3)
+        big = math.hypot(h, w) / min(h, w)  # R >= the largest distance
+        assert fr_mask((h, w), big).all()
+        torch.testing.assert_close(fr_filter(x, big), x, rtol=0, atol=1e-5)
+        torch.testing.assert_close(fr_filter(x, 0.0, mode="paper"), x, rtol=0, atol=1e-5)  # D0 = 0
+
+
+@pytest.mark.parametrize("shape", [(8, 8), (16, 16), (12, 36), (48, 16), (64, 192)])
+def test_constant_matrix_is_removed(shape):
+    c = torch.full(shape, 3.0)
+    for ratio in (0.1, 0.5, 0.7):
+        assert fr_filter(c, ratio).abs().max() < 1e-5, ratio  # official, base=min
+        assert fr_filter(c, ratio, mode="paper").abs().max() < 1e-5, ratio
+    assert not fr_mask(shape, 0.7)[0, 0]  # DC is not kept
+
+
+def test_nyquist_checkerboard_passes():
+    for h, w in [(8, 8), (12, 36), (48, 16)]:
+        a = torch.arange(h)[:, None] + torch.arange(w)[None]
+        chk = (-1.0) ** a
+        for ratio in (0.2, 0.7, 1.0):
+            torch.testing.assert_close(fr_filter(chk, ratio, mode="paper"), chk, rtol=0, atol=1e-5)
+        torch.testing.assert_close(fr_filter(chk, 0.1), chk, rtol=0, atol=1e-5)  # the kept centre
+
+
+def test_filter_linear_real_shape_dtype_batched():
+    x, y = _randn(4, 12, 36, seed=5), _randn(4, 12, 36, seed=6)
+    for mode in ("official", "paper"):
+        f = fr_filter(2.0 * x - y, 0.6, mode=mode)
+        torch.testing.assert_close(f, 2.0 * fr_filter(x, 0.6, mode=mode) - fr_filter(y, 0.6, mode=mode),
+                                   rtol=1e-5, atol=1e-5)
+        assert f.shape == x.shape and f.dtype == torch.float32
+        torch.testing.assert_close(f[2], fr_filter(2.0 * x[2] - y[2], 0.6, mode=mode))
+    assert fr_filter(x.to(torch.bfloat16), 0.6).dtype == torch.float32
+    assert fr_filter(x.double(), 0.6).dtype == torch.float32
+
+
+def test_removed_fractions_match_methods_table():
+    assert 1 - fr_mask((768, 768), 0.7).float().mean() < 0.001  # only DC and its neighbours
+    assert 1 - fr_mask((2304, 768), 0.7).float().mean() == pytest.approx(0.58, abs=0.01)
+    assert 1 - fr_mask((3072, 768), 0.7).float().mean() == pytest.approx(0.68, abs=0.01)
+    assert 1 - fr_mask((768, 3072), 0.7).float().mean() == pytest.approx(0.68, abs=0.01)
+
+
+def test_compat_double_ring():
+    h, w = 40, 30  # low radius = 3
+    x = _randn(h, w, seed=7)
+    d = torch.sqrt(((torch.arange(h)[:, None] - 20) ** 2 + (torch.arange(w)[None] - 15) ** 2).float())
+    wt = ((d >= 3) & (d <= 0.5 * 30)).float() + (d <= 3).float()
+    assert (wt == 2).sum() == 4  # the ring d == 3: (0, +-3), (+-3, 0)
+    ref = torch.fft.ifft2(torch.fft.fft2(x.double()) * wt).real.float()
+    torch.testing.assert_close(fr_filter(x, 0.5, compat_double_ring=True), ref, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(fr_filter(x, 0.5, compat_double_ring=True), fr_filter(x, 0.5))
+    with pytest.raises(ValueError, match="compat_double_ring"):
+        fr_filter(x, 0.5, mode="paper", compat_double_ring=True)
+
+
+def test_filter_errors():
+    with pytest.raises(ValueError, match="mode='radial'"):
+        fr_filter(torch.ones(4, 4), 0.5, mode="radial")
+    with pytest.raises(ValueError, match="base='mean'"):
+        fr_mask((4, 4), 0.5, base="mean")
+    with pytest.raises(ValueError, match="ratio=-1"):
+        fr_filter(torch.ones(4, 4), -1)
+    with pytest.raises(ValueError, match="shape"):
+        fr_filter(torch.ones(4), 0.5)
+
+
+def test_align_magnitudes_by_hand():
+    x = torch.tensor([[1.0, -1.0], [2.0, 2.0], [0.0, 0.0]])
+    out = align_magnitudes(x)
+    assert out.tolist() == [[2.0, -2.0], [2.0, 2.0], [0.0, 0.0]]  # all-zero task stays 0 (no NaN)
+    assert x.tolist()[0] == [1.0, -1.0]  # not in place by default
+    per_key = {"a": _randn(3, 4, 5, seed=1) * torch.tensor([1.0, 3.0, 0.5])[:, None, None],
+               "b": _randn(3, 7, seed=2)}
+    al = align_magnitudes(per_key)
+    for k, v in al.items():
+        m = v.reshape(3, -1).abs().mean(1)
+        torch.testing.assert_close(m, m.max().expand(3))
+    layout = FlatLayout.from_shapes({"a": (4, 5), "b": (7,)})
+    flat = torch.cat([per_key["a"].reshape(3, -1), per_key["b"]], 1)
+    torch.testing.assert_close(align_magnitudes(flat, layout)[:, layout.segment("a")],
+                               al["a"].reshape(3, -1))
+    lam = fr_paper_coefficients(torch.tensor([[1.0, -1.0], [3.0, 3.0]]))
+    assert lam.tolist() == [0.25, 0.75]
+
+
+def test_fr_merge_pieces():
+    layout = FlatLayout.from_shapes({"attn.weight": (8, 6), "attn.bias": (8,)})
+    x = _randn(3, layout.D, seed=4)
+    # nothing removed + no alignment: the plain sum
+    torch.testing.assert_close(fr_merge(x, layout, ratio=10.0, align="none"), x.sum(0), rtol=0, atol=1e-5)
+    out = fr_merge(x, layout, ratio=0.3, align="none")
+    w = layout.segment("attn.weight")
+    torch.testing.assert_close(out[w], fr_filter(x[:, w].view(3, 8, 6), 0.3).sum(0).reshape(-1))
+    b = layout.segment("attn.bias")
+    torch.testing.assert_close(out[b], x[:, b].sum(0))  # 1-D: summed unfiltered
+    compat = fr_merge(x, layout, ratio=0.3, align="none", compat_official=True)
+    assert torch.equal(compat[b], x[0, b]) and torch.equal(compat[w], out[w])  # bias = task 1's
+    paper = fr_merge(x, layout, ratio=10.0, align="paper")
+    torch.testing.assert_close(paper, fr_paper_coefficients(x) @ x, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="align='max'"):
+        fr_merge(x, layout, align="max")
