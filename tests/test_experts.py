@@ -203,14 +203,14 @@ def test_trained_expert_respects_budget_and_reduces_training_loss(tmp_path):
     vit, merged, head, x, y = _toy()
     tv = {k: v for k, v in merged.items() if ("attn" in k or "mlp" in k) and v.dim() == 2}
     budget = extract_expert(tv, 0.2, rescale=None).nbytes
-    e = train_expert(vit, merged, head, x, y, budget, steps=60, lr=2e-2, batch_size=16, seed=1,
+    e = train_expert(vit, merged, head, x, y, budget, steps=40, lr=2e-2, batch_size=16, seed=1,
                      keys=list(tv), progress=False)
     assert isinstance(e, LowRankExpert) and set(e.keys) <= set(tv)
     assert 0.5 * budget < e.nbytes <= budget
     before = _loss(vit, merged, head, x, y)
     after = _loss(vit, free_params(merged, {}, 0.0, e, 1.0), head, x, y)
     assert after < 0.8 * before, (before, after)
-    assert len(e.meta["loss_history"]) == 60
+    assert len(e.meta["loss_history"]) == 40
     # frozen: the head and the module's own weights did not move
     assert all(p.grad is None for p in head.parameters())
     assert all(torch.equal(v, merged[k]) for k, v in vit.state_dict().items())

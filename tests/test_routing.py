@@ -107,7 +107,7 @@ def test_learned_router_routes_and_model_uses_it(zoo):
     x_train, y_train = _task_images(12, 5)
     feats = merged_features(z["vit"], z["merged"], x_train)
     per_task = {t: feats[[i for i, n in enumerate(y_train) if n == t]] for t in TASKS}
-    router = train_router(per_task, hidden=32, steps=150, lr=1e-2, batch_size=16, seed=0, progress=False)
+    router = train_router(per_task, hidden=32, steps=50, lr=1e-2, batch_size=16, seed=0, progress=False)
     assert isinstance(router, MLPRouter) and router.tasks == list(TASKS)
     x_test, y_test = _task_images(20, 6)
     f_test = merged_features(z["vit"], z["merged"], x_test)
@@ -116,7 +116,7 @@ def test_learned_router_routes_and_model_uses_it(zoo):
     assert acc <= routing_accuracy(OracleRouter(TASKS), f_test, y_test)
     assert routing_accuracy(router, {t: f_test[[i for i, n in enumerate(y_test) if n == t]] for t in TASKS}) == acc
     # a router over the tasks in another order is remapped to the model's order
-    router_rev = train_router({t: per_task[t] for t in reversed(TASKS)}, hidden=32, steps=150, lr=1e-2,
+    router_rev = train_router({t: per_task[t] for t in reversed(TASKS)}, hidden=32, steps=50, lr=1e-2,
                               batch_size=16, seed=0, progress=False)
     for r in (router, router_rev):
         model = FreeMergedModel(z["vit"], z["merged"], z["experts"], z["heads"], r, lam_e=LAM_E)
