@@ -13,7 +13,7 @@ Import it as ``import mergelib as ml``. Modules, one idea each:
 * ``ml.align``        permutation alignment: Git Re-Basin, activation matching, ZipIt!, MuDSC, REPAIR
 * ``ml.plotting``     figures shared by the notebooks
 """
-from . import models, utils
+from . import data, models, utils
 from .utils import check_close, resolve_device, resolve_profile, seed_everything
 
 __version__ = "0.1.0"

@@ -1,0 +1,379 @@
+"""The model zoo: a load-or-train cache of checkpoints, and the recipes that fill it.
+
+Every checkpoint is a pair of files under ``<zoo root>/<profile>/``::
+
+    <name>-<hash>.safetensors   the tensors
+    <name>-<hash>.json          its record: configuration, metrics, training history, versions,
+                                device, training time, and the SHA-256 of the .safetensors file
+
+``<hash>`` is a hash of the configuration (and of :data:`ZOO_FORMAT`), so a changed configuration
+never loads a stale model. Writes are atomic: both files are written to temporary names and renamed
+into place, the record last; a checkpoint counts only when its record exists and the checksum
+matches, so an interrupted run never leaves something that loads as valid. A damaged file (checksum
+mismatch, truncated, unreadable) raises :class:`CorruptCheckpointError` naming the file, unless
+``on_corrupt="retrain"`` is passed.
+
+The zoo root is ``$MERGELIB_ZOO`` if set, else ``<checkout>/data/zoo``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from . import data as mdata
+from .data import PROJECT_ROOT, TaskData
+from .models import Classifier, ViT
+from .training import evaluate, extract_features, state_dict_to, train_classifier, train_linear_probe
+from .utils import resolve_device, resolve_profile, versions
+
+ZOO_ENV = "MERGELIB_ZOO"
+ZOO_FORMAT = 1
+
+__all__ = ["CorruptCheckpointError", "config_hash", "zoo_dir", "save_checkpoint", "load_checkpoint",
+           "load_or_train", "VIT_PROFILES", "ViTZoo", "vit_zoo"]
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint file exists but is damaged (checksum mismatch, truncated or unreadable)."""
+
+
+# ------------------------------------------------------------------------------------------------
+# generic load-or-train cache
+# ------------------------------------------------------------------------------------------------
+def config_hash(config: Mapping) -> str:
+    """12 hex digits of the SHA-256 of the canonical JSON of ``config`` (plus the zoo format)."""
+    blob = json.dumps({"config": config, "format": ZOO_FORMAT}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def zoo_dir(profile: str, root: str | os.PathLike | None = None) -> Path:
+    base = Path(root or os.environ.get(ZOO_ENV) or PROJECT_ROOT / "data" / "zoo").expanduser()
+    return base.resolve() / profile
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_checkpoint(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], record: Mapping) -> dict:
+    """Atomically write ``path`` (.safetensors) and its ``.json`` record; returns the record written."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"checkpoint path must end in .safetensors, got {path}")
+    for k, v in tensors.items():
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"checkpoint entry {k!r} is a {type(v).__name__}, not a tensor")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem + ".", suffix=".tmp")
+    os.close(fd)
+    tmp_json = tmp + ".json"
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp,
+                  metadata={"name": path.stem, "format": str(ZOO_FORMAT)})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        rec = dict(record)
+        rec["sha256"] = _sha256(Path(tmp))
+        rec["file"] = path.name
+        with open(tmp_json, "w") as f:
+            json.dump(rec, f, indent=1, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        for t in (tmp, tmp_json):
+            os.chmod(t, 0o666 & ~umask)  # mkstemp creates 0600; checkpoints are ordinary files
+        os.replace(tmp, path)                       # tensors first ...
+        os.replace(tmp_json, path.with_suffix(".json"))  # ... the record last: only now does it count
+    finally:
+        for t in (tmp, tmp_json):
+            if os.path.exists(t):
+                os.remove(t)
+    return rec
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[dict, dict]:
+    """Load a checkpoint written by :func:`save_checkpoint`, verifying its checksum.
+
+    Raises ``FileNotFoundError`` when the checkpoint (record or tensors) does not exist, and
+    :class:`CorruptCheckpointError` when it exists but is damaged.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    rec_path = path.with_suffix(".json")
+    if not rec_path.exists():
+        raise FileNotFoundError(f"no checkpoint record {rec_path}")
+    try:
+        with open(rec_path) as f:
+            record = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CorruptCheckpointError(f"checkpoint record {rec_path} is unreadable: {exc}") from exc
+    if not path.exists():
+        raise CorruptCheckpointError(f"checkpoint record {rec_path.name} exists but its tensors {path} are missing")
+    digest = _sha256(path)
+    if digest != record.get("sha256"):
+        raise CorruptCheckpointError(
+            f"checkpoint {path} is damaged: SHA-256 {digest[:12]}... does not match its record "
+            f"({str(record.get('sha256'))[:12]}...). Delete both files ({path.name}, {rec_path.name}) "
+            "or pass on_corrupt='retrain' to train it again.")
+    try:
+        tensors = load_file(str(path), device=str(device))
+    except Exception as exc:
+        raise CorruptCheckpointError(f"checkpoint {path} cannot be read: {exc}") from exc
+    return tensors, record
+
+
+def load_or_train(name: str, config: Mapping, train_fn: Callable[[], tuple[dict, dict]], profile: str,
+                  root: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+                  retrain: bool = False, on_corrupt: str = "raise", verbose: bool = True) -> tuple[dict, dict]:
+    """Return ``(tensors, record)`` for ``name`` under ``config``: loaded if cached, else trained.
+
+    ``train_fn()`` must return ``(tensors, info)``; ``info`` (metrics, history, ...) is stored in the
+    record together with the configuration, versions, device and wall time of training.
+    """
+    if on_corrupt not in ("raise", "retrain"):
+        raise ValueError(f"on_corrupt must be 'raise' or 'retrain', got {on_corrupt!r}")
+    h = config_hash(config)
+    path = zoo_dir(profile, root) / f"{name}-{h}.safetensors"
+    if not retrain:
+        try:
+            tensors, record = load_checkpoint(path, device)
+            if verbose:
+                print(f"[zoo] loaded {name} ({h}) trained in {record.get('train_time_s', 0):.0f}s "
+                      f"on {record.get('device')}")
+            return tensors, record
+        except FileNotFoundError:
+            pass
+        except CorruptCheckpointError:
+            if on_corrupt == "raise":
+                raise
+            if verbose:
+                print(f"[zoo] {path.name} is damaged; training it again")
+    if verbose:
+        print(f"[zoo] training {name} ({h}) ...")
+    t0 = time.perf_counter()
+    tensors, info = train_fn()
+    elapsed = time.perf_counter() - t0
+    record = {"name": name, "config_hash": h, "config": dict(config), "profile": profile,
+              "train_time_s": round(elapsed, 2), "device": _device_name(device), "versions": versions(),
+              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info}
+    record = save_checkpoint(path, tensors, record)
+    return {k: v.to(device) for k, v in tensors.items()}, record
+
+
+def _device_name(device: str | torch.device) -> str:
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(dev)})"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+# ------------------------------------------------------------------------------------------------
+# the ViT zoo of the task-vector notebooks
+# ------------------------------------------------------------------------------------------------
+VIT_PROFILES: dict[str, dict] = {
+    # CPU, 2 cores: the whole zoo in a few minutes. Patch 8 gives 16 tokens + class token.
+    "quick": {
+        "model": dict(image_size=32, patch_size=8, dim=96, depth=4, heads=4, mlp_ratio=4),
+        "pretrain": dict(steps=1400, batch_size=128, lr=2e-3, weight_decay=0.05, augment_pad=4, flip=True,
+                         label_smoothing=0.1, max_samples=None),
+        "probe": dict(steps=300, lr=0.1, weight_decay=1e-4, max_samples=3000),
+        "finetune": dict(steps=180, batch_size=96, lr=2e-4, weight_decay=0.0, max_samples=6000),
+        "eval": dict(val_samples=500, test_samples=1000),
+    },
+    # one GPU: real sizes (patch 4: 64 tokens + class token, ViT-Tiny-like width).
+    "full": {
+        "model": dict(image_size=32, patch_size=4, dim=192, depth=6, heads=3, mlp_ratio=4),
+        "pretrain": dict(steps=8000, batch_size=256, lr=1e-3, weight_decay=0.05, augment_pad=4, flip=True,
+                         label_smoothing=0.1, max_samples=None),
+        "probe": dict(steps=500, lr=0.1, weight_decay=1e-4, max_samples=None),
+        "finetune": dict(steps=1500, batch_size=128, lr=1e-4, weight_decay=0.0, max_samples=None),
+        "eval": dict(val_samples=None, test_samples=None),
+    },
+}
+
+
+@dataclass
+class ViTZoo:
+    """A pretrained ViT backbone, one fine-tuned copy per task, and the task heads.
+
+    * ``pretrained``: backbone state dict (theta_0).
+    * ``finetuned[task]``: backbone state dict after full fine-tuning on ``task`` (theta_i).
+    * ``heads[task]``: the fine-tuned head (``{"weight", "bias"}``) used with any backbone of ``task``.
+    * ``probe_heads[task]``: the linear probe on the frozen pretrained backbone.
+    * ``data[task]``: ``{"train", "val", "test"}`` :class:`~mergelib.data.TaskData` on ``device``.
+    """
+
+    profile: str
+    tasks: tuple[str, ...]
+    device: torch.device
+    model_config: dict
+    pretrained: dict
+    finetuned: dict
+    heads: dict
+    probe_heads: dict
+    data: dict
+    records: dict = field(default_factory=dict)
+
+    def backbone(self, state_dict: Mapping[str, torch.Tensor] | None = None) -> ViT:
+        """A ViT module on the zoo's device, loaded with ``state_dict`` (default: the pretrained one)."""
+        m = ViT(**self.model_config).to(self.device)
+        m.load_state_dict(self.pretrained if state_dict is None else state_dict)
+        return m.eval()
+
+    def head(self, task: str, probe: bool = False) -> nn.Linear:
+        sd = (self.probe_heads if probe else self.heads)[task]
+        h = nn.Linear(sd["weight"].shape[1], sd["weight"].shape[0]).to(self.device)
+        h.load_state_dict(sd)
+        return h.eval()
+
+    def classifier(self, task: str, state_dict: Mapping[str, torch.Tensor] | None = None,
+                   probe: bool = False) -> Classifier:
+        return Classifier(self.backbone(state_dict), self.head(task, probe)).eval()
+
+    @torch.no_grad()
+    def evaluate(self, state_dict: Mapping[str, torch.Tensor] | None = None, tasks: Sequence[str] | None = None,
+                 split: str = "test", probe: bool = False, per_task_state: Mapping[str, Mapping] | None = None
+                 ) -> dict[str, float]:
+        """Accuracy per task of a backbone (one state dict for all tasks, or one per task) with each
+        task's own head. Returns ``{task: accuracy in [0, 1]}``."""
+        tasks = self.tasks if tasks is None else tasks
+        backbone = ViT(**self.model_config).to(self.device).eval()
+        out = {}
+        for t in tasks:
+            sd = per_task_state[t] if per_task_state is not None else (
+                self.pretrained if state_dict is None else state_dict)
+            backbone.load_state_dict(sd)
+            out[t] = evaluate(Classifier(backbone, self.head(t, probe)), self.data[t][split])["acc"]
+        return out
+
+
+def _vit_pretrain_fn(cfg: dict, data: TaskData, test: TaskData, device: torch.device, seed: int, progress: bool):
+    def train():
+        torch.manual_seed(seed)
+        backbone = ViT(**cfg["model"]).to(device)
+        head = nn.Linear(backbone.dim, data.num_classes).to(device)
+        model = Classifier(backbone, head)
+        p = cfg["pretrain"]
+        hist = train_classifier(model, data, steps=p["steps"], lr=p["lr"], weight_decay=p["weight_decay"],
+                                batch_size=p["batch_size"], seed=seed, augment_pad=p["augment_pad"],
+                                flip=p["flip"], label_smoothing=p["label_smoothing"], eval_data=test,
+                                eval_every=max(1, p["steps"] // 10), progress=progress, desc="pretrain")
+        acc = evaluate(model, test)["acc"]
+        tensors = {**{f"backbone.{k}": v for k, v in backbone.state_dict().items()},
+                   **{f"head.{k}": v for k, v in head.state_dict().items()}}
+        return tensors, {"metrics": {"test_acc": acc}, "history": hist}
+    return train
+
+
+def _split_prefixed(tensors: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
+    bb = {k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")}
+    hd = {k.removeprefix("head."): v for k, v in tensors.items() if k.startswith("head.")}
+    return bb, hd
+
+
+def vit_zoo(profile: str = "auto", tasks: Sequence[str] = mdata.DOWNSTREAM_TASKS, device: str = "auto",
+            data_root: str | None = None, seed: int = 0, zoo_root: str | None = None, progress: bool = True,
+            on_corrupt: str = "raise", verbose: bool = True) -> ViTZoo:
+    """Load or train the ViT zoo: pretrain on CIFAR-10 classes 0-5, then per task a linear probe on
+    the frozen backbone and a full fine-tune (backbone + head, started from the probe: LP-FT)."""
+    dev = resolve_device(device)
+    profile = resolve_profile(profile, dev)
+    cfg = VIT_PROFILES[profile]
+    unknown = [t for t in tasks if t not in mdata.TASKS or t == mdata.PRETRAIN_TASK]
+    if unknown:
+        raise KeyError(f"unknown downstream tasks {unknown}; choose from {list(mdata.DOWNSTREAM_TASKS)}")
+    ev = cfg["eval"]
+
+    # -- pretraining ------------------------------------------------------------------------------
+    pre_cfg = {"kind": "vit-pretrain", "task": mdata.PRETRAIN_TASK, "model": cfg["model"],
+               "train": cfg["pretrain"], "seed": seed}
+
+    def pre_data():
+        tr = mdata.load_task(mdata.PRETRAIN_TASK, "train", data_root, max_samples=cfg["pretrain"]["max_samples"],
+                             seed=seed, device=dev, verbose=verbose)
+        te = mdata.load_task(mdata.PRETRAIN_TASK, "test", data_root, max_samples=ev["test_samples"], seed=seed,
+                             device=dev, verbose=False)
+        return tr, te
+
+    def train_pre():
+        tr, te = pre_data()
+        return _vit_pretrain_fn(cfg, tr, te, dev, seed, progress)()
+
+    tensors, pre_rec = load_or_train("vit-pretrained", pre_cfg, train_pre, profile, zoo_root, dev,
+                                     on_corrupt=on_corrupt, verbose=verbose)
+    pretrained, _ = _split_prefixed(tensors)
+    records = {"pretrained": pre_rec}
+
+    finetuned, heads, probe_heads, datasets = {}, {}, {}, {}
+    for t in tasks:
+        d = {"train": mdata.load_task(t, "train", data_root, max_samples=cfg["finetune"]["max_samples"],
+                                      seed=seed, device=dev, verbose=verbose),
+             "val": mdata.load_task(t, "val", data_root, max_samples=ev["val_samples"], seed=seed, device=dev,
+                                    verbose=False),
+             "test": mdata.load_task(t, "test", data_root, max_samples=ev["test_samples"], seed=seed, device=dev,
+                                     verbose=False)}
+        datasets[t] = d
+
+        # -- linear probe on the frozen pretrained backbone --------------------------------------
+        probe_cfg = {"kind": "vit-probe", "task": t, "pretrained": pre_rec["config_hash"], "train": cfg["probe"],
+                     "seed": seed}
+
+        def train_probe(t=t, d=d):
+            bb = ViT(**cfg["model"]).to(dev)
+            bb.load_state_dict(pretrained)
+            train_sub = d["train"].subset(cfg["probe"]["max_samples"], seed)
+            feats = extract_features(bb, train_sub.x)
+            head = train_linear_probe(feats, train_sub.y, d["train"].num_classes, steps=cfg["probe"]["steps"],
+                                      lr=cfg["probe"]["lr"], weight_decay=cfg["probe"]["weight_decay"], seed=seed)
+            acc = evaluate(Classifier(bb, head), d["test"])["acc"]
+            return {f"head.{k}": v for k, v in head.state_dict().items()}, {"metrics": {"test_acc": acc}}
+
+        tensors, prec = load_or_train(f"vit-probe-{t}", probe_cfg, train_probe, profile, zoo_root, dev,
+                                      on_corrupt=on_corrupt, verbose=verbose)
+        probe_heads[t] = _split_prefixed(tensors)[1]
+
+        # -- full fine-tuning, started from the probe head ---------------------------------------
+        ft_cfg = {"kind": "vit-finetune", "task": t, "pretrained": pre_rec["config_hash"],
+                  "probe": prec["config_hash"], "train": cfg["finetune"], "seed": seed}
+
+        def train_ft(t=t, d=d):
+            torch.manual_seed(seed)
+            bb = ViT(**cfg["model"]).to(dev)
+            bb.load_state_dict(pretrained)
+            head = nn.Linear(bb.dim, d["train"].num_classes).to(dev)
+            head.load_state_dict(probe_heads[t])
+            model = Classifier(bb, head)
+            f = cfg["finetune"]
+            hist = train_classifier(model, d["train"], steps=f["steps"], lr=f["lr"], weight_decay=f["weight_decay"],
+                                    batch_size=f["batch_size"], seed=seed, eval_data=d["val"],
+                                    eval_every=max(1, f["steps"] // 6), progress=progress, desc=f"finetune {t}")
+            acc = evaluate(model, d["test"])["acc"]
+            tensors = {**{f"backbone.{k}": v for k, v in bb.state_dict().items()},
+                       **{f"head.{k}": v for k, v in head.state_dict().items()}}
+            return tensors, {"metrics": {"test_acc": acc}, "history": hist}
+
+        tensors, frec = load_or_train(f"vit-finetuned-{t}", ft_cfg, train_ft, profile, zoo_root, dev,
+                                      on_corrupt=on_corrupt, verbose=verbose)
+        finetuned[t], heads[t] = _split_prefixed(tensors)
+        records[t] = {"probe": prec, "finetune": frec}
+
+    return ViTZoo(profile=profile, tasks=tuple(tasks), device=dev, model_config=dict(cfg["model"]),
+                  pretrained=pretrained, finetuned=finetuned, heads=heads, probe_heads=probe_heads,
+                  data=datasets, records=records)
