@@ -39,7 +39,7 @@ from torch import nn
 from .bn import has_batchnorm, reset_bn_stats
 from .features import collect_moments, similarity_matrix
 from .interpolation import merge_aligned
-from .spec import Perm, PermutationSpec, permutation_spec, solve_units, to_rows
+from .spec import Perm, PermutationSpec, permutation_spec, permute_tensor, solve_units, to_rows
 from .zipit import ZipMatch, transform_tensor, zip_features, zip_merge_state_dicts
 
 __all__ = ["mudsc", "MuDSCResult", "weight_similarity"]
@@ -61,12 +61,17 @@ def weight_similarity(spec: PermutationSpec, group: str, sd_a: Mapping[str, torc
     (the group itself is ignored). ``measure``: "pearson" (centred) or "cosine"."""
     am = axis_members if axis_members is not None else spec.axis_members()
     g = spec.groups[group]
+    is_perm = all(torch.is_tensor(v) for v in matches.values())
     others = {k: v for k, v in matches.items() if k != group}
     vecs = []
     for i, sd in enumerate((sd_a, sd_b)):
         parts = []
         for m in g.members:
-            t, _ = transform_tensor(spec, m.key, sd[m.key].float(), others, i, am, skip_axis=m.axis, membership=True)
+            t = sd[m.key].float()
+            if is_perm:  # align: A is the reference, B's other axes are permuted (cheap gathers)
+                t = permute_tensor(spec, m.key, t, matches, skip_axis=m.axis, axis_members=am) if i else t
+            else:
+                t, _ = transform_tensor(spec, m.key, t, others, i, am, skip_axis=m.axis, membership=True)
             t = t.index_select(m.axis, spec.member_index(m).to(t.device))
             parts.append(to_rows(t, m.axis))
         vecs.append(_unit_vectors(torch.cat(parts, dim=1), measure))
@@ -130,6 +135,9 @@ def mudsc(model_a: nn.Module, model_b: nn.Module, data: Iterable[Any], alpha: fl
         scores = {g: float(sims[g][torch.arange(n), perms[g]].mean()) for g in unit}
         return {g: ZipMatch.from_permutation(p) for g, p in perms.items()}, scores
 
+    def perm_of(ms: Mapping[str, ZipMatch]) -> Perm:  # align matches -> B unit matched to A unit j
+        return {g: m.unmerge[spec.groups[g].size:].argmax(0) for g, m in ms.items()}
+
     matches: dict[str, ZipMatch] = {}
     scores: dict[str, float] = {}
     for unit in units:
@@ -143,8 +151,9 @@ def mudsc(model_a: nn.Module, model_b: nn.Module, data: Iterable[Any], alpha: fl
         for _ in range(max_iter):
             for u in torch.randperm(len(units), generator=gen).tolist():
                 sims = {}
+                current = perm_of(matches) if variant == "align" else matches
                 for g in units[u]:
-                    s_w = weight_similarity(spec, g, sd_a, sd_b, matches, weight_measure,
+                    s_w = weight_similarity(spec, g, sd_a, sd_b, current, weight_measure,
                                             cross_only=variant == "align", axis_members=am)
                     sims[g] = alpha * s_w + (1 - alpha) * s_act[g]
                 m, s = solve(units[u], sims)
@@ -160,8 +169,7 @@ def mudsc(model_a: nn.Module, model_b: nn.Module, data: Iterable[Any], alpha: fl
                     break
     perm = None
     if variant == "align":
-        n_of = {g: spec.groups[g].size for g in best}
-        perm = {g: best[g].unmerge[n_of[g]:].argmax(0) for g in best}  # B unit matched to merged unit j
+        perm = perm_of(best)
         merged_sd = merge_aligned(spec, sd_a, sd_b, perm, 0.5)
     else:
         merged_sd = zip_merge_state_dicts(spec, sd_a, sd_b, best)
