@@ -51,7 +51,9 @@ def weight_matching(spec: PermutationSpec, sd_a: Mapping[str, torch.Tensor], sd_
     ``sd_a``, ``sd_b``: state dicts of the same architecture (any device; float tensors of any
     dtype, compared in float32). Returns ``perm`` (group -> LongTensor (n,), CPU) such that
     ``apply_permutation(spec, perm, sd_b)`` is aligned to ``sd_a``. ``seed`` fixes the group visiting
-    order (a ``torch.Generator``); ``progress`` prints the objective gain per group and iteration.
+    order (a ``torch.Generator``); ``progress`` prints the objective gain per group and iteration;
+    ``init``: a starting permutation (default: the identity). Head-aware groups (ViT attention) and
+    the groups tied to them are solved together by group align (``spec.solve_units``).
     """
     check_state_dict(spec, sd_a)
     check_state_dict(spec, sd_b)
