@@ -158,14 +158,15 @@ def disjoint_mean(trimmed: Tensor, sign: Tensor) -> Tensor:
     coordinate with gamma = 0 keeps the negative entries (``where(gamma > 0, t > 0, t < 0)``).
     """
     _check_matrix(trimmed, "trimmed")
-    pos = sign > 0
+    # s = +1 where gamma > 0 else -1; then t agrees iff t * s > 0, and its value is relu(t * s) * s
+    s = torch.where(sign > 0, 1.0, -1.0).to(trimmed.dtype)
     num = torch.zeros_like(trimmed[0])
     cnt = torch.zeros_like(trimmed[0])
     for row in trimmed:
-        keep = torch.where(pos, row > 0, row < 0)
-        num.add_(torch.where(keep, row, 0.0))
-        cnt.add_(keep)
-    return num.div_(cnt.clamp_min_(1))
+        agree = torch.mul(row, s)
+        cnt.add_(agree > 0)
+        num.add_(agree.clamp_min_(0))
+    return num.mul_(s).div_(cnt.clamp_min_(1))
 
 
 def ties_merge(tvs: Tensor, density: float = 0.2, trim: str = "global", layout: FlatLayout | None = None,
