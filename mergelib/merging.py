@@ -6,20 +6,17 @@ one pass writing ``theta_0 + lambda * tau_m`` back per tensor in the original dt
 
 Defaults (METHODS.md; lambda "fixed, no validation data" unless you tune it):
 
-============== ======================= ==================================================
-method         scale (lambda)          hyperparameters
-============== ======================= ==================================================
-average        1/N (fixed)             --
-task_arithmetic 0.3 (or per-task list)  --
-ties           1.0                     density=0.2, trim="global"|"tensor", sign_rule="mass"
-dare_ta        0.3 (or per-task list)  p=0.9, seed=0
-dare_ties      1.0                     p=0.9, seed=0, density=1.0 (no extra trim, as mergekit),
-                                       trim="global", sign_rule="mass"
-pcb            1.2 (or per-task list)  ratio=0.05, mode="official"|"paper"
-fr             0.7                     ratio=0.7, mode="official"|"paper", base="min",
-                                       align="official"|"paper"|"none", compat_official=False,
-                                       compat_double_ring=False
-============== ======================= ==================================================
+* ``average``: lambda = 1/N (fixed); no hyperparameters.
+* ``task_arithmetic``: lambda = 0.3, or a per-task list.
+* ``ties``: lambda = 1.0; ``density=0.2``, ``trim="global"|"tensor"``, ``sign_rule="mass"|"count"``.
+* ``dare_ta``: lambda = 0.3, or a per-task list; ``p=0.9``, ``seed=0``.
+* ``dare_ties``: lambda = 1.0; ``p=0.9``, ``seed=0``, ``density=1.0`` (DARE replaces the trim, as
+  in mergekit; set density < 1 to trim as well, as MergeLM does), ``trim``, ``sign_rule``.
+* ``pcb``: lambda = 1.2, or a per-task list; ``ratio=0.05`` (fraction kept, in (0, 1]),
+  ``mode="official"|"paper"``.
+* ``fr``: c = 0.7; ``ratio=0.7`` (radius R = ratio * base(H, W), any value >= 0),
+  ``mode="official"|"paper"``, ``base="min"|"max"``, ``align="official"|"paper"|"none"``,
+  ``compat_official=False``, ``compat_double_ring=False``.
 
 For ``pcb`` a per-task list is PCB's lambda_i inside the weighted average (global lambda 1).
 With ``rules="auto"`` the model family is detected; FR on a ViT uses the FREE rule (only keys
