@@ -1,0 +1,211 @@
+"""Benchmark the flat task-vector merges of mergelib on a ViT-B/32-sized task set.
+
+Task set: N task vectors (default 8) over the 4 matrices of each of ``--blocks`` transformer blocks
+of width 768: qkv 2304x768, proj 768x768, fc1 3072x768, fc2 768x3072 (12 blocks = 48 matrices,
+~85M parameters per task, 2.7 GB fp32 for 8 tasks). ``--blocks auto``: 12 on CUDA, 2 on the CPU.
+
+Every method is timed end to end from the ``N x D`` float32 task-vector matrix to the merged ``D``
+vector (inputs untouched, so the non-in-place code paths): median of ``--repeats`` runs after
+``--warmup`` runs, with ``torch.cuda.synchronize()`` on GPU. Columns: ms, GB/s of task-vector input
+read (N*D*4 bytes / time), the ratio to one read pass of the input (time of ``tvs.sum(0)``, the
+memory-bandwidth baseline), and peak extra memory (CUDA: ``max_memory_allocated`` above the
+allocation before the call; CPU: peak RSS above the start, sampled every ~1 ms by a thread --
+approximate). A naive per-tensor TIES written like the widely used per-model/per-tensor
+implementations (stack, topk + scatter mask per task, sign election, disjoint mean) is included for
+comparison.
+
+    python benchmarks/bench_merge.py                     # auto: full on CUDA, 2 blocks on CPU
+    python benchmarks/bench_merge.py --blocks 12 --json out.json --markdown out.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import threading
+import time
+from typing import Callable
+
+import torch
+
+from mergelib.competition import dare_flat, pcb_merge, ties_merge
+from mergelib.fourier import fr_merge
+from mergelib.task_vectors import FlatLayout, flatten, unflatten
+
+MATRICES = {"attn.qkv.weight": (2304, 768), "attn.proj.weight": (768, 768), "mlp.fc1.weight": (3072, 768),
+            "mlp.fc2.weight": (768, 3072)}
+
+
+def make_task_set(n: int, blocks: int, device: torch.device, seed: int = 0, width_scale: float = 1.0):
+    """N x D float32 task vectors (Gaussian, std 1e-3, with a per-task scale) and their layout."""
+    shapes = {f"blocks.{b}.{k}": tuple(int(s * width_scale) for s in shp)
+              for b in range(blocks) for k, shp in MATRICES.items()}
+    layout = FlatLayout.from_shapes(shapes)
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(n, layout.D, generator=g, device=device)
+    x.mul_(torch.linspace(0.5e-3, 2e-3, n, device=device)[:, None])
+    return x, layout
+
+
+# ---------------------------------------------------------------------------------------------
+# naive per-tensor TIES (the style of the widely used implementations), for comparison
+# ---------------------------------------------------------------------------------------------
+def naive_ties_per_tensor(task_dicts: list[dict[str, torch.Tensor]], density: float) -> dict[str, torch.Tensor]:
+    out = {}
+    for key in task_dicts[0]:
+        stacked = torch.stack([td[key] for td in task_dicts])  # N x shape (a copy per tensor)
+        masked = []
+        for t in stacked:
+            k = int(density * t.numel())
+            _, idx = torch.topk(t.abs().flatten(), k)
+            mask = torch.zeros_like(t).flatten().scatter_(0, idx, 1.0).view_as(t)
+            masked.append(t * mask)
+        trimmed = torch.stack(masked)
+        sign = torch.sign(trimmed.sum(0))
+        sign[sign == 0] = torch.sign(sign.sum())
+        agree = torch.where(sign > 0, trimmed > 0, trimmed < 0)
+        num = (trimmed * agree).sum(0)
+        out[key] = num / agree.sum(0).clamp(min=1)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# measurement
+# ---------------------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable, device: torch.device, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def peak_extra_bytes(fn: Callable, device: torch.device) -> float | None:
+    """Peak memory above the level before the call (bytes); None if it cannot be measured."""
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        out = fn()
+        _sync(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+        del out
+        return float(peak)
+    try:
+        import psutil
+    except ImportError:
+        return None
+    proc = psutil.Process()
+    base = proc.memory_info().rss
+    peak = [base]
+    done = threading.Event()
+
+    def poll():
+        while not done.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            time.sleep(0.001)
+
+    th = threading.Thread(target=poll, daemon=True)
+    th.start()
+    out = fn()
+    done.set()
+    th.join()
+    peak[0] = max(peak[0], proc.memory_info().rss)
+    del out
+    return float(peak[0] - base)
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--blocks", default="auto", help="number of 768-wide blocks (auto: 12 on CUDA, 2 on CPU)")
+    ap.add_argument("--tasks", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=None, help="timed runs (default 10 on CUDA, 3 on CPU)")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--methods", default="all", help="comma-separated subset of the method names")
+    ap.add_argument("--skip-naive", action="store_true", help="skip the naive per-tensor TIES")
+    ap.add_argument("--json", default=None, help="write the results as JSON to this path")
+    ap.add_argument("--markdown", default=None, help="write the markdown table to this path")
+    args = ap.parse_args(argv)
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if args.device == "auto" else args.device))
+    blocks = (12 if device.type == "cuda" else 2) if args.blocks == "auto" else int(args.blocks)
+    repeats = args.repeats or (10 if device.type == "cuda" else 3)
+    x, layout = make_task_set(args.tasks, blocks, device)
+    n, D = x.shape
+    in_bytes = x.numel() * x.element_size()
+    tasks = [f"task{i}" for i in range(n)]
+
+    methods: dict[str, Callable] = {
+        "read pass (tvs.sum(0))": lambda: x.sum(0),
+        "task arithmetic": lambda: x.sum(0).mul_(0.3),
+        "TIES global top-k (k=20%)": lambda: ties_merge(x, 0.2),
+        "TIES per tensor (k=20%)": lambda: ties_merge(x, 0.2, trim="tensor", layout=layout),
+        "DARE-TA (p=0.9)": lambda: dare_flat(x, 0.9, layout, seed=0, tasks=tasks).sum(0),
+        "PCB official (r=0.05)": lambda: pcb_merge(x, 0.05, mode="official"),
+        "PCB paper (r=0.05)": lambda: pcb_merge(x, 0.05, mode="paper"),
+        "FR official (r=0.7, align)": lambda: fr_merge(x, layout, 0.7, mode="official", align="official"),
+        "flatten (N dicts -> N x D)": None,  # filled below
+    }
+    views = [unflatten(x[i], layout) for i in range(n)]
+    methods["flatten (N dicts -> N x D)"] = lambda: flatten(views, layout.keys)[0]
+    if not args.skip_naive:
+        methods["naive per-tensor TIES (reference)"] = lambda: naive_ties_per_tensor(views, 0.2)
+    if args.methods != "all":
+        wanted = [m.strip() for m in args.methods.split(",")]
+        methods = {k: v for k, v in methods.items() if k.startswith("read pass") or any(w in k for w in wanted)}
+
+    rows = []
+    base_ms = None
+    with torch.no_grad():
+        for name, fn in methods.items():
+            ms = time_fn(fn, device, args.warmup, repeats)
+            mem = peak_extra_bytes(fn, device)
+            if base_ms is None:
+                base_ms = ms
+            rows.append({"method": name, "ms": ms, "gb_per_s": in_bytes / (ms * 1e-3) / 1e9,
+                         "x_read_pass": ms / base_ms, "peak_extra_gb": None if mem is None else mem / 1e9,
+                         "peak_extra_x_input": None if mem is None else mem / in_bytes})
+            print(f"  {name:38s} {ms:10.2f} ms", flush=True)
+
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
+        f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
+    meta = {"device": dev_name, "torch": torch.__version__, "tasks": n, "blocks": blocks, "D": D,
+            "input_gb": in_bytes / 1e9, "repeats": repeats, "warmup": args.warmup}
+    mem_label = "peak extra (CUDA allocator)" if device.type == "cuda" else "peak extra RSS (sampled)"
+    lines = [f"Device: {dev_name}; torch {torch.__version__}; N={n} task vectors, {blocks} blocks "
+             f"({4 * blocks} matrices), D={D:,} ({in_bytes / 1e9:.2f} GB fp32 input); median of {repeats} "
+             f"runs after {args.warmup} warm-up.", "",
+             f"| method | ms | GB/s (input read) | x read pass | {mem_label} GB | x input |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        mem = "n/a" if r["peak_extra_gb"] is None else f"{r['peak_extra_gb']:.2f}"
+        memx = "n/a" if r["peak_extra_x_input"] is None else f"{r['peak_extra_x_input']:.2f}"
+        lines.append(f"| {r['method']} | {r['ms']:.1f} | {r['gb_per_s']:.1f} | {r['x_read_pass']:.1f} | "
+                     f"{mem} | {memx} |")
+    table = "\n".join(lines)
+    print()
+    print(table)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table + "\n")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
