@@ -2,18 +2,30 @@
 
 Import it as ``import mergelib as ml``. Modules, one idea each:
 
-* ``ml.data``         named tasks on torchvision datasets, offline-friendly data root
-* ``ml.models``       ViT backbone + task heads, CIFAR ResNet-20, MLP
-* ``ml.training``     pretraining, linear probes, fine-tuning, evaluation loops
-* ``ml.zoo``          load-or-train cache of checkpoints (safetensors + JSON records)
-* ``ml.task_vectors`` task vectors, parameter selection rules, flattening
-* ``ml.competition``  TIES, DARE, PCB-Merging (sparsify and resolve parameter competition)
-* ``ml.fourier``      FR-Merging: frequency-domain filtering of task vectors
-* ``ml.merging``      ``merge(pretrained, finetuned, method, **hparams)`` over state dicts
-* ``ml.align``        permutation alignment: Git Re-Basin, activation matching, ZipIt!, MuDSC, REPAIR
-* ``ml.plotting``     figures shared by the notebooks
+* ``ml.data``          named tasks on torchvision datasets, offline-friendly data root
+* ``ml.models``        ViT backbone + task heads, CIFAR ResNet-20, MLP
+* ``ml.training``      training loops, linear probes, evaluation
+* ``ml.zoo``           load-or-train cache of checkpoints (safetensors + JSON records) and recipes
+* ``ml.evaluation``    accuracy tables of merged models (absolute and normalised)
+* ``ml.task_vectors``  task vectors, parameter selection rules, flattening
+* ``ml.competition``   TIES, DARE, PCB-Merging (sparsify and resolve parameter competition)
+* ``ml.fourier``       FR-Merging: frequency-domain filtering of task vectors
+* ``ml.merging``       ``merge(pretrained, finetuned, method, **hparams)`` over state dicts
+* ``ml.search``        per-task coefficient search (CMA-ES) for PCB-Merging
+* ``ml.experts``       FREE-Merging's lightweight experts (extracted and trained)
+* ``ml.routing``       routers and the multi-task FREE-Merging model
+* ``ml.align``         permutation alignment: Git Re-Basin, activation matching, ZipIt!, MuDSC, REPAIR
+* ``ml.plotting``      figures shared by the notebooks
 """
-from . import data, models, utils
-from .utils import check_close, resolve_device, resolve_profile, seed_everything
+from . import (align, competition, data, evaluation, experts, fourier, merging, models, plotting, routing, search,
+               task_vectors, training, utils, zoo)
+from .competition import dare, dare_flat, dare_state_dict, disjoint_mean, elect_sign, pcb_merge, pcb_scores, ties_merge, trim
+from .fourier import align_magnitudes, fr_filter, fr_mask, fr_merge
+from .merging import METHODS, merge
+from .search import search_coefficients
+from .task_vectors import (DEFAULT_RULES, FlatLayout, NonFiniteError, StateDictDtypeError, StateDictKeyError,
+                           StateDictShapeError, TaskVector, apply_task_vector, cosine_similarity_matrix, flatten,
+                           select_keys, task_vector, unflatten, validate_state_dicts)
+from .utils import check_close, resolve_device, resolve_profile, seed_everything, versions
 
 __version__ = "0.1.0"

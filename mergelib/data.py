@@ -273,6 +273,14 @@ TASKS: dict[str, TaskSpec] = {
     "cifar4": TaskSpec("cifar4", "CIFAR-10", CIFAR4_CLASSES, _load_cifar10, keep_labels=(6, 7, 8, 9),
                        description="CIFAR-10 classes frog, horse, ship, truck (held out of pretraining)"),
 }
+# CIFAR-10 as a whole and in two disjoint halves: the alignment notebook's "same task" and
+# "different tasks" settings (ResNet-20s trained from scratch; no pretrained backbone involved).
+TASKS["cifar10"] = TaskSpec("cifar10", "CIFAR-10", CIFAR10_CLASSES, _load_cifar10,
+                            description="CIFAR-10, all ten classes (alignment notebook)")
+TASKS["cifar10_a"] = TaskSpec("cifar10_a", "CIFAR-10", CIFAR10_CLASSES[:5], _load_cifar10, keep_labels=(0, 1, 2, 3, 4),
+                              description="CIFAR-10 classes 0-4 (alignment: different tasks)")
+TASKS["cifar10_b"] = TaskSpec("cifar10_b", "CIFAR-10", CIFAR10_CLASSES[5:], _load_cifar10, keep_labels=(5, 6, 7, 8, 9),
+                              description="CIFAR-10 classes 5-9 (alignment: different tasks)")
 DOWNSTREAM_TASKS: tuple[str, ...] = ("mnist", "fashion", "kmnist", "usps", "digits", "cifar4")
 PRETRAIN_TASK = "cifar_pretrain"
 
@@ -304,7 +312,7 @@ def _to_tensor_images(imgs: np.ndarray, image_size: int, channels: int) -> torch
 
 def _raw_splits(spec: TaskSpec, root: Path, download: bool) -> tuple[dict, list[str]]:
     """Source splits as numpy arrays, with a train/test split carved where one is missing."""
-    raw = spec.loader(root, download)
+    raw = _load_source_cached(spec, root, download)
     notes = []
     if spec.keep_labels is not None:
         lut = np.full(max(spec.keep_labels) + 1, -1, dtype=np.int64)
@@ -321,6 +329,32 @@ def _raw_splits(spec: TaskSpec, root: Path, download: bool) -> tuple[dict, list[
         notes.append(f"{spec.name}: {what}; carved a fixed split of its {len(yi)} samples: "
                      f"{len(tr)} train / {len(te)} test (seed {CARVE_SEED}, test fraction {CARVE_TEST_FRACTION})")
     return raw, notes
+
+
+def _load_source_cached(spec: TaskSpec, root: Path, download: bool) -> dict:
+    """The source's splits as decoded arrays, cached on disk once per source (CIFAR-10's JPEGs take
+    seconds to decode and feed four tasks)."""
+    from safetensors.numpy import load_file, save_file
+
+    path = cache_dir() / f"source-{spec.source.replace(' ', '_')}-{_source_fingerprint(spec, root)}.safetensors"
+    if path.exists():
+        try:
+            arrays = load_file(str(path))
+            return {s[:-2]: (arrays[s], arrays[s[:-2] + "_y"]) for s in arrays if s.endswith("_x")}
+        except Exception as exc:
+            warnings.warn(f"ignoring damaged cache file {path}: {exc}")
+    raw = spec.loader(root, download)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({f"{s}_{c}": np.ascontiguousarray(a) for s, (x, y) in raw.items() for c, a in (("x", x), ("y", y))},
+                  tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return raw
 
 
 def _source_fingerprint(spec: TaskSpec, root: Path) -> str:

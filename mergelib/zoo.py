@@ -190,11 +190,11 @@ def _device_name(device: str | torch.device) -> str:
 VIT_PROFILES: dict[str, dict] = {
     # CPU, 2 cores: the whole zoo in a few minutes. Patch 8 gives 16 tokens + class token.
     "quick": {
-        "model": dict(image_size=32, patch_size=8, dim=96, depth=4, heads=4, mlp_ratio=4),
-        "pretrain": dict(steps=1400, batch_size=128, lr=2e-3, weight_decay=0.05, augment_pad=4, flip=True,
+        "model": dict(image_size=32, patch_size=8, dim=64, depth=4, heads=4, mlp_ratio=4),
+        "pretrain": dict(steps=1500, batch_size=128, lr=2e-3, weight_decay=0.05, augment_pad=4, flip=True,
                          label_smoothing=0.1, max_samples=None),
         "probe": dict(steps=300, lr=0.1, weight_decay=1e-4, max_samples=3000),
-        "finetune": dict(steps=180, batch_size=96, lr=2e-4, weight_decay=0.0, max_samples=6000),
+        "finetune": dict(steps=400, batch_size=64, lr=1e-3, weight_decay=0.0, max_samples=6000),
         "eval": dict(val_samples=500, test_samples=1000),
     },
     # one GPU: real sizes (patch 4: 64 tokens + class token, ViT-Tiny-like width).
@@ -377,3 +377,59 @@ def vit_zoo(profile: str = "auto", tasks: Sequence[str] = mdata.DOWNSTREAM_TASKS
     return ViTZoo(profile=profile, tasks=tuple(tasks), device=dev, model_config=dict(cfg["model"]),
                   pretrained=pretrained, finetuned=finetuned, heads=heads, probe_heads=probe_heads,
                   data=datasets, records=records)
+
+
+# ------------------------------------------------------------------------------------------------
+# independently trained classifiers (the alignment notebook's ResNet-20s and MLPs)
+# ------------------------------------------------------------------------------------------------
+ARCHS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def _register_archs() -> None:
+    from .models import MLP, ResNet20
+
+    ARCHS.update({"resnet20": ResNet20, "mlp": MLP})
+
+
+def classifier(name: str, arch: str, arch_kwargs: Mapping, task: str, train: Mapping, seed: int,
+               profile: str = "auto", device: str = "auto", data_root: str | None = None,
+               zoo_root: str | None = None, progress: bool = True, on_corrupt: str = "raise",
+               verbose: bool = True) -> tuple[nn.Module, dict]:
+    """Load or train one classifier from scratch (seeded), e.g. one of a pair of ResNet-20s.
+
+    ``train`` holds ``steps, batch_size, lr, weight_decay, augment_pad, flip, label_smoothing,
+    max_samples, image_size, channels``; the model is trained on ``task``'s train split and its
+    test accuracy (on at most ``train["test_samples"]`` images) is recorded. Returns the model in
+    eval mode on ``device`` and its record.
+    """
+    if not ARCHS:
+        _register_archs()
+    if arch not in ARCHS:
+        raise KeyError(f"unknown architecture {arch!r}; known: {sorted(ARCHS)}")
+    dev = resolve_device(device)
+    profile = resolve_profile(profile, dev)
+    cfg = {"kind": "classifier", "arch": arch, "arch_kwargs": dict(arch_kwargs), "task": task,
+           "train": dict(train), "seed": seed}
+    img = dict(image_size=train.get("image_size", 32), channels=train.get("channels", 3))
+    num_classes = len(mdata.TASKS[task].classes)
+
+    def build() -> nn.Module:
+        return ARCHS[arch](**arch_kwargs, num_classes=num_classes)
+
+    def fit():
+        tr = mdata.load_task(task, "train", data_root, max_samples=train.get("max_samples"), seed=seed,
+                             device=dev, verbose=verbose, **img)
+        te = mdata.load_task(task, "test", data_root, max_samples=train.get("test_samples"), seed=0,
+                             device=dev, verbose=False, **img)
+        torch.manual_seed(seed)
+        model = build().to(dev)
+        hist = train_classifier(model, tr, steps=train["steps"], lr=train["lr"], weight_decay=train["weight_decay"],
+                                batch_size=train["batch_size"], seed=seed, augment_pad=train.get("augment_pad", 0),
+                                flip=train.get("flip", False), label_smoothing=train.get("label_smoothing", 0.0),
+                                progress=progress, desc=name)
+        return model.state_dict(), {"metrics": evaluate(model, te), "history": hist}
+
+    tensors, record = load_or_train(name, cfg, fit, profile, zoo_root, dev, on_corrupt=on_corrupt, verbose=verbose)
+    model = build().to(dev)
+    model.load_state_dict(tensors)
+    return model.eval(), record
