@@ -310,9 +310,9 @@ def _to_tensor_images(imgs: np.ndarray, image_size: int, channels: int) -> torch
     return x.contiguous()
 
 
-def _raw_splits(spec: TaskSpec, root: Path, download: bool) -> tuple[dict, list[str]]:
+def _raw_splits(spec: TaskSpec, root: Path, download: bool, use_cache: bool = True) -> tuple[dict, list[str]]:
     """Source splits as numpy arrays, with a train/test split carved where one is missing."""
-    raw = _load_source_cached(spec, root, download)
+    raw = _load_source_cached(spec, root, download) if use_cache else spec.loader(root, download)
     notes = []
     if spec.keep_labels is not None:
         lut = np.full(max(spec.keep_labels) + 1, -1, dtype=np.int64)
@@ -411,7 +411,7 @@ def load_task(name: str, split: str = "train", root: str | os.PathLike | None = 
             warnings.warn(f"ignoring damaged cache file {cache_file}: {exc}")
             tensors = None
     if tensors is None:
-        raw, notes = _raw_splits(spec, root_p, download_allowed(download))
+        raw, notes = _raw_splits(spec, root_p, download_allowed(download), use_cache)
         tensors = {}
         for s, (xi, yi) in raw.items():
             tensors[f"{s}_x"] = _to_tensor_images(xi, image_size, channels)

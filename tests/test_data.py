@@ -112,7 +112,9 @@ def test_cifar_pickle_layout_is_supported(tmp_path, monkeypatch):
             pickle.dump({"data": rng.integers(0, 255, (20, 3072), dtype=np.uint8), "labels": labels}, f)
     with open(base / "batches.meta", "wb") as f:
         pickle.dump({"label_names": list(mdata.CIFAR10_CLASSES)}, f)
+    # fake files cannot match the published md5s: skip torchvision's integrity checks only
     monkeypatch.setattr(tvd.CIFAR10, "_check_integrity", lambda self: True)
+    monkeypatch.setattr(tvd.cifar, "check_integrity", lambda *a, **k: True)
     d = mdata.load_task("cifar4", "test", root=tmp_path, use_cache=False, verbose=False)
     assert len(d) == 8 and sorted(d.y.tolist()) == [0, 0, 1, 1, 2, 2, 3, 3]
 
