@@ -7,7 +7,9 @@ PYTHON   ?= python3
 VENV     ?= .venv
 PY       := $(VENV)/bin/python
 TORCH    ?= torch==2.14.1 torchvision==0.29.1
-PROFILE  ?= auto
+PROFILE  ?=
+# papermill parameters: empty = the notebooks' defaults (PROFILE="auto"); e.g. make notebooks PROFILE=quick
+PARAMS   := $(if $(PROFILE),-p PROFILE $(PROFILE),)
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 
 .PHONY: setup notebooks test unit nbval lab clean-zoo
@@ -23,8 +25,8 @@ setup: $(VENV)/.installed
 
 notebooks: setup
 	@for nb in $(NOTEBOOKS); do \
-	  echo "== executing $$nb (PROFILE=$(PROFILE))"; \
-	  $(VENV)/bin/papermill --cwd notebooks --kernel python3 -p PROFILE $(PROFILE) "$$nb" "$$nb" || exit 1; \
+	  echo "== executing $$nb $(PARAMS)"; \
+	  $(VENV)/bin/papermill --cwd notebooks --kernel python3 $(PARAMS) "$$nb" "$$nb" || exit 1; \
 	done
 	$(PY) tools/normalize_notebooks.py $(NOTEBOOKS)
 
