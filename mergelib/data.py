@@ -43,7 +43,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +51,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from torchvision.transforms import v2
+
+from .utils import atomic_files
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DATA_ROOT_ENV = "MERGELIB_DATA_ROOT"
@@ -344,16 +345,9 @@ def _load_source_cached(spec: TaskSpec, root: Path, download: bool) -> dict:
         except Exception as exc:
             warnings.warn(f"ignoring damaged cache file {path}: {exc}")
     raw = spec.loader(root, download)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_files(path) as (tmp,):
         save_file({f"{s}_{c}": np.ascontiguousarray(a) for s, (x, y) in raw.items() for c, a in (("x", x), ("y", y))},
                   tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return raw
 
 
@@ -434,22 +428,11 @@ def load_task(name: str, split: str = "train", root: str | os.PathLike | None = 
 def _atomic_save_tensors(tensors: dict, path: Path, meta: dict) -> None:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
+    # the record first, the tensors last: a cache entry counts once its tensors file exists
+    with atomic_files(path.with_suffix(".json"), path) as (tmp_json, tmp):
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-        with open(tmp + ".json", "w") as f:
+        with open(tmp_json, "w") as f:
             json.dump(meta, f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp + ".json", path.with_suffix(".json"))
-        os.replace(tmp, path)
-    finally:
-        for t in (tmp, tmp + ".json"):
-            if os.path.exists(t):
-                os.remove(t)
 
 
 def normalize(x: torch.Tensor, mean: Sequence[float] = MEAN, std: Sequence[float] = STD) -> torch.Tensor:

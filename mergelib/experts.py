@@ -28,7 +28,6 @@ import json
 import math
 import numbers
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -37,6 +36,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
+
+from .utils import atomic_files
 
 __all__ = [
     "Expert",
@@ -194,17 +195,9 @@ class Expert:
         from safetensors.torch import save_file
 
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_files(path) as (tmp,):
             save_file(tensors, tmp, metadata={_META_KEY: json.dumps(self.config())})
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
         return path
 
     @classmethod

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import os
 import random
-from typing import Any, Mapping
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -97,3 +100,32 @@ def check_close(mine: Any, ref: Any, name: str = "result", rtol: float = 1e-5, a
     if not approx:
         raise AssertionError(f"{name}: not close (max-diff {maxdiff:.3e}, rtol={rtol}, atol={atol})")
     return maxdiff
+
+
+@contextmanager
+def atomic_files(*targets: str | os.PathLike) -> Iterator[list[str]]:
+    """Write files so that each appears complete or not at all.
+
+    Yields one temporary path per target, in the target's folder. When the block ends without an
+    exception, each temporary file gets ordinary permissions (``mkstemp`` creates 0600) and is renamed
+    onto its target *in the order given*, so the file that marks a set as complete goes last. On any
+    exception (an interrupt included) the temporary files are removed and the targets are untouched.
+    """
+    paths = [Path(t) for t in targets]
+    tmps: list[str] = []
+    try:
+        for p in paths:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+            os.close(fd)
+            tmps.append(tmp)
+        yield tmps
+        umask = os.umask(0)
+        os.umask(umask)
+        for tmp, p in zip(tmps, paths):
+            os.chmod(tmp, 0o666 & ~umask)
+            os.replace(tmp, p)
+    finally:
+        for tmp in tmps:
+            if os.path.exists(tmp):
+                os.remove(tmp)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,7 @@ from . import data as mdata
 from .data import PROJECT_ROOT, TaskData
 from .models import Classifier, ViT
 from .training import evaluate, extract_features, state_dict_to, train_classifier, train_linear_probe
-from .utils import resolve_device, resolve_profile, versions
+from .utils import atomic_files, resolve_device, resolve_profile, versions
 
 ZOO_ENV = "MERGELIB_ZOO"
 ZOO_FORMAT = 1
@@ -78,11 +77,8 @@ def save_checkpoint(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor]
     for k, v in tensors.items():
         if not isinstance(v, torch.Tensor):
             raise TypeError(f"checkpoint entry {k!r} is a {type(v).__name__}, not a tensor")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem + ".", suffix=".tmp")
-    os.close(fd)
-    tmp_json = tmp + ".json"
-    try:
+    # tensors first, the record last: only once the record is in place does the checkpoint count
+    with atomic_files(path, path.with_suffix(".json")) as (tmp, tmp_json):
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp,
                   metadata={"name": path.stem, "format": str(ZOO_FORMAT)})
         with open(tmp, "rb") as f:
@@ -94,16 +90,6 @@ def save_checkpoint(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor]
             json.dump(rec, f, indent=1, default=str)
             f.flush()
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        for t in (tmp, tmp_json):
-            os.chmod(t, 0o666 & ~umask)  # mkstemp creates 0600; checkpoints are ordinary files
-        os.replace(tmp, path)                       # tensors first ...
-        os.replace(tmp_json, path.with_suffix(".json"))  # ... the record last: only now does it count
-    finally:
-        for t in (tmp, tmp_json):
-            if os.path.exists(t):
-                os.remove(t)
     return rec
 
 

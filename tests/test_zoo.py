@@ -137,3 +137,21 @@ def test_classifier_zoo_trains_then_loads(tmp_path, data_root):
     assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
     with pytest.raises(KeyError, match="unknown architecture"):
         zoo.classifier("x", **{**kw, "arch": "vgg"})
+
+
+def test_atomic_files_all_or_nothing(tmp_path):
+    from mergelib.utils import atomic_files
+
+    a, b = tmp_path / "a.txt", tmp_path / "sub" / "b.txt"
+    a.write_text("old")
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_files(a, b) as (ta, tb):
+            open(ta, "w").write("new a")
+            raise RuntimeError("boom")
+    assert a.read_text() == "old" and not b.exists()
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["a.txt"]  # no temp files left
+    with atomic_files(a, b) as (ta, tb):
+        open(ta, "w").write("new a")
+        open(tb, "w").write("new b")
+    assert (a.read_text(), b.read_text()) == ("new a", "new b")
+    assert oct(a.stat().st_mode & 0o777) != oct(0o600)  # ordinary permissions, not mkstemp's 0600
