@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -167,18 +166,3 @@ def train_linear_probe(features: torch.Tensor, y: torch.Tensor, num_classes: int
         head.weight.copy_(w)
     return head
 
-
-def state_dict_to(sd: Mapping[str, torch.Tensor], device: str | torch.device = "cpu") -> dict:
-    """A detached copy of a state dict on ``device``."""
-    return {k: v.detach().to(device, copy=True) for k, v in sd.items()}
-
-
-def timed(fn: Callable, *args, **kwargs):
-    """Run ``fn`` and return (result, seconds); synchronises CUDA for honest timings."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    out = fn(*args, **kwargs)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return out, time.perf_counter() - t0

@@ -31,7 +31,7 @@ from torch import nn
 from . import data as mdata
 from .data import PROJECT_ROOT, TaskData
 from .models import Classifier, ViT
-from .training import evaluate, extract_features, state_dict_to, train_classifier, train_linear_probe
+from .training import evaluate, extract_features, train_classifier, train_linear_probe
 from .utils import atomic_files, resolve_device, resolve_profile, versions
 
 ZOO_ENV = "MERGELIB_ZOO"

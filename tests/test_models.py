@@ -72,21 +72,12 @@ def test_checkpoint_errors_are_clear(tmp_path):
 def test_shared_resnet20_checkpoints_score_about_81(pretrained_dir, data_root):
     files = sorted(pretrained_dir.glob("*.th"))
     assert len(files) == 5
-    test = mdata.load_task("cifar4", "test", data_root, verbose=False)  # warm the CIFAR cache
-    import torchvision.datasets  # noqa: F401  (full 10-class test set below)
-    full = _cifar10_test(data_root)
+    full = mdata.load_task("cifar10", "test", data_root, verbose=False)  # all 10 classes, JPEG copy
+    assert len(full) == 10000
     accs = {}
     for f in files:
         model = load_resnet20_checkpoint(f).eval()
         accs[f.name] = evaluate(model, full, batch_size=1000)["acc"]
     print(accs)
     assert all(0.76 <= a <= 0.86 for a in accs.values()), accs
-    assert len(test) == 4000
-
-
-def _cifar10_test(root):
-    """The full CIFAR-10 test split (10 classes) through the data module's loader."""
-    raw = mdata._load_cifar10(root, download=False)
-    x, y = raw["test"]
-    return mdata.TaskData("cifar10", "test", mdata._to_tensor_images(x, 32, 3), torch.from_numpy(y),
-                          mdata.CIFAR10_CLASSES)
+    assert len(mdata.load_task("cifar4", "test", data_root, verbose=False)) == 4000
