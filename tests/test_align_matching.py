@@ -62,6 +62,22 @@ def test_weight_matching_one_hidden_layer_converges_in_one_iteration(capsys):
     assert float(lines[1].split()[-1]) == 0.0
 
 
+def test_weight_matching_include_stats_decides_whether_bn_statistics_count():
+    model = make_resnet(1)
+    spec, perm, other = _planted(model)
+    sd_b = other.state_dict()
+    g = gen(11)
+    # B = P(A) in its weights, but with large unrelated running statistics
+    noisy = {k: (1e4 * torch.rand(v.shape, generator=g) if k.endswith(("running_mean", "running_var")) else v)
+             for k, v in sd_b.items()}
+    _assert_recovers(weight_matching(spec, model.state_dict(), noisy, include_stats=False), perm)
+    with_stats = weight_matching(spec, model.state_dict(), noisy, include_stats=True)
+    inverse = invert_permutation(perm)
+    assert any(not torch.equal(with_stats[k], inverse[k]) for k in inverse), "statistics should dominate the cost"
+    # with consistent statistics both modes recover the planted permutation
+    _assert_recovers(weight_matching(spec, model.state_dict(), sd_b, include_stats=False), perm)
+
+
 @pytest.mark.parametrize("name", ["mlp", "resnet20"])
 @pytest.mark.parametrize("method", ["pearson", "cross"])
 def test_activation_matching_recovers_planted_permutation(name, method):

@@ -11,6 +11,14 @@ where ``X_(axis)`` is the tensor with ``axis`` moved first and flattened to (n_p
 B's tensor with the current permutations applied on every *other* axis. Groups are visited in a fresh
 seeded random order each iteration; the loop stops after an iteration in which no group improved its
 objective by more than 1e-12, or after ``max_iter`` iterations.
+
+Which tensors enter the cost. METHODS.md §9 sums over every member of a group, and the PyTorch
+ports of Git Re-Basin list BatchNorm running statistics among them (``include_stats=True``, the
+default). The paper's own ResNets use LayerNorm, so its cost holds weights only. Running statistics
+are not weights: ``running_var`` is positive and often several times larger than a conv weight row's
+inner product, so it can decide the assignment alone. ``include_stats=False`` leaves
+``running_mean``/``running_var`` out of the cost (they are still permuted with their units).
+Notebook 05 compares both on the shared ResNet-20 checkpoints.
 """
 from __future__ import annotations
 
@@ -24,17 +32,24 @@ from .spec import (Perm, PermutationSpec, check_state_dict, identity_permutation
 __all__ = ["weight_matching", "group_weight_vectors"]
 
 
+STAT_SUFFIXES = (".running_mean", ".running_var")
+
+
 def group_weight_vectors(spec: PermutationSpec, group: str, sd: Mapping[str, torch.Tensor],
-                         perm: Mapping[str, torch.Tensor] | None = None, axis_members=None) -> torch.Tensor:
+                         perm: Mapping[str, torch.Tensor] | None = None, axis_members=None,
+                         include_stats: bool = True) -> torch.Tensor:
     """The (n, D) matrix whose row i concatenates every member tensor's slice for unit i (float32).
 
     With ``perm`` given, every *other* grouped axis of each member tensor is permuted first (the
     ``W~_B`` of the module docstring); the group's own axis is left in the model's original order.
+    ``include_stats=False`` skips BatchNorm running statistics.
     """
     am = axis_members if axis_members is not None else spec.axis_members()
     g = spec.groups[group]
     parts = []
     for m in g.members:
+        if not include_stats and m.key.endswith(STAT_SUFFIXES):
+            continue
         t = sd[m.key].float()
         if perm is not None:
             t = permute_tensor(spec, m.key, t, perm, skip_axis=m.axis, axis_members=am)
@@ -45,7 +60,7 @@ def group_weight_vectors(spec: PermutationSpec, group: str, sd: Mapping[str, tor
 
 def weight_matching(spec: PermutationSpec, sd_a: Mapping[str, torch.Tensor], sd_b: Mapping[str, torch.Tensor],
                     max_iter: int = 100, seed: int = 0, progress: bool = False,
-                    init: Mapping[str, torch.Tensor] | None = None) -> Perm:
+                    init: Mapping[str, torch.Tensor] | None = None, include_stats: bool = True) -> Perm:
     """Permutation ``perm`` aligning model B to model A by weight matching.
 
     ``sd_a``, ``sd_b``: state dicts of the same architecture (any device; float tensors of any
@@ -54,6 +69,7 @@ def weight_matching(spec: PermutationSpec, sd_a: Mapping[str, torch.Tensor], sd_
     order (a ``torch.Generator``); ``progress`` prints the objective gain per group and iteration;
     ``init``: a starting permutation (default: the identity). Head-aware groups (ViT attention) and
     the groups tied to them are solved together by group align (``spec.solve_units``).
+    ``include_stats``: whether BatchNorm running statistics enter the cost (module docstring).
     """
     check_state_dict(spec, sd_a)
     check_state_dict(spec, sd_b)
@@ -61,14 +77,14 @@ def weight_matching(spec: PermutationSpec, sd_a: Mapping[str, torch.Tensor], sd_
     am = spec.axis_members()
     units = spec.units()
     gen = torch.Generator().manual_seed(seed)
-    wa = {name: group_weight_vectors(spec, name, sd_a, None, am) for name in spec.groups}
+    wa = {name: group_weight_vectors(spec, name, sd_a, None, am, include_stats) for name in spec.groups}
     for it in range(max_iter):
         improved = False
         for u in torch.randperm(len(units), generator=gen).tolist():
             unit = units[u]
             sims = {}
             for name in unit:
-                wb = group_weight_vectors(spec, name, sd_b, perm, am).to(wa[name].device)
+                wb = group_weight_vectors(spec, name, sd_b, perm, am, include_stats).to(wa[name].device)
                 sims[name] = (wa[name] @ wb.T).double()
             old = sum(float(sims[n].cpu()[torch.arange(len(perm[n])), perm[n]].sum()) for n in unit)
             new_perm = solve_units(spec, unit, sims)
