@@ -35,9 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
-from tqdm.auto import tqdm
 
-from .utils import atomic_files
+from .utils import atomic_files, progress_bar
 
 __all__ = [
     "Expert",
@@ -719,7 +718,7 @@ def train_expert(backbone_module: nn.Module, merged_sd: Mapping[str, Tensor], he
     was_training = backbone_module.training
     backbone_module.eval()
     try:
-        bar = tqdm(range(steps), desc="train expert", disable=not progress, leave=False)
+        bar = progress_bar(range(steps), desc="train expert", disable=not progress, leave=False)
         for _ in bar:
             if pos + min(batch_size, n) > n:
                 order, pos = torch.randperm(n, generator=gen), 0
@@ -730,7 +729,7 @@ def train_expert(backbone_module: nn.Module, merged_sd: Mapping[str, Tensor], he
             loss.backward()
             opt.step()
             history.append(float(loss.detach()))
-            bar.set_postfix(loss=f"{history[-1]:.4f}")
+            bar.set_postfix(loss=f"{history[-1]:.4f}", refresh=False)
     finally:
         backbone_module.train(was_training)
     done = {key: (b.detach(), a.detach()) for key, (b, a) in factors.items()}

@@ -34,10 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
-from tqdm.auto import tqdm
 
 from .experts import (APPLY_MODES, Expert, LowRankExpert, SparseExpert, _resolve_device, _rows_cols,
                       check_state_dict)
+from .utils import progress_bar
 
 __all__ = [
     "Routing",
@@ -206,7 +206,7 @@ def train_router(features_per_task: Mapping[str, Tensor], *, hidden: int = 256, 
     opt = torch.optim.AdamW(router.parameters(), lr=lr, weight_decay=weight_decay)
     n = x.shape[0]
     order, pos = torch.randperm(n, generator=gen), 0
-    for _ in tqdm(range(steps), desc="train router", disable=not progress, leave=False):
+    for _ in progress_bar(range(steps), desc="train router", disable=not progress, leave=False):
         if pos + min(batch_size, n) > n:
             order, pos = torch.randperm(n, generator=gen), 0
         idx = order[pos:pos + batch_size].to(dev)

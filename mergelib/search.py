@@ -20,7 +20,8 @@ import math
 from typing import Callable, Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
+
+from .utils import progress_bar
 
 __all__ = ["search_coefficients"]
 
@@ -54,7 +55,7 @@ def search_coefficients(objective: Callable[[list[float]], float], n: int, budge
     rng = np.random.default_rng(seed)
     history: list[dict] = []
     best = {"x": None, "score": -math.inf}
-    bar = tqdm(total=budget, desc=f"{method} search", disable=not progress)
+    bar = progress_bar(total=budget, desc=f"{method} search", disable=not progress)
 
     def evaluate(z: np.ndarray) -> float:
         lams = (lo + z * (hi - lo)).tolist()
@@ -65,7 +66,7 @@ def search_coefficients(objective: Callable[[list[float]], float], n: int, budge
             best["x"], best["score"] = lams, score
         history.append({"eval": len(history), "lambdas": lams, "score": score, "best": best["score"]})
         bar.update(1)
-        bar.set_postfix(best=f"{best['score']:.4g}")
+        bar.set_postfix(best=f"{best['score']:.4g}", refresh=False)
         return score
 
     try:

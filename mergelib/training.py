@@ -13,9 +13,9 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from .data import TaskData, augment, normalize
+from .utils import progress_bar
 
 __all__ = ["train_classifier", "evaluate", "extract_features", "train_linear_probe", "predict_logits",
            "cosine_lr"]
@@ -74,7 +74,7 @@ def train_classifier(model: nn.Module, data: TaskData, steps: int, lr: float = 1
     perm, pos = torch.randperm(n, generator=gen), 0
     model.train()
     t0 = time.perf_counter()
-    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False, mininterval=0.5)
+    bar = progress_bar(range(steps), desc=desc, disable=not progress, leave=False)
     for step in bar:
         if pos + bs > n:
             perm, pos = torch.randperm(n, generator=gen), 0
@@ -98,7 +98,7 @@ def train_classifier(model: nn.Module, data: TaskData, steps: int, lr: float = 1
             hist["step"].append(step + 1)
             hist["loss"].append(running / count)
             hist["lr"].append(opt.param_groups[0]["lr"])
-            bar.set_postfix(loss=f"{running / count:.3f}")
+            bar.set_postfix(loss=f"{running / count:.3f}", refresh=False)
             running, count = 0.0, 0
         if eval_data is not None and eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
             hist["eval_step"].append(step + 1)

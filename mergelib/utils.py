@@ -14,6 +14,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 PROFILES = ("quick", "full")
 
@@ -129,3 +130,19 @@ def atomic_files(*targets: str | os.PathLike) -> Iterator[list[str]]:
         for tmp in tmps:
             if os.path.exists(tmp):
                 os.remove(tmp)
+
+
+PROGRESS_MININTERVAL = 2.0
+
+
+def progress_bar(iterable=None, **kwargs) -> tqdm:
+    """A ``tqdm.auto`` bar that redraws at most every ``PROGRESS_MININTERVAL`` seconds.
+
+    In Jupyter every redraw is a widget message on the kernel's IOPub channel. ZeroMQ queues about
+    1000 messages per socket and drops the rest, and nbval reads IOPub only after a cell has finished:
+    a long cell whose bars redraw many times per second loses messages, the final "idle" status among
+    them, and nbval fails with "Timeout of 5 seconds exceeded waiting for output". Callers pass
+    ``refresh=False`` to ``set_postfix`` so that postfix changes ride on the next timed redraw.
+    """
+    kwargs.setdefault("mininterval", PROGRESS_MININTERVAL)
+    return tqdm(iterable, **kwargs)
