@@ -201,6 +201,8 @@ def test_nothing_existing_is_overwritten(notebooks, tmp_path):
     (d / "params.json").unlink()
     with pytest.raises(SweepError, match=f"{rid} exists without params.json"):
         run_sweep([toy], tmp_path, grid={"X": [3.0]}, kernel=KERNEL, progress=False)
+    with pytest.raises(SweepError, match="JSON"):
+        run_sweep([toy], tmp_path, params={"X": tmp_path}, kernel=KERNEL, progress=False)
     assert (d / "toy.ipynb").read_text() == "precious" and sorted(p.name for p in tmp_path.rglob("*")) == \
         sorted([rid, "toy.ipynb"])
 
@@ -244,6 +246,12 @@ def test_report_aggregates_mean_sample_std_and_n(tmp_path):
     assert [(r["run_id"], r["status"], r["metric"], r["error"]) for r in rows[-2:]] == \
         [("b1", "failed", "", "KeyError: 'boom'"), ("b2", "incomplete", "", "")]
     assert paths["figure"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_orders_configurations_numerically(tmp_path):
+    for name, x in [("a", 10), ("b", 2), ("c", "s"), ("d", 2.5)]:
+        _fake_run(tmp_path, name, {"SEED": 0, "X": x}, "ok", {"m": 1.0})
+    assert [g["params"]["X"] for g in summarize(load_runs(tmp_path))[2]] == [2, 2.5, 10, "s"]
 
 
 def test_report_of_a_real_sweep(swept):

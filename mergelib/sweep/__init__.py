@@ -23,7 +23,8 @@ It holds ``params.json`` (written first), the executed notebook ``<stem>.ipynb``
 ``error.txt`` on failure and ``status.json`` (written last: ``ok`` or ``failed``).
 
 Resume and safety: a run whose ``status.json`` says ``ok`` and whose ``params.json`` holds the same
-parameters is skipped, so re-running the same command completes an interrupted sweep. A failed or
+parameters is skipped, so re-running the same command completes an interrupted sweep (an edited
+notebook is not detected: write to another folder). A failed or
 interrupted run is executed again; its earlier files move to ``<run-id>/attempt-<k>/``. A folder whose
 ``params.json`` differs from the requested parameters is an error (nothing is overwritten). Unknown
 notebooks, parameters the notebook's ``parameters`` cell does not assign, malformed ``--grid`` values
@@ -309,6 +310,11 @@ def _plan(notebooks: Sequence[str | os.PathLike], out: Path, params: Mapping[str
         combos = expand_grid(params, grid, seeds)
     except ValueError as exc:
         raise SweepError(str(exc)) from None
+    try:
+        json.dumps(combos)
+    except (TypeError, ValueError) as exc:
+        raise SweepError(f"parameter values must be JSON values (numbers, strings, bools, None, lists, dicts): "
+                         f"{exc}") from None
     wanted = set(combos[0]) if combos else set()
     for p in paths:
         try:

@@ -86,10 +86,14 @@ def summarize(runs: list[dict]) -> tuple[list[str], list[str], list[dict]]:
         for m in metrics:
             if _numeric(r["metrics"].get(m)):
                 g["values"].setdefault(m, []).append(float(r["metrics"][m]))
+    def order(g: dict) -> tuple:  # numbers numerically (2 before 10), then strings
+        return (g["notebook"], *((0, v, "") if _numeric(v) else (1, 0, str(v)) for v in
+                                 (g["params"].get(k) for k in varying)))
+
     for g in groups.values():
         g["mean"] = {m: float(np.mean(v)) for m, v in g["values"].items()}
         g["std"] = {m: float(np.std(v, ddof=1)) if len(v) > 1 else float("nan") for m, v in g["values"].items()}
-    return varying, metrics, list(groups.values())
+    return varying, metrics, sorted(groups.values(), key=order)
 
 
 def _label(g: dict, varying: list[str], many_notebooks: bool) -> str:
