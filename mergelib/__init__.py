@@ -16,9 +16,11 @@ Import it as ``import mergelib as ml``. Modules, one idea each:
 * ``ml.routing``       routers and the multi-task FREE-Merging model
 * ``ml.align``         permutation alignment: Git Re-Basin, activation matching, ZipIt!, MuDSC, REPAIR
 * ``ml.plotting``      figures shared by the notebooks
+* ``ml.sweep``         papermill parameter sweeps; ``ml.sweep.record(metrics)`` in notebooks (light: imports
+                       papermill and dask only when a sweep runs)
 """
 from . import (align, competition, data, evaluation, experts, fourier, merging, models, plotting, routing, search,
-               task_vectors, training, utils, zoo)
+               sweep, task_vectors, training, utils, zoo)
 from .competition import dare, dare_flat, dare_state_dict, disjoint_mean, elect_sign, pcb_merge, pcb_scores, ties_merge, trim
 from .fourier import align_magnitudes, fr_filter, fr_mask, fr_merge
 from .merging import METHODS, merge
