@@ -52,6 +52,7 @@ import numpy as np
 import torch
 from torchvision.transforms import v2
 
+from . import glyphs as _glyphs
 from .utils import atomic_files
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -276,6 +277,9 @@ TASKS: dict[str, TaskSpec] = {
 }
 # CIFAR-10 as a whole and in two disjoint halves: the alignment notebook's "same task" and
 # "different tasks" settings (ResNet-20s trained from scratch; no pretrained backbone involved).
+# The second pretraining source: rendered letters (no digits, no downstream image; see mergelib.glyphs).
+TASKS["glyphs"] = TaskSpec("glyphs", "synthetic glyphs", _glyphs.CHARACTERS, _glyphs.load_glyphs,
+                           description="85 Latin and Greek letters rendered in 16 fonts (pretraining only)")
 TASKS["cifar10"] = TaskSpec("cifar10", "CIFAR-10", CIFAR10_CLASSES, _load_cifar10,
                             description="CIFAR-10, all ten classes (alignment notebook)")
 TASKS["cifar10_a"] = TaskSpec("cifar10_a", "CIFAR-10", CIFAR10_CLASSES[:5], _load_cifar10, keep_labels=(0, 1, 2, 3, 4),
@@ -284,6 +288,8 @@ TASKS["cifar10_b"] = TaskSpec("cifar10_b", "CIFAR-10", CIFAR10_CLASSES[5:], _loa
                               description="CIFAR-10 classes 5-9 (alignment: different tasks)")
 DOWNSTREAM_TASKS: tuple[str, ...] = ("mnist", "fashion", "kmnist", "usps", "digits", "cifar4")
 PRETRAIN_TASK = "cifar_pretrain"
+# The backbone's pretraining sources (one head each): natural images and rendered letters.
+PRETRAIN_TASKS: tuple[str, ...] = ("cifar_pretrain", "glyphs")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -361,6 +367,10 @@ def _source_fingerprint(spec: TaskSpec, root: Path) -> str:
         d = root / folder
         if d.is_dir():
             parts += [f"{p.name}:{p.stat().st_size}:{int(p.stat().st_mtime)}" for p in sorted(d.iterdir()) if p.is_file()]
+    elif spec.source == "synthetic glyphs":
+        import matplotlib
+
+        parts += [f"glyphs-v{_glyphs.GLYPHS_VERSION}", f"matplotlib-{matplotlib.__version__}"]
     elif spec.source == "CIFAR-10":
         for sub in ("cifar-10-batches-py", "CIFAR10-jpg"):
             if (root / sub).exists():

@@ -14,11 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import TaskData, augment, normalize
+from .data import TaskData, normalize
+from .data import augment as augment_images
 from .utils import progress_bar
 
-__all__ = ["train_classifier", "evaluate", "extract_features", "train_linear_probe", "predict_logits",
-           "cosine_lr"]
+__all__ = ["train_classifier", "train_multitask", "evaluate", "extract_features", "train_linear_probe",
+           "predict_logits", "cosine_lr", "minibatches"]
 
 
 def cosine_lr(step: int, total: int, base_lr: float, warmup: int) -> float:
@@ -29,64 +30,47 @@ def cosine_lr(step: int, total: int, base_lr: float, warmup: int) -> float:
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def minibatches(n: int, batch_size: int, generator: torch.Generator):
+    """Endless seeded minibatch indices: a fresh random permutation of ``range(n)`` per epoch, cut
+    into batches of ``min(batch_size, n)`` (the last incomplete batch of an epoch is dropped)."""
+    if n <= 0 or batch_size <= 0:
+        raise ValueError(f"need n > 0 and batch_size > 0, got n={n}, batch_size={batch_size}")
+    bs = min(batch_size, n)
+    while True:
+        perm = torch.randperm(n, generator=generator)
+        for pos in range(0, n - bs + 1, bs):
+            yield perm[pos:pos + bs]
+
+
 def _autocast(device: torch.device, amp: bool):
     if amp and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast(device.type, enabled=False)
 
 
-def train_classifier(model: nn.Module, data: TaskData, steps: int, lr: float = 1e-3,
-                     weight_decay: float = 0.05, batch_size: int = 128, warmup: int | None = None,
-                     seed: int = 0, augment_pad: int = 0, flip: bool = False, label_smoothing: float = 0.0,
-                     params: list | None = None, amp: bool = True, grad_clip: float | None = 1.0,
-                     eval_data: TaskData | None = None, eval_every: int | None = None,
-                     progress: bool = True, desc: str = "train") -> dict:
-    """Train ``model`` (images -> logits) with AdamW and a warm-up + cosine schedule.
+def _fit(params: list, batch_loss, steps: int, lr: float, weight_decay: float, warmup: int | None,
+         grad_clip: float | None, progress: bool, desc: str, on_eval=None, eval_every: int | None = None) -> dict:
+    """The optimisation loop shared by every trainer: AdamW (no decay on vectors), linear warm-up +
+    cosine schedule, gradient clipping, loss logging over windows, an optional periodic ``on_eval()``.
 
-    Args:
-        data: training split; ``data.x`` uint8 (N, C, H, W) on the model's device.
-        steps: optimisation steps (batches are drawn by a seeded random permutation, epoch by epoch).
-        params: parameters to optimise (default: all of ``model``'s).
-        augment_pad, flip: random crop padding and horizontal flips (natural images only).
-        eval_data, eval_every: optionally evaluate every ``eval_every`` steps (for training curves).
-
-    Returns:
-        history ``{"step": [...], "loss": [...], "lr": [...], "eval_step": [...], "eval_acc": [...],
-        "time_s": float}`` with the loss averaged over logging windows.
+    ``batch_loss(step)`` draws the step's batch and returns the loss to minimise.
     """
     if steps <= 0:
         raise ValueError(f"steps must be positive, got {steps}")
-    device = next(model.parameters()).device
-    if data.x.device != device:
-        data = data.to(device)
-    gen = torch.Generator().manual_seed(seed)
-    params = list(model.parameters()) if params is None else list(params)
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
     warmup = max(1, steps // 20) if warmup is None else warmup
-    n = len(data)
-    bs = min(batch_size, n)
     hist: dict = {"step": [], "loss": [], "lr": [], "eval_step": [], "eval_acc": []}
     log_every = max(1, steps // 50)
     running, count = 0.0, 0
-    perm, pos = torch.randperm(n, generator=gen), 0
-    model.train()
     t0 = time.perf_counter()
     bar = progress_bar(range(steps), desc=desc, disable=not progress, leave=False)
     for step in bar:
-        if pos + bs > n:
-            perm, pos = torch.randperm(n, generator=gen), 0
-        idx = perm[pos:pos + bs].to(device)
-        pos += bs
-        xb, yb = data.x[idx], data.y[idx]
-        if augment_pad or flip:
-            xb = augment(xb, gen, pad=augment_pad, flip=flip)
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, steps, lr, warmup)
-        with _autocast(device, amp):
-            loss = F.cross_entropy(model(normalize(xb)), yb, label_smoothing=label_smoothing)
+        loss = batch_loss(step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip:
@@ -100,12 +84,107 @@ def train_classifier(model: nn.Module, data: TaskData, steps: int, lr: float = 1
             hist["lr"].append(opt.param_groups[0]["lr"])
             bar.set_postfix(loss=f"{running / count:.3f}", refresh=False)
             running, count = 0.0, 0
-        if eval_data is not None and eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
+        if on_eval is not None and eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
             hist["eval_step"].append(step + 1)
-            hist["eval_acc"].append(evaluate(model, eval_data)["acc"])
-            model.train()
-    model.eval()
+            hist["eval_acc"].append(on_eval())
     hist["time_s"] = time.perf_counter() - t0
+    return hist
+
+
+def train_classifier(model: nn.Module, data: TaskData, steps: int, lr: float = 1e-3,
+                     weight_decay: float = 0.05, batch_size: int = 128, warmup: int | None = None,
+                     seed: int = 0, augment_pad: int = 0, flip: bool = False, label_smoothing: float = 0.0,
+                     params: list | None = None, amp: bool = True, grad_clip: float | None = 1.0,
+                     eval_data: TaskData | None = None, eval_every: int | None = None,
+                     progress: bool = True, desc: str = "train") -> dict:
+    """Train ``model`` (images -> logits) with AdamW and a warm-up + cosine schedule.
+
+    Args:
+        data: training split; ``data.x`` uint8 (N, C, H, W) on the model's device.
+        steps: optimisation steps (batches are drawn by a seeded random permutation, epoch by epoch).
+        params: parameters to optimise (default: all of ``model``'s; pass the backbone's parameters to
+            keep a head frozen, as the papers' fine-tunes do).
+        augment_pad, flip: random crop padding and horizontal flips (natural images only).
+        eval_data, eval_every: optionally evaluate every ``eval_every`` steps (for training curves).
+
+    Returns:
+        history ``{"step": [...], "loss": [...], "lr": [...], "eval_step": [...], "eval_acc": [...],
+        "time_s": float}`` with the loss averaged over logging windows.
+    """
+    device = next(model.parameters()).device
+    if data.x.device != device:
+        data = data.to(device)
+    gen = torch.Generator().manual_seed(seed)
+    params = list(model.parameters()) if params is None else list(params)
+    batches = minibatches(len(data), batch_size, gen)
+
+    def batch_loss(step: int) -> torch.Tensor:
+        idx = next(batches).to(device)
+        xb, yb = data.x[idx], data.y[idx]
+        if augment_pad or flip:
+            xb = augment_images(xb, gen, pad=augment_pad, flip=flip)
+        with _autocast(device, amp):
+            return F.cross_entropy(model(normalize(xb)), yb, label_smoothing=label_smoothing)
+
+    def on_eval() -> float:
+        acc = evaluate(model, eval_data)["acc"]
+        model.train()
+        return acc
+
+    model.train()
+    hist = _fit(params, batch_loss, steps, lr, weight_decay, warmup, grad_clip, progress, desc,
+                on_eval if eval_data is not None else None, eval_every)
+    model.eval()
+    return hist
+
+
+def train_multitask(backbone: nn.Module, heads: dict[str, nn.Module], data: dict[str, TaskData], steps: int,
+                    lr: float = 1e-3, weight_decay: float = 0.05, batch_size: int = 128,
+                    warmup: int | None = None, seed: int = 0, augment: dict[str, dict] | None = None,
+                    label_smoothing: float = 0.0, amp: bool = True, grad_clip: float | None = 1.0,
+                    eval_data: dict[str, TaskData] | None = None, eval_every: int | None = None,
+                    progress: bool = True, desc: str = "pretrain") -> dict:
+    """Train one backbone with one head per source: every step draws ``batch_size`` images from each
+    source and minimises the mean of the sources' cross-entropies (multi-task pretraining).
+
+    ``augment[name]`` holds ``{"pad": int, "flip": bool}`` for a source (default: none). With
+    ``eval_data``, ``hist["eval_acc"]`` is the mean accuracy over the sources and
+    ``hist["eval_acc_per_source"]`` lists the per-source accuracies.
+    """
+    if set(heads) != set(data):
+        raise ValueError(f"heads {sorted(heads)} and data {sorted(data)} must name the same sources")
+    device = next(backbone.parameters()).device
+    data = {k: (d if d.x.device == device else d.to(device)) for k, d in data.items()}
+    gen = torch.Generator().manual_seed(seed)
+    augment = augment or {}
+    batches = {k: minibatches(len(d), batch_size, gen) for k, d in data.items()}
+    params = list(backbone.parameters()) + [p for h in heads.values() for p in h.parameters()]
+
+    def batch_loss(step: int) -> torch.Tensor:
+        losses = []
+        for k, d in data.items():
+            idx = next(batches[k]).to(device)
+            xb, yb = d.x[idx], d.y[idx]
+            aug = augment.get(k, {})
+            if aug.get("pad") or aug.get("flip"):
+                xb = augment_images(xb, gen, pad=aug.get("pad", 0), flip=aug.get("flip", False))
+            with _autocast(device, amp):
+                losses.append(F.cross_entropy(heads[k](backbone(normalize(xb))), yb, label_smoothing=label_smoothing))
+        return torch.stack(losses).mean()
+
+    per_source: list[dict] = []
+
+    def on_eval() -> float:
+        accs = {k: evaluate(nn.Sequential(backbone, heads[k]), d)["acc"] for k, d in eval_data.items()}
+        per_source.append(accs)
+        backbone.train()
+        return sum(accs.values()) / len(accs)
+
+    backbone.train()
+    hist = _fit(params, batch_loss, steps, lr, weight_decay, warmup, grad_clip, progress, desc,
+                on_eval if eval_data else None, eval_every)
+    hist["eval_acc_per_source"] = per_source
+    backbone.eval()
     return hist
 
 

@@ -31,7 +31,7 @@ from torch import nn
 from . import data as mdata
 from .data import PROJECT_ROOT, TaskData
 from .models import Classifier, ViT
-from .training import evaluate, extract_features, train_classifier, train_linear_probe
+from .training import evaluate, extract_features, train_classifier, train_linear_probe, train_multitask
 from .utils import atomic_files, resolve_device, resolve_profile, versions
 
 ZOO_ENV = "MERGELIB_ZOO"
@@ -174,22 +174,32 @@ def _device_name(device: str | torch.device) -> str:
 # the ViT zoo of the task-vector notebooks
 # ------------------------------------------------------------------------------------------------
 VIT_PROFILES: dict[str, dict] = {
-    # CPU, 2 cores: the whole zoo in a few minutes. Patch 8 gives 16 tokens + class token.
+    # One recipe, two sizes. Profiles differ in sizes only (width, depth, patch, steps, subset sizes);
+    # learning rates, schedules and procedure are the same.
+    #
+    # Recipe (the papers' regime, in miniature): the backbone is pretrained on two labelled sources at
+    # once, six CIFAR-10 classes and rendered letters (mergelib.glyphs), one head each; per task a linear
+    # probe is fit on the frozen backbone, then the backbone is fine-tuned with that head *frozen*
+    # (as CLIP fine-tunes keep the zero-shot head), briefly and at a small learning rate, so that the
+    # fine-tunes stay close to theta_0 and each task is read through the head it was trained with.
+    # CPU, 2 cores: the whole zoo in about ten minutes. Patch 8 gives 16 tokens + class token.
     "quick": {
-        "model": dict(image_size=32, patch_size=8, dim=64, depth=4, heads=4, mlp_ratio=4),
-        "pretrain": dict(steps=1500, batch_size=128, lr=2e-3, weight_decay=0.05, augment_pad=4, flip=True,
-                         label_smoothing=0.1, max_samples=None),
+        "model": dict(image_size=32, patch_size=8, dim=96, depth=4, heads=4, mlp_ratio=4),
+        "pretrain": dict(tasks=("cifar_pretrain", "glyphs"), steps=2500, batch_size=64, lr=2e-3, weight_decay=0.05,
+                         augment={"cifar_pretrain": {"pad": 4, "flip": True}}, label_smoothing=0.1,
+                         max_samples=None),
         "probe": dict(steps=300, lr=0.1, weight_decay=1e-4, max_samples=3000),
-        "finetune": dict(steps=400, batch_size=64, lr=1e-3, weight_decay=0.0, max_samples=6000),
+        "finetune": dict(steps=300, batch_size=64, lr=5e-4, weight_decay=0.0, max_samples=6000, freeze_head=True),
         "eval": dict(val_samples=500, test_samples=1000),
     },
     # one GPU: real sizes (patch 4: 64 tokens + class token, ViT-Tiny-like width).
     "full": {
         "model": dict(image_size=32, patch_size=4, dim=192, depth=6, heads=3, mlp_ratio=4),
-        "pretrain": dict(steps=8000, batch_size=256, lr=1e-3, weight_decay=0.05, augment_pad=4, flip=True,
-                         label_smoothing=0.1, max_samples=None),
-        "probe": dict(steps=500, lr=0.1, weight_decay=1e-4, max_samples=None),
-        "finetune": dict(steps=1500, batch_size=128, lr=1e-4, weight_decay=0.0, max_samples=None),
+        "pretrain": dict(tasks=("cifar_pretrain", "glyphs"), steps=10000, batch_size=128, lr=2e-3, weight_decay=0.05,
+                         augment={"cifar_pretrain": {"pad": 4, "flip": True}}, label_smoothing=0.1,
+                         max_samples=None),
+        "probe": dict(steps=300, lr=0.1, weight_decay=1e-4, max_samples=None),
+        "finetune": dict(steps=1000, batch_size=128, lr=5e-4, weight_decay=0.0, max_samples=None, freeze_head=True),
         "eval": dict(val_samples=None, test_samples=None),
     },
 }
@@ -250,21 +260,21 @@ class ViTZoo:
         return out
 
 
-def _vit_pretrain_fn(cfg: dict, data: TaskData, test: TaskData, device: torch.device, seed: int, progress: bool):
+def _vit_pretrain_fn(cfg: dict, data: dict, test: dict, device: torch.device, seed: int, progress: bool):
     def train():
         torch.manual_seed(seed)
         backbone = ViT(**cfg["model"]).to(device)
-        head = nn.Linear(backbone.dim, data.num_classes).to(device)
-        model = Classifier(backbone, head)
+        heads = {k: nn.Linear(backbone.dim, d.num_classes).to(device) for k, d in data.items()}
         p = cfg["pretrain"]
-        hist = train_classifier(model, data, steps=p["steps"], lr=p["lr"], weight_decay=p["weight_decay"],
-                                batch_size=p["batch_size"], seed=seed, augment_pad=p["augment_pad"],
-                                flip=p["flip"], label_smoothing=p["label_smoothing"], eval_data=test,
-                                eval_every=max(1, p["steps"] // 10), progress=progress, desc="pretrain")
-        acc = evaluate(model, test)["acc"]
-        tensors = {**{f"backbone.{k}": v for k, v in backbone.state_dict().items()},
-                   **{f"head.{k}": v for k, v in head.state_dict().items()}}
-        return tensors, {"metrics": {"test_acc": acc}, "history": hist}
+        hist = train_multitask(backbone, heads, data, steps=p["steps"], lr=p["lr"], weight_decay=p["weight_decay"],
+                               batch_size=p["batch_size"], seed=seed, augment=p["augment"],
+                               label_smoothing=p["label_smoothing"], eval_data=test,
+                               eval_every=max(1, p["steps"] // 10), progress=progress, desc="pretrain")
+        accs = {k: evaluate(Classifier(backbone, heads[k]), d)["acc"] for k, d in test.items()}
+        tensors = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
+        for name, h in heads.items():
+            tensors.update({f"head.{name}.{k}": v for k, v in h.state_dict().items()})
+        return tensors, {"metrics": {"test_acc": accs}, "history": hist}
     return train
 
 
@@ -276,41 +286,47 @@ def _split_prefixed(tensors: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
 
 def vit_zoo(profile: str = "auto", tasks: Sequence[str] = mdata.DOWNSTREAM_TASKS, device: str = "auto",
             data_root: str | None = None, seed: int = 0, zoo_root: str | None = None, progress: bool = True,
-            on_corrupt: str = "raise", verbose: bool = True) -> ViTZoo:
-    """Load or train the ViT zoo: pretrain on CIFAR-10 classes 0-5, then per task a linear probe on
-    the frozen backbone and a full fine-tune (backbone + head, started from the probe: LP-FT)."""
+            on_corrupt: str = "raise", verbose: bool = True, config: Mapping | None = None) -> ViTZoo:
+    """Load or train the ViT zoo of :data:`VIT_PROFILES` (see the recipe there).
+
+    1. pretrain the backbone on the sources ``config["pretrain"]["tasks"]`` (one head each);
+    2. per task, a linear probe on the frozen backbone;
+    3. per task, fine-tune the backbone starting from the probe head, which stays frozen when
+       ``finetune["freeze_head"]`` (else it is trained too: LP-FT).
+
+    ``config`` replaces the profile's configuration (e.g. a narrower backbone for a comparison of
+    backbone strength); every checkpoint is cached under a hash of its configuration.
+    """
     dev = resolve_device(device)
     profile = resolve_profile(profile, dev)
-    cfg = VIT_PROFILES[profile]
-    unknown = [t for t in tasks if t not in mdata.TASKS or t == mdata.PRETRAIN_TASK]
+    cfg = VIT_PROFILES[profile] if config is None else config
+    unknown = [t for t in tasks if t not in mdata.TASKS or t in mdata.PRETRAIN_TASKS]
     if unknown:
         raise KeyError(f"unknown downstream tasks {unknown}; choose from {list(mdata.DOWNSTREAM_TASKS)}")
     ev = cfg["eval"]
+    sources = tuple(cfg["pretrain"]["tasks"])
 
     # -- pretraining ------------------------------------------------------------------------------
-    pre_cfg = {"kind": "vit-pretrain", "task": mdata.PRETRAIN_TASK, "model": cfg["model"],
-               "train": cfg["pretrain"], "seed": seed}
-
-    def pre_data():
-        tr = mdata.load_task(mdata.PRETRAIN_TASK, "train", data_root, max_samples=cfg["pretrain"]["max_samples"],
-                             seed=seed, device=dev, verbose=verbose)
-        te = mdata.load_task(mdata.PRETRAIN_TASK, "test", data_root, max_samples=ev["test_samples"], seed=seed,
-                             device=dev, verbose=False)
-        return tr, te
+    pre_cfg = {"kind": "vit-pretrain", "tasks": sources, "model": cfg["model"], "train": cfg["pretrain"],
+               "seed": seed}
 
     def train_pre():
-        tr, te = pre_data()
+        tr = {k: mdata.load_task(k, "train", data_root, max_samples=cfg["pretrain"]["max_samples"], seed=seed,
+                                 device=dev, verbose=verbose) for k in sources}
+        te = {k: mdata.load_task(k, "test", data_root, max_samples=ev["test_samples"], seed=seed, device=dev,
+                                 verbose=False) for k in sources}
         return _vit_pretrain_fn(cfg, tr, te, dev, seed, progress)()
 
     tensors, pre_rec = load_or_train("vit-pretrained", pre_cfg, train_pre, profile, zoo_root, dev,
                                      on_corrupt=on_corrupt, verbose=verbose)
     pretrained, _ = _split_prefixed(tensors)
     records = {"pretrained": pre_rec}
+    f = cfg["finetune"]
 
     finetuned, heads, probe_heads, datasets = {}, {}, {}, {}
     for t in tasks:
-        d = {"train": mdata.load_task(t, "train", data_root, max_samples=cfg["finetune"]["max_samples"],
-                                      seed=seed, device=dev, verbose=verbose),
+        d = {"train": mdata.load_task(t, "train", data_root, max_samples=f["max_samples"], seed=seed, device=dev,
+                                      verbose=verbose),
              "val": mdata.load_task(t, "val", data_root, max_samples=ev["val_samples"], seed=seed, device=dev,
                                     verbose=False),
              "test": mdata.load_task(t, "test", data_root, max_samples=ev["test_samples"], seed=seed, device=dev,
@@ -335,9 +351,9 @@ def vit_zoo(profile: str = "auto", tasks: Sequence[str] = mdata.DOWNSTREAM_TASKS
                                       on_corrupt=on_corrupt, verbose=verbose)
         probe_heads[t] = _split_prefixed(tensors)[1]
 
-        # -- full fine-tuning, started from the probe head ---------------------------------------
+        # -- fine-tuning, started from the probe head (frozen or not) ----------------------------
         ft_cfg = {"kind": "vit-finetune", "task": t, "pretrained": pre_rec["config_hash"],
-                  "probe": prec["config_hash"], "train": cfg["finetune"], "seed": seed}
+                  "probe": prec["config_hash"], "train": f, "seed": seed}
 
         def train_ft(t=t, d=d):
             torch.manual_seed(seed)
@@ -346,9 +362,9 @@ def vit_zoo(profile: str = "auto", tasks: Sequence[str] = mdata.DOWNSTREAM_TASKS
             head = nn.Linear(bb.dim, d["train"].num_classes).to(dev)
             head.load_state_dict(probe_heads[t])
             model = Classifier(bb, head)
-            f = cfg["finetune"]
+            params = list(bb.parameters()) if f.get("freeze_head", False) else None
             hist = train_classifier(model, d["train"], steps=f["steps"], lr=f["lr"], weight_decay=f["weight_decay"],
-                                    batch_size=f["batch_size"], seed=seed, eval_data=d["val"],
+                                    batch_size=f["batch_size"], seed=seed, params=params, eval_data=d["val"],
                                     eval_every=max(1, f["steps"] // 6), progress=progress, desc=f"finetune {t}")
             acc = evaluate(model, d["test"])["acc"]
             tensors = {**{f"backbone.{k}": v for k, v in bb.state_dict().items()},
