@@ -3,10 +3,13 @@
 Import it as ``import mergelib as ml``. Modules, one idea each:
 
 * ``ml.data``          named tasks on torchvision datasets, offline-friendly data root
+* ``ml.glyphs``        synthetic rendered letters: the second pretraining source of the ViT backbone
+* ``ml.pretrained``    checkpoints trained by others, pinned by URL and SHA-256 (offline or downloaded)
 * ``ml.models``        ViT backbone + task heads, CIFAR ResNet-20, MLP
 * ``ml.training``      training loops, linear probes, evaluation
 * ``ml.zoo``           load-or-train cache of checkpoints (safetensors + JSON records) and recipes
 * ``ml.evaluation``    accuracy tables of merged models (absolute and normalised)
+* ``ml.benchmark``     the one benchmark protocol of every results table (same tuning budget, baselines)
 * ``ml.task_vectors``  task vectors, parameter selection rules, flattening
 * ``ml.competition``   TIES, DARE, PCB-Merging (sparsify and resolve parameter competition)
 * ``ml.fourier``       FR-Merging: frequency-domain filtering of task vectors
@@ -19,8 +22,8 @@ Import it as ``import mergelib as ml``. Modules, one idea each:
 * ``ml.sweep``         papermill parameter sweeps; ``ml.sweep.record(metrics)`` in notebooks (light: imports
                        papermill and dask only when a sweep runs)
 """
-from . import (align, competition, data, evaluation, experts, fourier, merging, models, plotting, routing, search,
-               sweep, task_vectors, training, utils, zoo)
+from . import (align, benchmark, competition, data, evaluation, experts, fourier, glyphs, merging, models, plotting,
+               pretrained, routing, search, sweep, task_vectors, training, utils, zoo)
 from .competition import dare, dare_flat, dare_state_dict, disjoint_mean, elect_sign, pcb_merge, pcb_scores, ties_merge, trim
 from .fourier import align_magnitudes, fr_filter, fr_mask, fr_merge
 from .merging import METHODS, merge
