@@ -152,7 +152,7 @@ def main(argv=None) -> list[dict]:
         "read pass (tvs.sum(0))": lambda: x.sum(0),
         "task arithmetic": lambda: x.sum(0).mul_(0.3),
         "TIES global top-k (k=20%)": lambda: ties_merge(x, 0.2),
-        "TIES per tensor (k=20%)": lambda: ties_merge(x, 0.2, trim="tensor", layout=layout),
+        "TIES per tensor (k=20%)": lambda: ties_merge(x, 0.2, granularity="tensor", layout=layout),
         "DARE-TA (p=0.9)": lambda: dare_flat(x, 0.9, layout, seed=0, tasks=tasks).sum(0),
         "PCB official (r=0.05)": lambda: pcb_merge(x, 0.05, mode="official"),
         "PCB paper (r=0.05)": lambda: pcb_merge(x, 0.05, mode="paper"),

@@ -13,7 +13,8 @@ Import it as ``import mergelib as ml``. Modules, one idea each:
 * ``ml.task_vectors``  task vectors, parameter selection rules, flattening
 * ``ml.competition``   TIES, DARE, PCB-Merging (sparsify and resolve parameter competition)
 * ``ml.fourier``       FR-Merging: frequency-domain filtering of task vectors
-* ``ml.merging``       ``merge(pretrained, finetuned, method, **hparams)`` over state dicts
+* ``ml.hparams``       hyperparameter declarations and validation (``HyperparameterError``)
+* ``ml.merging``       the method registry and ``merge(pretrained, finetuned, method, **hparams)``
 * ``ml.search``        per-task coefficient search (CMA-ES) for PCB-Merging
 * ``ml.experts``       FREE-Merging's lightweight experts (extracted and trained)
 * ``ml.routing``       routers and the multi-task FREE-Merging model
@@ -22,11 +23,12 @@ Import it as ``import mergelib as ml``. Modules, one idea each:
 * ``ml.sweep``         papermill parameter sweeps; ``ml.sweep.record(metrics)`` in notebooks (light: imports
                        papermill and dask only when a sweep runs)
 """
-from . import (align, benchmark, competition, data, evaluation, experts, fourier, glyphs, merging, models, plotting,
-               pretrained, routing, search, sweep, task_vectors, training, utils, zoo)
+from . import (align, benchmark, competition, data, evaluation, experts, fourier, glyphs, hparams, merging, models,
+               plotting, pretrained, routing, search, sweep, task_vectors, training, utils, zoo)
 from .competition import dare, dare_flat, dare_state_dict, disjoint_mean, elect_sign, pcb_merge, pcb_scores, ties_merge, trim
-from .fourier import align_magnitudes, fr_filter, fr_mask, fr_merge
-from .merging import METHODS, merge
+from .fourier import FRFilterWarning, align_magnitudes, fr_filter, fr_filtered_keys, fr_mask, fr_merge
+from .hparams import HParam, HyperparameterError
+from .merging import METHODS, REGISTRY, MergeMethod, merge, method_table
 from .search import search_coefficients
 from .task_vectors import (DEFAULT_RULES, FlatLayout, NonFiniteError, StateDictDtypeError, StateDictKeyError,
                            StateDictShapeError, TaskVector, apply_task_vector, cosine_similarity_matrix, flatten,

@@ -19,11 +19,12 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .task_vectors import FlatLayout
+from .hparams import check_choice, check_number
+from .task_vectors import FlatLayout, NonFiniteError
 
 __all__ = [
     "kth_smallest", "trim", "elect_sign", "disjoint_mean", "ties_merge", "dare", "dare_seed",
-    "dare_state_dict", "dare_flat", "pcb_scores", "pcb_merge", "check_fraction",
+    "dare_state_dict", "dare_flat", "pcb_scores", "pcb_merge",
 ]
 
 PCB_CLIP = 0.0001  # pcb-merging.py clamps |tau| to its [0.01%, 99.99%] order statistics
@@ -32,21 +33,23 @@ PCB_CLIP = 0.0001  # pcb-merging.py clamps |tau| to its [0.01%, 99.99%] order st
 # ----------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------
-def check_fraction(name: str, value: float, closed_low: bool = False, closed_high: bool = True) -> float:
-    """Validate a fraction hyperparameter: ``(0, 1]`` by default, ``[0, 1)`` for DARE's p."""
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number, got {value!r}") from None
-    ok_low = v >= 0 if closed_low else v > 0
-    ok_high = v <= 1 if closed_high else v < 1
-    if not (ok_low and ok_high):
-        lo, hi = ("[" if closed_low else "("), ("]" if closed_high else ")")
-        raise ValueError(f"{name}={value!r} is out of range; expected {lo}0, 1{hi}")
-    return v
+def _density(value) -> float:
+    return check_number(value, "density", low=0.0, high=1.0, low_open=True)
 
 
-def _check_matrix(tvs: Tensor, name: str = "tvs") -> tuple[int, int]:
+def _drop_rate(value) -> float:
+    return check_number(value, "p", low=0.0, high=1.0, high_open=True)
+
+
+def check_finite(t: Tensor, name: str = "tvs") -> None:
+    """Raise :class:`~mergelib.task_vectors.NonFiniteError` if ``t`` holds NaN or inf (one host sync)."""
+    if not bool(torch.isfinite(t).all()):
+        n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+        raise NonFiniteError(f"{name} has non-finite values ({n_nan} NaN, {n_inf} inf); a NaN or inf "
+                             "anywhere would silently spoil the merge")
+
+
+def _check_matrix(tvs: Tensor, name: str = "tvs", finite: bool = True) -> tuple[int, int]:
     if not isinstance(tvs, Tensor) or tvs.ndim != 2:
         raise ValueError(f"{name} must be an N x D tensor, got "
                          f"{tuple(tvs.shape) if isinstance(tvs, Tensor) else type(tvs).__name__}")
@@ -54,6 +57,8 @@ def _check_matrix(tvs: Tensor, name: str = "tvs") -> tuple[int, int]:
         raise ValueError(f"{name} must be floating point, got {tvs.dtype}")
     if tvs.shape[0] < 1 or tvs.shape[1] < 1:
         raise ValueError(f"{name} is empty: shape {tuple(tvs.shape)}")
+    if finite:
+        check_finite(tvs, name)
     return tvs.shape[0], tvs.shape[1]
 
 
@@ -99,7 +104,8 @@ def trim(tvs: Tensor, density: float, granularity: str = "global", layout: FlatL
     every segment of ``layout`` separately (d = numel of the tensor; mergekit's per-tensor variant).
     """
     n, D = _check_matrix(tvs)
-    density = check_fraction("density", density)
+    density = _density(density)
+    check_choice(granularity, "granularity", ("global", "tensor"))
     out = tvs if inplace else torch.empty_like(tvs)
     if granularity == "global":
         kth = _trim_kth(D, density)
@@ -113,7 +119,7 @@ def trim(tvs: Tensor, density: float, granularity: str = "global", layout: FlatL
             torch.mul(tvs[i], a, out=out[i])
     elif granularity == "tensor":
         if layout is None or layout.D != D:
-            raise ValueError("trim granularity='tensor' needs the FlatLayout of tvs (layout.D == D)")
+            raise ValueError("granularity='tensor' needs the FlatLayout of tvs (layout.D == D)")
         for _, s, e in layout.segments():
             kth = _trim_kth(e - s, density)
             seg = tvs[:, s:e]
@@ -124,28 +130,34 @@ def trim(tvs: Tensor, density: float, granularity: str = "global", layout: FlatL
             a = seg.abs()
             a.ge_(kth_smallest(a, kth, dim=1, keepdim=True))
             torch.mul(seg, a, out=out[:, s:e])
-    else:
-        raise ValueError(f"granularity={granularity!r}; expected 'global' or 'tensor'")
     return out
 
 
 def elect_sign(trimmed: Tensor, rule: str = "mass") -> Tensor:
-    """TIES step 2: gamma = sign(sum_i tau_hat_i) (``rule="mass"``, the paper and official code) or
-    sign(sum_i sign(tau_hat_i)) (``rule="count"``, mergekit's count consensus).
+    """TIES step 2: the elected sign gamma, ``D`` float32 in {-1, +1} (0 only where everything is 0).
 
-    ``trimmed``: ``N x D``; returns ``D`` float32 in {-1, 0, +1}. Zeros of gamma take the majority
-    sign sign(sum_j gamma_j) (official ``resolve_zero_signs(..., "majority")``).
+    ``trimmed``: ``N x D`` finite floats.
+
+    * ``rule="mass"`` (the paper and the official TIES code): gamma = sign(sum_i tau_hat_i); where the
+      sum is exactly 0, gamma takes the majority sign sign(sum_j gamma_j) of the whole vector
+      (official ``resolve_zero_signs(..., "majority")``).
+    * ``rule="count"`` (mergekit's ``consensus_method="count"``, peft's
+      ``majority_sign_method="frequency"``): gamma = +1 where sum_i sign(tau_hat_i) >= 0, else -1,
+      so a tied count resolves to **+1**, exactly as both libraries do
+      (``majority_sign = where(sign_weight >= 0, 1, -1)``).
     """
     _check_matrix(trimmed, "trimmed")
-    if rule == "mass":
-        gamma = torch.sign(trimmed.sum(0))
-    elif rule == "count":
-        gamma = torch.zeros_like(trimmed[0])
+    check_choice(rule, "sign_rule", ("mass", "count"))
+    return _elect_sign(trimmed, rule)
+
+
+def _elect_sign(trimmed: Tensor, rule: str) -> Tensor:
+    if rule == "count":
+        count = torch.zeros_like(trimmed[0])
         for row in trimmed:
-            gamma.add_(torch.sign(row))
-        gamma.sign_()
-    else:
-        raise ValueError(f"sign_rule={rule!r}; expected 'mass' or 'count'")
+            count.add_(torch.sign(row))
+        return torch.where(count >= 0, 1.0, -1.0).to(trimmed.dtype)
+    gamma = torch.sign(trimmed.sum(0))
     majority = torch.sign(gamma.sum())
     return torch.where(gamma == 0, majority, gamma)
 
@@ -158,6 +170,10 @@ def disjoint_mean(trimmed: Tensor, sign: Tensor) -> Tensor:
     coordinate with gamma = 0 keeps the negative entries (``where(gamma > 0, t > 0, t < 0)``).
     """
     _check_matrix(trimmed, "trimmed")
+    return _disjoint_mean(trimmed, sign)
+
+
+def _disjoint_mean(trimmed: Tensor, sign: Tensor) -> Tensor:
     # s = +1 where gamma > 0 else -1; then t agrees iff t * s > 0, and its value is relu(t * s) * s
     s = torch.where(sign > 0, 1.0, -1.0).to(trimmed.dtype)
     num = torch.zeros_like(trimmed[0])
@@ -169,19 +185,19 @@ def disjoint_mean(trimmed: Tensor, sign: Tensor) -> Tensor:
     return num.mul_(s).div_(cnt.clamp_min_(1))
 
 
-def ties_merge(tvs: Tensor, density: float = 0.2, trim: str = "global", layout: FlatLayout | None = None,
+def ties_merge(tvs: Tensor, density: float = 0.2, granularity: str = "global", layout: FlatLayout | None = None,
                sign_rule: str = "mass", inplace: bool = False) -> Tensor:
-    """TIES-Merging of ``N x D`` float task vectors -> merged ``D`` float32 task vector tau_m.
+    """TIES-Merging of ``N x D`` finite float task vectors -> merged ``D`` float32 task vector tau_m.
 
-    tau_hat = trim(tau, density) (global or per tensor); gamma = elect_sign(tau_hat);
-    tau_m = disjoint_mean(tau_hat, gamma); the model is theta_0 + lambda * tau_m (lambda = 1
-    without validation data). ``inplace=True`` trims ``tvs`` in place (saves one ``N x D`` copy).
+    tau_hat = trim(tau, density, granularity) (``"global"``: the paper; ``"tensor"``: mergekit);
+    gamma = elect_sign(tau_hat, sign_rule); tau_m = disjoint_mean(tau_hat, gamma); the model is
+    theta_0 + lambda * tau_m (lambda = 1 without validation data). ``inplace=True`` trims ``tvs`` in
+    place (saves one ``N x D`` copy). Raises ``NonFiniteError`` for NaN/inf in ``tvs`` and
+    ``HyperparameterError`` for a bad ``density``, ``granularity`` or ``sign_rule``.
     """
-    trimmed = _trim(tvs, density, granularity=trim, layout=layout, inplace=inplace)
-    return disjoint_mean(trimmed, elect_sign(trimmed, sign_rule))
-
-
-_trim = trim
+    check_choice(sign_rule, "sign_rule", ("mass", "count"))
+    trimmed = trim(tvs, density, granularity=granularity, layout=layout, inplace=inplace)
+    return _disjoint_mean(trimmed, _elect_sign(trimmed, sign_rule))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,13 +206,16 @@ _trim = trim
 def dare(tv: Tensor, p: float, generator: torch.Generator, rescale: bool = True) -> Tensor:
     """Drop And REscale one tensor: tau_tilde = m * tau / (1 - p), m ~ Bernoulli(1 - p) elementwise.
 
-    ``tv``: any shape, float; returns the same shape and dtype (a new tensor). ``p`` in ``[0, 1)``;
-    p = 0 is the identity. ``generator`` (required) supplies the uniform draws u; an entry is kept
-    when ``u >= p``. Draws are made on the generator's device and moved to ``tv``'s device if needed.
+    ``tv``: any shape, finite float; returns the same shape and dtype (a new tensor). ``p`` in
+    ``[0, 1)``; p = 0 is the identity. ``generator`` (required) supplies the uniform draws u; an entry
+    is kept when ``u >= p``. Draws are made on the generator's device and moved to ``tv``'s device, so
+    the mask depends on the generator, not on where ``tv`` lives (use a CPU generator, as
+    :func:`dare_state_dict` and :func:`dare_flat` do, for masks that are the same on every device).
     """
-    p = check_fraction("p", p, closed_low=True, closed_high=False)
+    p = _drop_rate(p)
     if not isinstance(generator, torch.Generator):
         raise TypeError("dare needs an explicit torch.Generator (randomness is never global)")
+    check_finite(tv, "tv")
     u = torch.rand(tv.shape, generator=generator, device=generator.device, dtype=torch.float32)
     keep = u.ge_(p).to(device=tv.device, dtype=tv.dtype)
     out = tv * keep
@@ -206,33 +225,47 @@ def dare(tv: Tensor, p: float, generator: torch.Generator, rescale: bool = True)
 def dare_seed(seed: int, task: int | str, key: str) -> int:
     """Deterministic 63-bit seed for (base seed, task, tensor key): blake2b of ``"seed/task/key"``.
 
-    Masks therefore do not depend on iteration order or on which other tensors are selected.
+    Masks therefore do not depend on iteration order or on which other tensors are selected. The
+    seeded generator is always a **CPU** ``torch.Generator`` (the draws are moved to the tensor's
+    device afterwards): CPU and CUDA generators give different streams for the same seed, and a
+    seed must mean one mask wherever the model lives.
     """
-    h = hashlib.blake2b(f"{int(seed)}/{task}/{key}".encode(), digest_size=8).digest()
+    seed = check_number(seed, "seed", kind=int, low=0)
+    h = hashlib.blake2b(f"{seed}/{task}/{key}".encode(), digest_size=8).digest()
     return int.from_bytes(h, "little") & (2**63 - 1)
+
+
+def _dare_keep(shape, p: float, seed: int, task: int | str, key: str, device) -> Tensor:
+    """The boolean keep mask ``u >= p`` drawn on the CPU from ``dare_seed(seed, task, key)``, on ``device``."""
+    g = torch.Generator().manual_seed(dare_seed(seed, task, key))
+    return torch.rand(shape, generator=g, dtype=torch.float32).ge_(p).to(device)
 
 
 def dare_state_dict(tv: Mapping[str, Tensor], p: float, seed: int, task: int | str = 0,
                     rescale: bool = True) -> dict[str, Tensor]:
-    """DARE on every tensor of one task vector, tensor k seeded with ``dare_seed(seed, task, k)``.
+    """DARE on every tensor of one task vector, tensor k seeded with ``dare_seed(seed, task, k)``
+    (a CPU generator: the same masks on every device).
 
     Returns a new dict with the same keys, shapes and dtypes (tensors on their own devices).
     """
+    p = _drop_rate(p)
     out = {}
     for k, t in tv.items():
-        g = torch.Generator(device=t.device).manual_seed(dare_seed(seed, task, k))
-        out[k] = dare(t, p, g, rescale)
+        check_finite(t, f"tensor {k!r}")
+        kept = t * _dare_keep(t.shape, p, seed, task, k, t.device)
+        out[k] = kept.div_(1 - p) if rescale else kept
     return out
 
 
 def dare_flat(tvs: Tensor, p: float, layout: FlatLayout, seed: int,
               tasks: Sequence[int | str] | None = None, inplace: bool = False) -> Tensor:
-    """DARE on a flat ``N x D`` matrix, segment by segment: row i, tensor k is masked with a
+    """DARE on a flat ``N x D`` matrix, segment by segment: row i, tensor k is masked with a CPU
     generator seeded ``dare_seed(seed, tasks[i], k)`` (``tasks`` defaults to ``0..N-1``), so the
-    result equals :func:`dare_state_dict` on the unflattened task vectors. Returns ``N x D``.
+    result equals :func:`dare_state_dict` on the unflattened task vectors, and the masks are the same
+    on the CPU and on CUDA. Returns ``N x D``.
     """
     n, D = _check_matrix(tvs)
-    p = check_fraction("p", p, closed_low=True, closed_high=False)
+    p = _drop_rate(p)
     if layout.D != D:
         raise ValueError(f"layout.D={layout.D} does not match tvs with D={D}")
     tasks = list(range(n)) if tasks is None else list(tasks)
@@ -241,9 +274,7 @@ def dare_flat(tvs: Tensor, p: float, layout: FlatLayout, seed: int,
     out = tvs if inplace else torch.empty_like(tvs)
     for i, task in enumerate(tasks):
         for k, s, e in layout.segments():
-            g = torch.Generator(device=tvs.device).manual_seed(dare_seed(seed, task, k))
-            u = torch.rand(e - s, generator=g, device=tvs.device, dtype=torch.float32)
-            torch.mul(tvs[i, s:e], u.ge_(p), out=out[i, s:e])
+            torch.mul(tvs[i, s:e], _dare_keep(e - s, p, seed, task, k, tvs.device), out=out[i, s:e])
             out[i, s:e].div_(1 - p)
     return out
 
@@ -310,20 +341,21 @@ def pcb_scores(tvs: Tensor, mode: str = "official") -> tuple[Tensor, Tensor]:
     The balancing score is beta_i = intra_i * inter_i.
     """
     n, D = _check_matrix(tvs)
+    check_choice(mode, "mode", ("official", "paper"))
     if mode == "official":
         total = tvs.sum(0)
         lo_k, hi_k = _pcb_official_ks(D)
         rows = [_pcb_official_row(tvs[i], total, n, lo_k, hi_k)[1:] for i in range(n)]
         return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
-    if mode == "paper":
-        return torch.stack([_pcb_paper_intra(t, n) for t in tvs]), _pcb_paper_inter(tvs)
-    raise ValueError(f"mode={mode!r}; expected 'official' or 'paper'")
+    return torch.stack([_pcb_paper_intra(t, n) for t in tvs]), _pcb_paper_inter(tvs)
 
 
-def pcb_merge(tvs: Tensor, ratio: float = 0.05, mode: str = "official",
+def pcb_merge(tvs: Tensor, density: float = 0.05, mode: str = "official",
               lambdas: Sequence[float] | Tensor | None = None) -> Tensor:
     """PCB-Merging of ``N x D`` float task vectors -> merged ``D`` float32 task vector (before the
-    global lambda: theta = theta_0 + lambda * tau_m). ``ratio`` r in (0, 1] is the fraction kept.
+    global lambda: theta = theta_0 + lambda * tau_m). ``density`` r in (0, 1] is the fraction kept
+    (the paper's and the official code's ``ratio`` / ``pcb_ratio``; named ``density`` here as in TIES).
+    ``tvs`` must be finite: one NaN or inf would zero the whole merge (``NonFiniteError``).
 
     ``mode="official"`` reproduces ``pcb-merging.py::PCB_merge(tvs, r)`` step by step (METHODS.md 7),
     with ``sorted_row`` the ascending sort of a row:
@@ -343,14 +375,16 @@ def pcb_merge(tvs: Tensor, ratio: float = 0.05, mode: str = "official",
     ``lambdas``: optional per-task coefficients (PCB's evolutionary search), default all 1.
     """
     n, D = _check_matrix(tvs)
-    ratio = check_fraction("ratio", ratio)
+    density = _density(density)
+    check_choice(mode, "mode", ("official", "paper"))
     if lambdas is None:
         lams = [1.0] * n
     else:
-        lams = [float(x) for x in (lambdas.tolist() if isinstance(lambdas, Tensor) else lambdas)]
+        lams = [check_number(x, f"lambdas[{i}]") for i, x in
+                enumerate(lambdas.tolist() if isinstance(lambdas, Tensor) else lambdas)]
         if len(lams) != n:
             raise ValueError(f"lambdas has {len(lams)} entries for {n} task vectors")
-    q_k = min(int(D * (1 - ratio)), D - 1) + 1
+    q_k = min(int(D * (1 - density)), D - 1) + 1
     num = torch.zeros_like(tvs[0])
     den = torch.zeros_like(num)
     if mode == "official":
@@ -366,12 +400,10 @@ def pcb_merge(tvs: Tensor, ratio: float = 0.05, mode: str = "official",
             num.add_(s * tprime if lams[i] == 1.0 else s * (lams[i] * tprime))
             den.add_(s)
         return num.div_(den.clamp_min_(1e-12))
-    if mode == "paper":
-        beta_all = _pcb_paper_inter(tvs)
-        for i in range(n):
-            beta = beta_all[i].mul_(_pcb_paper_intra(tvs[i], n))
-            beta.mul_(beta >= kth_smallest(beta, q_k))  # beta_hat = m * beta
-            num.addcmul_(beta, tvs[i], value=lams[i])
-            den.add_(beta)
-        return torch.where(den > 0, num / den, 0.0)
-    raise ValueError(f"mode={mode!r}; expected 'official' or 'paper'")
+    beta_all = _pcb_paper_inter(tvs)  # mode == "paper"
+    for i in range(n):
+        beta = beta_all[i].mul_(_pcb_paper_intra(tvs[i], n))
+        beta.mul_(beta >= kth_smallest(beta, q_k))  # beta_hat = m * beta
+        num.addcmul_(beta, tvs[i], value=lams[i])
+        den.add_(beta)
+    return torch.where(den > 0, num / den, 0.0)

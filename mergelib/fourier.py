@@ -19,25 +19,35 @@ the mask is Hermitian-symmetric (always in paper mode, official mode on even siz
 """
 from __future__ import annotations
 
+import warnings
 from functools import lru_cache
 from typing import Mapping
 
 import torch
 from torch import Tensor
 
-from .competition import check_fraction
+from .competition import _check_matrix, check_finite
+from .hparams import check_choice, check_flag, check_number
 from .task_vectors import FlatLayout
 
-__all__ = ["fr_mask", "fr_filter", "align_magnitudes", "fr_paper_coefficients", "fr_merge"]
+__all__ = ["fr_mask", "fr_filter", "align_magnitudes", "fr_paper_coefficients", "fr_merge", "fr_filtered_keys",
+           "FRFilterWarning"]
 
 _MODES = ("official", "paper")
 
 
+class FRFilterWarning(UserWarning):
+    """FR-Merging left some selected tensors unfiltered because they are not 2-D (e.g. conv kernels)."""
+
+
 def _check_mode(mode: str, base: str) -> None:
-    if mode not in _MODES:
-        raise ValueError(f"mode={mode!r}; expected one of {_MODES}")
-    if base not in ("min", "max"):
-        raise ValueError(f"base={base!r}; expected 'min' or 'max'")
+    check_choice(mode, "mode", _MODES)
+    check_choice(base, "base", ("min", "max"))
+
+
+def _check_ratio(ratio) -> float:
+    """FR's radius factor: R = ratio * base(H, W); a finite real >= 0 (values > 1 are meaningful)."""
+    return check_number(ratio, "ratio", low=0.0)
 
 
 def _distance(h: int, w: int) -> Tensor:
@@ -74,10 +84,9 @@ def fr_mask(shape: tuple[int, int], ratio: float, mode: str = "official", base: 
     (i.e. ``ifftshift`` of the centred disc complement). ``ratio >= 0``.
     """
     _check_mode(mode, base)
+    ratio = _check_ratio(ratio)
     h, w = (int(s) for s in shape)
-    if ratio < 0:
-        raise ValueError(f"ratio={ratio!r} must be >= 0")
-    wt, _ = _weights_cpu(h, w, float(ratio), mode, base, False)
+    wt, _ = _weights_cpu(h, w, ratio, mode, base, False)
     return (wt > 0).to(device)
 
 
@@ -101,15 +110,21 @@ def fr_filter(w: Tensor, ratio: float, mode: str = "official", base: str = "min"
     ``w``: ``(..., H, W)`` any float dtype, any device (batched over leading dims); returns float32 of
     the same shape. ``compat_double_ring`` (official mode only) reproduces the official code's sum of
     a band mask and a low mask whose shared ring d = floor(min(H, W) / 10) counts twice.
-    Linear in ``w``; the identity when the mask keeps everything.
+    Linear in ``w``; the identity when the mask keeps everything. ``w`` must be finite
+    (``NonFiniteError``); ``ratio`` a finite real >= 0 (``HyperparameterError``).
     """
     _check_mode(mode, base)
+    ratio = _check_ratio(ratio)
+    check_flag(compat_double_ring, "compat_double_ring")
     if w.ndim < 2:
         raise ValueError(f"fr_filter needs a (..., H, W) tensor, got shape {tuple(w.shape)}")
-    if ratio < 0:
-        raise ValueError(f"ratio={ratio!r} must be >= 0")
     if compat_double_ring and mode != "official":
         raise ValueError("compat_double_ring only applies to mode='official'")
+    check_finite(w, "w")
+    return _filter(w, ratio, mode, base, compat_double_ring)
+
+
+def _filter(w: Tensor, ratio: float, mode: str, base: str, compat_double_ring: bool) -> Tensor:
     h, wd = w.shape[-2:]
     wt, symmetric = _weights(h, wd, ratio, mode, base, compat_double_ring, w.device)
     x = w.float()
@@ -164,13 +179,25 @@ def fr_paper_coefficients(tvs: Tensor) -> Tensor:
     return e / e.sum().clamp_min(torch.finfo(e.dtype).tiny)
 
 
+def _some(items: list[str], most: int = 5) -> str:
+    return ", ".join(items[:most]) + (f", ... (+{len(items) - most})" if len(items) > most else "")
+
+
+def fr_filtered_keys(layout: FlatLayout) -> list[str]:
+    """The keys that :func:`fr_merge` filters: the 2-D tensors of ``layout`` (all others are summed
+    unfiltered: biases and norms as in the official code; conv kernels with a :class:`FRFilterWarning`)."""
+    return [k for k, s in zip(layout.keys, layout.shapes) if len(s) == 2]
+
+
 def fr_merge(tvs: Tensor, layout: FlatLayout, ratio: float = 0.7, mode: str = "official", base: str = "min",
              align: str = "official", compat_official: bool = False, compat_double_ring: bool = False,
              inplace: bool = False) -> Tensor:
     """FR-Merging of ``N x D`` float32 task vectors -> merged ``D`` float32 task vector (before c).
 
     1. every 2-D segment is filtered with :func:`fr_filter` (all N tasks of a tensor in one batched
-       FFT); other segments (biases, norms, embeddings, conv kernels) are left unfiltered;
+       FFT; :func:`fr_filtered_keys`); other segments (biases, norms, embeddings) are left unfiltered;
+       tensors with more than 2 dims (conv kernels) are left unfiltered with an :class:`FRFilterWarning`
+       that names them, and a selection with no 2-D tensor at all raises ``ValueError``;
     2. ``align="official"``: :func:`align_magnitudes` per tensor (on the filtered vectors), then
        tau_m = sum_i FR(tau_i); ``align="paper"``: tau_m = sum_i lambda_i FR(tau_i) with
        :func:`fr_paper_coefficients` (a weighted average: use an ~N times larger c);
@@ -180,16 +207,33 @@ def fr_merge(tvs: Tensor, layout: FlatLayout, ratio: float = 0.7, mode: str = "o
 
     The model is theta_0 + c * tau_m (c = 0.7 for 8 ViT-B/32 tasks). ``inplace`` filters ``tvs``.
     """
-    if align not in ("official", "paper", "none"):
-        raise ValueError(f"align={align!r}; expected 'official', 'paper' or 'none'")
-    n, D = tvs.shape
+    _check_mode(mode, base)
+    ratio = _check_ratio(ratio)
+    check_choice(align, "align", ("official", "paper", "none"))
+    check_flag(compat_official, "compat_official")
+    check_flag(compat_double_ring, "compat_double_ring")
+    if compat_double_ring and mode != "official":
+        raise ValueError("compat_double_ring only applies to mode='official'")
+    n, D = _check_matrix(tvs)
     if layout.D != D:
         raise ValueError(f"layout.D={layout.D} does not match tvs with D={D}")
+    filtered = fr_filtered_keys(layout)
+    skipped = [f"{k} {s}" for k, s in zip(layout.keys, layout.shapes) if len(s) > 2]
+    if not filtered:
+        shapes = [f"{k} {s}" for k, s in zip(layout.keys, layout.shapes)]
+        raise ValueError(f"FR-Merging filters 2-D weight matrices only, and none of the {len(layout.keys)} "
+                         f"selected tensors is 2-D (shapes: {_some(shapes)}); "
+                         "the result would be plain task arithmetic. Use method='task_arithmetic', or "
+                         "select the 2-D tensors.")
+    if skipped:
+        warnings.warn(f"FR-Merging filters 2-D matrices only: {len(skipped)} selected tensor(s) with more than "
+                      f"2 dims are summed unfiltered ({_some(skipped)}); filtered: {len(filtered)} tensor(s) "
+                      f"({_some(filtered)})", FRFilterWarning, stacklevel=2)
     x = tvs if inplace else tvs.clone()
     for k, shape, off, numel in zip(layout.keys, layout.shapes, layout.offsets, layout.numels):
         if len(shape) == 2:
             seg = x[:, off:off + numel]
-            seg.copy_(fr_filter(seg.view(n, *shape), ratio, mode, base, compat_double_ring).view(n, numel))
+            seg.copy_(_filter(seg.view(n, *shape), ratio, mode, base, compat_double_ring).view(n, numel))
     if align == "official":
         align_magnitudes(x, layout, inplace=True)
         merged = x.sum(0)

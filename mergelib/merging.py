@@ -4,100 +4,98 @@ One flatten of the selected tensors into an ``N x D`` float32 task-vector matrix
 tensors' device), one flat operation from :mod:`mergelib.competition` / :mod:`mergelib.fourier`,
 one pass writing ``theta_0 + lambda * tau_m`` back per tensor in the original dtype.
 
-Defaults (METHODS.md; lambda "fixed, no validation data" unless you tune it):
+**The method registry.** Every method is declared once, in :data:`REGISTRY`, as a :class:`MergeMethod`:
+its flat function, its hyperparameters (:class:`~mergelib.hparams.HParam`: kind, range or choices,
+default, which value is the paper's and which the official code's), its default lambda, whether a
+per-task lambda list is accepted, and whether it works per tensor or globally. :func:`merge` validates
+and dispatches from that declaration, :data:`METHODS` lists its names and :func:`method_table`
+renders the README's method table from it (a test keeps the README in sync).
 
-* ``average``: lambda = 1/N (fixed); no hyperparameters.
-* ``task_arithmetic``: lambda = 0.3, or a per-task list.
-* ``ties``: lambda = 1.0; ``density=0.2``, ``trim="global"|"tensor"``, ``sign_rule="mass"|"count"``.
-* ``dare_ta``: lambda = 0.3, or a per-task list; ``p=0.9``, ``seed=0``.
-* ``dare_ties``: lambda = 1.0; ``p=0.9``, ``seed=0``, ``density=1.0`` (DARE replaces the trim, as
-  in mergekit; set density < 1 to trim as well, as MergeLM does), ``trim``, ``sign_rule``.
-* ``pcb``: lambda = 1.2, or a per-task list; ``ratio=0.05`` (fraction kept, in (0, 1]),
-  ``mode="official"|"paper"``.
-* ``fr``: c = 0.7; ``ratio=0.7`` (radius R = ratio * base(H, W), any value >= 0),
-  ``mode="official"|"paper"``, ``base="min"|"max"``, ``align="official"|"paper"|"none"``,
-  ``compat_official=False``, ``compat_double_ring=False``.
-
-For ``pcb`` a per-task list is PCB's lambda_i inside the weighted average (global lambda 1).
-With ``rules="auto"`` the model family is detected; FR on a ViT uses the FREE rule (only keys
-containing ``attn`` or ``mlp``), every other method the family default of :data:`DEFAULT_RULES`.
+lambda is "fixed, no validation data" at its default unless you tune it (METHODS.md). For ``pcb`` a
+per-task list is PCB's lambda_i inside the weighted average (global lambda 1). With ``rules="auto"``
+the model family is detected; FR on a ViT uses the FREE rule (only keys containing ``attn`` or
+``mlp``), every other method the family default of :data:`~mergelib.task_vectors.DEFAULT_RULES`.
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-from .competition import check_fraction, dare_flat, pcb_merge, ties_merge
+from .competition import dare_flat, pcb_merge, ties_merge
 from .fourier import fr_merge
-from .task_vectors import (as_named_list, detect_family, flatten, resolve_rules, select_keys,
+from .hparams import HParam, HyperparameterError, check_number
+from .task_vectors import (FlatLayout, as_named_list, detect_family, flatten, resolve_rules, select_keys,
                            unflatten, validate_state_dicts)
 
-__all__ = ["merge", "METHODS", "METHOD_DEFAULTS"]
-
-METHOD_DEFAULTS: dict[str, dict] = {
-    "average": {},
-    "task_arithmetic": {},
-    "ties": {"density": 0.2, "trim": "global", "sign_rule": "mass"},
-    "dare_ta": {"p": 0.9, "seed": 0},
-    "dare_ties": {"p": 0.9, "seed": 0, "density": 1.0, "trim": "global", "sign_rule": "mass"},
-    "pcb": {"ratio": 0.05, "mode": "official"},
-    "fr": {"ratio": 0.7, "mode": "official", "base": "min", "align": "official", "compat_official": False,
-           "compat_double_ring": False},
-}
-DEFAULT_SCALE = {"average": None, "task_arithmetic": 0.3, "ties": 1.0, "dare_ta": 0.3, "dare_ties": 1.0,
-                 "pcb": 1.2, "fr": 0.7}
-PER_TASK_SCALE = ("task_arithmetic", "dare_ta", "pcb")
-METHODS = tuple(METHOD_DEFAULTS)
-_CHOICES = {"trim": ("global", "tensor"), "sign_rule": ("mass", "count"), "mode": ("official", "paper"),
-            "base": ("min", "max"), "align": ("official", "paper", "none")}
+__all__ = ["merge", "METHODS", "REGISTRY", "MergeMethod", "method_table"]
 
 
-def _check_hparams(method: str, hparams: dict) -> dict:
-    allowed = METHOD_DEFAULTS[method]
-    unknown = sorted(set(hparams) - set(allowed))
-    if unknown:
-        raise TypeError(f"unknown hyperparameter(s) {unknown} for method {method!r}; "
-                        f"allowed: {sorted(allowed) or 'none'}")
-    hp = {**allowed, **hparams}
-    if "density" in hp:
-        hp["density"] = check_fraction("density", hp["density"])
-    if method == "pcb":
-        hp["ratio"] = check_fraction("ratio", hp["ratio"])
-    elif "ratio" in hp:  # FR: R = ratio * min(H, W) is a radius, not a fraction; > 1 is meaningful
-        r = float(hp["ratio"])
-        if not (r >= 0 and r < float("inf")):
-            raise ValueError(f"ratio={hp['ratio']!r} for method {method!r} must be a finite number >= 0")
-        hp["ratio"] = r
-    if "p" in hp:
-        hp["p"] = check_fraction("p", hp["p"], closed_low=True, closed_high=False)
-    for name, choices in _CHOICES.items():
-        if name in hp and hp[name] not in choices:
-            raise ValueError(f"{name}={hp[name]!r} for method {method!r}; expected one of {choices}")
-    if "seed" in hp and (not isinstance(hp["seed"], int) or hp["seed"] < 0):
-        raise ValueError(f"seed={hp['seed']!r} must be a non-negative int")
-    return hp
+@dataclass(frozen=True)
+class MergeMethod:
+    """The one declaration of a merge method.
+
+    ``fn(tvs, layout=..., lambdas=..., tasks=..., **hparams)`` maps the ``N x D`` float32 task-vector
+    matrix (it may overwrite it) to the merged ``D`` task vector before the global lambda.
+    ``default_scale``: lambda when ``scale=None`` (``None``: fixed to 1/N, no scale accepted).
+    ``per_task_scale``: a list of N lambdas is accepted (passed to ``fn`` as ``lambdas``).
+    ``scope``: ``"per-tensor"`` (each tensor on its own) or ``"global"`` (over the concatenation of
+    all selected tensors of a model). ``paper``: the citation; ``doc``: one line on the equation.
+    ``family_rules``: selection rule per detected model family when ``rules="auto"``.
+    """
+
+    name: str
+    fn: Callable[..., Tensor]
+    hparams: tuple[HParam, ...]
+    default_scale: float | None
+    per_task_scale: bool
+    scope: str
+    paper: str
+    doc: str
+    family_rules: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.scope not in ("global", "per-tensor"):
+            raise ValueError(f"MergeMethod {self.name!r}: scope must be 'global' or 'per-tensor'")
+
+    @property
+    def defaults(self) -> dict:
+        return {h.name: h.default for h in self.hparams}
+
+    def check_hparams(self, hparams: Mapping) -> dict:
+        """Defaults filled in and every value validated; ``TypeError`` for unknown names,
+        :class:`~mergelib.hparams.HyperparameterError` for bad values."""
+        allowed = {h.name: h for h in self.hparams}
+        unknown = sorted(set(hparams) - set(allowed))
+        if unknown:
+            raise TypeError(f"unknown hyperparameter(s) {unknown} for method {self.name!r}; "
+                            f"allowed: {sorted(allowed) or 'none'}")
+        return {name: h.check(hparams.get(name, h.default), self.name) for name, h in allowed.items()}
+
+    def check_scale(self, scale, n: int) -> tuple[float, list[float] | None]:
+        """(global lambda, per-task lambdas or None) from ``scale`` (None, a number or N numbers)."""
+        if self.default_scale is None:
+            if scale is not None:
+                raise HyperparameterError(f"scale must be None for method {self.name!r} (it is fixed to 1/N)")
+            return 1.0 / n, None
+        if scale is None:
+            return self.default_scale, None
+        if isinstance(scale, (str, bytes, bool)) or isinstance(scale, Tensor) and scale.ndim == 0 \
+                or not isinstance(scale, (Sequence, Tensor)):
+            return check_number(scale, "scale", method=self.name), None
+        if not self.per_task_scale:
+            raise HyperparameterError(f"scale for method {self.name!r} must be a single float, got {scale!r}")
+        lams = [check_number(x, f"scale[{i}]", method=self.name) for i, x in enumerate(scale)]
+        if len(lams) != n:
+            raise HyperparameterError(f"scale has {len(lams)} per-task values for {n} fine-tuned models")
+        return 1.0, lams
 
 
-def _resolve_scale(method: str, scale, n: int) -> tuple[float, list[float] | None]:
-    """(global lambda, per-task lambdas or None)."""
-    if method == "average":
-        if scale is not None:
-            raise ValueError("scale must be None for method 'average' (it is fixed to 1/N)")
-        return 1.0 / n, None
-    if scale is None:
-        return DEFAULT_SCALE[method], None
-    if isinstance(scale, (int, float)) or (isinstance(scale, Tensor) and scale.ndim == 0):
-        return float(scale), None
-    if method not in PER_TASK_SCALE:
-        raise ValueError(f"scale for method {method!r} must be a single float, got {scale!r}")
-    lams = [float(x) for x in scale]
-    if len(lams) != n:
-        raise ValueError(f"scale has {len(lams)} per-task values for {n} fine-tuned models")
-    return 1.0, lams
-
-
+# ----------------------------------------------------------------------------------------------
+# The flat functions behind the methods (N x D task vectors -> D merged task vector)
+# ----------------------------------------------------------------------------------------------
 def _weighted_sum(x: Tensor, lams: list[float] | None) -> Tensor:
     """sum_i lam_i x_i over the N rows (one read of x when all lam_i are equal)."""
     if lams is None:
@@ -108,34 +106,133 @@ def _weighted_sum(x: Tensor, lams: list[float] | None) -> Tensor:
     return out
 
 
+def _sum(x: Tensor, *, layout: FlatLayout, lambdas, tasks) -> Tensor:
+    return _weighted_sum(x, lambdas)
+
+
+def _dare_ta(x: Tensor, *, layout: FlatLayout, lambdas, tasks, p: float, seed: int) -> Tensor:
+    dare_flat(x, p, layout, seed, tasks=tasks, inplace=True)
+    return _weighted_sum(x, lambdas)
+
+
+def _ties(x: Tensor, *, layout: FlatLayout, lambdas, tasks, density: float, granularity: str,
+          sign_rule: str) -> Tensor:
+    return ties_merge(x, density, granularity=granularity, layout=layout, sign_rule=sign_rule, inplace=True)
+
+
+def _dare_ties(x: Tensor, *, layout: FlatLayout, lambdas, tasks, p: float, seed: int, **ties) -> Tensor:
+    dare_flat(x, p, layout, seed, tasks=tasks, inplace=True)
+    return _ties(x, layout=layout, lambdas=lambdas, tasks=tasks, **ties)
+
+
+def _pcb(x: Tensor, *, layout: FlatLayout, lambdas, tasks, density: float, mode: str) -> Tensor:
+    return pcb_merge(x, density, mode=mode, lambdas=lambdas)
+
+
+def _fr(x: Tensor, *, layout: FlatLayout, lambdas, tasks, **hp) -> Tensor:
+    return fr_merge(x, layout, inplace=True, **hp)
+
+
+# ----------------------------------------------------------------------------------------------
+# The registry
+# ----------------------------------------------------------------------------------------------
+_P = HParam("p", "float", 0.9, "drop rate; kept entries are rescaled by 1/(1-p) (paper)",
+            low=0.0, high=1.0, high_open=True)
+_SEED = HParam("seed", "int", 0, "seeds the mask of task t, tensor k via `dare_seed(seed, t, k)` (CPU generator)",
+               low=0)
+_GRANULARITY = HParam("granularity", "choice", "global", "`global`: top-k over the whole model (paper); "
+                      "`tensor`: per tensor (mergekit)", choices=("global", "tensor"))
+_SIGN_RULE = HParam("sign_rule", "choice", "mass", "`mass`: sign of the sum (paper, official); `count`: "
+                    "majority of signs, ties +1 (mergekit/peft)", choices=("mass", "count"))
+
+
+def _density(default: float, doc: str) -> HParam:
+    return HParam("density", "float", default, doc, low=0.0, high=1.0, low_open=True)
+
+
+REGISTRY: dict[str, MergeMethod] = {m.name: m for m in (
+    MergeMethod("average", _sum, (), None, False, "per-tensor", "weight averaging",
+                "theta_0 + (1/N) sum_i tau_i"),
+    MergeMethod("task_arithmetic", _sum, (), 0.3, True, "per-tensor", "Ilharco et al., ICLR 2023",
+                "theta_0 + lambda sum_i tau_i"),
+    MergeMethod("ties", _ties, (_density(0.2, "fraction of each task vector kept by magnitude (top-20%, paper)"),
+                                _GRANULARITY, _SIGN_RULE),
+                1.0, False, "global", "Yadav et al., NeurIPS 2023",
+                "trim, elect sign, disjoint mean; theta_0 + lambda tau_m"),
+    MergeMethod("dare_ta", _dare_ta, (_P, _SEED), 0.3, True, "per-tensor", "Yu et al., ICML 2024",
+                "drop and rescale each tau_i, then task arithmetic"),
+    MergeMethod("dare_ties", _dare_ties,
+                (_P, _SEED, _density(1.0, "TIES trim after DARE (1: DARE replaces the trim, as in mergekit)"),
+                 _GRANULARITY, _SIGN_RULE),
+                1.0, False, "global", "Yu et al., ICML 2024",
+                "drop and rescale each tau_i, then TIES"),
+    MergeMethod("pcb", _pcb, (_density(0.05, "fraction of balanced scores kept (the papers' `ratio` r)"),
+                              HParam("mode", "choice", "official", "`official`: `pcb-merging.py`; `paper`: "
+                                     "softmax scores of the paper", choices=("official", "paper"))),
+                1.2, True, "global", "Du et al., NeurIPS 2024",
+                "intra/inter balancing, drop, weighted average; theta_0 + lambda tau_m"),
+    MergeMethod("fr", _fr, (
+        HParam("ratio", "float", 0.7, "radius factor R = ratio * base(H, W) (official `filter_ratio`)", low=0.0),
+        HParam("mode", "choice", "official", "`official`: unshifted index disc; `paper`: centred ideal high-pass",
+               choices=("official", "paper")),
+        HParam("base", "choice", "min", "R relative to min(H, W) (ViT code) or max (RoBERTa code)",
+               choices=("min", "max")),
+        HParam("align", "choice", "official", "`official`: per-layer magnitude alignment; `paper`: "
+               "lambda_i = E(v_i)/sum E(v_j); `none`", choices=("official", "paper", "none")),
+        HParam("compat_official", "flag", False, "non-weight keys take task 1's delta (official quirk)"),
+        HParam("compat_double_ring", "flag", False, "count the ring d = min/10 twice (official quirk)")),
+        0.7, False, "per-tensor", "Zheng & Wang, ICCV 2025",
+        "high-pass filter each 2-D tau_i in the 2-D spectrum, align, sum; theta_0 + c sum",
+        family_rules={"vit": "vit_attn_mlp"}),
+)}
+METHODS: tuple[str, ...] = tuple(REGISTRY)
+
+
+def method_table() -> str:
+    """The README's method table (Markdown), rendered from :data:`REGISTRY`."""
+    lines = ["| method | paper | scope | default λ | per-task λ | hyperparameters (default; allowed) |",
+             "|---|---|---|---|---|---|"]
+    for m in REGISTRY.values():
+        hps = "<br>".join(f"`{h.name}={h.default!r}` ({h.allowed}): {h.doc}" for h in m.hparams) or "none"
+        hps = hps.replace("|", "\\|")  # a literal | would end the table cell
+        lam = "1/N (fixed)" if m.default_scale is None else f"{m.default_scale:g}"
+        lines.append(f"| `{m.name}` | {m.paper} | {m.scope} | {lam} | {'yes' if m.per_task_scale else 'no'} "
+                     f"| {hps} |")
+    return "\n".join(lines)
+
+
 def merge(pretrained: Mapping[str, Tensor], finetuned: Sequence[Mapping[str, Tensor]] | Mapping[str, Mapping],
           method: str, scale: float | Sequence[float] | None = None, include=None, exclude=None,
           rules: str | Mapping | None = "auto", validate: bool = True, **hparams) -> dict[str, Tensor]:
     """Merge fine-tuned state dicts into the pretrained one with a task-vector method.
 
     ``finetuned``: list of state dicts or ``name -> state_dict`` (names seed DARE per task).
-    ``method``: one of :data:`METHODS`; ``scale``: the papers' lambda (see the module table for
-    defaults; a per-task list for task_arithmetic, dare_ta and pcb). ``rules``: ``"auto"``, a
+    ``method``: one of :data:`METHODS`; ``scale``: the papers' lambda (default per method in
+    :data:`REGISTRY`; a per-task list where the method accepts one). ``rules``: ``"auto"``, a
     ``DEFAULT_RULES`` name, a dict of :func:`select_keys` arguments, or None (every float tensor);
-    ``include`` replaces the rule's include regexes, ``exclude`` is added to its excludes. ``hparams``: per-method hyperparameters (module table).
+    ``include`` replaces the rule's include regexes, ``exclude`` is added to its excludes.
+    ``hparams``: the method's hyperparameters (:func:`method_table`).
 
     Equation: theta = theta_0 + lambda * tau_m with tau_m = method(tau_1..tau_N), tau_i = theta_i -
     theta_0 over the selected keys, computed in float32 on the pretrained tensors' device.
     Returns a new state dict: selected tensors are new tensors in their original dtype and device;
     the other entries are the pretrained tensors themselves (not copies). Inputs are not mutated.
 
-    Raises ``ValueError`` for an unknown method, out-of-range hyperparameters (density and PCB's
-    ratio outside (0, 1], p outside [0, 1), FR's radius ratio negative) and bad scales, ``TypeError`` for unknown hyperparameter names, and the
-    :func:`validate_state_dicts` errors for mismatched keys, shapes, dtypes or non-finite values.
+    Raises ``ValueError`` for an unknown method, :class:`~mergelib.hparams.HyperparameterError` (a
+    ``ValueError``) for a hyperparameter or scale of the wrong kind (bool, string), NaN/inf or out of
+    range, ``TypeError`` for unknown hyperparameter names, and the :func:`validate_state_dicts`
+    errors for mismatched keys, shapes, dtypes or non-finite values.
     """
-    if method not in METHOD_DEFAULTS:
+    spec = REGISTRY.get(method) if isinstance(method, str) else None
+    if spec is None:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-    hp = _check_hparams(method, hparams)
+    hp = spec.check_hparams(hparams)
     named = as_named_list(finetuned)
     if not named:
         raise ValueError("finetuned is empty: need at least one fine-tuned state dict")
-    if rules == "auto" and method == "fr" and detect_family(pretrained) == "vit":
-        rules = "vit_attn_mlp"
+    lam, lams = spec.check_scale(scale, len(named))
+    if rules == "auto":
+        rules = spec.family_rules.get(detect_family(pretrained), "auto")
     kw = resolve_rules(rules, pretrained)
     if include is not None:
         kw["include"] = include
@@ -149,23 +246,9 @@ def merge(pretrained: Mapping[str, Tensor], finetuned: Sequence[Mapping[str, Ten
                          f"exclude={exclude!r})")
     if validate:
         validate_state_dicts(pretrained, dict(named), keys=keys)
-    n = len(named)
-    lam, lams = _resolve_scale(method, scale, n)
 
     x, layout = flatten([sd for _, sd in named], keys, subtract=pretrained)  # N x D task vectors
-    if method in ("dare_ta", "dare_ties"):
-        dare_flat(x, hp["p"], layout, hp["seed"], tasks=[name for name, _ in named], inplace=True)
-    if method in ("average", "task_arithmetic", "dare_ta"):
-        merged = _weighted_sum(x, lams)
-    elif method in ("ties", "dare_ties"):
-        merged = ties_merge(x, hp["density"], trim=hp["trim"], layout=layout, sign_rule=hp["sign_rule"],
-                            inplace=True)
-    elif method == "pcb":
-        merged = pcb_merge(x, hp["ratio"], mode=hp["mode"], lambdas=lams)
-    else:  # fr
-        merged = fr_merge(x, layout, ratio=hp["ratio"], mode=hp["mode"], base=hp["base"], align=hp["align"],
-                          compat_official=hp["compat_official"], compat_double_ring=hp["compat_double_ring"],
-                          inplace=True)
+    merged = spec.fn(x, layout=layout, lambdas=lams, tasks=[name for name, _ in named], **hp)
     del x
 
     out = dict(pretrained)
@@ -173,4 +256,3 @@ def merge(pretrained: Mapping[str, Tensor], finetuned: Sequence[Mapping[str, Ten
         p = pretrained[k]
         out[k] = torch.add(p.float(), delta, alpha=lam).to(p.dtype)
     return out
-

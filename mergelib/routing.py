@@ -27,6 +27,7 @@ backbone state dict, ``heads[t]`` the task heads, ``x_few[t]`` a few labelled im
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from typing import Iterator, Mapping, NamedTuple, Sequence
 
@@ -35,9 +36,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .experts import (APPLY_MODES, Expert, LowRankExpert, SparseExpert, _resolve_device, _rows_cols,
-                      check_state_dict)
-from .utils import progress_bar
+from .experts import APPLY_MODES, Expert, LowRankExpert, SparseExpert, check_state_dict
+from .experts.trained import _resolve_device
+from .utils import minibatch_indices, progress_bar
 
 __all__ = [
     "Routing",
@@ -204,13 +205,9 @@ def train_router(features_per_task: Mapping[str, Tensor], *, hidden: int = 256, 
         router.std.copy_(x.std(0).clamp_min(1e-6).cpu() if x.shape[0] > 1 else torch.ones(x.shape[1]))
     router.to(dev).train()
     opt = torch.optim.AdamW(router.parameters(), lr=lr, weight_decay=weight_decay)
-    n = x.shape[0]
-    order, pos = torch.randperm(n, generator=gen), 0
-    for _ in progress_bar(range(steps), desc="train router", disable=not progress, leave=False):
-        if pos + min(batch_size, n) > n:
-            order, pos = torch.randperm(n, generator=gen), 0
-        idx = order[pos:pos + batch_size].to(dev)
-        pos += len(idx)
+    for idx in progress_bar(minibatch_indices(x.shape[0], batch_size, steps, gen), total=steps,
+                            desc="train router", disable=not progress, leave=False):
+        idx = idx.to(dev)
         loss = F.cross_entropy(router(x[idx]), y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -260,41 +257,59 @@ def merged_features(backbone_module: nn.Module, merged_sd: Mapping[str, Tensor],
 # ----------------------------------------------------------------------------------------------
 # The routed multi-task model
 # ----------------------------------------------------------------------------------------------
-class _SparsePatch:
-    """One tensor of a sparse expert, ready to apply: ``param[S] := set_vals`` on the support S."""
+class _ExpertPatches(nn.Module):
+    """One task's expert, ready to apply, held as buffers (they follow ``.to()`` and are in the state dict).
 
-    def __init__(self, key: str, rows: int, cols: int, idx: Tensor, set_vals: Tensor):
-        self.key, self.rows, self.cols, self.idx, self.set_vals = key, rows, cols, idx, set_vals
+    Patch ``j`` touches backbone tensor ``keys[j]``, seen as a ``grids[j] = (rows, cols)`` grid:
 
-    def map(self, fn) -> None:
-        self.idx, self.set_vals = fn(self.idx), fn(self.set_vals)
+    * sparse: ``idx{j}`` ``(rows, kk)`` column indices and ``val{j}`` the values the parameter takes
+      on that support (``param[S] := val``, precomputed: ``merged + lam_e * e`` or, for ``"replace"``,
+      ``theta0 + lam_e * e``);
+    * low rank: ``b{j}`` ``(rows, r)`` (``lam_e`` folded in) and ``a{j}`` ``(r, cols)``: ``param += b @ a``.
+    """
 
-    def add_delta_(self, buf2d: Tensor, merged2d: Tensor, w: float) -> None:
-        idx = self.idx.long()
-        buf2d.scatter_add_(1, idx, w * (self.set_vals - merged2d.gather(1, idx)))
+    def __init__(self):
+        super().__init__()
+        self.keys: list[str] = []
+        self.kinds: list[str] = []
+        self.grids: list[tuple[int, int]] = []
+
+    def add(self, key: str, kind: str, grid: tuple[int, int], first: Tensor, second: Tensor) -> None:
+        j = len(self.keys)
+        names = ("idx", "val") if kind == "sparse" else ("b", "a")
+        self.register_buffer(f"{names[0]}{j}", first)
+        self.register_buffer(f"{names[1]}{j}", second)
+        self.keys.append(key)
+        self.kinds.append(kind)
+        self.grids.append(grid)
+
+    def patches(self) -> Iterator[tuple[str, str, tuple[int, int], Tensor, Tensor]]:
+        for j, (key, kind, grid) in enumerate(zip(self.keys, self.kinds, self.grids)):
+            names = ("idx", "val") if kind == "sparse" else ("b", "a")
+            yield key, kind, grid, getattr(self, f"{names[0]}{j}"), getattr(self, f"{names[1]}{j}")
 
 
-class _LowRankPatch:
-    """One matrix of a low-rank expert: ``param += scale * B @ A``."""
-
-    def __init__(self, key: str, rows: int, cols: int, b: Tensor, a: Tensor, scale: float):
-        self.key, self.rows, self.cols, self.b, self.a, self.scale = key, rows, cols, b, a, scale
-
-    def map(self, fn) -> None:
-        self.b, self.a = fn(self.b), fn(self.a)
-
-    def add_delta_(self, buf2d: Tensor, merged2d: Tensor, w: float) -> None:
-        buf2d.addmm_(self.b.to(buf2d.dtype), self.a.to(buf2d.dtype), alpha=w * self.scale)
+def _add_delta_(kind: str, first: Tensor, second: Tensor, buf2d: Tensor, merged2d: Tensor, w: float) -> None:
+    """buf2d += w * (patched - merged) for one patch (sparse: on its support; low rank: b @ a)."""
+    if kind == "sparse":
+        idx = first.long()
+        buf2d.scatter_add_(1, idx, w * (second - merged2d.gather(1, idx)))
+    else:
+        buf2d.addmm_(first.to(buf2d.dtype), second.to(buf2d.dtype), alpha=w)
 
 
 class FreeMergedModel(nn.Module):
     """A FREE-merged multi-task model: merged backbone + one expert and one head per task + a router.
 
+    An ordinary ``nn.Module``: it owns copies of everything it uses (the caller's backbone module,
+    heads and router are never modified or moved), ``.to()`` moves all of it, and ``state_dict()``
+    holds the merged backbone (``backbone.*``), the experts (``experts.<t>.*``), the heads and the
+    router, so ``load_state_dict`` into a model built with the same structure restores it exactly.
+
     Args:
-        backbone_module: the backbone whose *structure* is used through ``torch.func.functional_call``
-            (its own weights are never read; it is not registered as a submodule).
-        merged_sd: the merged backbone ``theta0 + lam_b * s`` (keys/shapes must match the module). It is
-            copied once (``copy=True``) -- one copy in all, never one per task.
+        backbone_module: the backbone (e.g. ``mergelib.models.ViT``); a copy of it is made and loaded
+            with ``merged_sd`` -- one copy of the merged weights in all, never one per task.
+        merged_sd: the merged backbone ``theta0 + lam_b * s`` (keys/shapes must match the module).
         experts: task -> :class:`~mergelib.experts.SparseExpert` / :class:`~mergelib.experts.LowRankExpert`.
         heads: task -> head module (``nn.Linear``); same tasks as ``experts``. Task order = ``experts``.
         router: a :class:`Router` over the same tasks (any order) or None (then ``task`` is required).
@@ -323,8 +338,7 @@ class FreeMergedModel(nn.Module):
     def __init__(self, backbone_module: nn.Module, merged_sd: Mapping[str, Tensor],
                  experts: Mapping[str, Expert], heads: Mapping[str, nn.Module], router: Router | None = None,
                  *, mode: str = "add", lam_e: float | Mapping[str, float] = 1.0,
-                 pretrained_sd: Mapping[str, Tensor] | None = None, copy: bool = True,
-                 pad_value: float = float("-inf")):
+                 pretrained_sd: Mapping[str, Tensor] | None = None, pad_value: float = float("-inf")):
         super().__init__()
         if mode not in APPLY_MODES:
             raise ValueError(f"unknown mode {mode!r}; expected one of {APPLY_MODES}")
@@ -355,67 +369,51 @@ class FreeMergedModel(nn.Module):
         if router is not None and set(getattr(router, "tasks", tasks)) != set(tasks):
             raise ValueError(f"router tasks {list(router.tasks)} differ from the experts' tasks {tasks}")
 
-        self.__dict__["backbone"] = backbone_module  # structure only: not a registered submodule
         self.tasks, self.mode, self.lam_e, self.pad_value = tasks, mode, lams, float(pad_value)
-        self.heads = nn.ModuleList([heads[t] for t in tasks])
-        self.router = router
+        device = next(iter(merged_sd.values())).device
+        self.backbone = copy.deepcopy(backbone_module).to(device)
+        self.backbone.load_state_dict({k: v.detach() for k, v in merged_sd.items()})
+        self.backbone.requires_grad_(False)
+        self.heads = nn.ModuleList([copy.deepcopy(heads[t]) for t in tasks]).to(device)
+        self.router = copy.deepcopy(router).to(device) if isinstance(router, nn.Module) else copy.deepcopy(router)
         self._router_map = None if router is None else [tasks.index(t) for t in router.tasks]
-        self.merged = {k: (v.detach().clone().contiguous() if copy else v.detach())
-                       for k, v in merged_sd.items()}
-        for k, v in self.merged.items():
-            if not v.is_contiguous():
-                raise ValueError(f"merged tensor {k!r} is not contiguous (use copy=True)")
-        self._patches: list[list[_SparsePatch | _LowRankPatch]] = [
-            self._build_patches(experts[t], lams[t], pretrained_sd) for t in tasks]
+        merged = self.merged
+        self.experts = nn.ModuleList([self._build_patches(experts[t], lams[t], merged, pretrained_sd)
+                                      for t in tasks])
         self._scratch: dict[str, Tensor] = {}
-        self.heads.to(self.device)  # heads and router follow the merged tensors (as .to() would)
-        if isinstance(router, nn.Module):
-            router.to(self.device)
 
     # -- construction helpers --------------------------------------------------------------------
     @torch.no_grad()
-    def _build_patches(self, expert: Expert, lam: float, pretrained_sd) -> list:
-        patches: list = []
+    def _build_patches(self, expert: Expert, lam: float, merged: Mapping[str, Tensor],
+                       pretrained_sd) -> _ExpertPatches:
+        patches = _ExpertPatches()
         if isinstance(expert, SparseExpert):
             for key in expert.keys:
-                m = self.merged[key]
-                rows, cols = _rows_cols(m.shape)
+                m = merged[key]
+                rows, cols = expert.grid(key)
                 idx = expert.indices[key].to(m.device)
                 vals = lam * expert.values[key].to(m.device).float()
                 base = (pretrained_sd[key] if self.mode == "replace" else m).to(m.device).float()
                 set_vals = (base.reshape(rows, cols).gather(1, idx.long()) + vals).to(m.dtype)
-                patches.append(_SparsePatch(key, rows, cols, idx, set_vals))
+                patches.add(key, "sparse", (rows, cols), idx.clone(), set_vals)
         else:
             assert isinstance(expert, LowRankExpert)
             for key, (b, a) in expert.factors.items():
-                m = self.merged[key]
-                patches.append(_LowRankPatch(key, b.shape[0], a.shape[1], b.to(m.device), a.to(m.device), lam))
+                m = merged[key]
+                patches.add(key, "lowrank", (b.shape[0], a.shape[1]), (lam * b).to(m.device), a.to(m.device).clone())
         return patches
 
-    def _apply(self, fn, *args, **kwargs):
-        super()._apply(fn, *args, **kwargs)
-        self.merged = {k: fn(v) for k, v in self.merged.items()}
-        for patches in self._patches:
-            for p in patches:
-                p.map(fn)
-        self._scratch = {}
-        # Non-persistent buffers are not in merged_sd: functional_call reads them from the module, so
-        # they (and only they) follow the model; the module's parameters are left alone.
-        persistent = set(self.merged)
-        for name, buf in list(self.backbone.named_buffers()):
-            if name not in persistent:
-                owner_name, _, leaf = name.rpartition(".")
-                owner = self.backbone.get_submodule(owner_name) if owner_name else self.backbone
-                owner._buffers[leaf] = fn(buf)
-        return self
+    @property
+    def merged(self) -> dict[str, Tensor]:
+        """The merged backbone tensors (parameters and persistent buffers), shared with the model."""
+        return {k: v.detach() for k, v in self.backbone.state_dict(keep_vars=True).items()}
 
     @property
     def device(self) -> torch.device:
         return next(iter(self.merged.values())).device
 
     # -- applying experts ------------------------------------------------------------------------
-    def _buffer(self, key: str) -> Tensor:
-        m = self.merged[key]
+    def _buffer(self, key: str, m: Tensor) -> Tensor:
         buf = self._scratch.get(key)
         if buf is None or buf.shape != m.shape or buf.dtype != m.dtype or buf.device != m.device:
             buf = self._scratch[key] = torch.empty_like(m)
@@ -428,27 +426,28 @@ class FreeMergedModel(nn.Module):
         A key touched by exactly one sparse patch with weight 1 is patched in place and restored
         exactly; every other touched key gets ``merged + sum_t w_t * delta_t`` in a reusable buffer.
         """
-        by_key: dict[str, list[tuple[float, object]]] = {}
+        by_key: dict[str, list] = {}
         for t, w in weights.items():
             if w != 0.0:
-                for p in self._patches[t]:
-                    by_key.setdefault(p.key, []).append((float(w), p))
-        params = dict(self.merged)
+                for key, kind, grid, first, second in self.experts[t].patches():
+                    by_key.setdefault(key, []).append((float(w), kind, grid, first, second))
+        merged = self.merged
+        params = dict(merged)
         saved: list[tuple[Tensor, Tensor, Tensor]] = []
         try:
             for key, items in by_key.items():
-                m2d = self.merged[key].view(items[0][1].rows, items[0][1].cols)
-                if len(items) == 1 and items[0][0] == 1.0 and isinstance(items[0][1], _SparsePatch):
-                    p = items[0][1]
-                    idx = p.idx.long()
+                m2d = merged[key].view(items[0][2])
+                if len(items) == 1 and items[0][0] == 1.0 and items[0][1] == "sparse":
+                    _, _, _, idx, vals = items[0]
+                    idx = idx.long()
                     saved.append((m2d, idx, m2d.gather(1, idx)))
-                    m2d.scatter_(1, idx, p.set_vals)
+                    m2d.scatter_(1, idx, vals)
                 else:
-                    buf = self._buffer(key)
+                    buf = self._buffer(key, merged[key])
                     buf2d = buf.view(m2d.shape)
                     buf2d.copy_(m2d)
-                    for w, p in items:
-                        p.add_delta_(buf2d, m2d, w)
+                    for w, kind, _, first, second in items:
+                        _add_delta_(kind, first, second, buf2d, m2d, w)
                     params[key] = buf
             yield params
         finally:

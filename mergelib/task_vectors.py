@@ -430,14 +430,6 @@ class FlatLayout:
         i = self.index(key)
         return vec[..., self.segment(key)].reshape(*vec.shape[:-1], *self.shapes[i])
 
-    def groups_by_shape(self, ndim: int | None = None) -> dict[tuple[int, ...], list[str]]:
-        """Keys grouped by tensor shape (optionally only shapes with ``ndim`` dims), for batching."""
-        out: dict[tuple[int, ...], list[str]] = {}
-        for k, s in zip(self.keys, self.shapes):
-            if ndim is None or len(s) == ndim:
-                out.setdefault(s, []).append(k)
-        return out
-
 
 def flatten(tvs: Sequence[Mapping[str, Tensor]] | Mapping[str, Tensor], keys: Sequence[str] | None = None,
             dtype: torch.dtype = torch.float32, subtract: Mapping[str, Tensor] | None = None,

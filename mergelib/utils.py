@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import random
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -103,20 +104,52 @@ def check_close(mine: Any, ref: Any, name: str = "result", rtol: float = 1e-5, a
     return maxdiff
 
 
+STALE_TMP_AGE_S = 3600.0
+
+
+def sweep_stale_temporaries(folder: str | os.PathLike, max_age_s: float = STALE_TMP_AGE_S) -> list[Path]:
+    """Remove the hidden temporaries ``.<name>.*.tmp`` that :func:`atomic_files` leaves behind when a
+    save is killed (SIGKILL, power loss: no ``finally`` runs), if older than ``max_age_s`` seconds.
+
+    Younger ones are kept (another process may be writing them). Returns the removed paths.
+    """
+    removed = []
+    now = time.time()
+    for p in Path(folder).glob(".*.tmp"):
+        try:
+            if p.is_file() and now - p.stat().st_mtime > max_age_s:
+                p.unlink()
+                removed.append(p)
+        except FileNotFoundError:  # removed concurrently
+            pass
+    return removed
+
+
+def _fsync_path(path: str | os.PathLike, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def atomic_files(*targets: str | os.PathLike) -> Iterator[list[str]]:
     """Write files so that each appears complete or not at all.
 
-    Yields one temporary path per target, in the target's folder. When the block ends without an
-    exception, each temporary file gets ordinary permissions (``mkstemp`` creates 0600) and is renamed
-    onto its target *in the order given*, so the file that marks a set as complete goes last. On any
-    exception (an interrupt included) the temporary files are removed and the targets are untouched.
+    Yields one temporary path per target, in the target's folder (stale temporaries of killed saves
+    in that folder are swept first, :func:`sweep_stale_temporaries`). When the block ends without an
+    exception, each temporary file is flushed to disk (``fsync``), gets ordinary permissions
+    (``mkstemp`` creates 0600) and is renamed onto its target *in the order given*, so the file that
+    marks a set as complete goes last; then the folder is synced. On any exception (an interrupt
+    included) the temporary files are removed and the targets are untouched.
     """
     paths = [Path(t) for t in targets]
     tmps: list[str] = []
     try:
         for p in paths:
             p.parent.mkdir(parents=True, exist_ok=True)
+            sweep_stale_temporaries(p.parent)
             fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
             os.close(fd)
             tmps.append(tmp)
@@ -124,8 +157,12 @@ def atomic_files(*targets: str | os.PathLike) -> Iterator[list[str]]:
         umask = os.umask(0)
         os.umask(umask)
         for tmp, p in zip(tmps, paths):
+            _fsync_path(tmp)
             os.chmod(tmp, 0o666 & ~umask)
             os.replace(tmp, p)
+        for folder in {p.parent for p in paths}:
+            if os.name == "posix":
+                _fsync_path(folder, directory=True)
     finally:
         for tmp in tmps:
             if os.path.exists(tmp):
@@ -146,3 +183,20 @@ def progress_bar(iterable=None, **kwargs) -> tqdm:
     """
     kwargs.setdefault("mininterval", PROGRESS_MININTERVAL)
     return tqdm(iterable, **kwargs)
+
+
+def minibatch_indices(n: int, batch_size: int, steps: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """``steps`` index tensors of ``min(batch_size, n)`` samples, drawn without replacement per epoch.
+
+    A fresh ``torch.randperm(n, generator=generator)`` starts each epoch, and an epoch ends when fewer
+    than a full batch is left (the remainder is skipped), so every batch has the same size.
+    """
+    if n < 1 or batch_size < 1 or steps < 0:
+        raise ValueError(f"need n >= 1, batch_size >= 1 and steps >= 0, got {n}, {batch_size}, {steps}")
+    bs = min(batch_size, n)
+    order, pos = torch.randperm(n, generator=generator), 0
+    for _ in range(steps):
+        if pos + bs > n:
+            order, pos = torch.randperm(n, generator=generator), 0
+        yield order[pos:pos + bs]
+        pos += bs

@@ -32,7 +32,7 @@ from . import data as mdata
 from .data import PROJECT_ROOT, TaskData
 from .models import Classifier, ViT
 from .training import evaluate, extract_features, train_classifier, train_linear_probe, train_multitask
-from .utils import atomic_files, resolve_device, resolve_profile, versions
+from .utils import atomic_files, resolve_device, resolve_profile, sweep_stale_temporaries, versions
 
 ZOO_ENV = "MERGELIB_ZOO"
 ZOO_FORMAT = 1
@@ -110,6 +110,9 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
             record = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CorruptCheckpointError(f"checkpoint record {rec_path} is unreadable: {exc}") from exc
+    if not isinstance(record, dict):
+        raise CorruptCheckpointError(f"checkpoint record {rec_path} is not a JSON object "
+                                     f"(got {type(record).__name__})")
     if not path.exists():
         raise CorruptCheckpointError(f"checkpoint record {rec_path.name} exists but its tensors {path} are missing")
     digest = _sha256(path)
@@ -137,6 +140,8 @@ def load_or_train(name: str, config: Mapping, train_fn: Callable[[], tuple[dict,
         raise ValueError(f"on_corrupt must be 'raise' or 'retrain', got {on_corrupt!r}")
     h = config_hash(config)
     path = zoo_dir(profile, root) / f"{name}-{h}.safetensors"
+    if path.parent.is_dir():
+        sweep_stale_temporaries(path.parent)  # left by saves that were killed (no `finally` ran)
     if not retrain:
         try:
             tensors, record = load_checkpoint(path, device)

@@ -180,6 +180,14 @@ def test_zip_features_hand_example():
     assert score == pytest.approx((0.95 + 0.3) / 2)
 
 
+def _trunk_keys(res, stop):
+    from mergelib.align.zipit import _steps
+    steps, _ = _steps(res.model.trunk)
+    names = [s[0] for s in steps]
+    prefixes = tuple(p for _, ps, _ in steps[:names.index(stop) + 1] for p in ps)
+    return {k for k in res.state_dict if k.startswith(prefixes)}
+
+
 @pytest.mark.parametrize("name,stop", [("mlp", "layers.0"), ("resnet20", "layer2.1"), ("resnet20", "layer1.2")])
 def test_partial_zip_returns_multi_head_model(name, stop):
     make, shape = CASES[name]
@@ -201,6 +209,15 @@ def test_partial_zip_returns_multi_head_model(name, stop):
     with torch.no_grad():
         out_a, out_b = res2.model(x)
     assert out_a.shape == out_b.shape == ref.shape and not torch.allclose(out_a, out_b)
+    # past the stop node the state dict holds A's layers with real BN statistics (A's branch), not
+    # reset ones (mean 0, var 1)
+    branch_a = res2.model.branches[0].state_dict()
+    post = [k for k in res2.state_dict if k.endswith("running_var") and k not in _trunk_keys(res2, stop)]
+    if name == "resnet20":
+        assert post
+    for k in post:
+        torch.testing.assert_close(res2.state_dict[k], branch_a[k])
+        assert not torch.equal(res2.state_dict[k], torch.ones_like(res2.state_dict[k]))
     with pytest.raises(ValueError, match="stop_node 'nope' is not a node"):
         zipit(model, other, data, stop_node="nope")
 

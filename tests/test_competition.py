@@ -277,9 +277,9 @@ def test_pcb_paper_matches_reference():
 
 def test_pcb_errors():
     x = torch.ones(2, 10)
-    with pytest.raises(ValueError, match="ratio=0"):
+    with pytest.raises(ValueError, match="density=0"):
         pcb_merge(x, 0)
-    with pytest.raises(ValueError, match="ratio=1.2"):
+    with pytest.raises(ValueError, match="density=1.2"):
         pcb_merge(x, 1.2)
     with pytest.raises(ValueError, match="mode='exact'"):
         pcb_merge(x, 0.1, mode="exact")
@@ -287,3 +287,75 @@ def test_pcb_errors():
         pcb_merge(x, 0.1, lambdas=[1, 1, 1])
     with pytest.raises(ValueError, match="N x D"):
         pcb_merge(torch.ones(10), 0.1)
+
+
+# ----------------------------------------------------------------------------------------------
+# non-finite inputs, sign election ties (mergekit/peft), device-independent DARE
+# ----------------------------------------------------------------------------------------------
+def _with(value, shape=(3, 50), at=(1, 7)):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    x[at] = value
+    return x
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_public_functions_reject_non_finite_task_vectors(bad):
+    from mergelib.competition import dare_flat, disjoint_mean, pcb_scores, trim
+    from mergelib.task_vectors import FlatLayout, NonFiniteError
+    x = _with(bad)
+    layout = FlatLayout.from_shapes({"w": (50,)})
+    for call in (lambda: pcb_merge(x, 0.2, mode="paper"), lambda: pcb_merge(x, 0.2), lambda: pcb_scores(x),
+                 lambda: ties_merge(x, 0.2), lambda: trim(x, 0.2), lambda: elect_sign(x),
+                 lambda: disjoint_mean(x, torch.ones(50)), lambda: dare_flat(x, 0.5, layout, 0)):
+        with pytest.raises(NonFiniteError, match=r"non-finite values \((1 NaN, 0 inf|0 NaN, 1 inf)\)"):
+            call()
+
+
+def test_count_rule_resolves_tied_counts_to_plus_one():
+    t = torch.tensor([[1.0, -1.0, 0.0, -2.0], [-1.0, 1.0, 0.0, -3.0]])  # counts 0, 0, 0, -2
+    assert elect_sign(t, "count").tolist() == [1.0, 1.0, 1.0, -1.0]
+    neg = torch.tensor([[1.0, -5.0, -5.0], [-1.0, -5.0, -5.0]])  # the global majority is negative
+    assert elect_sign(neg, "count").tolist() == [1.0, -1.0, -1.0]
+    # the mass rule keeps the official zero resolution (majority sign of the vector)
+    assert elect_sign(torch.tensor([[1.0, -5.0], [-1.0, -5.0]]), "mass").tolist() == [-1.0, -1.0]
+
+
+def _peft_merge_utils():
+    import importlib.util
+    spec = importlib.util.find_spec("peft")
+    if spec is None:
+        pytest.skip("peft is not installed (pip install --no-deps peft)")
+    path = f"{spec.submodule_search_locations[0]}/utils/merge_utils.py"  # torch-only file
+    mod_spec = importlib.util.spec_from_file_location("peft_merge_utils", path)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    return mod
+
+
+def test_ties_matches_peft_where_rules_coincide():
+    peft = _peft_merge_utils()
+    g = torch.Generator().manual_seed(3)
+    tv = torch.randint(-1, 2, (4, 3072), generator=g).float() * torch.rand(4, 3072, generator=g)
+    ours = elect_sign(tv, "count")
+    theirs = peft.calculate_majority_sign_mask(tv, method="frequency")
+    assert torch.equal(theirs, torch.sign(tv) == ours)
+    # whole TIES at density 1 (no trim: peft keeps exactly k by topk, TIES keeps ties by kthvalue)
+    ref = peft.ties(tv, torch.ones(4), density=1.0, majority_sign_method="frequency")
+    torch.testing.assert_close(ties_merge(tv, 1.0, sign_rule="count"), ref, rtol=0, atol=1e-6)
+    mass = peft.ties(tv, torch.ones(4), density=1.0, majority_sign_method="total")
+    nonzero = tv.sum(0) != 0  # peft resolves a zero sum to +1, the official TIES code to the majority
+    torch.testing.assert_close(ties_merge(tv, 1.0)[nonzero], mass[nonzero], rtol=0, atol=1e-6)
+
+
+def test_dare_masks_do_not_depend_on_the_device():
+    from mergelib.competition import dare_flat, dare_state_dict
+    from mergelib.task_vectors import FlatLayout
+    x = torch.randn(2, 30, generator=torch.Generator().manual_seed(0))
+    layout = FlatLayout.from_shapes({"a": (5, 4), "b": (10,)})
+    ref = dare_flat(x, 0.5, layout, seed=7)
+    sd = dare_state_dict({"a": x[0, :20].view(5, 4), "b": x[0, 20:]}, 0.5, seed=7, task=0)
+    torch.testing.assert_close(torch.cat([sd["a"].reshape(-1), sd["b"]]), ref[0])
+    if torch.cuda.is_available():
+        torch.testing.assert_close(dare_flat(x.cuda(), 0.5, layout, seed=7).cpu(), ref)
+    with pytest.raises(ValueError, match="seed=True"):
+        dare_flat(x, 0.5, layout, seed=True)

@@ -9,6 +9,7 @@ from torch.func import functional_call
 
 from mergelib.experts import (Expert, LowRankExpert, SparseExpert, allocate_ranks, expert_scale,
                               extract_expert, free_params, load_expert, train_expert)
+from mergelib.hparams import HyperparameterError
 from mergelib.models import ViT
 
 
@@ -39,7 +40,7 @@ def test_k1_with_zero_backbone_gives_pretrained_plus_rescaled_task_vector():
 @pytest.mark.parametrize("k", [0.01, 0.1, 0.29, 0.5, 0.999, 1.0])
 def test_per_row_density_is_floor_cols_times_k_and_keeps_the_largest(k):
     tau = _rand_sd(SHAPES, 2)
-    e = extract_expert(tau, k, rescale=None)
+    e = extract_expert(tau, k, rescale=None, budget="row_floor")
     for key, t in tau.items():
         cols = t.shape[-1]
         rows = t.numel() // cols
@@ -66,17 +67,18 @@ def test_official_and_paper_rescale_by_hand():
     m = [15 / 8, 3 / 2]
     e_fr = (0.5 + 0.25) / 2
     mu_official = -math.log10(k) * (sum(m) / 2 / k) / e_fr
-    e = extract_expert(tau, k, rescale="official", filtered_tv=fr)
+    e = extract_expert(tau, k, rescale="official", filtered_tv=fr, budget="row_floor")
     assert e.mu == pytest.approx(mu_official, rel=1e-6)
     torch.testing.assert_close(e.to_dense()["a"], mu_official * torch.tensor(
         [[4.0, 0, 0, 2.0], [0, 0, 3.0, -6.0]]))
     e_raw = (sum(abs(v) for v in tau["a"].flatten().tolist()) / 8 + 2.0) / 2
     lam = 0.4
     mu_paper = -(sum(m) / 2) * math.log(k) / (lam * e_raw)
-    assert extract_expert(tau, k, rescale="paper", lam=lam).mu == pytest.approx(mu_paper, rel=1e-6)
+    assert extract_expert(tau, k, rescale="paper", lam=lam, budget="row_floor").mu == pytest.approx(mu_paper, rel=1e-6)
     mu_paper_fr = -(sum(m) / 2) * math.log(k) / (lam * e_fr)
-    assert extract_expert(tau, k, "paper", filtered_tv=fr, lam=lam).mu == pytest.approx(mu_paper_fr, rel=1e-6)
-    assert expert_scale(m, [0.5, 0.25], k, "official") == pytest.approx(mu_official)
+    assert extract_expert(tau, k, "paper", filtered_tv=fr, lam=lam, budget="row_floor").mu == pytest.approx(mu_paper_fr, rel=1e-6)
+    kept_means = [15 / 4, 3.0]  # mean |kept entries|: a {4, 2, 3, 6}, b {3}
+    assert expert_scale(kept_means, [0.5, 0.25], k, "official") == pytest.approx(mu_official)
 
 
 def test_add_and_replace_differ_exactly_on_the_support():
@@ -107,9 +109,10 @@ def test_sparse_storage_round_trips_exactly_with_exact_bytes(tmp_path):
         dense[key] = t if key != "bias" else t.view(cols)
     ks = {"w8": 3 / 16, "w16": 7 / 300 + 1e-9, "w32": 4 / 40000 + 1e-12, "bias": 2 / 9 + 1e-9}
     for key, k in ks.items():
-        e = extract_expert({key: dense[key]}, k, rescale=None)
+        e = extract_expert({key: dense[key]}, k, rescale=None, budget="row_floor")
         assert torch.equal(e.to_dense()[key], dense[key])  # dense -> sparse -> dense is exact
-    e = SparseExpert(*_merge_parts([extract_expert({key: dense[key]}, k, rescale=None) for key, k in ks.items()]))
+    e = SparseExpert(*_merge_parts([extract_expert({key: dense[key]}, k, rescale=None, budget="row_floor")
+                                    for key, k in ks.items()]))
     assert {k: v.dtype for k, v in e.indices.items()} == {
         "w8": torch.uint8, "w16": torch.int16, "w32": torch.int32, "bias": torch.uint8}
     expected = 5 * 3 * (4 + 1) + 3 * 7 * (4 + 2) + 1 * 4 * (4 + 4) + 1 * 2 * (4 + 1)
@@ -148,7 +151,7 @@ def test_to_moves_and_casts_values_only():
 def test_error_cases():
     tau = _rand_sd(SHAPES, 8)
     for bad in (0, 0.0, -0.1, 1.5, float("nan"), True):
-        with pytest.raises(ValueError, match=r"k must be in \(0, 1\]"):
+        with pytest.raises(HyperparameterError, match=r"k=.*expected a finite real number in \(0, 1\]"):
             extract_expert(tau, bad, rescale=None)
     with pytest.raises(ValueError, match="needs filtered_tv"):
         extract_expert(tau, 0.1)
@@ -225,3 +228,80 @@ def test_trained_expert_respects_budget_and_reduces_training_loss(tmp_path):
     assert all(torch.equal(back.to_dense()[k], e.to_dense()[k]) for k in e.keys)
     torch.testing.assert_close(free_params(merged, {}, 0.0, e, 0.5)[e.keys[0]],
                                merged[e.keys[0]] + 0.5 * e.to_dense()[e.keys[0]])
+
+
+# ----------------------------------------------------------------------------------------------
+# budgets, rounding, mu over the kept entries, checksums
+# ----------------------------------------------------------------------------------------------
+def test_budget_count_rounds_exactly():
+    from mergelib.experts import budget_count
+    assert int(100 * 0.29) == 28  # the floating-point trap
+    assert budget_count(100, 0.29) == 29 and budget_count(100, 0.29, "round") == 29
+    assert budget_count(64, 0.01) == 0 and budget_count(64, 0.01, "round") == 1
+    assert budget_count(768, 0.01) == 7 and budget_count(10, 0.25, "round") == 3  # 2.5 rounds half up
+    tau = {"w": torch.arange(1.0, 101.0).view(1, 100)}
+    for budget in ("row_floor", "row_min1", "tensor"):
+        assert extract_expert(tau, 0.29, rescale=None, budget=budget).num_stored == 29
+
+
+def test_budgets_by_hand():
+    t = torch.tensor([[0.1, -5.0, 0.2, 0.3], [0.4, 0.5, -0.6, 0.7], [9.0, 8.0, 0.0, -7.0]])
+    tau = {"w": t}
+    # k = 0.2: floor(4 * 0.2) = 0 per row, round(12 * 0.2) = 2 per tensor
+    floor = extract_expert(tau, 0.2, rescale=None, budget="row_floor")
+    assert floor.num_stored == 0 and not floor.support_mask("w").any()  # every row empty
+    min1 = extract_expert(tau, 0.2, rescale=None, budget="row_min1")
+    assert min1.support_mask("w").tolist() == [[False, True, False, False], [False, False, False, True],
+                                               [True, False, False, False]]  # the largest |.| of each row
+    assert torch.equal(min1.to_dense()["w"], torch.where(min1.support_mask("w"), t, 0.0))
+    whole = extract_expert(tau, 0.2, rescale=None, budget="tensor")
+    assert whole.layouts["w"] == "flat" and whole.grid("w") == (1, 12)
+    assert whole.support_mask("w").tolist() == [[False] * 4, [False] * 4, [True, True, False, False]]  # 9, 8
+    assert torch.equal(whole.to_dense()["w"], torch.where(whole.support_mask("w"), t, 0.0))
+    theta0 = {"w": torch.ones(3, 4)}
+    for mode in ("add", "replace"):  # the flat layout applies like the row layout
+        torch.testing.assert_close(free_params(theta0, {}, 1.0, whole, 1.0, mode)["w"], theta0["w"] + whole.to_dense()["w"])
+    with pytest.raises(HyperparameterError, match="budget='rows'"):
+        extract_expert(tau, 0.2, rescale=None, budget="rows")
+
+
+def test_mu_uses_kept_entries_only():
+    g = torch.Generator().manual_seed(0)
+    tau = {"a": torch.randn(4, 200, generator=g), "b": torch.randn(8, 300, generator=g)}
+    fr = {k: 0.5 * v for k, v in tau.items()}
+    for budget in ("row_floor", "tensor", "row_min1"):
+        for rescale in ("official", "paper"):
+            mu = extract_expert(tau, 0.01, rescale, filtered_tv=fr, budget=budget).mu
+            # an all-zero tensor, or a narrow one that keeps nothing, must not move mu
+            more = dict(tau, z=torch.zeros(5, 64))
+            more_fr = dict(fr, z=torch.zeros(5, 64))
+            assert extract_expert(more, 0.01, rescale, filtered_tv=more_fr, budget=budget).mu == pytest.approx(mu)
+    narrow = dict(tau, n=torch.randn(6, 64, generator=g))  # floor(64 * 0.01) = 0: nothing kept
+    narrow_fr = dict(fr, n=0.5 * narrow["n"])
+    mu = extract_expert(tau, 0.01, "official", filtered_tv=fr, budget="row_floor").mu
+    assert extract_expert(narrow, 0.01, "official", filtered_tv=narrow_fr, budget="row_floor").mu == pytest.approx(mu)
+    # official mu by hand: -log10(k) * mean over keys of mean|kept| / mean over keys of mean|FR|
+    e = extract_expert(tau, 0.01, "official", filtered_tv=fr, budget="row_floor")
+    kept = [float(e.values[k].abs().double().mean()) for k in tau]  # values are mu * tau: divide back
+    ref = [float(fr[k].abs().double().mean()) for k in tau]
+    m_top = sum(kept) / 2 / e.mu
+    assert e.mu == pytest.approx(2 * m_top / (sum(ref) / 2), rel=1e-6)
+
+
+def test_expert_file_checksum_catches_a_flipped_byte(tmp_path):
+    from mergelib.experts import CorruptExpertError
+    e = extract_expert(_rand_sd(SHAPES, 9), 0.25, rescale=1.5)
+    path = e.save(tmp_path / "e.safetensors")
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0x01  # a bit of the last tensor's data
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(CorruptExpertError, match="is damaged: SHA-256"):
+        load_expert(bad)
+    back = load_expert(path)
+    assert all(torch.equal(back.to_dense()[k], e.to_dense()[k]) for k in e.keys)
+    from safetensors.torch import save_file
+    save_file({k: v for k, v in e.state_dict().items()}, tmp_path / "old.safetensors",
+              metadata={"mergelib_expert": __import__("json").dumps(e.config())})
+    with pytest.raises(CorruptExpertError, match="carries no checksum"):
+        load_expert(tmp_path / "old.safetensors")

@@ -153,3 +153,34 @@ def test_fr_merge_pieces():
     torch.testing.assert_close(paper, fr_paper_coefficients(x) @ x, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="align='max'"):
         fr_merge(x, layout, align="max")
+
+
+def test_fr_rejects_nan_ratio_and_non_finite_input_and_1d_matrix():
+    from mergelib.hparams import HyperparameterError
+    from mergelib.task_vectors import FlatLayout, NonFiniteError
+    w = torch.randn(4, 6)
+    for call in (lambda: fr_filter(w, float("nan")), lambda: fr_mask((4, 6), float("nan")),
+                 lambda: fr_filter(w, float("inf")), lambda: fr_filter(w, True), lambda: fr_mask((4, 6), "0.7")):
+        with pytest.raises(HyperparameterError, match="ratio="):
+            call()
+    w[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="1 NaN"):
+        fr_filter(w, 0.7)
+    with pytest.raises(ValueError, match=r"must be an N x D tensor, got \(5,\)"):
+        fr_merge(torch.randn(5), FlatLayout.from_shapes({"w": (5,)}))
+
+
+def test_fr_merge_says_which_tensors_it_filters():
+    import mergelib as ml
+    from mergelib.fourier import FRFilterWarning, fr_filtered_keys
+    from mergelib.task_vectors import FlatLayout
+    layout = FlatLayout.from_shapes({"conv.weight": (4, 3, 3, 3), "fc.weight": (4, 6), "fc.bias": (4,)})
+    assert fr_filtered_keys(layout) == ["fc.weight"]
+    x = torch.randn(2, layout.D)
+    with pytest.warns(FRFilterWarning, match=r"1 selected tensor\(s\) with more than 2 dims .*conv.weight "
+                                             r"\(4, 3, 3, 3\).*filtered: 1 tensor\(s\) \(fc.weight\)"):
+        fr_merge(x, layout)
+    pre = {"conv.weight": torch.randn(4, 3, 3, 3)}
+    fts = [{"conv.weight": pre["conv.weight"] + 0.1 * torch.randn(4, 3, 3, 3)} for _ in range(2)]
+    with pytest.raises(ValueError, match="none of the 1 selected tensors is 2-D"):
+        ml.merge(pre, fts, "fr")

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from mergelib.competition import pcb_merge
+from mergelib.hparams import HyperparameterError
 from mergelib.merging import METHODS, merge
 from mergelib.models import ViT
 from mergelib.task_vectors import NonFiniteError, StateDictKeyError, StateDictShapeError, flatten
@@ -56,7 +57,7 @@ def test_identical_models_merge_to_themselves(vit):
     same = [fts[0]] * 3
     for method, scale, hp in [("average", None, {}), ("task_arithmetic", 1 / 3, {}),
                               ("ties", 1.0, {"density": 1.0}), ("fr", 1 / 3, {"ratio": 10.0}),
-                              ("pcb", 1.0, {"ratio": 1.0})]:
+                              ("pcb", 1.0, {"density": 1.0})]:
         out = merge(pre, same, method, scale=scale, rules=None, **hp)
         for k in pre:
             if method == "pcb":  # tau' (clipped): equal to tau except at the clipped extremes
@@ -84,7 +85,7 @@ def test_per_task_scales(vit):
     out = merge(pre, fts, "task_arithmetic", scale=lams)
     k = "blocks.1.mlp.fc2.weight"
     _close(out[k], pre[k] + sum(l * (f[k] - pre[k]) for l, f in zip(lams, fts)))
-    pcb = merge(pre, fts, "pcb", scale=[0.9, 1.1, 1.2], ratio=0.1)
+    pcb = merge(pre, fts, "pcb", scale=[0.9, 1.1, 1.2], density=0.1)
     x, layout = flatten(fts, sorted(pre), subtract=pre)
     ref = pcb_merge(x, 0.1, lambdas=[0.9, 1.1, 1.2])
     _close(pcb[k], pre[k] + ref[layout.segment(k)].view_as(pre[k]))
@@ -132,12 +133,16 @@ def test_errors_name_the_parameter(vit):
     with pytest.raises(ValueError, match="unknown method 'magic'"):
         merge(pre, fts, "magic")
     for hp, msg in [({"density": 0.0}, "density=0.0"), ({"density": 1.5}, "density=1.5"),
-                    ({"trim": "row"}, "trim='row'")]:
+                    ({"granularity": "row"}, "granularity='row'")]:
         with pytest.raises(ValueError, match=msg):
             merge(pre, fts, "ties", **hp)
-    with pytest.raises(ValueError, match="ratio=0"):
-        merge(pre, fts, "pcb", ratio=0)
-    with pytest.raises(ValueError, match="ratio=-0.1 for method 'fr'"):
+    with pytest.raises(HyperparameterError, match="method 'pcb': density=0 is out of range"):
+        merge(pre, fts, "pcb", density=0)
+    with pytest.raises(TypeError, match=r"unknown hyperparameter\(s\) \['ratio'\] for method 'pcb'"):
+        merge(pre, fts, "pcb", ratio=0.1)  # renamed to density
+    with pytest.raises(TypeError, match=r"unknown hyperparameter\(s\) \['trim'\] for method 'ties'"):
+        merge(pre, fts, "ties", trim="tensor")  # renamed to granularity
+    with pytest.raises(HyperparameterError, match=r"method 'fr': ratio=-0.1 is out of range"):
         merge(pre, fts, "fr", ratio=-0.1)
     with pytest.raises(ValueError, match="p=1.0"):
         merge(pre, fts, "dare_ta", p=1.0)

@@ -196,3 +196,35 @@ def test_error_cases(zoo):
         FreeMergedModel(z["vit"], z["merged"], z["experts"], z["heads"], OracleRouter(["a", "b"]))
     with pytest.raises(ValueError, match="non-empty"):
         train_router({"a": torch.zeros(0, 4)})
+
+
+def test_model_is_an_ordinary_module_whose_state_dict_round_trips(zoo):
+    z = zoo
+    router = train_router({t: torch.randn(6, 16, generator=torch.Generator().manual_seed(i))
+                           for i, t in enumerate(TASKS)}, steps=3, progress=False)
+    caller = {"vit": {k: v.clone() for k, v in z["vit"].state_dict().items()},
+              "heads": {t: {k: v.clone() for k, v in h.state_dict().items()} for t, h in z["heads"].items()},
+              "router": {k: v.clone() for k, v in router.state_dict().items()}}
+    model = FreeMergedModel(z["vit"], z["merged"], z["experts"], z["heads"], router, lam_e=LAM_E)
+    sd = model.state_dict()
+    assert any(k.startswith("backbone.") for k in sd) and any(k.startswith("experts.") for k in sd)
+    assert any(k.startswith("router.") for k in sd) and any(k.startswith("heads.") for k in sd)
+    assert all(torch.equal(sd[f"backbone.{k}"], v) for k, v in z["merged"].items())
+    out = model(z["x"])
+    model.to(torch.float64)  # moves and casts the model's own copies only
+    assert all(h.weight.dtype == torch.float32 for h in z["heads"].values())
+    assert all(p.dtype == torch.float32 for p in router.parameters())
+    assert all(torch.equal(v, caller["vit"][k]) for k, v in z["vit"].state_dict().items())
+    assert all(torch.equal(v, caller["heads"][t][k]) for t, h in z["heads"].items() for k, v in h.state_dict().items())
+    model.to(torch.float32)
+    # a model built from other weights and experts of the same structure becomes this one
+    other_experts = {t: extract_expert({k: -v for k, v in
+                                        {k: e.to_dense()[k] for k in e.keys}.items()}, 0.25, rescale=1.0)
+                     for t, e in z["experts"].items()}
+    other = FreeMergedModel(z["vit"], z["theta0"], other_experts, z["heads"], router, lam_e=2.0)
+    assert not torch.allclose(other(z["x"], task="a").logits, model(z["x"], task="a").logits)
+    other.load_state_dict(sd)
+    torch.testing.assert_close(other(z["x"], task="a").logits, model(z["x"], task="a").logits)
+    again = other(z["x"])
+    torch.testing.assert_close(again.logits, out.logits)
+    assert torch.equal(again.task_ids, out.task_ids)

@@ -155,3 +155,27 @@ def test_atomic_files_all_or_nothing(tmp_path):
         open(tb, "w").write("new b")
     assert (a.read_text(), b.read_text()) == ("new a", "new b")
     assert oct(a.stat().st_mode & 0o777) != oct(0o600)  # ordinary permissions, not mkstemp's 0600
+
+
+@pytest.mark.parametrize("record", ["[1, 2]", "\"text\"", "3", "null"])
+def test_record_that_is_valid_json_but_not_an_object_is_corrupt(tmp_path, record):
+    path = tmp_path / "c.safetensors"
+    zoo.save_checkpoint(path, {"w": torch.ones(4)}, {"config": {}})
+    path.with_suffix(".json").write_text(record)
+    with pytest.raises(zoo.CorruptCheckpointError, match="is not a JSON object"):
+        zoo.load_checkpoint(path)
+
+
+def test_stale_temporaries_of_killed_saves_are_swept(tmp_path):
+    import os
+    import time
+    calls = []
+    zoo.load_or_train("m", {}, _counter_train(calls), "quick", root=tmp_path, verbose=False)
+    folder = tmp_path / "quick"
+    stale, fresh = folder / ".m-abc.safetensors.x1.tmp", folder / ".m-abc.safetensors.x2.tmp"
+    stale.write_bytes(b"\0" * 1000)  # what a SIGKILL during save_file leaves behind
+    fresh.write_bytes(b"\0" * 10)  # may belong to a save in progress in another process
+    old = time.time() - 2 * 3600
+    os.utime(stale, (old, old))
+    zoo.load_or_train("m", {}, _counter_train(calls), "quick", root=tmp_path, verbose=False)  # a cache hit
+    assert not stale.exists() and fresh.exists() and len(calls) == 1

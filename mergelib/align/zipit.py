@@ -238,7 +238,8 @@ class PartialZipModel(nn.Module):
 @dataclass
 class ZipResult:
     """``matches``: group -> :class:`ZipMatch`; ``state_dict``: merged weights (full zip: the whole
-    model; partial: the trunk keys are merged, the rest are A's); ``model``: the merged model (full
+    model; partial: the trunk keys are merged, the rest are model A's, as A's branch of the partial
+    model holds them: A's weights, BN statistics re-estimated there when ``reset_bn``); ``model``: the merged model (full
     zip, BN reset on ``data`` if it has BatchNorm) or a :class:`PartialZipModel`; ``scores``: group ->
     mean similarity of the merged pairs."""
 
@@ -305,4 +306,9 @@ def zipit(model_a: nn.Module, model_b: nn.Module, data: Iterable[Any], alpha: fl
     if reset_bn and has_batchnorm(model):
         reset_bn_stats(model, data, num_batches)
         merged_sd = {k: v.clone() for k, v in merged.state_dict().items()}
+        if stop_node is not None:
+            # Past the stop node the trunk copy never runs, so its BN statistics were only reset
+            # (mean 0, var 1): those layers are model A's, i.e. A's branch of the partial model.
+            branch_a = model.branches[0].state_dict()
+            merged_sd.update({k: v.clone() for k, v in branch_a.items() if not k.startswith(prefixes)})
     return ZipResult(matches, merged_sd, model, scores)
