@@ -1,6 +1,8 @@
 # The two commands of the README:
-#   make notebooks   set up (venv, package, kernel) and execute every notebook in order, in place
+#   make notebooks   set up (venv, package, kernel) and execute every notebook in order into runs/<profile>/
+#                    (the committed notebooks are left untouched)
 #   make test        set up and run all tests (unit tests + nbval on the committed notebooks)
+# Maintainers: make notebooks-inplace re-executes the committed notebooks in place and normalises them.
 # Offline? Point the suite at a copy of the datasets: MERGELIB_DATA_ROOT=/path/to/datasets make ...
 
 PYTHON   ?= python3
@@ -12,7 +14,11 @@ PROFILE  ?=
 PARAMS   := $(if $(PROFILE),-p PROFILE $(PROFILE),)
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 
-.PHONY: setup notebooks test unit nbval lab clean-zoo
+# runs/<profile>/: the profile the notebooks will pick ("auto": full with a GPU, quick without)
+RUN_PROFILE = $(if $(PROFILE),$(PROFILE),$(shell $(PY) -c "import torch; print('full' if torch.cuda.is_available() else 'quick')" 2>/dev/null || echo auto))
+RUN_DIR  ?= runs/$(RUN_PROFILE)
+
+.PHONY: setup notebooks notebooks-inplace test unit nbval lab clean-zoo
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +30,16 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 notebooks: setup
+	@mkdir -p $(RUN_DIR)
 	@for nb in $(NOTEBOOKS); do \
-	  echo "== executing $$nb $(PARAMS)"; \
+	  out="$(RUN_DIR)/$$(basename $$nb)"; \
+	  echo "== executing $$nb $(PARAMS) -> $$out"; \
+	  $(VENV)/bin/papermill --cwd notebooks --kernel python3 $(PARAMS) "$$nb" "$$out" || exit 1; \
+	done
+
+notebooks-inplace: setup
+	@for nb in $(NOTEBOOKS); do \
+	  echo "== executing $$nb $(PARAMS) in place"; \
 	  $(VENV)/bin/papermill --cwd notebooks --kernel python3 $(PARAMS) "$$nb" "$$nb" || exit 1; \
 	done
 	$(PY) tools/normalize_notebooks.py $(NOTEBOOKS)

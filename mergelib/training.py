@@ -16,10 +16,10 @@ from torch import nn
 
 from .data import TaskData, normalize
 from .data import augment as augment_images
-from .utils import progress_bar
+from .utils import minibatch_indices, progress_bar
 
 __all__ = ["train_classifier", "train_multitask", "evaluate", "extract_features", "train_linear_probe",
-           "predict_logits", "cosine_lr", "minibatches"]
+           "predict_logits", "cosine_lr"]
 
 
 def cosine_lr(step: int, total: int, base_lr: float, warmup: int) -> float:
@@ -28,18 +28,6 @@ def cosine_lr(step: int, total: int, base_lr: float, warmup: int) -> float:
         return base_lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def minibatches(n: int, batch_size: int, generator: torch.Generator):
-    """Endless seeded minibatch indices: a fresh random permutation of ``range(n)`` per epoch, cut
-    into batches of ``min(batch_size, n)`` (the last incomplete batch of an epoch is dropped)."""
-    if n <= 0 or batch_size <= 0:
-        raise ValueError(f"need n > 0 and batch_size > 0, got n={n}, batch_size={batch_size}")
-    bs = min(batch_size, n)
-    while True:
-        perm = torch.randperm(n, generator=generator)
-        for pos in range(0, n - bs + 1, bs):
-            yield perm[pos:pos + bs]
 
 
 def _autocast(device: torch.device, amp: bool):
@@ -116,7 +104,7 @@ def train_classifier(model: nn.Module, data: TaskData, steps: int, lr: float = 1
         data = data.to(device)
     gen = torch.Generator().manual_seed(seed)
     params = list(model.parameters()) if params is None else list(params)
-    batches = minibatches(len(data), batch_size, gen)
+    batches = minibatch_indices(len(data), batch_size, steps, gen)
 
     def batch_loss(step: int) -> torch.Tensor:
         idx = next(batches).to(device)
@@ -157,7 +145,7 @@ def train_multitask(backbone: nn.Module, heads: dict[str, nn.Module], data: dict
     data = {k: (d if d.x.device == device else d.to(device)) for k, d in data.items()}
     gen = torch.Generator().manual_seed(seed)
     augment = augment or {}
-    batches = {k: minibatches(len(d), batch_size, gen) for k, d in data.items()}
+    batches = {k: minibatch_indices(len(d), batch_size, steps, gen) for k, d in data.items()}
     params = list(backbone.parameters()) + [p for h in heads.values() for p in h.parameters()]
 
     def batch_loss(step: int) -> torch.Tensor:

@@ -38,7 +38,7 @@ ZOO_ENV = "MERGELIB_ZOO"
 ZOO_FORMAT = 1
 
 __all__ = ["CorruptCheckpointError", "config_hash", "zoo_dir", "save_checkpoint", "load_checkpoint",
-           "load_or_train", "VIT_PROFILES", "ViTZoo", "vit_zoo"]
+           "load_or_train", "VIT_PROFILES", "ViTZoo", "vit_zoo", "vit_backbone_variants"]
 
 
 class CorruptCheckpointError(RuntimeError):
@@ -208,6 +208,22 @@ VIT_PROFILES: dict[str, dict] = {
         "eval": dict(val_samples=None, test_samples=None),
     },
 }
+
+
+def vit_backbone_variants(profile: str) -> dict[str, dict]:
+    """Zoo configurations that differ from the profile's only in how the backbone is pretrained, from
+    weakest to strongest: natural images only; both sources for a fifth of the steps; the profile's own
+    recipe. Probes and fine-tunes follow the same recipe, so merging results compare backbones alone
+    (notebook 01: merging works better as the pretrained model gets stronger)."""
+    import copy
+
+    base = VIT_PROFILES[profile]
+    cifar_only = copy.deepcopy(base)
+    cifar_only["pretrain"]["tasks"] = ("cifar_pretrain",)
+    short = copy.deepcopy(base)
+    short["pretrain"]["steps"] = base["pretrain"]["steps"] // 5
+    return {"natural images only": cifar_only, "+ letters, 1/5 of the steps": short,
+            "+ letters (the zoo)": copy.deepcopy(base)}
 
 
 @dataclass
