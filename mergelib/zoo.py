@@ -189,12 +189,12 @@ VIT_PROFILES: dict[str, dict] = {
     # fine-tunes stay close to theta_0 and each task is read through the head it was trained with.
     # CPU, 2 cores: the whole zoo in about ten minutes. Patch 8 gives 16 tokens + class token.
     "quick": {
-        "model": dict(image_size=32, patch_size=8, dim=96, depth=4, heads=4, mlp_ratio=4),
+        "model": dict(image_size=32, patch_size=8, dim=128, depth=4, heads=4, mlp_ratio=4),
         "pretrain": dict(tasks=("cifar_pretrain", "glyphs"), steps=2500, batch_size=64, lr=2e-3, weight_decay=0.05,
                          augment={"cifar_pretrain": {"pad": 4, "flip": True}}, label_smoothing=0.1,
                          max_samples=None),
         "probe": dict(steps=300, lr=0.1, weight_decay=1e-4, max_samples=3000),
-        "finetune": dict(steps=300, batch_size=64, lr=5e-4, weight_decay=0.0, max_samples=6000, freeze_head=True),
+        "finetune": dict(steps=400, batch_size=64, lr=2e-4, weight_decay=0.0, max_samples=6000, freeze_head=True),
         "eval": dict(val_samples=500, test_samples=1000),
     },
     # one GPU: real sizes (patch 4: 64 tokens + class token, ViT-Tiny-like width).
@@ -204,7 +204,7 @@ VIT_PROFILES: dict[str, dict] = {
                          augment={"cifar_pretrain": {"pad": 4, "flip": True}}, label_smoothing=0.1,
                          max_samples=None),
         "probe": dict(steps=300, lr=0.1, weight_decay=1e-4, max_samples=None),
-        "finetune": dict(steps=1000, batch_size=128, lr=5e-4, weight_decay=0.0, max_samples=None, freeze_head=True),
+        "finetune": dict(steps=1500, batch_size=128, lr=2e-4, weight_decay=0.0, max_samples=None, freeze_head=True),
         "eval": dict(val_samples=None, test_samples=None),
     },
 }
