@@ -8,8 +8,8 @@ therefore compares methods under one protocol, the same in every notebook:
    every task (mean accuracy over tasks, each task read through its own head), with exactly
    ``budget`` evaluated configurations per method (default :data:`DEFAULT_BUDGET`).
 2. **Log-spaced grids whose optimum is inside.** A search space is a set of :class:`LogRange` /
-   :class:`Choice` dimensions. :func:`tune` spends about half of the budget on a
-   log-spaced grid; while the best value sits on the edge of a dimension it **extends** that
+   :class:`Choice` dimensions. :func:`tune` spends about half of the budget (three quarters with
+   several dimensions) on a log-spaced grid; while the best value sits on the edge of a dimension it **extends** that
    dimension beyond the edge (one grid step, doubling in log space while it keeps moving the same
    way); the remaining evaluations **refine** around the best
    value (log midpoints). A best value that is still on an edge when the budget is spent, or that
@@ -41,8 +41,8 @@ from .utils import atomic_files, progress_bar
 __all__ = ["PROTOCOL_VERSION", "DEFAULT_BUDGET", "LogRange", "Choice", "TuneResult", "tune", "log_grid",
            "MethodResult", "Benchmark", "gap_recovery", "METHOD_SPACES"]
 
-PROTOCOL_VERSION = 1
-DEFAULT_BUDGET = 12
+PROTOCOL_VERSION = 2
+DEFAULT_BUDGET = 16
 
 
 # ------------------------------------------------------------------------------------------------
@@ -103,17 +103,20 @@ def _round(x: float) -> float:
 
 
 def _grid_sizes(space: Space, budget: int) -> dict[str, int]:
-    """Points per LogRange dimension so that the initial grid uses about half of the budget."""
+    """Points per LogRange dimension of the initial grid: about half of the budget for one dimension
+    (the rest extends or refines it), about three quarters for several (at least 3 points each when
+    the budget allows: 2 points per dimension cannot place an optimum inside)."""
     n_choice = math.prod(len(d.options) for d in space.values() if isinstance(d, Choice))
     cont = [k for k, d in space.items() if isinstance(d, LogRange)]
     if n_choice > budget:
         raise ValueError(f"budget={budget} is smaller than the {n_choice} categorical combinations")
     if not cont:
         return {}
-    avail = max(len(cont) * 2, int(0.5 * budget) // n_choice)
-    per = max(2, math.ceil(avail ** (1 / len(cont)) - 1e-9))
+    frac = 0.5 if len(cont) == 1 else 0.75
+    avail = max(len(cont) * 2, int(frac * budget) // n_choice)
+    per = max(2, math.floor(avail ** (1 / len(cont)) + 1e-9))
     sizes = {k: per for k in cont}
-    while math.prod(sizes.values()) * n_choice > max(0.5 * budget, 2 ** len(cont) * n_choice):  # trim
+    while math.prod(sizes.values()) * n_choice > max(frac * budget, 2 ** len(cont) * n_choice):  # trim
         k = max(sizes, key=sizes.get)
         if sizes[k] <= 2:
             break
@@ -261,14 +264,18 @@ def gap_recovery(merged: float, floor: float, finetuned: float) -> float:
 # ------------------------------------------------------------------------------------------------
 # the search spaces of the course's methods (one table: every notebook uses these)
 # ------------------------------------------------------------------------------------------------
-DENSITY = LogRange(0.02, 0.5, min_value=1e-4, max_value=1.0)
+# Initial ranges are centred on the papers' usual values (TA lambda 0.3; TIES lambda 1 and density 0.2;
+# PCB lambda 1.2 and r 0.05; FR c 0.7 and ratio 0.7; DARE p 0.5-0.9) and span about a decade; the
+# search extends them when an optimum lands on an edge.
+DENSITY = LogRange(0.05, 0.5, min_value=1e-4, max_value=1.0)
+DROP = LogRange(0.1, 0.9, min_value=1e-3, max_value=0.99)
 METHOD_SPACES: dict[str, dict[str, LogRange | Choice]] = {
     "task_arithmetic": {"scale": LogRange(0.05, 1.0)},
-    "ties": {"scale": LogRange(0.2, 3.0), "density": DENSITY},
-    "dare_ta": {"scale": LogRange(0.05, 1.0), "p": LogRange(0.1, 0.9, min_value=1e-3, max_value=0.99)},
-    "dare_ties": {"scale": LogRange(0.2, 3.0), "p": LogRange(0.1, 0.9, min_value=1e-3, max_value=0.99)},
-    "pcb": {"scale": LogRange(0.2, 3.0), "density": DENSITY},
-    "fr": {"scale": LogRange(0.02, 1.0), "ratio": LogRange(0.1, 1.0, min_value=1e-3, max_value=2.0)},
+    "ties": {"scale": LogRange(0.3, 3.0), "density": DENSITY},
+    "dare_ta": {"scale": LogRange(0.05, 1.0), "p": DROP},
+    "dare_ties": {"scale": LogRange(0.3, 3.0), "p": DROP},
+    "pcb": {"scale": LogRange(0.3, 3.0), "density": LogRange(0.02, 0.5, min_value=1e-4, max_value=1.0)},
+    "fr": {"scale": LogRange(0.1, 2.0), "ratio": LogRange(0.2, 1.0, min_value=1e-3, max_value=2.0)},
 }
 
 
@@ -291,6 +298,11 @@ class MethodResult:
     @property
     def average(self) -> float:
         return sum(self.test.values()) / len(self.test)
+
+    @property
+    def any_edge(self) -> bool:
+        """True when a tuned value was left on the edge of what was evaluated (or on a hard bound)."""
+        return any(v is not None for v in self.on_edge.values())
 
 
 Build = Callable[[dict], "Mapping | dict"]
