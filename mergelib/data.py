@@ -14,8 +14,9 @@ they were looked for, and how to provide them. Tests and CI never download.
 The tasks
 ---------
 Pretraining data is disjoint from every downstream task: the backbone is pretrained on six CIFAR-10
-classes (airplane, automobile, bird, cat, deer, dog), and the remaining four classes (frog, horse,
-ship, truck) form the downstream task ``cifar4``. The other downstream tasks come from five more
+classes (airplane, automobile, bird, cat, deer, dog) and on rendered letters (``glyphs``, no digits;
+:mod:`mergelib.glyphs`), and the remaining four CIFAR-10 classes (frog, horse, ship, truck) form the
+downstream task ``cifar4``. The other downstream tasks come from five more
 sources, each with its own label space and head:
 
 =========  =====================  =======  ============================================
