@@ -12,6 +12,11 @@ TORCH    ?= torch==2.14.1 torchvision==0.29.1
 PROFILE  ?=
 # papermill parameters: empty = the notebooks' defaults (PROFILE="auto"); e.g. make notebooks PROFILE=quick
 PARAMS   := $(if $(PROFILE),-p PROFILE $(PROFILE),)
+# make test: files run on TEST_JOBS parallel workers (pytest-xdist), each with TEST_THREADS torch threads
+# (two 2-thread torch processes on 2 cores slow each other down many times over). TEST_JOBS=0: serial.
+NPROC       := $(shell nproc 2>/dev/null || echo 2)
+TEST_JOBS   ?= $(NPROC)
+TEST_THREADS ?= 1
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 
 # runs/<profile>/: the profile the notebooks will pick ("auto": full with a GPU, quick without)
@@ -45,7 +50,8 @@ notebooks-inplace: setup
 	$(PY) tools/normalize_notebooks.py $(NOTEBOOKS)
 
 test: setup
-	$(PY) -m pytest tests $(NOTEBOOKS) --nbval-lax --nbval-current-env \
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(TEST_THREADS)} MKL_NUM_THREADS=$${MKL_NUM_THREADS:-$(TEST_THREADS)} \
+	$(PY) -m pytest tests $(NOTEBOOKS) -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder --nbval-lax --nbval-current-env \
 	  --nbval-sanitize-with tools/nbval_sanitize.cfg --nbval-cell-timeout=1200 -p no:cacheprovider
 
 unit: setup

@@ -11,3 +11,23 @@ def pytest_collectstart(collector):
     # nbval: compare stdout/results of marked cells, never stderr (warnings, progress bars).
     if hasattr(collector, "skip_compare"):
         collector.skip_compare += ("stderr",)
+
+
+def _schedule_rank(item) -> int:
+    """Order in which ``make test``'s workers (pytest-xdist, ``--dist loadfile``) pick up the files.
+
+    Notebook 00 builds the ViT zoo that notebooks 01-04 and 06 load, so it starts first; the
+    notebooks that train or load their own models (05 alignment, 07 real checkpoints) and the unit
+    tests keep the other worker busy meanwhile; the zoo notebooks follow. (A notebook that starts
+    before its models exist waits on the cache lock, ``mergelib.utils.cache_lock``, so any order is
+    correct; this one keeps both cores busy.)
+    """
+    path = str(item.fspath)
+    if not path.endswith(".ipynb"):
+        return 2
+    stem = os.path.basename(path)[:2]
+    return {"00": 0, "05": 1, "07": 1}.get(stem, 3)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    items[:] = [it for _, _, it in sorted((_schedule_rank(it), i, it) for i, it in enumerate(items))]

@@ -36,7 +36,7 @@ from itertools import product
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from .utils import atomic_files, progress_bar
+from .utils import atomic_files, cache_lock, progress_bar
 
 __all__ = ["PROTOCOL_VERSION", "DEFAULT_BUDGET", "LogRange", "Choice", "TuneResult", "tune", "log_grid",
            "MethodResult", "Benchmark", "gap_recovery", "METHOD_SPACES"]
@@ -381,22 +381,23 @@ class Benchmark:
         space = dict(space or {})
         path = self._cache_path(name, {"space": {k: asdict(v) for k, v in space.items()}, "fixed": fixed or {},
                                        "budget": budget, "key": key or {}})
-        cached = self._load(path)
-        if cached is not None:
-            return cached
-        if space:
-            tr = tune(lambda cfg: self.val_score(build(cfg)), space, budget, fixed=fixed, progress=self.progress,
-                      desc=f"tune {name}")
-            cfg, val, edges, hist, n = tr.best, tr.score, tr.on_edge, tr.history, tr.evaluations
-        else:
-            cfg, edges, hist, n = dict(fixed or {}), {}, [], 1
-            val = None
-        test = self.evaluate(build(cfg), "test")
-        if val is None:
-            val = self.val_score(build(cfg))
-        res = MethodResult(name, test, val, cfg, edges, n, hist)
-        self._save(path, res)
-        return res
+        with cache_lock(path):  # a parallel process tuning the same entry: wait, then load its result
+            cached = self._load(path)
+            if cached is not None:
+                return cached
+            if space:
+                tr = tune(lambda cfg: self.val_score(build(cfg)), space, budget, fixed=fixed, progress=self.progress,
+                          desc=f"tune {name}")
+                cfg, val, edges, hist, n = tr.best, tr.score, tr.on_edge, tr.history, tr.evaluations
+            else:
+                cfg, edges, hist, n = dict(fixed or {}), {}, [], 1
+                val = None
+            test = self.evaluate(build(cfg), "test")
+            if val is None:
+                val = self.val_score(build(cfg))
+            res = MethodResult(name, test, val, cfg, edges, n, hist)
+            self._save(path, res)
+            return res
 
     def run_method(self, method: str, name: str | None = None, space: Space | None = None,
                    fixed: Mapping | None = None, budget: int | None = None, **merge_kwargs) -> MethodResult:

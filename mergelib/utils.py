@@ -172,6 +172,23 @@ def atomic_files(*targets: str | os.PathLike) -> Iterator[list[str]]:
 PROGRESS_MININTERVAL = 2.0
 
 
+@contextmanager
+def cache_lock(target: str | os.PathLike, timeout_s: float = -1) -> Iterator[None]:
+    """Hold an inter-process lock for building the cache entry ``target`` (``.<name>.lock`` beside it).
+
+    Two processes that need the same model or result (e.g. two notebooks executed in parallel by
+    ``make test``) would otherwise both compute it: with the lock, the second waits and then loads what
+    the first saved. Callers check the cache again after acquiring the lock. Locks are advisory
+    (``filelock``, which torch already depends on); ``timeout_s < 0`` waits forever.
+    """
+    from filelock import FileLock
+
+    p = Path(target)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(p.parent / f".{p.name}.lock"), timeout=timeout_s):
+        yield
+
+
 def progress_bar(iterable=None, **kwargs) -> tqdm:
     """A ``tqdm.auto`` bar that redraws at most every ``PROGRESS_MININTERVAL`` seconds.
 

@@ -32,7 +32,7 @@ from . import data as mdata
 from .data import PROJECT_ROOT, TaskData
 from .models import Classifier, ViT
 from .training import evaluate, extract_features, train_classifier, train_linear_probe, train_multitask
-from .utils import atomic_files, resolve_device, resolve_profile, sweep_stale_temporaries, versions
+from .utils import atomic_files, cache_lock, resolve_device, resolve_profile, sweep_stale_temporaries, versions
 
 ZOO_ENV = "MERGELIB_ZOO"
 ZOO_FORMAT = 1
@@ -142,29 +142,30 @@ def load_or_train(name: str, config: Mapping, train_fn: Callable[[], tuple[dict,
     path = zoo_dir(profile, root) / f"{name}-{h}.safetensors"
     if path.parent.is_dir():
         sweep_stale_temporaries(path.parent)  # left by saves that were killed (no `finally` ran)
-    if not retrain:
-        try:
-            tensors, record = load_checkpoint(path, device)
-            if verbose:
-                print(f"[zoo] loaded {name} ({h}) trained in {record.get('train_time_s', 0):.0f}s "
-                      f"on {record.get('device')}")
-            return tensors, record
-        except FileNotFoundError:
-            pass
-        except CorruptCheckpointError:
-            if on_corrupt == "raise":
-                raise
-            if verbose:
-                print(f"[zoo] {path.name} is damaged; training it again")
-    if verbose:
-        print(f"[zoo] training {name} ({h}) ...")
-    t0 = time.perf_counter()
-    tensors, info = train_fn()
-    elapsed = time.perf_counter() - t0
-    record = {"name": name, "config_hash": h, "config": dict(config), "profile": profile,
-              "train_time_s": round(elapsed, 2), "device": _device_name(device), "versions": versions(),
-              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info}
-    record = save_checkpoint(path, tensors, record)
+    with cache_lock(path):  # another process building the same entry: wait for it, then load
+        if not retrain:
+            try:
+                tensors, record = load_checkpoint(path, device)
+                if verbose:
+                    print(f"[zoo] loaded {name} ({h}) trained in {record.get('train_time_s', 0):.0f}s "
+                          f"on {record.get('device')}")
+                return tensors, record
+            except FileNotFoundError:
+                pass
+            except CorruptCheckpointError:
+                if on_corrupt == "raise":
+                    raise
+                if verbose:
+                    print(f"[zoo] {path.name} is damaged; training it again")
+        if verbose:
+            print(f"[zoo] training {name} ({h}) ...")
+        t0 = time.perf_counter()
+        tensors, info = train_fn()
+        elapsed = time.perf_counter() - t0
+        record = {"name": name, "config_hash": h, "config": dict(config), "profile": profile,
+                  "train_time_s": round(elapsed, 2), "device": _device_name(device), "versions": versions(),
+                  "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info}
+        record = save_checkpoint(path, tensors, record)
     return {k: v.to(device) for k, v in tensors.items()}, record
 
 

@@ -23,7 +23,7 @@ def test_second_call_loads_without_training(tmp_path):
     assert all(torch.equal(t1[k], t2[k]) for k in t1)
     assert r2["config"] == cfg and r2["metrics"] == {"acc": 0.5} and "versions" in r2 and "train_time_s" in r2
     assert r1["sha256"] == r2["sha256"]
-    files = sorted(p.name for p in (tmp_path / "quick").iterdir())
+    files = sorted(p.name for p in (tmp_path / "quick").iterdir() if not p.name.endswith(".lock"))
     assert files == [f"m-{zoo.config_hash(cfg)}.json", f"m-{zoo.config_hash(cfg)}.safetensors"]
 
 
@@ -179,3 +179,30 @@ def test_stale_temporaries_of_killed_saves_are_swept(tmp_path):
     os.utime(stale, (old, old))
     zoo.load_or_train("m", {}, _counter_train(calls), "quick", root=tmp_path, verbose=False)  # a cache hit
     assert not stale.exists() and fresh.exists() and len(calls) == 1
+
+
+_PARALLEL_CHILD = r"""
+import sys, time, torch
+from mergelib import zoo
+root, log = sys.argv[1], sys.argv[2]
+def train():
+    with open(log, "a") as f:
+        f.write("trained\n")
+    time.sleep(1.5)
+    return {"w": torch.ones(3)}, {"metrics": {}}
+t, r = zoo.load_or_train("shared", {"a": 1}, train, "quick", root=root, verbose=False)
+assert torch.equal(t["w"], torch.ones(3))
+"""
+
+
+def test_parallel_processes_train_a_cache_entry_once(tmp_path):
+    # Two notebooks executed in parallel (make test runs pytest-xdist) that need the same model: the
+    # second process waits on the entry's lock and loads what the first saved.
+    import subprocess
+    import sys
+
+    log = tmp_path / "log.txt"
+    cmd = [sys.executable, "-c", _PARALLEL_CHILD, str(tmp_path), str(log)]
+    procs = [subprocess.Popen(cmd) for _ in range(2)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    assert log.read_text().count("trained") == 1
