@@ -18,9 +18,9 @@ def browser_missing() -> str | None:
     if os.environ.get("MERGELIB_BROWSER_TESTS") != "1":
         return "browser tests are opt-in: run `make test-browser` (MERGELIB_BROWSER_TESTS=1)"
     missing = []
-    if not CHROMIUM:
+    if not (CHROMIUM and os.path.exists(CHROMIUM)):
         missing.append("chromium (apt-get install chromium)")
-    if not CHROMEDRIVER:
+    if not (CHROMEDRIVER and os.path.exists(CHROMEDRIVER)):
         missing.append("chromedriver (apt-get install chromium-driver)")
     try:
         import selenium  # noqa: F401
