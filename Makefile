@@ -23,7 +23,7 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 RUN_PROFILE = $(if $(PROFILE),$(PROFILE),$(shell $(PY) -c "import torch; print('full' if torch.cuda.is_available() else 'quick')" 2>/dev/null || echo auto))
 RUN_DIR  ?= runs/$(RUN_PROFILE)
 
-.PHONY: setup notebooks notebooks-inplace test unit nbval lab clean-zoo
+.PHONY: setup notebooks notebooks-inplace test unit nbval lab test-lab test-browser clean-zoo
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -57,8 +57,18 @@ test: setup
 unit: setup
 	$(PY) -m pytest tests -p no:cacheprovider
 
+# lab/: the student copies (committed; tests/test_lab.py checks they are in sync). Rerun after editing a notebook.
 lab: setup
-	$(PY) tools/make_lab_copies.py $(NOTEBOOKS)
+	$(PY) tools/make_lab_copies.py --out lab $(NOTEBOOKS)
+
+# every lab copy, scaffolds filled with the reference solutions, passes its check cells (the default run does 00 only)
+test-lab: setup
+	MERGELIB_LAB_TESTS=all $(PY) -m pytest tests/test_lab.py -p no:cacheprovider
+
+# the explorers in JupyterLab in headless Chromium (needs chromium + chromium-driver: apt-get install chromium chromium-driver);
+# screenshots in runs/browser/; UPDATE_IMG=1 also refreshes docs/img/<notebook>_explorer.png
+test-browser: setup
+	MERGELIB_BROWSER_TESTS=1 $(if $(UPDATE_IMG),MERGELIB_UPDATE_DOCS_IMG=1,) $(PY) -m pytest tests/browser -p no:cacheprovider -v
 
 clean-zoo:
 	rm -rf data/zoo
