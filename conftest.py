@@ -18,11 +18,14 @@ def _schedule_rank(item) -> int:
 
     Notebook 00 builds the ViT zoo that notebooks 01-04 and 06 load, so it starts first; the
     notebooks that train or load their own models (05 alignment, 07 real checkpoints) and the unit
-    tests keep the other worker busy meanwhile; the zoo notebooks follow. (A notebook that starts
+    tests keep the other worker busy meanwhile; the zoo notebooks follow, then the tests that execute
+    notebook cells on the zoo (explorers in Python and in the browser, lab copies). (A notebook that starts
     before its models exist waits on the cache lock, ``mergelib.utils.cache_lock``, so any order is
     correct; this one keeps both cores busy.)
     """
     path = str(item.fspath)
+    if os.path.basename(path) in ("test_explorers.py", "test_lab.py", "test_browser_explorers.py"):
+        return 4        # they run notebook cells on the zoo: after the notebooks that build it
     if not path.endswith(".ipynb"):
         return 2
     stem = os.path.basename(path)[:2]

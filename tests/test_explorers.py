@@ -19,8 +19,7 @@ import explorers  # noqa: E402
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 # Notebooks whose explorer cell has no spec yet (their authors add one, see docs/NOTEBOOK_GUIDE.md).
-PENDING = {"05_permutation_alignment.ipynb": "notebook 05 is being edited elsewhere: its explorer cell needs an "
-                                             "'explorer' metadata spec (see the report of issue 12)"}
+PENDING = {}  # notebooks whose explorer cell has no spec yet: name -> reason
 
 
 
