@@ -74,7 +74,7 @@ def _bert_state(sd: Mapping[str, torch.Tensor], keys: Sequence[str]) -> dict[str
 def load_minilm(directory=None, download: bool | None = None, device="cpu"):
     """``(encoder, tokenizer, state_dict)`` of all-MiniLM-L6-v2, verified (see :func:`pretrained.locate_model`).
 
-    ``state_dict`` holds exactly the float tensors of ``encoder.bert`` (100 tensors, 22.6 M parameters; the
+    ``state_dict`` holds exactly the float tensors of ``encoder.bert`` (101 tensors, 22,565,376 parameters; the
     pooler of the checkpoint is not used by sentence embeddings and is dropped).
     """
     from transformers import BertConfig, BertModel, BertTokenizerFast
