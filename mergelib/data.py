@@ -103,13 +103,20 @@ class TaskData:
 
     def subset(self, n: int | None, seed: int = 0) -> "TaskData":
         """A fixed, seeded random subset of ``n`` samples (all of them when n is None or too large)."""
-        if n is None or n >= len(self):
+        idx = seeded_subset_index(len(self), n, seed)
+        if idx is None:
             return self
-        if n <= 0:
-            raise ValueError(f"subset size must be positive, got {n}")
-        idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n].sort().values
         idx = idx.to(self.y.device)
         return TaskData(self.name, self.split, self.x[idx], self.y[idx], self.classes, self.notes)
+
+
+def seeded_subset_index(length: int, n: int | None, seed: int = 0) -> torch.Tensor | None:
+    """Sorted indices of a fixed seeded random subset of ``n`` out of ``length`` (None: keep everything)."""
+    if n is None or n >= length:
+        return None
+    if n <= 0:
+        raise ValueError(f"subset size must be positive, got {n}")
+    return torch.randperm(length, generator=torch.Generator().manual_seed(seed))[:n].sort().values
 
 
 # ------------------------------------------------------------------------------------------------
@@ -257,6 +264,7 @@ class TaskSpec:
     loader: Callable[[Path, bool], dict]
     keep_labels: tuple[int, ...] | None = None   # subset of the source's labels, relabelled 0..k-1
     description: str = ""
+    modality: str = "image"                      # "text" tasks load with mergelib.text.load_text_task
 
 
 DIGIT_CLASSES = tuple(str(i) for i in range(10))
@@ -402,6 +410,8 @@ def load_task(name: str, split: str = "train", root: str | os.PathLike | None = 
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
     spec, root_p = TASKS[name], data_root(root)
+    if spec.modality != "image":
+        raise ValueError(f"{name!r} is a {spec.modality} task: load it with mergelib.text.load_text_task")
     key = hashlib.sha256(json.dumps([name, image_size, channels, _source_fingerprint(spec, root_p)]).encode())
     cache_file = cache_dir() / f"{name}-{image_size}px-{channels}ch-{key.hexdigest()[:12]}.safetensors"
     tensors, notes = None, []

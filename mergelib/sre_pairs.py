@@ -1,0 +1,103 @@
+"""Site Reliability Engineering terms and their definitions: a retrieval test set written for this course.
+
+Every definition below was written by the course authors, in their own words, for notebook 07 (they are
+not copied from any glossary, model card or training set; the licence is the project's own, MIT). Some
+*terms* are common vocabulary of the field and may also appear in the training data of the third-party
+``sre-embedding-model``; the definitions are ours.
+
+Evaluation (:func:`mergelib.text.sre_retrieval`): embed every term and every definition of a split with
+the sentence encoder (mean pooling, L2 normalisation), rank the split's definitions by cosine similarity
+for each term, and report recall@1 (the right definition ranked first) and the mean reciprocal rank.
+"""
+from __future__ import annotations
+
+SRE_PAIRS: tuple[tuple[str, str], ...] = (
+    ("service level objective", "a target for how reliable a service should be, such as 99.9% of requests succeeding over four weeks"),
+    ("service level indicator", "a measured quantity that tells how well the service is doing, for example the share of fast responses"),
+    ("service level agreement", "a contract with customers that promises a level of service and states the penalty when it is missed"),
+    ("error budget", "the amount of unreliability a team may spend in a period before feature releases must slow down"),
+    ("burn rate", "how fast the allowed unreliability is being used up compared with an even pace over the window"),
+    ("toil", "repetitive manual operational work that scales with traffic and could be automated away"),
+    ("blameless postmortem", "a written review after an outage that looks for causes in systems and processes rather than people"),
+    ("incident commander", "the person who coordinates the response during an outage and makes the final calls"),
+    ("on-call rotation", "a schedule in which engineers take turns being reachable to respond to production alerts"),
+    ("runbook", "a document with step-by-step instructions for handling a known operational situation"),
+    ("mean time to recovery", "the average time it takes to restore service after a failure begins"),
+    ("mean time between failures", "the average running time of a system between one breakdown and the next"),
+    ("canary release", "sending a new version to a small fraction of traffic first and watching it before rolling out widely"),
+    ("blue-green deployment", "keeping two identical production environments and switching traffic from the old one to the new one at once"),
+    ("feature flag", "a runtime switch that turns a piece of functionality on or off without deploying new code"),
+    ("rollback", "returning a system to the previous known good version after a bad change"),
+    ("circuit breaker", "a pattern that stops calling a failing dependency for a while so that errors do not pile up"),
+    ("exponential backoff", "waiting longer and longer between retries, doubling the delay after each failed attempt"),
+    ("jitter", "random variation added to retry delays so that many clients do not retry at the same instant"),
+    ("rate limiting", "capping how many requests a client may send in a given time window"),
+    ("load shedding", "deliberately rejecting some requests when overloaded so that the rest can still be served"),
+    ("graceful degradation", "continuing to offer reduced functionality instead of failing completely when parts break"),
+    ("thundering herd", "a burst of many clients waking up or retrying together and overwhelming a shared resource"),
+    ("cascading failure", "a fault in one component that overloads others and spreads through the system"),
+    ("single point of failure", "a part of the system whose loss alone takes the whole service down"),
+    ("redundancy", "running spare copies of components so that one can take over when another fails"),
+    ("failover", "automatically switching work to a standby system when the primary one stops responding"),
+    ("active-active", "a setup where several sites serve live traffic at the same time and share the load"),
+    ("load balancer", "a component that spreads incoming requests across a pool of backend servers"),
+    ("health check", "a periodic probe that asks an instance whether it is alive and able to serve"),
+    ("readiness probe", "a Kubernetes check that decides whether a container should receive traffic yet"),
+    ("liveness probe", "a Kubernetes check that restarts a container when it stops responding"),
+    ("CrashLoopBackOff", "a pod state in which a container keeps crashing and Kubernetes waits longer before each restart"),
+    ("OOMKilled", "a container terminated by the kernel because it used more memory than its limit allowed"),
+    ("horizontal pod autoscaler", "a controller that adds or removes pod replicas based on observed CPU or custom metrics"),
+    ("node affinity", "scheduling rules that attract pods to machines carrying particular labels"),
+    ("taint and toleration", "a mechanism that keeps pods off certain nodes unless the pods explicitly accept the mark"),
+    ("persistent volume claim", "a request by a pod for a piece of durable storage of a given size and access mode"),
+    ("DaemonSet", "a Kubernetes object that runs one copy of a pod on every node of the cluster"),
+    ("StatefulSet", "a Kubernetes object for pods that need stable names and their own durable storage"),
+    ("ConfigMap", "a Kubernetes object that stores non-secret configuration as key-value pairs for pods"),
+    ("sidecar container", "a helper container that runs next to the main application in the same pod"),
+    ("service mesh", "an infrastructure layer of proxies that handles traffic, retries and encryption between services"),
+    ("ingress controller", "the component that routes external HTTP traffic into services inside the cluster"),
+    ("infrastructure as code", "describing servers, networks and other resources in versioned files that tools apply automatically"),
+    ("configuration drift", "the slow divergence of a running system from its intended, declared configuration"),
+    ("immutable infrastructure", "replacing servers with freshly built ones instead of changing them in place"),
+    ("GitOps", "operating systems by committing the desired state to a repository that an agent keeps in sync"),
+    ("observability", "the ability to understand the internal state of a system from the data it emits"),
+    ("distributed tracing", "following one request across many services by recording timed spans that share an identifier"),
+    ("structured logging", "writing log entries as machine-readable fields instead of free text"),
+    ("golden signals", "the four key measurements of a service: latency, traffic, errors and saturation"),
+    ("saturation", "how full a resource is, such as the share of CPU, memory or queue capacity in use"),
+    ("tail latency", "the response time of the slowest requests, for example the 99th percentile"),
+    ("alert fatigue", "responders growing numb to alerts because too many of them are noisy or not actionable"),
+    ("synthetic monitoring", "running scripted fake user requests against a service to detect problems before users do"),
+    ("black-box monitoring", "testing a system from the outside the way a user sees it, without knowing its internals"),
+    ("white-box monitoring", "watching metrics exposed by the internals of a system, such as queue lengths and counters"),
+    ("cardinality", "the number of distinct label combinations of a metric, which drives its storage cost"),
+    ("capacity planning", "forecasting future demand and making sure enough resources will exist to meet it"),
+    ("chaos engineering", "deliberately injecting failures into production-like systems to find weaknesses before they cause outages"),
+    ("game day", "a planned exercise in which a team simulates an outage and practises its response"),
+    ("disaster recovery", "the plans and systems for restoring service after the loss of a whole site or region"),
+    ("recovery point objective", "the maximum amount of data, measured in time, that may be lost after a disaster"),
+    ("recovery time objective", "the longest a service may stay down after a disaster before it must be restored"),
+    ("backup verification", "regularly restoring saved data to prove that the copies actually work"),
+    ("replication lag", "the delay between a write on the primary database and its appearance on a replica"),
+    ("split brain", "two parts of a cluster each believing they are in charge after losing contact with each other"),
+    ("quorum", "the minimum number of members that must agree before a distributed system accepts a decision"),
+    ("leader election", "the process by which nodes of a cluster choose one of themselves to coordinate work"),
+    ("idempotency", "the property that performing an operation twice has the same effect as performing it once"),
+    ("dead letter queue", "a holding place for messages that could not be processed after repeated attempts"),
+    ("consumer lag", "how far a message reader has fallen behind the newest messages written to a stream"),
+    ("connection pool", "a set of reusable open connections to a database shared among requests"),
+    ("cache stampede", "many requests missing an expired cache entry at once and all hitting the backend"),
+    ("hot partition", "one shard receiving a disproportionate share of the traffic and becoming a bottleneck"),
+    ("memory leak", "a program holding on to memory it no longer needs so that its usage grows until it fails"),
+    ("disk pressure", "a node running low on free storage space, which can lead to pods being evicted"),
+    ("certificate expiry", "an outage caused when a TLS certificate reaches the end of its validity and connections fail"),
+    ("DNS propagation", "the delay before a changed domain name record is seen by resolvers everywhere"),
+    ("change freeze", "a period during which no deployments are allowed, often around holidays or big events"),
+    ("progressive delivery", "releasing a change step by step to growing groups of users with automatic checks between steps"),
+    ("postmortem action item", "a tracked follow-up task created after an incident to prevent it from happening again"),
+    ("escalation policy", "the rules that decide who is paged next when an alert is not acknowledged in time"),
+)
+
+#: pairs held out for tuning (validation split); the rest is the test split (fixed, seeded).
+SRE_VAL_PAIRS = 24
+SRE_SPLIT_SEED = 20240907
