@@ -1,10 +1,11 @@
 """Merging checkpoints on disk, tensor by tensor: :func:`merge_files` (and ``python -m mergelib.merge``).
 
 Inputs are safetensors files, Hugging Face sharded checkpoints (``*.safetensors.index.json``) or
-directories holding either. Tensors are read lazily (``safetensors.safe_open``, memory-mapped), so
-the resident memory is a few tensors, not the model. The output is a sharded safetensors checkpoint
-with its ``model.safetensors.index.json``; every tensor keeps its dtype (the merge computes in
-float32, as :func:`mergelib.merge` does) and is written straight to its shard as soon as it is merged.
+directories holding either. Tensors are read one at a time with plain file reads (not memory-mapped:
+see :class:`Checkpoint`), so the resident memory is a few tensors, not the model. The output is a
+sharded safetensors checkpoint with its ``model.safetensors.index.json``; every tensor keeps its dtype
+(the merge computes in float32, as :func:`mergelib.merge` does) and is written straight to its shard
+as soon as it is merged.
 
 **Passes.** Per-tensor methods (``average``, ``task_arithmetic``, ``dare_ta``) need one pass over the inputs;
 ``ties``/``dare_ties`` with ``granularity="tensor"`` one more (the model-wide majority sign).
@@ -92,15 +93,49 @@ class StreamingNotSupportedError(CheckpointError, NotImplementedError):
 # ----------------------------------------------------------------------------------------------
 # Reading
 # ----------------------------------------------------------------------------------------------
+def _read_header(f: Path) -> tuple[dict[str, tuple], int]:
+    """``{key: (shape, dtype, start, end)}`` (absolute byte offsets) of one safetensors file, checked
+    against the file's size: a truncated or corrupt file raises :class:`CorruptCheckpointError`."""
+    size = f.stat().st_size
+    try:
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little") if size >= 8 else -1
+            if n < 2 or 8 + n > size:
+                raise ValueError(f"header length {n} does not fit in {size} bytes")
+            header = json.loads(fh.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        out, ends = {}, []
+        for k, v in header.items():
+            if k == "__metadata__":
+                continue
+            dt = _DTYPES.get(v["dtype"])
+            if dt is None:
+                raise ValueError(f"tensor {k!r} has unsupported dtype {v['dtype']}")
+            shape = tuple(int(d) for d in v["shape"])
+            s0, s1 = (int(o) for o in v["data_offsets"])
+            if s1 - s0 != math.prod(shape) * torch.empty((), dtype=dt).element_size() or s0 < 0:
+                raise ValueError(f"tensor {k!r}: data_offsets {v['data_offsets']} do not match its shape")
+            out[k] = (shape, dt, 8 + n + s0, 8 + n + s1)
+            ends.append(s1)
+        if 8 + n + max(ends, default=0) > size:
+            raise ValueError(f"the tensors need {8 + n + max(ends)} bytes but the file has {size} (truncated)")
+        return out, size
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise CorruptCheckpointError(f"{f}: unreadable or truncated safetensors file ({e})") from e
+
+
 class Checkpoint(Mapping):
     """Lazy ``key -> Tensor`` view of a safetensors file, a sharded checkpoint's index, or a directory.
 
-    ``ckpt[key]`` reads one tensor (a copy in memory); :meth:`shape` and :meth:`dtype` read only the
-    header. Raises :class:`CorruptCheckpointError` for unreadable or truncated shards.
+    ``ckpt[key]`` reads one tensor into fresh memory with plain file reads; :meth:`shape` and
+    :meth:`dtype` read only the header. Plain reads, not a memory map (``safetensors.safe_open``): the
+    pages of a memory-mapped file stay in the process's resident set for as long as the file is open,
+    so a merge that maps its inputs shows a peak RSS of the whole checkpoint set, although the kernel
+    could reclaim those pages. Raises :class:`CorruptCheckpointError` for unreadable or truncated shards.
     """
 
     def __init__(self, path: str | os.PathLike):
-        from safetensors import safe_open
         p = Path(path)
         if p.is_dir():
             idx = sorted(p.glob("*.safetensors.index.json"))
@@ -123,42 +158,47 @@ class Checkpoint(Mapping):
             shard_of = {k: p.parent / v for k, v in weight_map.items()}
         else:
             shard_of = None
-        self._handles = {}
         self._file_of: dict[str, Path] = {}
+        self._meta: dict[str, tuple] = {}
+        self._sizes: dict[Path, int] = {}
         shards = sorted(set(shard_of.values())) if shard_of is not None else [p]
         for f in shards:
             if not f.exists():
                 raise CorruptCheckpointError(f"{p}: shard {f.name} is missing")
-            try:
-                h = safe_open(str(f), framework="pt", device="cpu")
-                keys = list(h.keys())
-            except Exception as e:  # safetensors raises SafetensorError / OSError on bad files
-                raise CorruptCheckpointError(f"{f}: unreadable or truncated safetensors file ({e})") from e
-            self._handles[f] = h
-            for k in keys:
+            meta, self._sizes[f] = _read_header(f)
+            for k, m in meta.items():
                 self._file_of[k] = f
+                self._meta[k] = m
         if shard_of is not None:
             for k, f in shard_of.items():
                 if self._file_of.get(k) != f:
                     raise CorruptCheckpointError(f"{p}: index puts {k!r} in {f.name}, which does not hold it")
-        self._meta = {}
-        for k, f in self._file_of.items():
-            sl = self._handles[f].get_slice(k)
-            dt = _DTYPES.get(sl.get_dtype())
-            if dt is None:
-                raise CorruptCheckpointError(f"{f}: tensor {k!r} has unsupported dtype {sl.get_dtype()}")
-            self._meta[k] = (tuple(sl.get_shape()), dt)
 
     def __getitem__(self, key: str) -> Tensor:
+        f = self._file_of[key]
+        shape, dt, s0, s1 = self._meta[key]
+        t = torch.empty(shape, dtype=dt)
         try:
-            return self._handles[self._file_of[key]].get_tensor(key)
-        except KeyError:
-            raise
-        except Exception as e:
-            raise CorruptCheckpointError(f"{self._file_of[key]}: cannot read {key!r} ({e})") from e
+            if f.stat().st_size != self._sizes[f]:
+                raise ValueError("the file changed size since it was opened")
+            with open(f, "rb", buffering=0) as fh:
+                fh.seek(s0)
+                view = memoryview(t.view(-1).view(torch.uint8).numpy()) if s1 > s0 else memoryview(b"")
+                got = 0
+                while got < s1 - s0:
+                    r = fh.readinto(view[got:])
+                    if not r:
+                        raise ValueError(f"end of file after {got} of {s1 - s0} bytes")
+                    got += r
+        except (OSError, ValueError) as e:
+            raise CorruptCheckpointError(f"{f}: cannot read {key!r} ({e})") from e
+        return t
 
     def __iter__(self):
         return iter(self._file_of)
+
+    def __contains__(self, key) -> bool:  # Mapping's default would read the tensor
+        return key in self._file_of
 
     def __len__(self) -> int:
         return len(self._file_of)
@@ -171,7 +211,7 @@ class Checkpoint(Mapping):
 
     def meta_state_dict(self) -> dict[str, Tensor]:
         """``key -> empty tensor on the meta device`` with the right shape and dtype (for key rules)."""
-        return {k: torch.empty(s, dtype=d, device="meta") for k, (s, d) in self._meta.items()}
+        return {k: torch.empty(m[0], dtype=m[1], device="meta") for k, m in self._meta.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,16 +322,20 @@ def _hist_kth_abs(blocks: Iterable[Tensor], n: int, ks_of: list[int], sel_bins=N
     Without ``sel_bins``: counts of the high 16 bits per row (``N x 65536``). With ``sel_bins``
     (``N`` bins): counts of the low 16 bits of the entries whose high bits equal the row's bin.
     """
-    hist = torch.zeros(n, 1 << 16, dtype=torch.int64)
-    for x in blocks:
+    hist = torch.zeros(n * (1 << 16), dtype=torch.int64)
+    rows = None
+    sel = None if sel_bins is None else torch.tensor(sel_bins, dtype=torch.int32)[:, None]
+    for x in blocks:  # one bincount per tensor: row r counts into bins [r * 65536, (r + 1) * 65536)
         bits = x.abs().view(torch.int32)
-        for r in range(n):
-            b = bits[r]
-            if sel_bins is None:
-                hist[r] += torch.bincount((b >> 16).reshape(-1), minlength=1 << 16)
-            else:
-                inside = b[(b >> 16) == sel_bins[r]]
-                hist[r] += torch.bincount((inside & 0xFFFF).reshape(-1), minlength=1 << 16)
+        if rows is None or rows.shape[1] != bits.shape[1]:
+            rows = (torch.arange(n, dtype=torch.int32) << 16)[:, None].expand(n, bits.shape[1])
+        if sel is None:
+            idx = (bits >> 16).add_(rows)
+        else:
+            inside = (bits >> 16) == sel
+            idx = (bits & 0xFFFF).add_(rows)[inside]
+        hist += torch.bincount(idx.reshape(-1), minlength=n << 16)
+    hist = hist.view(n, 1 << 16)
     return hist
 
 
@@ -352,7 +396,7 @@ def merge_files(pretrained: str | os.PathLike, finetuned: Sequence[str | os.Path
     keys = _selected_keys(spec, base.meta_state_dict(), rules, include, exclude)
     layout = FlatLayout.from_shapes({k: base.shape(k) for k in keys})
     selected = set(keys)
-    seg_of = {k: (o, o + n_) for k, o, n_ in layout.segments()}
+    seg_of = {k: (o, e) for k, o, e in layout.segments()}
 
     def block(k: str) -> Tensor:
         """N x numel float32 task vectors of tensor k (DARE applied for dare_* methods)."""
