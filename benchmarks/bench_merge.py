@@ -137,8 +137,14 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--skip-naive", action="store_true", help="skip the naive per-tensor TIES")
     ap.add_argument("--json", default=None, help="write the results as JSON to this path")
     ap.add_argument("--markdown", default=None, help="write the markdown table to this path")
+    ap.add_argument("--skip-merge", action="store_true", help="skip the public merge() rows")
+    ap.add_argument("--kth", default="auto", choices=("auto", "torch"),
+                    help="order statistics: 'auto' (mergelib.selection) or 'torch' (the old torch.kthvalue path)")
     args = ap.parse_args(argv)
 
+    if args.kth != "auto":
+        from mergelib import selection  # absent before issue 13 (the old code always used kthvalue)
+        selection.set_backend(args.kth)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
     blocks = (12 if device.type == "cuda" else 2) if args.blocks == "auto" else int(args.blocks)
@@ -163,6 +169,19 @@ def main(argv=None) -> list[dict]:
     methods["flatten (N dicts -> N x D)"] = lambda: flatten(views, layout.keys)[0]
     if not args.skip_naive:
         methods["naive per-tensor TIES (reference)"] = lambda: naive_ties_per_tensor(views, 0.2)
+    if not args.skip_merge:
+        from mergelib.merging import merge
+        gen = torch.Generator(device=device).manual_seed(1)
+        pre = {k: torch.randn(shp, generator=gen, device=device) * 0.02
+               for k, shp in zip(layout.keys, layout.shapes)}
+        fts = [{k: pre[k] + v for k, v in views[i].items()} for i in range(n)]
+        for label, meth, hp in (("task arithmetic", "task_arithmetic", {}),
+                                ("TIES global (k=20%)", "ties", {}),
+                                ("TIES per tensor (k=20%)", "ties", {"granularity": "tensor"}),
+                                ("DARE-TA (p=0.9)", "dare_ta", {}),
+                                ("PCB official (r=0.05)", "pcb", {}),
+                                ("FR official (r=0.7, align)", "fr", {})):
+            methods[f"merge(): {label}"] = (lambda meth=meth, hp=hp: merge(pre, fts, meth, rules=None, **hp))
     if args.methods != "all":
         wanted = [m.strip() for m in args.methods.split(",")]
         methods = {k: v for k, v in methods.items() if k.startswith("read pass") or any(w in k for w in wanted)}

@@ -17,6 +17,8 @@ Import it as ``import mergelib as ml``. Modules, one idea each:
 * ``ml.fourier``       FR-Merging: frequency-domain filtering of task vectors
 * ``ml.hparams``       hyperparameter declarations and validation (``HyperparameterError``)
 * ``ml.merging``       the method registry and ``merge(pretrained, finetuned, method, **hparams)``
+* ``ml.selection``     exact k-th values / top-k thresholds of long rows (TIES, PCB, experts)
+* ``ml.streaming``     ``merge_files``: merging safetensors checkpoints on disk (``python -m mergelib.merge``)
 * ``ml.search``        per-task coefficient search (CMA-ES) for PCB-Merging
 * ``ml.experts``       FREE-Merging's lightweight experts (extracted and trained)
 * ``ml.routing``       routers and the multi-task FREE-Merging model
@@ -26,12 +28,14 @@ Import it as ``import mergelib as ml``. Modules, one idea each:
                        papermill and dask only when a sweep runs)
 """
 from . import (align, benchmark, competition, data, evaluation, experts, fourier, glyphs, hparams, merging, models,
-               plotting, pretrained, routing, search, sweep, task_vectors, text, text_zoo, training, utils, zoo)
+               plotting, pretrained, routing, search, selection, streaming, sweep, task_vectors, text, text_zoo,
+               training, utils, zoo)
 from .competition import dare, dare_flat, dare_state_dict, disjoint_mean, elect_sign, pcb_merge, pcb_scores, ties_merge, trim
 from .fourier import FRFilterWarning, align_magnitudes, fr_filter, fr_filtered_keys, fr_mask, fr_merge
 from .hparams import HParam, HyperparameterError
 from .merging import METHODS, REGISTRY, MergeMethod, merge, method_table
 from .search import search_coefficients
+from .streaming import merge_files
 from .task_vectors import (DEFAULT_RULES, FlatLayout, NonFiniteError, StateDictDtypeError, StateDictKeyError,
                            StateDictShapeError, TaskVector, apply_task_vector, cosine_similarity_matrix, flatten,
                            select_keys, task_vector, unflatten, validate_state_dicts)

@@ -19,15 +19,19 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from . import selection as _select
 from .hparams import check_choice, check_number
 from .task_vectors import FlatLayout, NonFiniteError
 
 __all__ = [
-    "kth_smallest", "trim", "elect_sign", "disjoint_mean", "ties_merge", "dare", "dare_seed",
+    "kth_smallest", "all_finite", "check_finite", "TRIM_RULES", "trim", "elect_sign", "disjoint_mean",
+    "ties_merge", "dare", "dare_seed",
     "dare_state_dict", "dare_flat", "pcb_scores", "pcb_merge",
 ]
 
 PCB_CLIP = 0.0001  # pcb-merging.py clamps |tau| to its [0.01%, 99.99%] order statistics
+TRIM_RULES = ("official", "exact")  # TIES trim: keep ties at the threshold / keep exactly int(d * density)
+_ALIGN = 1024  # chunk boundaries of the fused TIES pass: multiples of this (same float sums as sum(0))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -41,9 +45,19 @@ def _drop_rate(value) -> float:
     return check_number(value, "p", low=0.0, high=1.0, high_open=True)
 
 
+def all_finite(t: Tensor) -> bool:
+    """True when ``t`` holds no NaN or inf: one ``aminmax`` pass (NaN propagates into min and max,
+    +-inf shows as an extreme), no boolean tensor of ``t``'s size, one host sync."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    mn, mx = torch.aminmax(t)
+    return bool(torch.isfinite(torch.stack((mn, mx))).all())
+
+
 def check_finite(t: Tensor, name: str = "tvs") -> None:
-    """Raise :class:`~mergelib.task_vectors.NonFiniteError` if ``t`` holds NaN or inf (one host sync)."""
-    if not bool(torch.isfinite(t).all()):
+    """Raise :class:`~mergelib.task_vectors.NonFiniteError` if ``t`` holds NaN or inf (one ``aminmax``
+    pass and one host sync; the counts in the message are computed only on failure)."""
+    if not all_finite(t):
         n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
         raise NonFiniteError(f"{name} has non-finite values ({n_nan} NaN, {n_inf} inf); a NaN or inf "
                              "anywhere would silently spoil the merge")
@@ -65,17 +79,10 @@ def _check_matrix(tvs: Tensor, name: str = "tvs", finite: bool = True) -> tuple[
 def kth_smallest(x: Tensor, k: int, dim: int = -1, keepdim: bool = False) -> Tensor:
     """The k-th smallest value (1-based, ``k`` in ``[1, n]``) along ``dim``; = ``sorted(x)[k - 1]``.
 
-    Exact (same value as ``torch.kthvalue``). On CUDA uses ``torch.topk`` of the smaller side
-    (``min(k, n - k + 1)`` elements), whose multi-block radix select is fast on a few huge rows.
+    Exact, bit for bit the value of ``torch.kthvalue``: :func:`mergelib.selection.kth_smallest` (a
+    sampled bracket and one exact counting pass on long rows; ``kthvalue``/``topk`` on short ones).
     """
-    n = x.shape[dim]
-    if not 1 <= k <= n:
-        raise ValueError(f"k={k} out of range [1, {n}]")
-    if x.device.type == "cpu":
-        return torch.kthvalue(x, k, dim=dim, keepdim=keepdim).values
-    if k <= n - k + 1:
-        return torch.topk(x, k, dim=dim, largest=False, sorted=False).values.amax(dim=dim, keepdim=keepdim)
-    return torch.topk(x, n - k + 1, dim=dim, largest=True, sorted=False).values.amin(dim=dim, keepdim=keepdim)
+    return _select.kth_smallest(x, k, dim=dim, keepdim=keepdim)
 
 
 def _safe_den(den: Tensor) -> Tensor:
@@ -92,44 +99,109 @@ def _trim_kth(d: int, density: float) -> int | None:
     return None if keep >= d else d - keep
 
 
+def _trim_plan(tvs: Tensor, density: float, granularity: str, layout: FlatLayout | None,
+               trim_rule: str) -> list[tuple[int, int, Tensor | None, int]]:
+    """``[(start, end, threshold N x 1 or None, keep), ...]`` per segment of the trim.
+
+    ``threshold`` is the official kthvalue threshold (``trim_rule="official"``) or the ``keep``-th
+    largest |tau| (``"exact"``); None keeps the whole segment (official, density 1) or nothing
+    (exact, ``keep = 0``). Computed with :func:`mergelib.selection.kth_smallest` (|tau| is never
+    materialised as an ``N x D`` copy).
+    """
+    D = tvs.shape[1]
+    if granularity == "global":
+        segs = [(0, D)]
+    else:
+        if layout is None or layout.D != D:
+            raise ValueError("granularity='tensor' needs the FlatLayout of tvs (layout.D == D)")
+        segs = [(s, e) for _, s, e in layout.segments()]
+    plan = []
+    for s, e in segs:
+        d = e - s
+        keep = int(d * density)
+        if trim_rule == "official":
+            kth = _trim_kth(d, density)
+        else:
+            kth = None if keep <= 0 or keep >= d else d - keep + 1
+        thr = None if kth is None else _select.kth_smallest(tvs[:, s:e], kth, dim=1, keepdim=True, absolute=True)
+        plan.append((s, e, thr, keep))
+    return plan
+
+
+def _trim_into(out: Tensor, x: Tensor, thr: Tensor | None, keep: int, trim_rule: str,
+               taken: Tensor | None) -> None:
+    """Write the trimmed ``x`` (``N x C``, part of one segment) into ``out`` (``N x C``).
+
+    official: ``x * 1[|x| >= thr]`` (the official ``topk_values_mask``; ties kept). exact: every
+    entry with ``|x| > thr`` and, in index order, the ties ``|x| == thr`` still needed to reach
+    ``keep`` per row (``taken``: ``N x 1`` int64 count of ties already kept in this segment).
+    """
+    if thr is None:
+        if trim_rule == "exact" and keep <= 0:
+            out.zero_()
+        elif out.data_ptr() != x.data_ptr():
+            out.copy_(x)
+        return
+    a = x.abs()
+    if trim_rule == "official":
+        torch.mul(x, a >= thr, out=out)
+        return
+    mask = a > thr
+    eq = a == thr
+    n_eq = eq.sum(1, keepdim=True)
+    if bool(n_eq.any()):
+        # ties still needed: keep - #(> thr over the whole segment) - taken; precomputed in taken[:, 1]
+        need = taken[:, 1:2] - taken[:, 0:1]
+        rank = eq.cumsum(1, dtype=torch.int64)
+        mask |= eq & (rank <= need)
+        taken[:, 0:1] += torch.minimum(n_eq, need.clamp_min(0))
+    torch.mul(x, mask, out=out)
+
+
+def _exact_tie_budget(tvs: Tensor, plan) -> list[Tensor | None]:
+    """For ``trim_rule="exact"``: per segment an ``N x 2`` int64 tensor [ties taken so far, ties
+    allowed = keep - #(|x| > thr)] (None where the segment has no threshold)."""
+    out = []
+    for s, e, thr, keep in plan:
+        if thr is None:
+            out.append(None)
+            continue
+        gt = torch.zeros(tvs.shape[0], 1, dtype=torch.int64, device=tvs.device)
+        for a0 in range(s, e, _select.CHUNK):
+            a1 = min(a0 + _select.CHUNK, e)
+            gt += (tvs[:, a0:a1].abs() > thr).sum(1, keepdim=True)
+        out.append(torch.cat([torch.zeros_like(gt), keep - gt], 1))
+    return out
+
+
 def trim(tvs: Tensor, density: float, granularity: str = "global", layout: FlatLayout | None = None,
-         inplace: bool = False) -> Tensor:
+         inplace: bool = False, trim_rule: str = "official") -> Tensor:
     """TIES step 1: keep the top-``density`` fraction of |tau_i| per task, zero the rest.
 
     ``tvs``: ``N x D`` float. Returns ``N x D`` (the same tensor when ``inplace``).
-    Equation (official ``topk_values_mask``): with ``k = d - int(d * density)``,
-    ``t_i = kthvalue(|tau_i|, k)`` and ``tau_hat_i = tau_i * 1[|tau_i| >= t_i]`` (ties kept, so
-    ``int(d * density) + 1`` entries survive when values are distinct; all if ``density = 1``).
+
+    * ``trim_rule="official"`` (default; official ``topk_values_mask``): with ``k = d - int(d * density)``,
+      ``t_i = kthvalue(|tau_i|, k)`` and ``tau_hat_i = tau_i * 1[|tau_i| >= t_i]``. Ties at the
+      threshold are kept, so ``int(d * density) + 1`` entries survive when values are distinct, and
+      many more when they are not (bf16 task vectors: docs/methods.md); all if ``density = 1``.
+    * ``trim_rule="exact"`` (peft's ``magnitude_based_pruning``, mergekit): exactly
+      ``int(d * density)`` entries survive, the largest |tau_i|; ties at the threshold are kept in
+      index order (lowest index first).
+
     ``granularity="global"`` uses the whole row (d = D, the paper); ``"tensor"`` applies the rule to
     every segment of ``layout`` separately (d = numel of the tensor; mergekit's per-tensor variant).
     """
     n, D = _check_matrix(tvs)
     density = _density(density)
     check_choice(granularity, "granularity", ("global", "tensor"))
+    check_choice(trim_rule, "trim_rule", TRIM_RULES)
+    plan = _trim_plan(tvs, density, granularity, layout, trim_rule)
+    budgets = _exact_tie_budget(tvs, plan) if trim_rule == "exact" else [None] * len(plan)
     out = tvs if inplace else torch.empty_like(tvs)
-    if granularity == "global":
-        kth = _trim_kth(D, density)
-        for i in range(n):
-            if kth is None:
-                if not inplace:
-                    out[i].copy_(tvs[i])
-                continue
-            a = tvs[i].abs()
-            a.ge_(kth_smallest(a, kth))  # a is now the 0/1 mask (float)
-            torch.mul(tvs[i], a, out=out[i])
-    elif granularity == "tensor":
-        if layout is None or layout.D != D:
-            raise ValueError("granularity='tensor' needs the FlatLayout of tvs (layout.D == D)")
-        for _, s, e in layout.segments():
-            kth = _trim_kth(e - s, density)
-            seg = tvs[:, s:e]
-            if kth is None:
-                if not inplace:
-                    out[:, s:e].copy_(seg)
-                continue
-            a = seg.abs()
-            a.ge_(kth_smallest(a, kth, dim=1, keepdim=True))
-            torch.mul(seg, a, out=out[:, s:e])
+    for (s, e, thr, keep), taken in zip(plan, budgets):
+        for a0 in range(s, e, _select.CHUNK):
+            a1 = min(a0 + _select.CHUNK, e)
+            _trim_into(out[:, a0:a1], tvs[:, a0:a1], thr, keep, trim_rule, taken)
     return out
 
 
@@ -186,18 +258,107 @@ def _disjoint_mean(trimmed: Tensor, sign: Tensor) -> Tensor:
 
 
 def ties_merge(tvs: Tensor, density: float = 0.2, granularity: str = "global", layout: FlatLayout | None = None,
-               sign_rule: str = "mass", inplace: bool = False) -> Tensor:
+               sign_rule: str = "mass", inplace: bool = False, trim_rule: str = "official",
+               check: bool = True) -> Tensor:
     """TIES-Merging of ``N x D`` finite float task vectors -> merged ``D`` float32 task vector tau_m.
 
-    tau_hat = trim(tau, density, granularity) (``"global"``: the paper; ``"tensor"``: mergekit);
-    gamma = elect_sign(tau_hat, sign_rule); tau_m = disjoint_mean(tau_hat, gamma); the model is
-    theta_0 + lambda * tau_m (lambda = 1 without validation data). ``inplace=True`` trims ``tvs`` in
-    place (saves one ``N x D`` copy). Raises ``NonFiniteError`` for NaN/inf in ``tvs`` and
-    ``HyperparameterError`` for a bad ``density``, ``granularity`` or ``sign_rule``.
+    tau_hat = trim(tau, density, granularity, trim_rule) (``"global"``: the paper; ``"tensor"``:
+    mergekit; ``trim_rule``: :func:`trim`); gamma = elect_sign(tau_hat, sign_rule);
+    tau_m = disjoint_mean(tau_hat, gamma); the model is theta_0 + lambda * tau_m (lambda = 1 without
+    validation data). Raises ``NonFiniteError`` for NaN/inf in ``tvs`` and ``HyperparameterError``
+    for a bad ``density``, ``granularity``, ``sign_rule`` or ``trim_rule``.
+
+    Implementation: the thresholds come from :mod:`mergelib.selection`; then one fused pass over
+    column chunks trims, elects and averages while the chunk is in cache, so ``tvs`` is read about
+    twice in all and never copied (``inplace`` is accepted for compatibility; ``tvs`` is not
+    modified). The result equals ``disjoint_mean(trim(...), elect_sign(...))``.
     """
+    n, D = _check_matrix(tvs, finite=check)
+    density = _density(density)
+    check_choice(granularity, "granularity", ("global", "tensor"))
     check_choice(sign_rule, "sign_rule", ("mass", "count"))
-    trimmed = trim(tvs, density, granularity=granularity, layout=layout, inplace=inplace)
-    return _disjoint_mean(trimmed, _elect_sign(trimmed, sign_rule))
+    check_choice(trim_rule, "trim_rule", TRIM_RULES)
+    plan = _trim_plan(tvs, density, granularity, layout, trim_rule)
+    budgets = _exact_tie_budget(tvs, plan) if trim_rule == "exact" else [None] * len(plan)
+    return _ties_fused(tvs, plan, budgets, trim_rule, sign_rule)
+
+
+def _row_sum(x: Tensor) -> Tensor:
+    """sum of the rows in order, from zero (the float operations of the official disjoint mean)."""
+    acc = torch.zeros_like(x[0])
+    for row in x:
+        acc.add_(row)
+    return acc
+
+
+def _ties_fused(tvs: Tensor, plan, budgets, trim_rule: str, sign_rule: str,
+                majority: int | None = None) -> Tensor:
+    """Trim, elect and average ``tvs`` (``N x D``) chunk by chunk (see :func:`ties_merge`).
+
+    ``majority``: the sign taken where the summed trimmed values are exactly 0 (``rule="mass"``);
+    None computes it from ``tvs`` itself (the streaming merge passes the model-wide one).
+    """
+    n, D = tvs.shape
+    dev = tvs.device
+    out = torch.empty(D, dtype=tvs.dtype, device=dev)
+    keep_alt = sign_rule == "mass" and majority is None
+    alt = torch.empty(D, dtype=tvs.dtype, device=dev) if keep_alt else None
+    zero = torch.empty(D, dtype=torch.bool, device=dev) if keep_alt else None
+    counts = torch.zeros(2, dtype=torch.int64, device=dev)
+    for c0, c1, t in _trimmed_chunks(tvs, plan, budgets, trim_rule):
+        pos, neg = t > 0, t < 0
+        cnt_p = pos.sum(0).to(t.dtype).clamp_min_(1)
+        cnt_n = neg.sum(0).to(t.dtype).clamp_min_(1)
+        res_p = _row_sum(t.clamp_min(0)).div_(cnt_p)
+        res_n = _row_sum(t.neg().clamp_min_(0)).mul_(-1.0).div_(cnt_n)
+        o = out[c0:c1]
+        if sign_rule == "count":
+            torch.where(torch.sign(t).sum(0) >= 0, res_p, res_n, out=o)
+            continue
+        tot = _row_sum(t)  # rows in order: the same bits however the columns are chunked
+        if majority is None:
+            torch.where(tot > 0, res_p, res_n, out=o)
+            torch.eq(tot, 0, out=zero[c0:c1])
+            alt[c0:c1] = res_p
+            counts += torch.stack(((tot > 0).sum(), (tot < 0).sum()))
+        else:
+            plus = tot > 0
+            if majority > 0:
+                plus |= tot == 0
+            torch.where(plus, res_p, res_n, out=o)
+    if keep_alt and int(counts[0]) > int(counts[1]):  # gamma = 0 takes the majority sign (+)
+        torch.where(zero, alt, out, out=out)
+    return out
+
+
+def _trimmed_chunks(tvs: Tensor, plan, budgets, trim_rule: str):
+    """Yield ``(c0, c1, trimmed N x (c1 - c0))`` over column chunks of ``tvs`` (a reused buffer)."""
+    n, D = tvs.shape
+    chunk = _select.CHUNK if tvs.device.type == "cpu" else 1 << 24  # elements of the N x C chunk
+    width = max(_ALIGN, (chunk // n) // _ALIGN * _ALIGN)
+    buf = torch.empty(n, min(width, D), dtype=tvs.dtype, device=tvs.device)
+    seg_i = 0
+    for c0 in range(0, D, width):
+        c1 = min(c0 + width, D)
+        t = buf[:, : c1 - c0]
+        while seg_i < len(plan) and plan[seg_i][1] <= c0:
+            seg_i += 1
+        j = seg_i
+        while j < len(plan) and plan[j][0] < c1:
+            s, e, thr, keep = plan[j]
+            a0, a1 = max(s, c0), min(e, c1)
+            _trim_into(t[:, a0 - c0:a1 - c0], tvs[:, a0:a1], thr, keep, trim_rule, budgets[j])
+            j += 1
+        yield c0, c1, t
+
+
+def _ties_sign_counts(tvs: Tensor, plan, budgets, trim_rule: str) -> tuple[int, int]:
+    """(#columns with a positive, #with a negative sum of trimmed values): the majority sign's votes."""
+    counts = torch.zeros(2, dtype=torch.int64, device=tvs.device)
+    for _, _, t in _trimmed_chunks(tvs, plan, budgets, trim_rule):
+        tot = _row_sum(t)
+        counts += torch.stack(((tot > 0).sum(), (tot < 0).sum()))
+    return int(counts[0]), int(counts[1])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -284,9 +445,8 @@ def dare_flat(tvs: Tensor, p: float, layout: FlatLayout, seed: int,
 # ----------------------------------------------------------------------------------------------
 def _pcb_official_row(t: Tensor, total: Tensor, n: int, lo_k: int, hi_k: int) -> tuple[Tensor, Tensor, Tensor]:
     """One task of ``pcb-merging.py::PCB_merge``: (tau' = sign(t) * clamp(|t|), intra, inter)."""
-    a = t.abs()
-    lo, hi = kth_smallest(a, lo_k), kth_smallest(a, hi_k)
-    a.clamp_(lo, hi)  # clamp(|t|, lo, hi): the row's min is now lo and its max hi
+    lo, hi = _select.kth_smallest(t, [lo_k, hi_k], absolute=True).unbind(-1)
+    a = t.abs().clamp_(lo, hi)  # clamp(|t|, lo, hi): the row's min is now lo and its max hi
     intra = (a - lo).div_(_safe_den(hi - lo)).square_().mul_(n).exp_()  # exp(N * minmax(a)^2)
     inter = torch.mul(t, total).tanh_()  # tanh(tau_i * sum_j tau_j), raw tau
     return a.mul_(torch.sign(t)), intra, inter

@@ -24,10 +24,10 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .competition import dare_flat, pcb_merge, ties_merge
+from .competition import all_finite as _all_finite, dare_flat, pcb_merge, ties_merge
 from .fourier import fr_merge
 from .hparams import HParam, HyperparameterError, check_number
-from .task_vectors import (FlatLayout, as_named_list, detect_family, flatten, resolve_rules, select_keys,
+from .task_vectors import (FlatLayout, NonFiniteError, _check_finite, as_named_list, detect_family, flatten, resolve_rules, select_keys,
                            unflatten, validate_state_dicts)
 
 __all__ = ["merge", "METHODS", "REGISTRY", "MergeMethod", "method_table"]
@@ -116,8 +116,9 @@ def _dare_ta(x: Tensor, *, layout: FlatLayout, lambdas, tasks, p: float, seed: i
 
 
 def _ties(x: Tensor, *, layout: FlatLayout, lambdas, tasks, density: float, granularity: str,
-          sign_rule: str) -> Tensor:
-    return ties_merge(x, density, granularity=granularity, layout=layout, sign_rule=sign_rule, inplace=True)
+          sign_rule: str, trim_rule: str = "official") -> Tensor:
+    return ties_merge(x, density, granularity=granularity, layout=layout, sign_rule=sign_rule,
+                      trim_rule=trim_rule)
 
 
 def _dare_ties(x: Tensor, *, layout: FlatLayout, lambdas, tasks, p: float, seed: int, **ties) -> Tensor:
@@ -142,6 +143,9 @@ _SEED = HParam("seed", "int", 0, "seeds the mask of task t, tensor k via `dare_s
                low=0)
 _GRANULARITY = HParam("granularity", "choice", "global", "`global`: top-k over the whole model (paper); "
                       "`tensor`: per tensor (mergekit)", choices=("global", "tensor"))
+_TRIM_RULE = HParam("trim_rule", "choice", "official", "`official`: keep every tie at the threshold "
+                    "(official code); `exact`: keep exactly int(d * density) entries (peft, mergekit)",
+                    choices=("official", "exact"))
 _SIGN_RULE = HParam("sign_rule", "choice", "mass", "`mass`: sign of the sum (paper, official); `count`: "
                     "majority of signs, ties +1 (mergekit/peft)", choices=("mass", "count"))
 
@@ -156,14 +160,14 @@ REGISTRY: dict[str, MergeMethod] = {m.name: m for m in (
     MergeMethod("task_arithmetic", _sum, (), 0.3, True, "per-tensor", "Ilharco et al., ICLR 2023",
                 "theta_0 + lambda sum_i tau_i"),
     MergeMethod("ties", _ties, (_density(0.2, "fraction of each task vector kept by magnitude (top-20%, paper)"),
-                                _GRANULARITY, _SIGN_RULE),
+                                _GRANULARITY, _SIGN_RULE, _TRIM_RULE),
                 1.0, False, "global", "Yadav et al., NeurIPS 2023",
                 "trim, elect sign, disjoint mean; theta_0 + lambda tau_m"),
     MergeMethod("dare_ta", _dare_ta, (_P, _SEED), 0.3, True, "per-tensor", "Yu et al., ICML 2024",
                 "drop and rescale each tau_i, then task arithmetic"),
     MergeMethod("dare_ties", _dare_ties,
                 (_P, _SEED, _density(1.0, "TIES trim after DARE (1: DARE replaces the trim, as in mergekit)"),
-                 _GRANULARITY, _SIGN_RULE),
+                 _GRANULARITY, _SIGN_RULE, _TRIM_RULE),
                 1.0, False, "global", "Yu et al., ICML 2024",
                 "drop and rescale each tau_i, then TIES"),
     MergeMethod("pcb", _pcb, (_density(0.05, "fraction of balanced scores kept (the papers' `ratio` r)"),
@@ -231,6 +235,33 @@ def merge(pretrained: Mapping[str, Tensor], finetuned: Sequence[Mapping[str, Ten
     if not named:
         raise ValueError("finetuned is empty: need at least one fine-tuned state dict")
     lam, lams = spec.check_scale(scale, len(named))
+    keys = _selected_keys(spec, pretrained, rules, include, exclude)
+    if validate:  # keys, shapes, dtypes here; finiteness on the computed task vectors (below)
+        validate_state_dicts(pretrained, dict(named), keys=keys, check_finite=False)
+    models = [sd for _, sd in named]
+    try:
+        if spec.fn is _sum:  # average, task arithmetic: per tensor, no N x D matrix
+            deltas = _sum_per_tensor(pretrained, models, keys, lams, check=validate)
+        else:
+            x, layout = flatten(models, keys, subtract=pretrained)  # N x D task vectors
+            merged = spec.fn(x, layout=layout, lambdas=lams, tasks=[name for name, _ in named], **hp)
+            del x
+            deltas = unflatten(merged, layout)
+    except NonFiniteError:
+        if validate:  # name the offending input tensor
+            _check_finite([("pretrained", k, pretrained[k]) for k in keys]
+                          + [(name, k, sd[k]) for name, sd in named for k in keys])
+        raise
+
+    out = dict(pretrained)
+    for k, delta in deltas.items():
+        p = pretrained[k]
+        out[k] = torch.add(p.float(), delta, alpha=lam).to(p.dtype)
+    return out
+
+
+def _selected_keys(spec: MergeMethod, pretrained: Mapping[str, Tensor], rules, include, exclude) -> list[str]:
+    """The sorted keys that take part (``rules``/``include``/``exclude`` as in :func:`merge`)."""
     if rules == "auto":
         rules = spec.family_rules.get(detect_family(pretrained), "auto")
     kw = resolve_rules(rules, pretrained)
@@ -244,15 +275,65 @@ def merge(pretrained: Mapping[str, Tensor], finetuned: Sequence[Mapping[str, Ten
     if not keys:
         raise ValueError(f"no tensor selected for merging (rules={rules!r}, include={include!r}, "
                          f"exclude={exclude!r})")
-    if validate:
-        validate_state_dicts(pretrained, dict(named), keys=keys)
+    return keys
 
-    x, layout = flatten([sd for _, sd in named], keys, subtract=pretrained)  # N x D task vectors
-    merged = spec.fn(x, layout=layout, lambdas=lams, tasks=[name for name, _ in named], **hp)
-    del x
 
-    out = dict(pretrained)
-    for k, delta in unflatten(merged, layout).items():
-        p = pretrained[k]
-        out[k] = torch.add(p.float(), delta, alpha=lam).to(p.dtype)
-    return out
+_SUM_CHUNK = 1 << 16  # elements per step of the per-tensor sums (stays in cache)
+_SUM_ALIGN = 1024
+
+
+def _sum_per_tensor(pretrained, models, keys: list[str], lams, check: bool,
+                    layout: FlatLayout | None = None) -> dict[str, Tensor]:
+    """sum_i lam_i (theta_i - theta_0) per tensor in float32, chunk by chunk in cache: the same float
+    operations (and bits) as ``flatten`` + :func:`_weighted_sum` on the ``N x D`` matrix, without it.
+
+    ``x.sum(0)`` of the flat matrix adds the rows in order except in its last partial vector block, so
+    the columns from the last multiple of 1024 on are summed with ``sum(0)`` on that small block.
+    Raises :class:`NonFiniteError` when a sum is NaN or inf (every non-finite input makes it so).
+    """
+    if layout is None:  # else: the layout of the whole merge (keys may be a subset of it)
+        layout = FlatLayout.from_shapes({k: tuple(pretrained[k].shape) for k in keys})
+    D = layout.D
+    wanted = set(keys)
+    tail = (D // _SUM_ALIGN) * _SUM_ALIGN if lams is None else D
+    out = {}
+    for k, off, numel in zip(layout.keys, layout.offsets, layout.numels):
+        if k not in wanted:
+            continue
+        p0 = pretrained[k].reshape(-1)
+        dev = p0.device
+        acc = torch.zeros(numel, dtype=torch.float32, device=dev)
+        tmp = torch.empty(min(numel, _SUM_CHUNK), dtype=torch.float32, device=dev)
+        step = _SUM_CHUNK if dev.type == "cpu" else max(numel, 1)
+        for a0 in range(0, min(numel, max(tail - off, 0)), step):
+            a1 = min(a0 + step, numel, tail - off)
+            base = p0[a0:a1].float()
+            t = tmp[: a1 - a0]
+            for i, m in enumerate(models):
+                torch.sub(m[k].reshape(-1)[a0:a1].to(device=dev, dtype=torch.float32), base, out=t)
+                if lams is None:
+                    acc[a0:a1].add_(t)
+                else:
+                    acc[a0:a1].add_(t, alpha=lams[i])
+        out[k] = acc
+    if any(off + numel > tail and k in wanted for k, off, numel in zip(layout.keys, layout.offsets, layout.numels)):
+        # the last partial block: sum(0) of an N x (D - tail) matrix, as x.sum(0) does
+        dev = pretrained[keys[0]].device
+        xb = torch.empty(len(models), D - tail, dtype=torch.float32, device=dev)
+        for k, off, numel in zip(layout.keys, layout.offsets, layout.numels):
+            s, e = max(off, tail), off + numel
+            if s < e:
+                base = pretrained[k].reshape(-1)[s - off:].float()
+                for i, m in enumerate(models):
+                    torch.sub(m[k].reshape(-1)[s - off:].to(device=dev, dtype=torch.float32), base,
+                              out=xb[i, s - tail:e - tail])
+        block = xb.sum(0)
+        for k, off, numel in zip(layout.keys, layout.offsets, layout.numels):
+            s, e = max(off, tail), off + numel
+            if s < e and k in wanted:
+                out[k][s - off:] = block[s - tail:e - tail]
+    if check:
+        for k, acc in out.items():
+            if not _all_finite(acc):
+                raise NonFiniteError(f"the task-vector sum of {k!r} is not finite")
+    return {k: v.view(pretrained[k].shape) for k, v in out.items()}

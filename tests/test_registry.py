@@ -29,7 +29,8 @@ def test_methods_and_defaults_derive_from_the_registry():
         for h in spec.hparams:
             assert h.doc, (name, h.name)
     assert REGISTRY["pcb"].defaults == {"density": 0.05, "mode": "official"}
-    assert REGISTRY["ties"].defaults == {"density": 0.2, "granularity": "global", "sign_rule": "mass"}
+    assert REGISTRY["ties"].defaults == {"density": 0.2, "granularity": "global", "sign_rule": "mass",
+                                         "trim_rule": "official"}
     assert REGISTRY["fr"].defaults["ratio"] == 0.7 and REGISTRY["fr"].default_scale == 0.7
 
 

@@ -1,0 +1,213 @@
+"""Exact order statistics: the k-th smallest value and top-k thresholds of long rows.
+
+One routine, :func:`kth_smallest`, serves every method that needs an exact order statistic: TIES
+(global and per-tensor trim), PCB (the clip quantiles and the drop threshold), the FREE experts
+(:func:`topk_mask`) and the streaming merges (:mod:`mergelib.streaming`, fed from counts).
+
+**Result.** ``kth_smallest(x, k)`` is ``sorted(x)[k - 1]`` along ``dim``, the same value as
+``torch.kthvalue(x, k).values`` bit for bit (the returned value is an element of ``x``, in ``x``'s
+dtype). The only freedom is the sign of a zero result when a row holds both ``-0.0`` and ``+0.0``
+(they compare equal, so which of the two ``torch.kthvalue`` returns depends on its partition order);
+both are equal as values and in every comparison the methods make.
+
+**Algorithm** (rows of at least ``LONG_ROW`` entries; shorter rows go to ``torch.kthvalue`` on the
+CPU or ``torch.topk`` on CUDA, which are fast there):
+
+1. *Bracket from a sample.* ``SAMPLE`` entries at fixed pseudo-random positions are sorted; the ranks
+   ``k/n * m -+ (5 sigma + 16)`` of the sample give values ``lo <= hi`` that bracket the k-th value
+   with overwhelming probability.
+2. *Exact count.* One pass over the row, in cache-sized chunks (every chunk is read from memory once;
+   the comparisons run on it while it is in cache, multi-threaded by torch): ``c = #{x < lo}`` and the
+   candidates ``{lo <= x <= hi}`` (about 1-2 % of the row).
+3. If ``c < k <= c + #candidates`` the answer is the ``(k - c)``-th smallest candidate
+   (``torch.kthvalue`` on the small candidate set); otherwise (a sample that missed, never seen in
+   practice) the routine falls back to ``torch.kthvalue`` on the row: always exact.
+
+Several ranks of one row (PCB's two clip points) share the same pass. On CUDA the whole row is one
+chunk: a few boolean temporaries of the row's size, no ``N x D`` index tensors.
+
+:func:`set_backend` (``"auto"`` or ``"torch"``) switches every caller back to the plain
+``torch.kthvalue`` / ``torch.topk`` path, for benchmarks (``benchmarks/bench_merge.py --kth torch``).
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from functools import lru_cache
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["kth_smallest", "kth_smallest_from_counts", "topk_threshold", "topk_mask", "set_backend",
+           "get_backend", "backend", "LONG_ROW", "SAMPLE", "CHUNK"]
+
+LONG_ROW = 1 << 16   # rows at least this long use the sampled bracket + exact count
+SAMPLE = 1 << 15     # sample size for the bracket
+CHUNK = 1 << 18      # elements per chunk of the counting pass on the CPU (1 MiB of float32)
+_BACKENDS = ("auto", "torch")
+_backend = "auto"
+
+
+def set_backend(name: str) -> None:
+    """``"auto"``: the bracket-and-count routine for long rows; ``"torch"``: always ``torch.kthvalue``
+    on the CPU and ``torch.topk`` on CUDA (the code path before issue 13, kept for benchmarks)."""
+    global _backend
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown selection backend {name!r}; expected one of {_BACKENDS}")
+    _backend = name
+
+
+def get_backend() -> str:
+    return _backend
+
+
+@contextmanager
+def backend(name: str):
+    """Context manager form of :func:`set_backend`."""
+    old = _backend
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(old)
+
+
+def _torch_kth(x: Tensor, k: int, dim: int, keepdim: bool) -> Tensor:
+    """The plain path: ``kthvalue`` on the CPU, ``topk`` of the smaller side on CUDA (multi-block)."""
+    n = x.shape[dim]
+    if x.device.type == "cpu":
+        return torch.kthvalue(x, k, dim=dim, keepdim=keepdim).values
+    if k <= n - k + 1:
+        return torch.topk(x, k, dim=dim, largest=False, sorted=False).values.amax(dim=dim, keepdim=keepdim)
+    return torch.topk(x, n - k + 1, dim=dim, largest=True, sorted=False).values.amin(dim=dim, keepdim=keepdim)
+
+
+@lru_cache(maxsize=32)
+def _sample_index(n: int, m: int, device: str) -> Tensor:
+    g = torch.Generator().manual_seed(0x5E1EC7 ^ n)
+    return torch.randint(0, n, (m,), generator=g).to(device)
+
+
+def _chunks(n: int, device: torch.device) -> list[tuple[int, int]]:
+    step = n if device.type != "cpu" else CHUNK
+    return [(s, min(s + step, n)) for s in range(0, n, step)]
+
+
+def _select_row(row: Tensor, ks: Sequence[int], absolute: bool) -> list[Tensor]:
+    """Exact k-th smallest values (0-dim tensors) of the 1-D ``row`` (of ``|row|`` if ``absolute``)."""
+    n = row.numel()
+    m = min(SAMPLE, n)
+    s = row[_sample_index(n, m, str(row.device))]
+    if absolute:
+        s = s.abs()
+    s = s.sort().values
+    brackets = []
+    for k in ks:
+        p = k / n
+        margin = 5.0 * math.sqrt(m * p * (1 - p)) + 16
+        lo_i, hi_i = math.floor(p * m - margin), math.ceil(p * m + margin)
+        brackets.append((s[lo_i] if lo_i >= 0 else None, s[hi_i] if hi_i < m else None))
+    below = [0] * len(ks)
+    cands: list[list[Tensor]] = [[] for _ in ks]
+    for a0, a1 in _chunks(n, row.device):
+        c = row[a0:a1]
+        if absolute:
+            c = c.abs()
+        for j, (lo, hi) in enumerate(brackets):
+            if lo is None and hi is None:
+                cands[j].append(c)
+                continue
+            if lo is None:
+                inside = c <= hi
+            else:
+                lt = c < lo
+                below[j] += int(lt.sum())
+                inside = ~lt if hi is None else lt.logical_not_().logical_and_(c <= hi)
+            cands[j].append(c[inside])
+    out = []
+    for j, k in enumerate(ks):
+        cand = torch.cat(cands[j]) if len(cands[j]) > 1 else cands[j][0]
+        r = k - below[j]
+        if 1 <= r <= cand.numel():
+            out.append(_torch_kth(cand, r, 0, False))
+        else:  # the sample missed the bracket: exact fallback
+            out.append(_torch_kth(row.abs() if absolute else row, k, 0, False))
+    return out
+
+
+def kth_smallest(x: Tensor, k: int | Sequence[int], dim: int = -1, keepdim: bool = False,
+                 absolute: bool = False) -> Tensor:
+    """The k-th smallest value (1-based, ``k`` in ``[1, n]``) along ``dim``: ``sorted(x)[k - 1]``.
+
+    ``x``: any shape, float (fp32, fp64, bf16, fp16) or integer, CPU or CUDA, finite. ``k``: an int, or
+    a sequence of ints (several ranks of the same rows in one pass: the result then has an extra last
+    dimension of size ``len(k)``). ``absolute=True`` gives the order statistics of ``|x|`` without
+    materialising ``|x|``. Bit for bit the value of ``torch.kthvalue(x, k, dim).values`` (module
+    docstring: up to the sign of a zero result when a row mixes -0.0 and +0.0).
+    """
+    n = x.shape[dim] if x.ndim else 1
+    many = not isinstance(k, int)
+    ks = [int(v) for v in k] if many else [int(k)]
+    for v in ks:
+        if not 1 <= v <= n:
+            raise ValueError(f"k={v} out of range [1, {n}]")
+    if x.ndim == 0:
+        x = x.reshape(1)
+    dim = dim % x.ndim
+    if _backend == "torch" or n < LONG_ROW:
+        xs = x.abs() if absolute else x
+        vals = [_torch_kth(xs, v, dim, keepdim) for v in ks]
+        return torch.stack(vals, -1) if many else vals[0]
+    xm = x.movedim(dim, -1)
+    lead = xm.shape[:-1]
+    rows = xm.reshape(-1, n)
+    res = torch.stack([torch.stack(_select_row(rows[r], ks, absolute)) for r in range(rows.shape[0])])
+    res = res.reshape(*lead, len(ks))  # lead dims, ranks
+    if keepdim:
+        res = res.unsqueeze(dim)  # insert the reduced dim back (ranks stay last)
+    return res if many else res.squeeze(-1)
+
+
+def kth_smallest_from_counts(values: Tensor, counts: Tensor, k: int) -> Tensor:
+    """The k-th smallest of a multiset given as sorted distinct ``values`` and their ``counts``.
+
+    Used by the streaming merges: a histogram gathered over many tensors gives the same exact
+    order statistic as :func:`kth_smallest` on their concatenation.
+    """
+    cum = counts.cumsum(0)
+    total = int(cum[-1]) if cum.numel() else 0
+    if not 1 <= k <= total:
+        raise ValueError(f"k={k} out of range [1, {total}]")
+    i = int(torch.searchsorted(cum, torch.tensor([k], dtype=cum.dtype, device=cum.device)))
+    return values[i]
+
+
+def topk_threshold(x: Tensor, keep: int, dim: int = -1, keepdim: bool = False,
+                   absolute: bool = True) -> Tensor:
+    """The ``keep``-th largest value along ``dim`` (of ``|x|`` by default): ``keep`` in ``[1, n]``."""
+    n = x.shape[dim]
+    return kth_smallest(x, n - keep + 1, dim=dim, keepdim=keepdim, absolute=absolute)
+
+
+def topk_mask(x: Tensor, keep: int, dim: int = -1, absolute: bool = True) -> Tensor:
+    """Boolean mask of exactly ``keep`` largest entries (of ``|x|``) per row along ``dim``.
+
+    Entries above the threshold are all kept; ties at the threshold are kept in index order (the
+    lowest indices first), so the mask is deterministic and the same on every device.
+    ``keep <= 0``: nothing; ``keep >= n``: everything.
+    """
+    n = x.shape[dim]
+    if keep <= 0:
+        return torch.zeros_like(x, dtype=torch.bool)
+    if keep >= n:
+        return torch.ones_like(x, dtype=torch.bool)
+    a = x.abs() if absolute else x
+    t = topk_threshold(x, keep, dim=dim, keepdim=True, absolute=absolute)
+    mask = a > t
+    need = keep - mask.sum(dim, keepdim=True)
+    if bool((need > 0).any()):
+        eq = a == t
+        rank = eq.cumsum(dim, dtype=torch.int32)
+        mask |= eq & (rank <= need)
+    return mask

@@ -1,0 +1,575 @@
+"""Merging checkpoints on disk, tensor by tensor: :func:`merge_files` (and ``python -m mergelib.merge``).
+
+Inputs are safetensors files, Hugging Face sharded checkpoints (``*.safetensors.index.json``) or
+directories holding either. Tensors are read one at a time with plain file reads (not memory-mapped:
+see :class:`Checkpoint`), so the resident memory is a few tensors, not the model. The output is a
+sharded safetensors checkpoint with its ``model.safetensors.index.json``; every tensor keeps its dtype
+(the merge computes in float32, as :func:`mergelib.merge` does) and is written straight to its shard
+as soon as it is merged.
+
+**Passes.** Per-tensor methods (``average``, ``task_arithmetic``, ``dare_ta``) need one pass over the inputs;
+``ties``/``dare_ties`` with ``granularity="tensor"`` one more (the model-wide majority sign).
+Global TIES (``granularity="global"``, the paper) needs each task's exact k-th |tau| over the whole
+model and the model-wide majority sign: two histogram passes over the float32 bit patterns of |tau|
+(65536 bins of the high 16 bits, then the low 16 bits inside the one bin that holds rank k: the exact
+value, as :func:`mergelib.selection.kth_smallest` gives it), one pass counting the signs, and the
+write pass. Methods that do not stream yet (``pcb``, ``fr``) raise
+:class:`StreamingNotSupportedError`.
+
+**Same result as in memory.** For every supported method the tensors written are bit for bit those
+of ``mergelib.merge(pretrained, finetuned, method, **hparams)`` on the loaded state dicts.
+
+**Errors, nothing lost.** Mismatched keys, shapes or dtypes, truncated or corrupt shards, an existing
+output directory (unless ``overwrite=True``) and a full disk raise the named errors below before or
+instead of producing output: the merge is written to a temporary directory next to ``out`` and
+renamed into place only when complete; on any error the temporary directory is removed and the
+inputs are never opened for writing. Integer buffers (``position_ids``) missing from a fine-tune are
+taken from the pretrained checkpoint (they take no part in merging) and reported; a missing
+floating-point tensor is an error.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from . import competition as _comp
+from .merging import METHODS, REGISTRY, _selected_keys, _sum, _sum_per_tensor
+from .task_vectors import (FlatLayout, NonFiniteError, StateDictDtypeError, StateDictKeyError,
+                           StateDictShapeError, flatten)
+
+__all__ = ["merge_files", "Checkpoint", "CheckpointError", "CheckpointKeyError", "CheckpointShapeError",
+           "CheckpointDtypeError", "CorruptCheckpointError", "OutputExistsError", "DiskFullError",
+           "StreamingNotSupportedError", "DEFAULT_SHARD_BYTES"]
+
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+class CheckpointError(Exception):
+    """Base class of the errors of :func:`merge_files`."""
+
+
+class CheckpointKeyError(CheckpointError, StateDictKeyError):
+    """A floating-point tensor is missing from a checkpoint, or a checkpoint has extra tensors."""
+
+
+class CheckpointShapeError(CheckpointError, StateDictShapeError):
+    """A tensor has different shapes in two checkpoints."""
+
+
+class CheckpointDtypeError(CheckpointError, StateDictDtypeError):
+    """A tensor has different dtypes in two checkpoints."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A shard is truncated, unreadable, or its index names files or tensors that are not there."""
+
+
+class OutputExistsError(CheckpointError, FileExistsError):
+    """The output directory exists (pass ``overwrite=True`` / ``--overwrite``)."""
+
+
+class DiskFullError(CheckpointError, OSError):
+    """The disk filled up while writing; no partial output is left behind."""
+
+
+class StreamingNotSupportedError(CheckpointError, NotImplementedError):
+    """The method (or this setting of it) cannot be computed tensor by tensor from disk yet."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------------
+def _read_header(f: Path) -> tuple[dict[str, tuple], int]:
+    """``{key: (shape, dtype, start, end)}`` (absolute byte offsets) of one safetensors file, checked
+    against the file's size: a truncated or corrupt file raises :class:`CorruptCheckpointError`."""
+    size = f.stat().st_size
+    try:
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little") if size >= 8 else -1
+            if n < 2 or 8 + n > size:
+                raise ValueError(f"header length {n} does not fit in {size} bytes")
+            header = json.loads(fh.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        out, ends = {}, []
+        for k, v in header.items():
+            if k == "__metadata__":
+                continue
+            dt = _DTYPES.get(v["dtype"])
+            if dt is None:
+                raise ValueError(f"tensor {k!r} has unsupported dtype {v['dtype']}")
+            shape = tuple(int(d) for d in v["shape"])
+            s0, s1 = (int(o) for o in v["data_offsets"])
+            if s1 - s0 != math.prod(shape) * torch.empty((), dtype=dt).element_size() or s0 < 0:
+                raise ValueError(f"tensor {k!r}: data_offsets {v['data_offsets']} do not match its shape")
+            out[k] = (shape, dt, 8 + n + s0, 8 + n + s1)
+            ends.append(s1)
+        if 8 + n + max(ends, default=0) > size:
+            raise ValueError(f"the tensors need {8 + n + max(ends)} bytes but the file has {size} (truncated)")
+        return out, size
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise CorruptCheckpointError(f"{f}: unreadable or truncated safetensors file ({e})") from e
+
+
+class Checkpoint(Mapping):
+    """Lazy ``key -> Tensor`` view of a safetensors file, a sharded checkpoint's index, or a directory.
+
+    ``ckpt[key]`` reads one tensor into fresh memory with plain file reads; :meth:`shape` and
+    :meth:`dtype` read only the header. Plain reads, not a memory map (``safetensors.safe_open``): the
+    pages of a memory-mapped file stay in the process's resident set for as long as the file is open,
+    so a merge that maps its inputs shows a peak RSS of the whole checkpoint set, although the kernel
+    could reclaim those pages. Raises :class:`CorruptCheckpointError` for unreadable or truncated shards.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        p = Path(path)
+        if p.is_dir():
+            idx = sorted(p.glob("*.safetensors.index.json"))
+            files = sorted(p.glob("*.safetensors"))
+            if idx:
+                p = idx[0]
+            elif len(files) == 1:
+                p = files[0]
+            else:
+                raise CorruptCheckpointError(f"{path}: no *.safetensors.index.json and not exactly one "
+                                             f"*.safetensors file ({len(files)} found)")
+        if not p.exists():
+            raise CorruptCheckpointError(f"{p}: no such checkpoint")
+        self.path = p
+        if p.name.endswith(".json"):
+            try:
+                weight_map = json.loads(p.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise CorruptCheckpointError(f"{p}: not a safetensors index ({e})") from e
+            shard_of = {k: p.parent / v for k, v in weight_map.items()}
+        else:
+            shard_of = None
+        self._file_of: dict[str, Path] = {}
+        self._meta: dict[str, tuple] = {}
+        self._sizes: dict[Path, int] = {}
+        shards = sorted(set(shard_of.values())) if shard_of is not None else [p]
+        for f in shards:
+            if not f.exists():
+                raise CorruptCheckpointError(f"{p}: shard {f.name} is missing")
+            meta, self._sizes[f] = _read_header(f)
+            for k, m in meta.items():
+                self._file_of[k] = f
+                self._meta[k] = m
+        if shard_of is not None:
+            for k, f in shard_of.items():
+                if self._file_of.get(k) != f:
+                    raise CorruptCheckpointError(f"{p}: index puts {k!r} in {f.name}, which does not hold it")
+
+    def __getitem__(self, key: str) -> Tensor:
+        f = self._file_of[key]
+        shape, dt, s0, s1 = self._meta[key]
+        t = torch.empty(shape, dtype=dt)
+        try:
+            if f.stat().st_size != self._sizes[f]:
+                raise ValueError("the file changed size since it was opened")
+            with open(f, "rb", buffering=0) as fh:
+                fh.seek(s0)
+                view = memoryview(t.view(-1).view(torch.uint8).numpy()) if s1 > s0 else memoryview(b"")
+                got = 0
+                while got < s1 - s0:
+                    r = fh.readinto(view[got:])
+                    if not r:
+                        raise ValueError(f"end of file after {got} of {s1 - s0} bytes")
+                    got += r
+        except (OSError, ValueError) as e:
+            raise CorruptCheckpointError(f"{f}: cannot read {key!r} ({e})") from e
+        return t
+
+    def __iter__(self):
+        return iter(self._file_of)
+
+    def __contains__(self, key) -> bool:  # Mapping's default would read the tensor
+        return key in self._file_of
+
+    def __len__(self) -> int:
+        return len(self._file_of)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._meta[key][0]
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._meta[key][1]
+
+    def meta_state_dict(self) -> dict[str, Tensor]:
+        """``key -> empty tensor on the meta device`` with the right shape and dtype (for key rules)."""
+        return {k: torch.empty(m[0], dtype=m[1], device="meta") for k, m in self._meta.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------------
+def _plan_shards(keys: Sequence[str], meta: Mapping[str, tuple], shard_bytes: int) -> list[list[str]]:
+    shards, cur, size = [], [], 0
+    for k in keys:
+        shape, dt = meta[k]
+        nb = math.prod(shape) * torch.empty((), dtype=dt).element_size()
+        if cur and size + nb > shard_bytes:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append(k)
+        size += nb
+    if cur:
+        shards.append(cur)
+    return shards
+
+
+class _ShardWriter:
+    """Writes one safetensors file tensor by tensor: the header (all shapes and dtypes are known in
+    advance) first, then each tensor's bytes as soon as it is computed."""
+
+    def __init__(self, path: Path, keys: Sequence[str], meta: Mapping[str, tuple]):
+        header, off = {}, 0
+        for k in keys:
+            shape, dt = meta[k]
+            nb = math.prod(shape) * torch.empty((), dtype=dt).element_size()
+            header[k] = {"dtype": _NAMES[dt], "shape": list(shape), "data_offsets": [off, off + nb]}
+            off += nb
+        header["__metadata__"] = {"format": "pt", "merged_by": "mergelib"}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.expected = list(keys)
+        self.meta = meta
+        self.f = open(path, "wb")
+        self._write(len(raw).to_bytes(8, "little") + raw)
+
+    def _write(self, data) -> None:
+        self.f.write(data)
+
+    def add(self, key: str, t: Tensor) -> None:
+        if not self.expected or self.expected[0] != key:
+            raise RuntimeError(f"internal error: tensor {key!r} written out of order")
+        self.expected.pop(0)
+        shape, dt = self.meta[key]
+        t = t.detach().to("cpu", dt).contiguous().reshape(-1)
+        self._write(memoryview(t.view(torch.uint8).numpy()))
+
+    def close(self) -> None:
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# The merge
+# ----------------------------------------------------------------------------------------------
+def _say(msg: str, quiet: bool) -> None:
+    if not quiet:
+        print(f"mergelib.merge_files: {msg}", file=sys.stderr)
+
+
+def _check_inputs(base: Checkpoint, fts: list[Checkpoint], names: list[str], quiet: bool) -> dict[str, list[str]]:
+    """Key/shape/dtype checks; returns ``{ft_name: [integer buffers taken from the base]}``."""
+    borrowed = {}
+    for name, ft in zip(names, fts):
+        missing = [k for k in base if k not in ft]
+        extra = [k for k in ft if k not in base]
+        bad = [k for k in missing if base.dtype(k).is_floating_point]
+        if bad or extra:
+            msg = [f"keys of {name} ({ft.path}) do not match the pretrained checkpoint:"]
+            if bad:
+                msg.append(f"missing floating-point tensors {bad[:8]}")
+            if extra:
+                msg.append(f"extra tensors {extra[:8]}")
+            raise CheckpointKeyError(" ".join(msg))
+        if missing:
+            borrowed[name] = missing
+            _say(f"{name} lacks the integer buffer(s) {missing}; taking them from the pretrained checkpoint",
+                 quiet)
+        for k in base:
+            if k not in ft:
+                continue
+            if ft.shape(k) != base.shape(k):
+                raise CheckpointShapeError(f"tensor {k!r}: shape {ft.shape(k)} in {name} but "
+                                           f"{base.shape(k)} in pretrained")
+            if ft.dtype(k) != base.dtype(k):
+                raise CheckpointDtypeError(f"tensor {k!r}: dtype {ft.dtype(k)} in {name} but "
+                                           f"{base.dtype(k)} in pretrained")
+    return borrowed
+
+
+def _progress(it, total: int, desc: str, quiet: bool):
+    if quiet:
+        return it
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return it
+    return tqdm(it, total=total, desc=desc, unit="tensor", file=sys.stderr)
+
+
+def _hist_kth_abs(blocks: Iterable[Tensor], n: int, ks_of: list[int], sel_bins=None):
+    """One histogram pass over the float32 bit patterns of |tau| (``N x numel`` blocks).
+
+    Without ``sel_bins``: counts of the high 16 bits per row (``N x 65536``). With ``sel_bins``
+    (``N`` bins): counts of the low 16 bits of the entries whose high bits equal the row's bin.
+    """
+    hist = torch.zeros(n * (1 << 16), dtype=torch.int64)
+    rows = None
+    sel = None if sel_bins is None else torch.tensor(sel_bins, dtype=torch.int32)[:, None]
+    for x in blocks:  # one bincount per tensor: row r counts into bins [r * 65536, (r + 1) * 65536)
+        bits = x.abs().view(torch.int32)
+        if rows is None or rows.shape[1] != bits.shape[1]:
+            rows = (torch.arange(n, dtype=torch.int32) << 16)[:, None].expand(n, bits.shape[1])
+        if sel is None:
+            idx = (bits >> 16).add_(rows)
+        else:
+            inside = (bits >> 16) == sel
+            idx = (bits & 0xFFFF).add_(rows)[inside]
+        hist += torch.bincount(idx.reshape(-1), minlength=n << 16)
+    hist = hist.view(n, 1 << 16)
+    return hist
+
+
+def _stream_thresholds(blocks_fn, n: int, ks: list[int]) -> Tensor:
+    """Exact k-th smallest |tau| of every row (``ks[r]``, 1-based) over all blocks: two passes."""
+    hist = _hist_kth_abs(blocks_fn(), n, ks)
+    cum = hist.cumsum(1)
+    bins, rest = [], []
+    for r in range(n):
+        b = int(torch.searchsorted(cum[r], torch.tensor(ks[r])))
+        bins.append(b)
+        rest.append(ks[r] - (int(cum[r, b - 1]) if b > 0 else 0))
+    low = _hist_kth_abs(blocks_fn(), n, ks, sel_bins=bins).cumsum(1)
+    out = torch.empty(n, 1, dtype=torch.int32)
+    for r in range(n):
+        lo16 = int(torch.searchsorted(low[r], torch.tensor(rest[r])))
+        out[r, 0] = (bins[r] << 16) | lo16
+    return out.view(torch.float32)
+
+
+def merge_files(pretrained: str | os.PathLike, finetuned: Sequence[str | os.PathLike], out: str | os.PathLike,
+                method: str, scale=None, include=None, exclude=None, rules="auto", overwrite: bool = False,
+                shard_bytes: int = DEFAULT_SHARD_BYTES, quiet: bool = False, **hparams) -> Path:
+    """Merge checkpoints on disk into ``out`` (a directory), tensor by tensor.
+
+    Same arguments and result as :func:`mergelib.merge` (``scale``, ``include``, ``exclude``,
+    ``rules``, the method's ``hparams``), with paths instead of state dicts: ``pretrained`` and each of
+    ``finetuned`` is a ``.safetensors`` file, a ``*.safetensors.index.json`` or a directory holding
+    one. Writes ``out/model-0000i-of-0000n.safetensors`` (at most ``shard_bytes`` each, one tensor
+    may exceed it) and ``out/model.safetensors.index.json``; returns ``out``. Memory: a few tensors
+    (the N fine-tuned copies of the tensor being merged, in float32). See the module docstring for
+    the passes, the errors and what is taken from the base.
+    """
+    spec = REGISTRY.get(method) if isinstance(method, str) else None
+    if spec is None:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    hp = spec.check_hparams(hparams)
+    if not finetuned:
+        raise ValueError("finetuned is empty: need at least one fine-tuned checkpoint")
+    lam, lams = spec.check_scale(scale, len(finetuned))
+    is_ties = method in ("ties", "dare_ties")
+    glob_ties = is_ties and hp.get("granularity") == "global"
+    if method in ("pcb", "fr"):
+        raise StreamingNotSupportedError(
+            f"method {method!r} does not stream from disk yet (pcb: its global statistics are not "
+            "implemented as streamed histograms; fr: the per-tensor path for unfiltered keys is not "
+            "done); load the state dicts and use mergelib.merge(), or pick a streaming method: "
+            "average, task_arithmetic, dare_ta, ties, dare_ties")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+
+    base = Checkpoint(pretrained)
+    fts = [Checkpoint(f) for f in finetuned]
+    names = [f"finetuned[{i}]" for i in range(len(fts))]
+    borrowed = _check_inputs(base, fts, names, quiet)
+
+    keys = _selected_keys(spec, base.meta_state_dict(), rules, include, exclude)
+    layout = FlatLayout.from_shapes({k: base.shape(k) for k in keys})
+    selected = set(keys)
+    seg_of = {k: (o, e) for k, o, e in layout.segments()}
+
+    def block(k: str) -> Tensor:
+        """N x numel float32 task vectors of tensor k (DARE applied for dare_* methods)."""
+        pre = base[k]
+        x, lay = flatten([{k: ft[k]} for ft in fts], [k], subtract={k: pre})
+        if method == "dare_ties":
+            _comp.dare_flat(x, hp["p"], lay, hp["seed"], tasks=names, inplace=True)
+        return x
+
+    # global statistics of TIES: the global trim's thresholds and tie budgets, the majority sign
+    state = {}
+    if is_ties:
+        D, n = layout.D, len(fts)
+        density, trim_rule = hp["density"], hp["trim_rule"]
+        keep = int(D * density)
+        thr, budget = None, None
+        if glob_ties:
+            kth = _comp._trim_kth(D, density) if trim_rule == "official" else (
+                None if keep <= 0 or keep >= D else D - keep + 1)
+            if kth is not None:
+                thr = _stream_thresholds(lambda: (block(k) for k in _progress(keys, len(keys), "statistics",
+                                                                             quiet)), n, [kth] * n)
+            if trim_rule == "exact" and thr is not None:
+                gt = torch.zeros(n, 1, dtype=torch.int64)
+                for k in keys:
+                    gt += (block(k).abs() > thr).sum(1, keepdim=True)
+                budget = torch.cat([torch.zeros_like(gt), keep - gt], 1)
+
+        def plan(k: str, x: Tensor, budget_now):
+            if glob_ties:
+                return [(0, x.shape[1], thr, keep)], [budget_now]
+            lay_k = FlatLayout.from_shapes({k: base.shape(k)})
+            p_ = _comp._trim_plan(x, density, "tensor", lay_k, trim_rule)
+            return p_, (_comp._exact_tie_budget(x, p_) if trim_rule == "exact" else [None] * len(p_))
+
+        majority = 1
+        if hp["sign_rule"] == "mass":
+            votes = [0, 0]
+            b2 = None if budget is None else budget.clone()
+            for k in _progress(keys, len(keys), "signs", quiet):
+                x = block(k)
+                pl, bu = plan(k, x, b2)
+                p_, n_ = _comp._ties_sign_counts(x, pl, bu, trim_rule)
+                votes[0] += p_
+                votes[1] += n_
+            majority = 1 if votes[0] > votes[1] else -1
+        state = {"plan": plan, "budget": budget, "majority": majority, "trim_rule": trim_rule}
+
+    def merged_tensor(k: str) -> Tensor:
+        pre = base[k]
+        if k not in selected:
+            return pre
+        if spec.fn is _sum:
+            ftk = [{k: ft[k]} for ft in fts]
+            extra = {}
+            o, e = seg_of[k]
+            tail = (layout.D // 1024) * 1024 if lams is None else layout.D
+            if e > tail:  # the last partial block of the flat sum spans the last keys: load them
+                for k2, (o2, e2) in seg_of.items():
+                    if e2 > tail and k2 != k:
+                        extra[k2] = base[k2]
+                        for d, ft in zip(ftk, fts):
+                            d[k2] = ft[k2]
+            pre_d = {k: pre, **extra}
+            delta = _sum_per_tensor(pre_d, ftk, [k], lams, check=True, layout=layout)[k]
+        else:
+            x = block(k) if is_ties else flatten([{k: ft[k]} for ft in fts], [k], subtract={k: pre})[0]
+            lay = FlatLayout.from_shapes({k: tuple(pre.shape)})
+            if is_ties:
+                if not _comp.all_finite(x):
+                    raise NonFiniteError(f"task vectors of {k!r} are not finite")
+                pl, bu = state["plan"](k, x, state["budget"])
+                delta = _comp._ties_fused(x, pl, bu, state["trim_rule"], hp["sign_rule"],
+                                          majority=state["majority"])
+            else:
+                delta = spec.fn(x, layout=lay, lambdas=lams, tasks=names, **hp)
+            delta = delta.view(pre.shape)
+        return torch.add(pre.float(), delta, alpha=lam).to(pre.dtype)
+
+    all_keys = sorted(base)
+    meta = {k: (base.shape(k), base.dtype(k)) for k in all_keys}
+    shards = _plan_shards(all_keys, meta, shard_bytes)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        weight_map = {}
+        it = iter(_progress(all_keys, len(all_keys), f"merging ({method})", quiet))
+        for i, shard_keys in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            w = _ShardWriter(tmp / fname, shard_keys, meta)
+            try:
+                for k in shard_keys:
+                    next(it)
+                    w.add(k, merged_tensor(k))
+                    weight_map[k] = fname
+                w.close()
+            finally:
+                w.f.close()
+        total = sum(math.prod(meta[k][0]) * torch.empty((), dtype=meta[k][1]).element_size() for k in all_keys)
+        index = {"metadata": {"total_size": total, "merged_by": "mergelib", "method": method,
+                              "borrowed_from_pretrained": borrowed},
+                 "weight_map": weight_map}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        if out.exists():  # overwrite: swap in the complete result, then drop the old one
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(e.errno, f"disk full while writing the merge to {tmp}; nothing was "
+                                         f"written to {out} and the inputs are untouched") from e
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: python -m mergelib.merge PRETRAINED FINETUNED... --out DIR --method NAME [--HPARAM V]
+# ----------------------------------------------------------------------------------------------
+def _parse_value(v: str):
+    low = v.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for conv in (int, float):
+        try:
+            return conv(v)
+        except ValueError:
+            pass
+    return v
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+    ap = argparse.ArgumentParser(prog="python -m mergelib.merge",
+                                 description="Merge safetensors checkpoints on disk, tensor by tensor.",
+                                 epilog="Method hyperparameters are passed as --NAME VALUE (e.g. --density 0.2 "
+                                        "--granularity tensor); see mergelib.method_table().")
+    ap.add_argument("pretrained")
+    ap.add_argument("finetuned", nargs="+")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--method", required=True, choices=METHODS)
+    ap.add_argument("--scale", default=None, help="lambda: one number or comma-separated per-task values")
+    ap.add_argument("--rules", default="auto")
+    ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--shard-size-gb", type=float, default=DEFAULT_SHARD_BYTES / 1024**3)
+    ap.add_argument("--quiet", action="store_true")
+    args, rest = ap.parse_known_args(argv)
+    hparams = {}
+    i = 0
+    while i < len(rest):
+        tok = rest[i]
+        if not tok.startswith("--") or i + 1 >= len(rest):
+            ap.error(f"hyperparameters must be given as --NAME VALUE, got {rest[i:]}")
+        hparams[tok[2:].replace("-", "_")] = _parse_value(rest[i + 1])
+        i += 2
+    scale = None
+    if args.scale is not None:
+        parts = [float(p) for p in args.scale.split(",")]
+        scale = parts[0] if len(parts) == 1 else parts
+    try:
+        out = merge_files(args.pretrained, args.finetuned, args.out, args.method, scale=scale,
+                          rules=None if args.rules == "none" else args.rules, overwrite=args.overwrite,
+                          shard_bytes=int(args.shard_size_gb * 1024**3), quiet=args.quiet, **hparams)
+    except (CheckpointError, ValueError, TypeError) as e:
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0

@@ -1,0 +1,178 @@
+"""Exact order statistics (mergelib.selection) against torch.kthvalue, and the TIES trim rules."""
+import importlib.util
+import pathlib
+
+import pytest
+import torch
+
+import mergelib as ml
+from mergelib import selection as sel
+from mergelib.competition import ties_merge, trim
+from mergelib.task_vectors import FlatLayout
+
+N_LONG = sel.LONG_ROW + 4321  # long enough for the bracket-and-count path
+
+
+def _bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-for-bit equal, except that -0.0 and +0.0 count as equal (module docstring)."""
+    if a.dtype != b.dtype or a.shape != b.shape or not torch.equal(a, b):
+        return False
+    nz = a != 0
+    ia = a.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()])
+    ib = b.view(ia.dtype)
+    return torch.equal(ia[nz], ib[nz])
+
+
+def _rows(kind: str, dtype=torch.float32, n=N_LONG, rows=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, n, generator=g)
+    if kind == "ties":
+        x = (x * 3).round()  # few distinct values, many duplicates
+    elif kind == "zeros":
+        x[:, ::3] = 0.0
+        x[:, 1::3] = -0.0
+    elif kind == "subnormal":
+        x = x * 1e-39  # float32 subnormals
+        x[:, ::5] = torch.finfo(torch.float32).tiny
+    elif kind == "constant":
+        x = torch.full((rows, n), 0.25)
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "zeros", "subnormal", "constant"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_kth_smallest_equals_kthvalue(kind, dtype):
+    x = _rows(kind, dtype)
+    n = x.shape[1]
+    for k in (1, 2, n // 10, n // 2, n - n // 20, n - 1, n):
+        want = torch.kthvalue(x, k, dim=1).values
+        got = sel.kth_smallest(x, k, dim=1)
+        assert _bits(got, want), (kind, dtype, k)
+        got_abs = sel.kth_smallest(x, k, dim=1, absolute=True)
+        assert _bits(got_abs, torch.kthvalue(x.abs(), k, dim=1).values), (kind, dtype, k, "abs")
+
+
+def test_kth_smallest_many_ranks_keepdim_and_dims():
+    x = _rows("normal", rows=3)
+    ks = [1, 77, x.shape[1]]
+    got = sel.kth_smallest(x, ks, dim=1)
+    assert got.shape == (3, 3)
+    for j, k in enumerate(ks):
+        assert _bits(got[:, j], torch.kthvalue(x, k, dim=1).values)
+    kd = sel.kth_smallest(x, 5, dim=1, keepdim=True)
+    assert kd.shape == (3, 1) and _bits(kd, torch.kthvalue(x, 5, dim=1, keepdim=True).values)
+    xt = x.T.contiguous()  # reduce over dim 0
+    assert _bits(sel.kth_smallest(xt, 9, dim=0), torch.kthvalue(xt, 9, dim=0).values)
+
+
+def test_short_rows_single_elements_and_errors():
+    x = torch.tensor([[3.0], [-1.0]])
+    assert torch.equal(sel.kth_smallest(x, 1, dim=1), torch.tensor([3.0, -1.0]))
+    assert sel.kth_smallest(torch.tensor([7.0]), 1).item() == 7.0
+    with pytest.raises(ValueError):
+        sel.kth_smallest(torch.zeros(4), 5)
+    with pytest.raises(ValueError):
+        sel.kth_smallest(torch.zeros(4), 0)
+
+
+def test_bracket_fallback_is_exact(monkeypatch):
+    """A sample that misses the k-th value (forced here) still gives the exact answer."""
+    x = _rows("normal", rows=1)
+    monkeypatch.setattr(sel, "_sample_index", lambda n, m, dev: torch.zeros(m, dtype=torch.long))
+    for k in (1, 1000, x.shape[1]):
+        assert _bits(sel.kth_smallest(x, k, dim=1), torch.kthvalue(x, k, dim=1).values)
+
+
+def test_backend_switch():
+    x = _rows("normal", rows=1)
+    with sel.backend("torch"):
+        assert sel.get_backend() == "torch"
+        a = sel.kth_smallest(x, 100, dim=1)
+    assert sel.get_backend() == "auto"
+    assert _bits(a, sel.kth_smallest(x, 100, dim=1))
+    with pytest.raises(ValueError):
+        sel.set_backend("radix")
+
+
+def test_kth_from_counts_and_topk_mask():
+    v, c = torch.tensor([0.5, 1.0, 2.0]), torch.tensor([2, 3, 1])
+    assert [sel.kth_smallest_from_counts(v, c, k).item() for k in range(1, 7)] == [0.5, 0.5, 1, 1, 1, 2]
+    x = torch.tensor([[1.0, -3.0, 3.0, 2.0, -3.0]])
+    m = sel.topk_mask(x, 2)  # ties at |3|: the lower indices first
+    assert m.tolist() == [[False, True, True, False, False]]
+    assert sel.topk_mask(x, 0).sum() == 0 and sel.topk_mask(x, 5).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# TIES trim rules
+# ------------------------------------------------------------------------------------------------
+def _layout_and_tvs(n=3, dtype=torch.float32, seed=0):
+    shapes = {"a.weight": (256, 300), "b.bias": (300,), "c.weight": (70, 1000), "d": (5,)}
+    lay = FlatLayout.from_shapes(shapes)
+    g = torch.Generator().manual_seed(seed)
+    return lay, (torch.randn(n, lay.D, generator=g) * 1e-3).to(dtype).float()
+
+
+@pytest.mark.parametrize("granularity", ["global", "tensor"])
+def test_exact_trim_keeps_exactly_int_d_density(granularity):
+    lay, x = _layout_and_tvs(dtype=torch.bfloat16)  # bf16 values: many ties at the threshold
+    for density in (0.1, 0.2, 0.5):
+        t = trim(x, density, granularity=granularity, layout=lay, trim_rule="exact")
+        segs = [(0, lay.D)] if granularity == "global" else [(s, e) for _, s, e in lay.segments()]
+        for s, e in segs:
+            kept = (t[:, s:e] != 0).sum(1)
+            assert (kept <= int((e - s) * density)).all()  # exact zeros in x are never "kept"
+            nonzero = (x[:, s:e] != 0).sum(1)
+            assert torch.equal(kept, torch.minimum(nonzero, torch.tensor(int((e - s) * density))))
+        off = trim(x, density, granularity=granularity, layout=lay)  # official keeps every tie
+        assert ((off != 0).sum() >= (t != 0).sum())
+
+
+def test_official_rule_keeps_ties_on_bf16_task_vectors():
+    """The documented effect (docs/methods.md): on bf16 task vectors, density 0.1 keeps well over 10 %."""
+    g = torch.Generator().manual_seed(0)
+    base = (torch.randn(200_000, generator=g) * 0.02).bfloat16()
+    ft = (base.float() + torch.randn(200_000, generator=g) * 1e-4).bfloat16()
+    tv = (ft.float() - base.float())[None]
+    kept = (trim(tv, 0.1) != 0).float().mean().item()
+    exact = (trim(tv, 0.1, trim_rule="exact") != 0).float().mean().item()
+    assert kept > 0.1 + 1e-3 and exact <= 0.1 + 1e-6  # official: every tie at the threshold survives
+
+
+def _peft_merge_utils():
+    """peft.utils.merge_utils, loaded from its file (it imports only torch; the peft package itself
+    needs transformers, which the course environment does not install)."""
+    spec = importlib.util.find_spec("peft")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("peft not installed")
+    path = pathlib.Path(list(spec.submodule_search_locations)[0]) / "utils" / "merge_utils.py"
+    mspec = importlib.util.spec_from_file_location("_peft_merge_utils", path)
+    mod = importlib.util.module_from_spec(mspec)
+    mspec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("sign_rule,peft_rule", [("mass", "total"), ("count", "frequency")])
+def test_ties_tensor_exact_matches_peft_bit_for_bit(sign_rule, peft_rule):
+    pm = _peft_merge_utils()
+    g = torch.Generator().manual_seed(1)
+    shapes = {"blocks.0.attn.qkv.weight": (96, 32), "blocks.0.mlp.fc1.weight": (300, 256),
+              "blocks.0.mlp.fc1.bias": (300,)}
+    pre = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    fts = [{k: v + torch.randn(v.shape, generator=g) * 0.01 for k, v in pre.items()} for _ in range(3)]
+    merged = ml.merge(pre, fts, "ties", scale=1.0, rules=None, density=0.2, granularity="tensor",
+                      trim_rule="exact", sign_rule=sign_rule)
+    for k in shapes:
+        tvs = [ft[k] - pre[k] for ft in fts]
+        ref = pm.ties(tvs, torch.ones(len(tvs)), 0.2, majority_sign_method=peft_rule)
+        want = pre[k] + ref
+        assert _bits(merged[k], want), k
+
+
+def test_ties_merge_rules_validate():
+    lay, x = _layout_and_tvs()
+    with pytest.raises(ValueError):
+        ties_merge(x, 0.2, trim_rule="paper")
+    a = ties_merge(x, 0.2, trim_rule="exact")
+    b = ties_merge(x, 0.2)
+    assert a.shape == b.shape == (lay.D,)

@@ -1,0 +1,214 @@
+"""merge_files / python -m mergelib.merge: streamed merges equal in-memory merge() bit for bit; errors."""
+import errno
+import gc
+import importlib
+import json
+import re
+import runpy
+import sys
+from unittest import mock
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import mergelib as ml
+import mergelib.merging
+from mergelib import streaming as st
+
+SHAPES = {"blocks.0.attn.qkv.weight": (96, 32), "blocks.0.attn.qkv.bias": (96,), "blocks.0.mlp.fc1.weight": (64, 32),
+          "blocks.1.attn.qkv.weight": (96, 32), "blocks.1.mlp.fc1.weight": (64, 32), "norm.weight": (32,),
+          "embeddings.position_ids": None}
+
+
+def _models(n=3, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pre = {k: (torch.randn(s, generator=g).to(dtype) if s else torch.arange(16)[None]) for k, s in SHAPES.items()}
+    fts = [{k: ((v.float() + torch.randn(v.shape, generator=g) * 0.01).to(dtype) if v.is_floating_point() else v)
+            for k, v in pre.items()} for _ in range(n)]
+    return pre, fts
+
+
+def _write(tmp_path, pre, fts, sharded=False):
+    def one(sd, name):
+        if not sharded:
+            p = tmp_path / f"{name}.safetensors"
+            save_file(sd, str(p))
+            return p
+        d = tmp_path / name
+        d.mkdir()
+        keys = sorted(sd)
+        halves = [keys[: len(keys) // 2], keys[len(keys) // 2:]]
+        wm = {}
+        for i, ks in enumerate(halves):
+            fn = f"model-{i + 1:05d}-of-00002.safetensors"
+            save_file({k: sd[k] for k in ks}, str(d / fn))
+            wm.update({k: fn for k in ks})
+        (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
+        return d / "model.safetensors.index.json"
+    return one(pre, "base"), [one(ft, f"ft{i}") for i, ft in enumerate(fts)]
+
+
+def _load_dir(d):
+    idx = json.loads((d / "model.safetensors.index.json").read_text())
+    out = {}
+    for fn in sorted(set(idx["weight_map"].values())):
+        out.update(load_file(str(d / fn)))
+    assert set(out) == set(idx["weight_map"])
+    return out
+
+
+def _same_bits(a, b):
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+CASES = [("task_arithmetic", {}), ("task_arithmetic", {"scale": [0.2, 0.3, 0.4]}), ("average", {}),
+         ("dare_ta", {"p": 0.5}), ("ties", {}), ("ties", {"trim_rule": "exact"}), ("ties", {"sign_rule": "count"}),
+         ("ties", {"granularity": "tensor", "density": 0.1}), ("dare_ties", {"density": 0.3})]
+CASES = [(m, hp, torch.float32) for m, hp in CASES] + [
+    ("task_arithmetic", {}, torch.bfloat16), ("ties", {}, torch.bfloat16),
+    ("ties", {"trim_rule": "exact", "granularity": "tensor"}, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("method,hp,dtype", CASES)
+def test_streamed_equals_in_memory_bit_for_bit(tmp_path, method, hp, dtype):
+    pre, fts = _models(dtype=dtype)
+    base, ftp = _write(tmp_path, pre, fts, sharded=(dtype == torch.bfloat16))
+    out = ml.merge_files(base, ftp, tmp_path / "out", method, quiet=True, shard_bytes=20_000, **hp)
+    got = _load_dir(out)
+    want = ml.merge(pre, fts, method, **hp)
+    assert set(got) == set(want)
+    for k in want:
+        assert _same_bits(got[k], want[k].contiguous()), (method, k)
+    assert len(list(out.glob("*.safetensors"))) > 1  # sharded output
+
+
+def test_missing_integer_buffer_taken_from_base_missing_float_is_error(tmp_path, capsys):
+    pre, fts = _models(n=2)
+    del fts[1]["embeddings.position_ids"]
+    base, ftp = _write(tmp_path, pre, fts)
+    out = ml.merge_files(base, ftp, tmp_path / "out", "task_arithmetic")
+    assert "position_ids" in capsys.readouterr().err
+    assert torch.equal(_load_dir(out)["embeddings.position_ids"], pre["embeddings.position_ids"])
+    del fts[0]["norm.weight"]
+    base, ftp = _write(tmp_path / "x" if (tmp_path / "x").mkdir() is None else None, pre, fts)
+    with pytest.raises(st.CheckpointKeyError, match="norm.weight"):
+        ml.merge_files(base, ftp, tmp_path / "out2", "task_arithmetic", quiet=True)
+    assert not (tmp_path / "out2").exists()
+
+
+def test_shape_dtype_corrupt_and_existing_output(tmp_path):
+    pre, fts = _models(n=1)
+    bad = dict(fts[0])
+    bad["norm.weight"] = torch.zeros(33)
+    base, (ftp,) = _write(tmp_path, pre, [bad])
+    with pytest.raises(st.CheckpointShapeError):
+        ml.merge_files(base, [ftp], tmp_path / "o", "ties", quiet=True)
+    bad["norm.weight"] = torch.zeros(32, dtype=torch.float16)
+    save_file(bad, str(ftp))
+    with pytest.raises(st.CheckpointDtypeError):
+        ml.merge_files(base, [ftp], tmp_path / "o", "ties", quiet=True)
+    save_file(fts[0], str(ftp))
+    data = ftp.read_bytes()
+    ftp.write_bytes(data[: len(data) - 100])  # truncated shard
+    with pytest.raises(st.CorruptCheckpointError):
+        ml.merge_files(base, [ftp], tmp_path / "o", "ties", quiet=True)
+    ftp.write_bytes(b"\x00" * 16)  # garbage header
+    with pytest.raises(st.CorruptCheckpointError):
+        ml.merge_files(base, [ftp], tmp_path / "o", "ties", quiet=True)
+    ftp.write_bytes(data)
+    (tmp_path / "o").mkdir()
+    with pytest.raises(st.OutputExistsError):
+        ml.merge_files(base, [ftp], tmp_path / "o", "ties", quiet=True)
+    ml.merge_files(base, [ftp], tmp_path / "o", "ties", quiet=True, overwrite=True)
+    assert (tmp_path / "o" / "model.safetensors.index.json").exists()
+    for m in ("pcb", "fr"):
+        with pytest.raises(st.StreamingNotSupportedError):
+            ml.merge_files(base, [ftp], tmp_path / "p", m, quiet=True)
+    assert ftp.read_bytes() == data  # inputs untouched
+
+
+def test_disk_full_leaves_nothing(tmp_path, monkeypatch):
+    pre, fts = _models(n=2)
+    base, ftp = _write(tmp_path, pre, fts)
+    before = {p: p.read_bytes() for p in [base, *ftp]}
+    calls = {"n": 0}
+    real = st._ShardWriter._write
+
+    def flaky(self, data):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(self, data)
+
+    monkeypatch.setattr(st._ShardWriter, "_write", flaky)
+    with pytest.raises(st.DiskFullError):
+        ml.merge_files(base, ftp, tmp_path / "out", "ties", quiet=True, shard_bytes=10_000)
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+    assert all(p.read_bytes() == b for p, b in before.items())
+
+
+def _peak_rss_mb():
+    return int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1)) / 1024
+
+
+def _reset_peak_rss() -> bool:
+    try:  # Linux >= 4.0: writing 5 resets VmHWM (the peak resident set) to the current RSS
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the peak RSS from /proc/self/status")
+def test_memory_is_bounded_by_a_few_tensors(tmp_path):
+    """64 tensors of 256 kB (fp32) per model, 5 models: the inputs are 84 MB; loading them all (or keeping
+    every memory-mapped page of the inputs resident) would grow the peak RSS by 80 MB or more. The
+    streamed TIES merge (three passes; a few copies of one tensor at a time) must grow it by less than 40 MB. In process: the peak resident set
+    (VmHWM, which counts memory-mapped file pages too) is reset just before the merge."""
+    g = torch.Generator().manual_seed(0)
+    shapes = {f"blocks.{i}.mlp.fc1.weight": (256, 256) for i in range(64)}
+    pre = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    fts = [{k: v + 0.01 * (i + 1) for k, v in pre.items()} for i in range(4)]
+    base, ftp = _write(tmp_path, pre, fts)
+    del pre, fts
+    (tmp_path / "w").mkdir()
+    wbase, wft = _write(tmp_path / "w", *_models(n=4))
+    ml.merge_files(wbase, wft, tmp_path / "w" / "out", "ties", quiet=True)  # one-time allocations (~20 MB)
+    gc.collect()
+    if not _reset_peak_rss():
+        pytest.skip("cannot reset the peak RSS (/proc/self/clear_refs)")
+    r0 = _peak_rss_mb()
+    ml.merge_files(base, ftp, tmp_path / "out", "ties", quiet=True)
+    grew_mb = _peak_rss_mb() - r0
+    assert grew_mb < 40, f"peak RSS grew by {grew_mb:.0f} MB; all inputs are 84 MB"
+
+
+def test_cli(tmp_path, capsys):
+    """The command line in process: streaming.main(argv), and the python -m shim through runpy."""
+    pre, fts = _models(n=2)
+    base, ftp = _write(tmp_path, pre, fts)
+    argv = [str(base), *map(str, ftp), "--out", str(tmp_path / "cli"), "--method", "ties", "--density", "0.3",
+            "--granularity", "tensor", "--quiet"]
+    assert st.main(argv) == 0
+    got = _load_dir(tmp_path / "cli")
+    want = ml.merge(pre, fts, "ties", density=0.3, granularity="tensor")
+    assert all(_same_bits(got[k], want[k]) for k in want)
+    capsys.readouterr()
+    assert st.main(argv) == 2 and "OutputExistsError" in capsys.readouterr().err
+    # python -m mergelib.merge runs the module as __main__: same code, exit status 0
+    argv[argv.index("--out") + 1] = str(tmp_path / "cli2")
+    with mock.patch.object(sys, "argv", ["mergelib.merge", *argv]), pytest.raises(SystemExit) as e:
+        runpy.run_module("mergelib.merge", run_name="__main__", alter_sys=True)
+    assert e.value.code == 0
+    assert all(_same_bits(a, b) for a, b in zip(_load_dir(tmp_path / "cli").values(),
+                                                 _load_dir(tmp_path / "cli2").values()))
+
+
+def test_cli_module_is_not_importable_and_merge_stays_a_function():
+    with pytest.raises(ImportError, match="command line"):
+        importlib.import_module("mergelib.merge")
+    assert "mergelib.merge" not in sys.modules
+    assert ml.merge is mergelib.merging.merge
