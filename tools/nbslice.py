@@ -15,6 +15,8 @@ How a statement is read (``symtable`` + ``ast``; over-approximating where unsure
 * it *uses* every name it reads at module level, including the globals read inside its functions,
   lambdas and comprehensions (a function's own locals are not uses);
 * a plain top-level assignment *kills* the names it binds (earlier bindings are not needed);
+* a statement that names a function also uses the globals the function's body reads (transitively),
+  since they must be bound by the time it is called, even when bound after the ``def``;
 * it is always kept when it configures the process: the ``parameters`` cell, calls such as
   ``seed_everything``/``manual_seed``/``set_num_threads``, and stores into a module (``plt.rcParams[...]``).
 
@@ -43,6 +45,7 @@ class Stmt:
     uses: set[str] = field(default_factory=set)
     kills: set[str] = field(default_factory=set)
     always: bool = False
+    function: str | None = None     # the name a ``def``/``class`` statement binds
 
 
 def cell_source(cell: dict) -> str:
@@ -126,6 +129,7 @@ def analyse(stmt: ast.stmt, source: str, cell: int, modules: set[str]) -> Stmt:
             s.kills = {e.id for x in tgts for e in ast.walk(x) if isinstance(e, ast.Name)}
     elif isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
         s.kills = {stmt.name}
+        s.function = stmt.name
     elif isinstance(stmt, (ast.Import, ast.ImportFrom)):
         s.kills = set(s.defs)
     return s
@@ -176,13 +180,31 @@ def slice_notebook(nb: dict, targets, extra_uses=()) -> list[tuple[int, str]]:
     targets = set(targets)
     stmts = statements(nb)
     last = max(targets)
-    needed = set(extra_uses)
+    # A function's body runs when it is *called*, not where it is defined: the globals it reads must
+    # exist by the time of the call, even if they are bound after the ``def`` (a cell may define a
+    # function and then the dict it reads). So a statement that names a function also uses, transitively,
+    # the globals of that function's body.
+    body_uses: dict[str, set[str]] = {}
+    for st in stmts:
+        if st.function:
+            body_uses.setdefault(st.function, set()).update(st.uses)
+
+    def with_callees(names: set[str]) -> set[str]:
+        out, todo = set(names), [n for n in names if n in body_uses]
+        while todo:
+            for n in body_uses[todo.pop()] - out:
+                out.add(n)
+                if n in body_uses:
+                    todo.append(n)
+        return out
+
+    needed = with_callees(set(extra_uses))
     keep: list[Stmt] = []
     for st in reversed([s for s in stmts if s.cell <= last]):
         if st.cell in targets or st.always or (st.defs & needed):
             keep.append(st)
             needed -= st.kills
-            needed |= st.uses
+            needed |= with_callees(st.uses)
     keep.reverse()
     chunks: list[tuple[int, str]] = []
     for st in keep:

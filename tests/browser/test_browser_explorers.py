@@ -65,7 +65,17 @@ def lab():
         pytest.skip(reason)
     tmp = Path(tempfile.mkdtemp(prefix="mergelib-browser-"))
     settings = tmp / "settings"
+    # JupyterLab serves a copy of the checkout: the notebooks copied (the browser edits and runs them, and
+    # JupyterLab may save them), everything else linked. The committed notebooks are never written.
+    site = tmp / "site"
+    site.mkdir()
+    for entry in ROOT.iterdir():
+        if entry.name == "notebooks":
+            shutil.copytree(entry, site / entry.name, ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
+        elif not entry.name.startswith("."):
+            (site / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
     for path, value in {"@jupyterlab/notebook-extension/tracker.jupyterlab-settings": {"windowingMode": "none"},
+                        "@jupyterlab/docmanager-extension/plugin.jupyterlab-settings": {"autosave": False},
                         "@jupyterlab/apputils-extension/notification.jupyterlab-settings":
                             {"fetchNews": "false", "checkForUpdates": False}}.items():
         (settings / path).parent.mkdir(parents=True, exist_ok=True)
@@ -76,10 +86,10 @@ def lab():
     log = open(tmp / "server.log", "w")
     server = subprocess.Popen(
         [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
-         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={ROOT}", "--ServerApp.port_retries=0",
+         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={site}", "--ServerApp.port_retries=0",
          *(["--allow-root"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []),
          f"--LabApp.user_settings_dir={settings}", f"--LabApp.workspaces_dir={tmp / 'workspaces'}"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        cwd=site, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     for _ in range(120):
         try:
@@ -98,8 +108,11 @@ def lab():
         opts.add_argument(a)
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
     SHOTS.mkdir(parents=True, exist_ok=True)
+    committed = {p: p.read_bytes() for p in NOTEBOOKS}
     try:
         yield {"base": base, "token": token, "driver": driver, "runtime": tmp / "runtime", "tmp": tmp}
+        changed = [p.name for p, b in committed.items() if p.read_bytes() != b]
+        assert not changed, f"the browser session wrote the committed notebooks {changed}"
     finally:
         driver.quit()
         server.terminate()
@@ -143,7 +156,7 @@ def _output_state(driver, cell):
         if (!out) return null;
         const w = out.querySelector('.widget-output') || out;
         return {text: w.innerText, imgs: Array.from(w.querySelectorAll('img')).map(i => i.src),
-                widgets: out.querySelectorAll('.jupyter-widgets').length};""", cell)
+                widgets: out.querySelectorAll('.jupyter-widgets').length, all: out.innerText};""", cell)
 
 
 def _move_control(driver, cell, description: str, kind: str):
@@ -222,7 +235,9 @@ def test_explorer_in_the_browser(lab, path):
         driver.execute_script("arguments[0].scrollIntoView({block: 'start'});", cell)
         cell.find_element(By.CSS_SELECTOR, ".jp-InputArea-prompt").click()
         ActionChains(driver).key_down(Keys.SHIFT).send_keys(Keys.ENTER).key_up(Keys.SHIFT).perform()
-        first = _wait(lambda: (s := _output_state(driver, cell)) and s["widgets"] and (s["imgs"] or s["text"].strip())
+        # rendered: the widgets are on the page and the cell has shown something (an explorer whose Output
+        # widget stays empty until the first move shows its initial state in the cell's own output)
+        first = _wait(lambda: (s := _output_state(driver, cell)) and s["widgets"] and (s["imgs"] or s["all"].strip())
                       and _kernel_state(lab, kid) == "idle" and s, what="the explorer to render")
         time.sleep(1.0)
         before = _output_state(driver, cell)
