@@ -43,20 +43,20 @@ notebooks: setup
 	@for nb in $(NOTEBOOKS); do \
 	  out="$(RUN_DIR)/$$(basename $$nb)"; \
 	  echo "== executing $$nb $(PARAMS) -> $$out"; \
-	  $(VENV)/bin/papermill --cwd notebooks --kernel python3 $(PARAMS) "$$nb" "$$out" || exit 1; \
+	  $(VENV)/bin/papermill --engine mergelib --cwd notebooks --kernel python3 $(PARAMS) "$$nb" "$$out" || exit 1; \
 	done
 
 notebooks-inplace: setup
 	@for nb in $(NOTEBOOKS); do \
 	  echo "== executing $$nb $(PARAMS) in place"; \
-	  $(VENV)/bin/papermill --cwd notebooks --kernel python3 $(PARAMS) "$$nb" "$$nb" || exit 1; \
+	  $(VENV)/bin/papermill --engine mergelib --cwd notebooks --kernel python3 $(PARAMS) "$$nb" "$$nb" || exit 1; \
 	done
 	$(PY) tools/normalize_notebooks.py $(NOTEBOOKS)
 
 test: setup
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(TEST_THREADS)} MKL_NUM_THREADS=$${MKL_NUM_THREADS:-$(TEST_THREADS)} \
 	$(PY) -m pytest tests $(NOTEBOOKS) -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder --nbval-lax --nbval-current-env \
-	  --nbval-sanitize-with tools/nbval_sanitize.cfg --nbval-cell-timeout=1200 -p no:cacheprovider
+	  --nbval-sanitize-with tools/nbval_sanitize.cfg --nbval-cell-timeout=1200 -p no:cacheprovider --durations=30
 
 unit: setup
 	$(PY) -m pytest tests -p no:cacheprovider

@@ -269,7 +269,7 @@ def _execute_run(spec: Mapping[str, Any]) -> dict[str, Any]:
         try:
             papermill.execute_notebook(str(notebook), str(run_dir / notebook.name), parameters=dict(spec["params"]),
                                        kernel_name=spec["kernel"], cwd=str(notebook.parent), progress_bar=False,
-                                       log_output=False)
+                                       log_output=False, engine_name="mergelib")   # mergelib/nbexec.py
         except Exception as exc:  # noqa: BLE001 - any failure belongs to this run only
             ename = getattr(exc, "ename", type(exc).__name__)
             evalue = getattr(exc, "evalue", str(exc))
