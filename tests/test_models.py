@@ -74,10 +74,13 @@ def test_shared_resnet20_checkpoints_score_about_81(pretrained_dir, data_root):
     assert len(files) == 5
     full = mdata.load_task("cifar10", "test", data_root, verbose=False)  # all 10 classes, JPEG copy
     assert len(full) == 10000
+    # a seeded 2,000-image sample: the standard error of an ~81 % accuracy is 0.9 points, far inside the
+    # band (the whole test set costs 2.5 CPU minutes for five checkpoints)
+    sample = full.subset(2000, seed=0)
     accs = {}
     for f in files:
         model = load_resnet20_checkpoint(f).eval()
-        accs[f.name] = evaluate(model, full, batch_size=1000)["acc"]
+        accs[f.name] = evaluate(model, sample, batch_size=1000)["acc"]
     print(accs)
     assert all(0.76 <= a <= 0.86 for a in accs.values()), accs
     assert len(mdata.load_task("cifar4", "test", data_root, verbose=False)) == 4000
