@@ -56,7 +56,7 @@ notebooks-inplace: setup
 test: setup
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(TEST_THREADS)} MKL_NUM_THREADS=$${MKL_NUM_THREADS:-$(TEST_THREADS)} \
 	$(PY) -m pytest tests $(NOTEBOOKS) -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder --nbval-lax --nbval-current-env \
-	  --nbval-sanitize-with tools/nbval_sanitize.cfg --nbval-cell-timeout=1200 -p no:cacheprovider --durations=30
+	  --nbval-sanitize-with tools/nbval_sanitize.cfg --nbval-cell-timeout=2400 -p no:cacheprovider --durations=30
 
 unit: setup
 	$(PY) -m pytest tests -p no:cacheprovider
