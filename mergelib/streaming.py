@@ -13,8 +13,18 @@ Global TIES (``granularity="global"``, the paper) needs each task's exact k-th |
 model and the model-wide majority sign: two histogram passes over the float32 bit patterns of |tau|
 (65536 bins of the high 16 bits, then the low 16 bits inside the one bin that holds rank k: the exact
 value, as :func:`mergelib.selection.kth_smallest` gives it), one pass counting the signs, and the
-write pass. Methods that do not stream yet (``pcb``, ``fr``) raise
-:class:`StreamingNotSupportedError`.
+write pass. ``fr`` (``align="official"`` or ``"none"``) needs one pass: each 2-D tensor is filtered,
+aligned and summed on its own (:func:`mergelib.fourier.fr_tensor`, the function ``fr_merge`` runs per
+tensor); its shape checks (no 2-D tensor: ``ValueError``; tensors with more than 2 dims: one
+``FRFilterWarning``) run on the headers before anything is written. ``pcb`` (``mode="official"``)
+needs five: two histogram passes give each task's clip values (two ranks of |tau|), two more the
+drop threshold q of the signed balancing score beta (the float bits mapped to order-preserving
+int32 keys) and, on the way, beta's row maximum, then the write pass; everything else in PCB is
+elementwise across tasks (its sum over tasks adds the rows in order, in memory as here).
+Two settings cannot stream and raise :class:`StreamingNotSupportedError`: ``pcb`` with
+``mode="paper"`` (its softmaxes divide by a float sum over the whole model) and ``fr`` with
+``align="paper"`` (its coefficients are float means over the whole model): the rounding of such a
+sum depends on its order, so partial sums per tensor would not give the same bits.
 
 **Same result as in memory.** For every supported method the tensors written are bit for bit those
 of ``mergelib.merge(pretrained, finetuned, method, **hparams)`` on the loaded state dicts.
@@ -88,7 +98,8 @@ class DiskFullError(CheckpointError, OSError):
 
 
 class StreamingNotSupportedError(CheckpointError, NotImplementedError):
-    """The method (or this setting of it) cannot be computed tensor by tensor from disk yet."""
+    """This setting of a method cannot be computed tensor by tensor with the bits of
+    :func:`mergelib.merge` (``pcb`` with ``mode="paper"``, ``fr`` with ``align="paper"``)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -401,7 +412,9 @@ def merge_files(pretrained: str | os.PathLike, finetuned: Sequence[str | os.Path
     one. Writes ``out/model-0000i-of-0000n.safetensors`` (at most ``shard_bytes`` each, one tensor
     may exceed it) and ``out/model.safetensors.index.json``; returns ``out``. Memory: a few tensors
     (the N fine-tuned copies of the tensor being merged, in float32). See the module docstring for
-    the passes, the errors and what is taken from the base.
+    the passes (one for per-tensor methods and ``fr``; up to four for ``ties``; five for ``pcb``),
+    the errors and what is taken from the base. Raises :class:`StreamingNotSupportedError` for
+    ``pcb`` with ``mode="paper"`` and ``fr`` with ``align="paper"``, before reading any tensor.
     """
     spec = REGISTRY.get(method) if isinstance(method, str) else None
     if spec is None:

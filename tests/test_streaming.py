@@ -233,8 +233,9 @@ def _reset_peak_rss() -> bool:
 def test_memory_is_bounded_by_a_few_tensors(tmp_path):
     """64 tensors of 256 kB (fp32) per model, 5 models: the inputs are 84 MB; loading them all (or keeping
     every memory-mapped page of the inputs resident) would grow the peak RSS by 80 MB or more. The
-    streamed TIES merge (three passes; a few copies of one tensor at a time) must grow it by less than 40 MB. In process: the peak resident set
-    (VmHWM, which counts memory-mapped file pages too) is reset just before the merge."""
+    streamed TIES merge (three passes; a few copies of one tensor at a time), and so the PCB (five passes) and
+    FR merges, must grow it by less than 40 MB. In process: the peak resident set
+    (VmHWM, which counts memory-mapped file pages too) is reset just before each merge."""
     g = torch.Generator().manual_seed(0)
     shapes = {f"blocks.{i}.mlp.fc1.weight": (256, 256) for i in range(64)}
     pre = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
@@ -244,13 +245,16 @@ def test_memory_is_bounded_by_a_few_tensors(tmp_path):
     (tmp_path / "w").mkdir()
     wbase, wft = _write(tmp_path / "w", *_models(n=4))
     ml.merge_files(wbase, wft, tmp_path / "w" / "out", "ties", quiet=True)  # one-time allocations (~20 MB)
-    gc.collect()
-    if not _reset_peak_rss():
-        pytest.skip("cannot reset the peak RSS (/proc/self/clear_refs)")
-    r0 = _peak_rss_mb()
-    ml.merge_files(base, ftp, tmp_path / "out", "ties", quiet=True)
-    grew_mb = _peak_rss_mb() - r0
-    assert grew_mb < 40, f"peak RSS grew by {grew_mb:.0f} MB; all inputs are 84 MB"
+    for method in ("pcb", "fr"):
+        ml.merge_files(wbase, wft, tmp_path / "w" / method, method, quiet=True)
+    for method in ("ties", "pcb", "fr"):
+        gc.collect()
+        if not _reset_peak_rss():
+            pytest.skip("cannot reset the peak RSS (/proc/self/clear_refs)")
+        r0 = _peak_rss_mb()
+        ml.merge_files(base, ftp, tmp_path / method, method, quiet=True)
+        grew_mb = _peak_rss_mb() - r0
+        assert grew_mb < 40, f"{method}: peak RSS grew by {grew_mb:.0f} MB; all inputs are 84 MB"
 
 
 def test_cli(tmp_path, capsys):
@@ -272,6 +276,13 @@ def test_cli(tmp_path, capsys):
     assert e.value.code == 0
     assert all(_same_bits(a, b) for a, b in zip(_load_dir(tmp_path / "cli").values(),
                                                  _load_dir(tmp_path / "cli2").values()))
+    argv = [str(base), *map(str, ftp), "--out", str(tmp_path / "fr"), "--method", "fr", "--align", "none",
+            "--compat-official", "true", "--quiet"]
+    assert st.main(argv) == 0
+    got, want = _load_dir(tmp_path / "fr"), ml.merge(pre, fts, "fr", align="none", compat_official=True)
+    assert all(_same_bits(got[k], want[k]) for k in want)
+    argv = [str(base), *map(str, ftp), "--out", str(tmp_path / "pcb"), "--method", "pcb", "--mode", "paper"]
+    assert st.main(argv) == 2 and "StreamingNotSupportedError: pcb with mode='paper'" in capsys.readouterr().err
 
 
 def test_cli_module_is_not_importable_and_merge_stays_a_function():
