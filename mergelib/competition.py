@@ -554,6 +554,8 @@ def pcb_merge(tvs: Tensor, density: float = 0.05, mode: str = "official",
     6. tau_m = sum_i s_i * lambda_i * tau'_i / clamp(sum_i s_i, min=1e-12).
 
     Deviation: a constant row (max = min) gives weight 0 where the official code divides 0/0 (NaN).
+    sum_j tau_j adds the rows in order (not ``tvs.sum(0)``, whose order varies with the column's
+    position), so that :func:`mergelib.merge_files` reproduces it tensor by tensor.
 
     ``mode="paper"``: beta_i = Softmax(N*Norm(tau_i^2)) * sum_j Softmax(Norm(tau_i*tau_j)),
     m_i = 1[beta_i >= sorted_row(beta_i)[int((1-r) D)]], beta_hat = m * beta,
