@@ -443,19 +443,46 @@ def dare_flat(tvs: Tensor, p: float, layout: FlatLayout, seed: int,
 # ----------------------------------------------------------------------------------------------
 # PCB-Merging (Du et al., NeurIPS 2024)
 # ----------------------------------------------------------------------------------------------
-def _pcb_official_row(t: Tensor, total: Tensor, n: int, lo_k: int, hi_k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """One task of ``pcb-merging.py::PCB_merge``: (tau' = sign(t) * clamp(|t|), intra, inter)."""
-    lo, hi = _select.kth_smallest(t, [lo_k, hi_k], absolute=True).unbind(-1)
+def _pcb_official_row(t: Tensor, total: Tensor, n: int, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One task of ``pcb-merging.py::PCB_merge``, elementwise given the row's clip values ``lo``,
+    ``hi`` (:func:`_pcb_official_clip`): (tau' = sign(t) * clamp(|t|), intra, inter)."""
     a = t.abs().clamp_(lo, hi)  # clamp(|t|, lo, hi): the row's min is now lo and its max hi
     intra = (a - lo).div_(_safe_den(hi - lo)).square_().mul_(n).exp_()  # exp(N * minmax(a)^2)
     inter = torch.mul(t, total).tanh_()  # tanh(tau_i * sum_j tau_j), raw tau
     return a.mul_(torch.sign(t)), intra, inter
 
 
+def _pcb_official_clip(t: Tensor, lo_k: int, hi_k: int) -> tuple[Tensor, Tensor]:
+    """The row's clip values: the ``lo_k``-th and ``hi_k``-th smallest |t| (:func:`_pcb_official_ks`)."""
+    lo, hi = _select.kth_smallest(t, [lo_k, hi_k], absolute=True).unbind(-1)
+    return lo, hi
+
+
 def _pcb_official_ks(D: int) -> tuple[int, int]:
     lo_idx = int(D * PCB_CLIP)
     hi_idx = int(D * (1 - PCB_CLIP) - 1)
     return lo_idx + 1, min(max(hi_idx, 0), D - 1) + 1
+
+
+def _pcb_q_k(D: int, density: float) -> int:
+    """Rank (1-based) of PCB's drop threshold q = sorted_row(beta)[int(D * (1 - r))]."""
+    return min(int(D * (1 - density)), D - 1) + 1
+
+
+def _pcb_official_beta(t: Tensor, total: Tensor, n: int, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+    """(tau', beta = intra * inter) of one task, elementwise (steps 1-4 of :func:`pcb_merge`)."""
+    tprime, beta, inter = _pcb_official_row(t, total, n, lo, hi)
+    return tprime, beta.mul_(inter)
+
+
+def _pcb_official_add(num: Tensor, den: Tensor, tprime: Tensor, beta: Tensor, q: Tensor, beta_max: Tensor,
+                      lam: float) -> None:
+    """Steps 5-6 of :func:`pcb_merge` for one task, elementwise given the row's threshold ``q`` and
+    ``beta_max``: s = minmax(max(beta, q)) (entries <= q get 0); num += s * lam * tau', den += s.
+    ``beta`` is overwritten."""
+    s = beta.clamp_min_(q).sub_(q).div_(_safe_den(beta_max - q))  # min of max(beta, q) is q, max beta_max
+    num.add_(s * tprime if lam == 1.0 else s * (lam * tprime))
+    den.add_(s)
 
 
 def _scaled_softmax(x: Tensor) -> Tensor:
@@ -503,9 +530,9 @@ def pcb_scores(tvs: Tensor, mode: str = "official") -> tuple[Tensor, Tensor]:
     n, D = _check_matrix(tvs)
     check_choice(mode, "mode", ("official", "paper"))
     if mode == "official":
-        total = tvs.sum(0)
+        total = _row_sum(tvs)
         lo_k, hi_k = _pcb_official_ks(D)
-        rows = [_pcb_official_row(tvs[i], total, n, lo_k, hi_k)[1:] for i in range(n)]
+        rows = [_pcb_official_row(t, total, n, *_pcb_official_clip(t, lo_k, hi_k))[1:] for t in tvs]
         return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
     return torch.stack([_pcb_paper_intra(t, n) for t in tvs]), _pcb_paper_inter(tvs)
 
@@ -527,6 +554,8 @@ def pcb_merge(tvs: Tensor, density: float = 0.05, mode: str = "official",
     6. tau_m = sum_i s_i * lambda_i * tau'_i / clamp(sum_i s_i, min=1e-12).
 
     Deviation: a constant row (max = min) gives weight 0 where the official code divides 0/0 (NaN).
+    sum_j tau_j adds the rows in order (not ``tvs.sum(0)``, whose order varies with the column's
+    position), so that :func:`mergelib.merge_files` reproduces it tensor by tensor.
 
     ``mode="paper"``: beta_i = Softmax(N*Norm(tau_i^2)) * sum_j Softmax(Norm(tau_i*tau_j)),
     m_i = 1[beta_i >= sorted_row(beta_i)[int((1-r) D)]], beta_hat = m * beta,
@@ -544,21 +573,15 @@ def pcb_merge(tvs: Tensor, density: float = 0.05, mode: str = "official",
                 enumerate(lambdas.tolist() if isinstance(lambdas, Tensor) else lambdas)]
         if len(lams) != n:
             raise ValueError(f"lambdas has {len(lams)} entries for {n} task vectors")
-    q_k = min(int(D * (1 - density)), D - 1) + 1
+    q_k = _pcb_q_k(D, density)
     num = torch.zeros_like(tvs[0])
     den = torch.zeros_like(num)
-    if mode == "official":
-        total = tvs.sum(0)
+    if mode == "official":  # the row statistics here; the elementwise steps shared with merge_files
+        total = _row_sum(tvs)  # rows in order: the same bits when computed tensor by tensor
         lo_k, hi_k = _pcb_official_ks(D)
         for i in range(n):
-            tprime, beta, inter = _pcb_official_row(tvs[i], total, n, lo_k, hi_k)
-            beta.mul_(inter)
-            del inter
-            q = kth_smallest(beta, q_k)
-            den_i = _safe_den(beta.max() - q)
-            s = beta.clamp_min_(q).sub_(q).div_(den_i)  # minmax(max(beta, q)): min is q, max the row max
-            num.add_(s * tprime if lams[i] == 1.0 else s * (lams[i] * tprime))
-            den.add_(s)
+            tprime, beta = _pcb_official_beta(tvs[i], total, n, *_pcb_official_clip(tvs[i], lo_k, hi_k))
+            _pcb_official_add(num, den, tprime, beta, kth_smallest(beta, q_k), beta.max(), lams[i])
         return num.div_(den.clamp_min_(1e-12))
     beta_all = _pcb_paper_inter(tvs)  # mode == "paper"
     for i in range(n):

@@ -26,12 +26,12 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from .competition import _check_matrix, check_finite
+from .competition import _check_matrix, _row_sum, check_finite
 from .hparams import check_choice, check_flag, check_number
 from .task_vectors import FlatLayout
 
-__all__ = ["fr_mask", "fr_filter", "align_magnitudes", "fr_paper_coefficients", "fr_merge", "fr_filtered_keys",
-           "FRFilterWarning"]
+__all__ = ["fr_mask", "fr_filter", "align_magnitudes", "fr_paper_coefficients", "fr_merge", "fr_tensor",
+           "fr_filtered_keys", "fr_check_selection", "FRFilterWarning"]
 
 _MODES = ("official", "paper")
 
@@ -164,9 +164,13 @@ def align_magnitudes(tvs_per_key: Mapping[str, Tensor] | Tensor, layout: FlatLay
     if layout.D != x.shape[-1]:
         raise ValueError(f"layout.D={layout.D} does not match the matrix with D={x.shape[-1]}")
     for _, s, e in layout.segments():
-        seg = out[:, s:e]
-        seg.mul_(_align_factors(seg.abs().mean(1))[:, None])
+        _align_rows(out[:, s:e])
     return out
+
+
+def _align_rows(x: Tensor) -> Tensor:
+    """Align the N rows of one tensor's ``N x numel`` task vectors in place (m_i = mean|row_i|)."""
+    return x.mul_(_align_factors(x.abs().mean(1))[:, None])
 
 
 def fr_paper_coefficients(tvs: Tensor) -> Tensor:
@@ -189,24 +193,8 @@ def fr_filtered_keys(layout: FlatLayout) -> list[str]:
     return [k for k, s in zip(layout.keys, layout.shapes) if len(s) == 2]
 
 
-def fr_merge(tvs: Tensor, layout: FlatLayout, ratio: float = 0.7, mode: str = "official", base: str = "min",
-             align: str = "official", compat_official: bool = False, compat_double_ring: bool = False,
-             inplace: bool = False) -> Tensor:
-    """FR-Merging of ``N x D`` float32 task vectors -> merged ``D`` float32 task vector (before c).
-
-    1. every 2-D segment is filtered with :func:`fr_filter` (all N tasks of a tensor in one batched
-       FFT; :func:`fr_filtered_keys`); other segments (biases, norms, embeddings) are left unfiltered;
-       tensors with more than 2 dims (conv kernels) are left unfiltered with an :class:`FRFilterWarning`
-       that names them, and a selection with no 2-D tensor at all raises ``ValueError``;
-    2. ``align="official"``: :func:`align_magnitudes` per tensor (on the filtered vectors), then
-       tau_m = sum_i FR(tau_i); ``align="paper"``: tau_m = sum_i lambda_i FR(tau_i) with
-       :func:`fr_paper_coefficients` (a weighted average: use an ~N times larger c);
-       ``align="none"``: plain sum;
-    3. ``compat_official``: keys without "weight" in their name take task 1's delta instead of the
-       sum (the official ``__add__`` quirk).
-
-    The model is theta_0 + c * tau_m (c = 0.7 for 8 ViT-B/32 tasks). ``inplace`` filters ``tvs``.
-    """
+def _fr_options(ratio, mode: str, base: str, align: str, compat_official: bool, compat_double_ring: bool) -> float:
+    """Checks FR-Merging's hyperparameters; returns ``ratio`` as a float."""
     _check_mode(mode, base)
     ratio = _check_ratio(ratio)
     check_choice(align, "align", ("official", "paper", "none"))
@@ -214,9 +202,12 @@ def fr_merge(tvs: Tensor, layout: FlatLayout, ratio: float = 0.7, mode: str = "o
     check_flag(compat_double_ring, "compat_double_ring")
     if compat_double_ring and mode != "official":
         raise ValueError("compat_double_ring only applies to mode='official'")
-    n, D = _check_matrix(tvs)
-    if layout.D != D:
-        raise ValueError(f"layout.D={layout.D} does not match tvs with D={D}")
+    return ratio
+
+
+def fr_check_selection(layout: FlatLayout, stacklevel: int = 2) -> list[str]:
+    """FR-Merging's checks on the selected tensors (shapes only): ``ValueError`` when none is 2-D, one
+    :class:`FRFilterWarning` naming those with more than 2 dims. Returns :func:`fr_filtered_keys`."""
     filtered = fr_filtered_keys(layout)
     skipped = [f"{k} {s}" for k, s in zip(layout.keys, layout.shapes) if len(s) > 2]
     if not filtered:
@@ -228,19 +219,86 @@ def fr_merge(tvs: Tensor, layout: FlatLayout, ratio: float = 0.7, mode: str = "o
     if skipped:
         warnings.warn(f"FR-Merging filters 2-D matrices only: {len(skipped)} selected tensor(s) with more than "
                       f"2 dims are summed unfiltered ({_some(skipped)}); filtered: {len(filtered)} tensor(s) "
-                      f"({_some(filtered)})", FRFilterWarning, stacklevel=2)
-    x = tvs if inplace else tvs.clone()
-    for k, shape, off, numel in zip(layout.keys, layout.shapes, layout.offsets, layout.numels):
-        if len(shape) == 2:
-            seg = x[:, off:off + numel]
-            seg.copy_(_filter(seg.view(n, *shape), ratio, mode, base, compat_double_ring).view(n, numel))
+                      f"({_some(filtered)})", FRFilterWarning, stacklevel=stacklevel + 1)
+    return filtered
+
+
+def fr_tensor(x: Tensor, key: str, shape: tuple[int, ...], ratio: float = 0.7, mode: str = "official",
+              base: str = "min", align: str = "official", compat_official: bool = False,
+              compat_double_ring: bool = False) -> Tensor:
+    """FR-Merging of one tensor: its ``N x numel`` contiguous float32 task vectors ``x`` (overwritten)
+    -> its merged ``numel`` task vector, for ``align="official"`` or ``"none"`` (the per-tensor
+    alignments; ``"paper"`` weighs the tasks over the whole model, see :func:`fr_merge`).
+
+    1. filter: a 2-D ``shape`` is filtered with :func:`fr_filter`, all N tasks in one batched FFT;
+       any other shape is left as it is;
+    2. align (``"official"``): every task's tensor scaled to the largest task's mean |.|
+       (:func:`align_magnitudes`);
+    3. combine: the N rows summed in order (from zero, one row at a time), or, with
+       ``compat_official`` and no "weight" in ``key``, task 1's row.
+
+    :func:`fr_merge` runs this on each tensor of the flat matrix and :func:`mergelib.merge_files` on
+    each tensor read from disk, so both give the same bits.
+    """
+    x = _fr_filter_align(x, shape, ratio, mode, base, align, compat_double_ring)
+    if compat_official and "weight" not in key:
+        return x[0]
+    return _row_sum(x)
+
+
+def _fr_filter_align(x: Tensor, shape: tuple[int, ...], ratio: float, mode: str, base: str, align: str,
+                     compat_double_ring: bool) -> Tensor:
+    """Steps 1-2 of :func:`fr_tensor`: the filtered (2-D ``shape``) and aligned (``align="official"``)
+    ``N x numel`` block; ``x`` (contiguous) may be overwritten."""
+    n = x.shape[0]
+    if len(shape) == 2:
+        x = _filter(x.view(n, *shape), ratio, mode, base, compat_double_ring).view(n, -1)
     if align == "official":
-        align_magnitudes(x, layout, inplace=True)
-        merged = x.sum(0)
-    elif align == "paper":
-        merged = fr_paper_coefficients(x).to(x.dtype) @ x
-    else:
-        merged = x.sum(0)
+        _align_rows(x)
+    return x
+
+
+def fr_merge(tvs: Tensor, layout: FlatLayout, ratio: float = 0.7, mode: str = "official", base: str = "min",
+             align: str = "official", compat_official: bool = False, compat_double_ring: bool = False,
+             inplace: bool = False) -> Tensor:
+    """FR-Merging of ``N x D`` float32 task vectors -> merged ``D`` float32 task vector (before c).
+
+    1. every 2-D segment is filtered with :func:`fr_filter` (all N tasks of a tensor in one batched
+       FFT; :func:`fr_filtered_keys`); other segments (biases, norms, embeddings) are left unfiltered;
+       tensors with more than 2 dims (conv kernels) are left unfiltered with an :class:`FRFilterWarning`
+       that names them, and a selection with no 2-D tensor at all raises ``ValueError``
+       (:func:`fr_check_selection`);
+    2. ``align="official"``: :func:`align_magnitudes` per tensor (on the filtered vectors), then
+       tau_m = sum_i FR(tau_i); ``align="paper"``: tau_m = sum_i lambda_i FR(tau_i) with
+       :func:`fr_paper_coefficients` (a weighted average: use an ~N times larger c);
+       ``align="none"``: plain sum;
+    3. ``compat_official``: keys without "weight" in their name take task 1's delta instead of the
+       sum (the official ``__add__`` quirk).
+
+    With ``align="official"`` or ``"none"`` everything happens per tensor, in :func:`fr_tensor`
+    (the sums add the rows in order). The model is theta_0 + c * tau_m (c = 0.7 for 8 ViT-B/32
+    tasks). ``tvs`` is never written to, except with ``align="paper"`` and ``inplace``, which
+    filters it in place instead of in a copy.
+    """
+    ratio = _fr_options(ratio, mode, base, align, compat_official, compat_double_ring)
+    n, D = _check_matrix(tvs)
+    if layout.D != D:
+        raise ValueError(f"layout.D={layout.D} does not match tvs with D={D}")
+    fr_check_selection(layout, stacklevel=2)
+    segments = [(k, shape, s, s + numel) for k, shape, s, numel in
+                zip(layout.keys, layout.shapes, layout.offsets, layout.numels)]
+    if align != "paper":
+        merged = torch.empty(D, dtype=torch.float32, device=tvs.device)
+        for k, shape, s, e in segments:
+            seg = tvs[:, s:e].clone(memory_format=torch.contiguous_format).float()
+            merged[s:e] = fr_tensor(seg, k, shape, ratio, mode, base, align, compat_official, compat_double_ring)
+        return merged
+    x = tvs if inplace else tvs.clone()
+    for k, shape, s, e in segments:
+        if len(shape) == 2:
+            x[:, s:e] = _fr_filter_align(x[:, s:e].contiguous(), shape, ratio, mode, base, "paper",
+                                         compat_double_ring)
+    merged = fr_paper_coefficients(x).to(x.dtype) @ x
     if compat_official:
         for k, s, e in layout.segments():
             if "weight" not in k:

@@ -13,8 +13,18 @@ Global TIES (``granularity="global"``, the paper) needs each task's exact k-th |
 model and the model-wide majority sign: two histogram passes over the float32 bit patterns of |tau|
 (65536 bins of the high 16 bits, then the low 16 bits inside the one bin that holds rank k: the exact
 value, as :func:`mergelib.selection.kth_smallest` gives it), one pass counting the signs, and the
-write pass. Methods that do not stream yet (``pcb``, ``fr``) raise
-:class:`StreamingNotSupportedError`.
+write pass. ``fr`` (``align="official"`` or ``"none"``) needs one pass: each 2-D tensor is filtered,
+aligned and summed on its own (:func:`mergelib.fourier.fr_tensor`, the function ``fr_merge`` runs per
+tensor); its shape checks (no 2-D tensor: ``ValueError``; tensors with more than 2 dims: one
+``FRFilterWarning``) run on the headers before anything is written. ``pcb`` (``mode="official"``)
+needs five: two histogram passes give each task's clip values (two ranks of |tau|), two more the
+drop threshold q of the signed balancing score beta (the float bits mapped to order-preserving
+int32 keys) and, on the way, beta's row maximum, then the write pass; everything else in PCB is
+elementwise across tasks (its sum over tasks adds the rows in order, in memory as here).
+Two settings cannot stream and raise :class:`StreamingNotSupportedError`: ``pcb`` with
+``mode="paper"`` (its softmaxes divide by a float sum over the whole model) and ``fr`` with
+``align="paper"`` (its coefficients are float means over the whole model): the rounding of such a
+sum depends on its order, so partial sums per tensor would not give the same bits.
 
 **Same result as in memory.** For every supported method the tensors written are bit for bit those
 of ``mergelib.merge(pretrained, finetuned, method, **hparams)`` on the loaded state dicts.
@@ -42,6 +52,7 @@ import torch
 from torch import Tensor
 
 from . import competition as _comp
+from .fourier import _fr_options, fr_check_selection, fr_tensor
 from .merging import METHODS, REGISTRY, _selected_keys, _sum, _sum_per_tensor
 from .task_vectors import (FlatLayout, NonFiniteError, StateDictDtypeError, StateDictKeyError,
                            StateDictShapeError, flatten)
@@ -87,7 +98,8 @@ class DiskFullError(CheckpointError, OSError):
 
 
 class StreamingNotSupportedError(CheckpointError, NotImplementedError):
-    """The method (or this setting of it) cannot be computed tensor by tensor from disk yet."""
+    """This setting of a method cannot be computed tensor by tensor with the bits of
+    :func:`mergelib.merge` (``pcb`` with ``mode="paper"``, ``fr`` with ``align="paper"``)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -316,44 +328,77 @@ def _progress(it, total: int, desc: str, quiet: bool):
     return tqdm(it, total=total, desc=desc, unit="tensor", file=sys.stderr)
 
 
-def _hist_kth_abs(blocks: Iterable[Tensor], n: int, ks_of: list[int], sel_bins=None):
-    """One histogram pass over the float32 bit patterns of |tau| (``N x numel`` blocks).
+def _order_keys(x: Tensor, absolute: bool) -> Tensor:
+    """int32 keys whose integer order is the float order of ``x`` (of ``|x|`` if ``absolute``):
+    the float32 bit pattern, with the magnitude bits of negative numbers flipped (so -0.0 sorts just
+    below +0.0; both are the same value). An involution on int32 bit patterns."""
+    bits = x.abs().view(torch.int32) if absolute else x.view(torch.int32)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
-    Without ``sel_bins``: counts of the high 16 bits per row (``N x 65536``). With ``sel_bins``
-    (``N`` bins): counts of the low 16 bits of the entries whose high bits equal the row's bin.
+
+def _hist_pass(blocks: Iterable[Tensor], n: int, sel: Tensor | None = None) -> Tensor:
+    """One histogram pass over the order keys (``N x numel`` int32 blocks, :func:`_order_keys`).
+
+    Without ``sel``: counts of the high 16 bits (offset by 2**15, so bins follow the signed order),
+    ``N x 65536``. With ``sel`` (``N x m`` high bins): for every row r and column j, the counts of
+    the low 16 bits of the entries whose high bin is ``sel[r, j]``, ``N * m x 65536``.
     """
-    hist = torch.zeros(n * (1 << 16), dtype=torch.int64)
-    rows = None
-    sel = None if sel_bins is None else torch.tensor(sel_bins, dtype=torch.int32)[:, None]
-    for x in blocks:  # one bincount per tensor: row r counts into bins [r * 65536, (r + 1) * 65536)
-        bits = x.abs().view(torch.int32)
-        if rows is None or rows.shape[1] != bits.shape[1]:
-            rows = (torch.arange(n, dtype=torch.int32) << 16)[:, None].expand(n, bits.shape[1])
+    m = 1 if sel is None else sel.shape[1]
+    hist = torch.zeros((n * m) << 16, dtype=torch.int64)
+    rows = (torch.arange(n * m, dtype=torch.int32) << 16).view(n, m)
+    for key in blocks:  # one bincount per tensor (and bin): row r counts into [r * 65536, (r + 1) * 65536)
+        high = (key >> 16) + (1 << 15)
         if sel is None:
-            idx = (bits >> 16).add_(rows)
+            idx = high.add_(rows)
         else:
-            inside = (bits >> 16) == sel
-            idx = (bits & 0xFFFF).add_(rows)[inside]
-        hist += torch.bincount(idx.reshape(-1), minlength=n << 16)
-    hist = hist.view(n, 1 << 16)
-    return hist
+            idx = torch.cat([((key & 0xFFFF) + rows[:, j:j + 1])[high == sel[:, j:j + 1]] for j in range(m)])
+        hist += torch.bincount(idx.reshape(-1), minlength=(n * m) << 16)
+    return hist.view(n * m, 1 << 16)
+
+
+def _stream_kth(blocks_fn, n: int, ks: Sequence[Sequence[int]], absolute: bool = True) -> Tensor:
+    """Exact k-th smallest values of every row over all blocks (of |x| if ``absolute``): ``ks[r]``
+    holds the 1-based ranks wanted in row r (the same number for every row); returns ``N x m``
+    float32. Two passes: counts of the high 16 bits of the order keys, then of the low 16 bits inside
+    the one high bin that holds each rank. The value is the one :func:`mergelib.selection.kth_smallest`
+    gives (an element of the rows; a zero may come back as -0.0 where the rows hold both zeros)."""
+    m = len(ks[0])
+    want = torch.tensor([list(k) for k in ks], dtype=torch.int64)  # N x m
+    keys = lambda: (_order_keys(x, absolute) for x in blocks_fn())  # noqa: E731
+    cum = _hist_pass(keys(), n).cumsum(1)  # N x 65536
+    bins = torch.searchsorted(cum, want, right=False)  # the first bin whose count reaches k
+    before = torch.where(bins > 0, cum.gather(1, (bins - 1).clamp_min(0)), 0)
+    low = _hist_pass(keys(), n, sel=bins.to(torch.int32)).cumsum(1)  # N * m x 65536
+    lo16 = torch.searchsorted(low, (want - before).view(-1, 1)).view(n, m)
+    key = ((bins - (1 << 15)) << 16) | lo16  # the signed int32 key, in int64
+    key = key.to(torch.int32)
+    return (key ^ ((key >> 31) & 0x7FFFFFFF)).view(torch.float32)
 
 
 def _stream_thresholds(blocks_fn, n: int, ks: list[int]) -> Tensor:
-    """Exact k-th smallest |tau| of every row (``ks[r]``, 1-based) over all blocks: two passes."""
-    hist = _hist_kth_abs(blocks_fn(), n, ks)
-    cum = hist.cumsum(1)
-    bins, rest = [], []
-    for r in range(n):
-        b = int(torch.searchsorted(cum[r], torch.tensor(ks[r])))
-        bins.append(b)
-        rest.append(ks[r] - (int(cum[r, b - 1]) if b > 0 else 0))
-    low = _hist_kth_abs(blocks_fn(), n, ks, sel_bins=bins).cumsum(1)
-    out = torch.empty(n, 1, dtype=torch.int32)
-    for r in range(n):
-        lo16 = int(torch.searchsorted(low[r], torch.tensor(rest[r])))
-        out[r, 0] = (bins[r] << 16) | lo16
-    return out.view(torch.float32)
+    """Exact k-th smallest |tau| of every row (``ks[r]``, 1-based) over all blocks: ``N x 1``, two passes."""
+    return _stream_kth(blocks_fn, n, [[k] for k in ks], absolute=True)
+
+
+_STREAMING = "average, task_arithmetic, dare_ta, ties, dare_ties, pcb (mode='official'), fr (align='official' or 'none')"
+
+
+def _check_streamable(method: str, hp: Mapping) -> None:
+    """Raise :class:`StreamingNotSupportedError` for the settings whose model-wide float sums cannot be
+    reproduced bit for bit tensor by tensor."""
+    why = None
+    if method == "pcb" and hp["mode"] == "paper":
+        why = ("pcb with mode='paper' does not stream: its softmaxes divide by a float sum over all D "
+               "entries of each task pair, and the rounding of that sum depends on its order, so a merge "
+               "tensor by tensor would not give the bits of mergelib.merge(). Use mode='official' (streams)")
+    elif method == "fr" and hp["align"] == "paper":
+        why = ("fr with align='paper' does not stream: its coefficients lambda_i = E(v_i) / sum_j E(v_j) "
+               "are float means over all D entries of each task, whose rounding depends on the summation "
+               "order, so a merge tensor by tensor would not give the bits of mergelib.merge(). Use "
+               "align='official' or align='none' (both stream)")
+    if why:
+        raise StreamingNotSupportedError(f"{why}, or load the state dicts and call mergelib.merge(). "
+                                         f"Streaming methods: {_STREAMING}.")
 
 
 def merge_files(pretrained: str | os.PathLike, finetuned: Sequence[str | os.PathLike], out: str | os.PathLike,
@@ -367,7 +412,9 @@ def merge_files(pretrained: str | os.PathLike, finetuned: Sequence[str | os.Path
     one. Writes ``out/model-0000i-of-0000n.safetensors`` (at most ``shard_bytes`` each, one tensor
     may exceed it) and ``out/model.safetensors.index.json``; returns ``out``. Memory: a few tensors
     (the N fine-tuned copies of the tensor being merged, in float32). See the module docstring for
-    the passes, the errors and what is taken from the base.
+    the passes (one for per-tensor methods and ``fr``; up to four for ``ties``; five for ``pcb``),
+    the errors and what is taken from the base. Raises :class:`StreamingNotSupportedError` for
+    ``pcb`` with ``mode="paper"`` and ``fr`` with ``align="paper"``, before reading any tensor.
     """
     spec = REGISTRY.get(method) if isinstance(method, str) else None
     if spec is None:
@@ -378,12 +425,9 @@ def merge_files(pretrained: str | os.PathLike, finetuned: Sequence[str | os.Path
     lam, lams = spec.check_scale(scale, len(finetuned))
     is_ties = method in ("ties", "dare_ties")
     glob_ties = is_ties and hp.get("granularity") == "global"
-    if method in ("pcb", "fr"):
-        raise StreamingNotSupportedError(
-            f"method {method!r} does not stream from disk yet (pcb: its global statistics are not "
-            "implemented as streamed histograms; fr: the per-tensor path for unfiltered keys is not "
-            "done); load the state dicts and use mergelib.merge(), or pick a streaming method: "
-            "average, task_arithmetic, dare_ta, ties, dare_ties")
+    _check_streamable(method, hp)
+    if method == "fr":
+        _fr_options(**hp)
     out = Path(out)
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
@@ -404,7 +448,33 @@ def merge_files(pretrained: str | os.PathLike, finetuned: Sequence[str | os.Path
         x, lay = flatten([{k: ft[k]} for ft in fts], [k], subtract={k: pre})
         if method == "dare_ties":
             _comp.dare_flat(x, hp["p"], lay, hp["seed"], tasks=names, inplace=True)
+        elif method in ("pcb", "fr") and not _comp.all_finite(x):
+            raise NonFiniteError(f"task vectors of {k!r} are not finite")
         return x
+
+    def blocks(desc: str, fn=lambda k, x: x):
+        """fn(k, block(k)) for every selected key, in order (one pass over the inputs)."""
+        return (fn(k, block(k)) for k in _progress(keys, len(keys), desc, quiet))
+
+    if method == "fr":
+        fr_check_selection(layout, stacklevel=2)
+    pcb = None
+    if method == "pcb":  # the row statistics of pcb_merge (official): clip values, then q and max of beta
+        n = len(fts)
+        clip = _stream_kth(lambda: blocks("statistics |tau|"), n, [_comp._pcb_official_ks(layout.D)] * n)
+
+        beta_max = torch.full((n,), -math.inf)
+
+        def betas(k: str, x: Tensor) -> Tensor:  # also the row max of beta (the same on both passes)
+            total = _comp._row_sum(x)
+            b = torch.stack([_comp._pcb_official_beta(x[i], total, n, clip[i, 0], clip[i, 1])[1]
+                             for i in range(n)])
+            torch.maximum(beta_max, b.amax(1), out=beta_max)
+            return b
+
+        q = _stream_kth(lambda: blocks("statistics beta", betas), n,
+                        [[_comp._pcb_q_k(layout.D, hp["density"])]] * n, absolute=False)
+        pcb = {"clip": clip, "q": q[:, 0], "max": beta_max, "lams": [1.0] * n if lams is None else lams}
 
     # global statistics of TIES: the global trim's thresholds and tie budgets, the majority sign
     state = {}
@@ -462,6 +532,17 @@ def merge_files(pretrained: str | os.PathLike, finetuned: Sequence[str | os.Path
                             d[k2] = ft[k2]
             pre_d = {k: pre, **extra}
             delta = _sum_per_tensor(pre_d, ftk, [k], lams, check=True, layout=layout)[k]
+        elif method == "fr":
+            delta = fr_tensor(block(k), k, tuple(pre.shape), **hp).view(pre.shape)
+        elif method == "pcb":
+            x = block(k)
+            n = x.shape[0]
+            total = _comp._row_sum(x)
+            num, den = torch.zeros_like(total), torch.zeros_like(total)
+            for i in range(n):
+                tprime, beta = _comp._pcb_official_beta(x[i], total, n, pcb["clip"][i, 0], pcb["clip"][i, 1])
+                _comp._pcb_official_add(num, den, tprime, beta, pcb["q"][i], pcb["max"][i], pcb["lams"][i])
+            delta = num.div_(den.clamp_min_(1e-12)).view(pre.shape)
         else:
             x = block(k) if is_ties else flatten([{k: ft[k]} for ft in fts], [k], subtract={k: pre})[0]
             lay = FlatLayout.from_shapes({k: tuple(pre.shape)})

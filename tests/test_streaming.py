@@ -65,9 +65,14 @@ def _same_bits(a, b):
 CASES = [("task_arithmetic", {}), ("task_arithmetic", {"scale": [0.2, 0.3, 0.4]}), ("average", {}),
          ("dare_ta", {"p": 0.5}), ("ties", {}), ("ties", {"trim_rule": "exact"}), ("ties", {"sign_rule": "count"}),
          ("ties", {"granularity": "tensor", "density": 0.1}), ("dare_ties", {"density": 0.3})]
+CASES += [("fr", {}), ("fr", {"align": "none", "ratio": 0.3}), ("fr", {"compat_official": True}),
+          ("fr", {"mode": "paper", "base": "max"}), ("fr", {"compat_double_ring": True}),
+          ("pcb", {}), ("pcb", {"density": 0.3}), ("pcb", {"scale": [0.5, 1.0, 1.5]})]
 CASES = [(m, hp, torch.float32) for m, hp in CASES] + [
     ("task_arithmetic", {}, torch.bfloat16), ("ties", {}, torch.bfloat16),
-    ("ties", {"trim_rule": "exact", "granularity": "tensor"}, torch.bfloat16)]
+    ("ties", {"trim_rule": "exact", "granularity": "tensor"}, torch.bfloat16),
+    ("fr", {}, torch.bfloat16), ("fr", {"align": "none", "compat_official": True}, torch.bfloat16),
+    ("pcb", {}, torch.bfloat16), ("pcb", {"density": 0.3}, torch.bfloat16)]
 
 
 @pytest.mark.parametrize("method,hp,dtype", CASES)
@@ -81,6 +86,66 @@ def test_streamed_equals_in_memory_bit_for_bit(tmp_path, method, hp, dtype):
     for k in want:
         assert _same_bits(got[k], want[k].contiguous()), (method, k)
     assert len(list(out.glob("*.safetensors"))) > 1  # sharded output
+
+
+def test_fr_mixed_ranks_warning_and_no_2d_error(tmp_path):
+    """FR over 1-D, 2-D and 4-D tensors (rules=None: every float tensor): the same bits and the same
+    FRFilterWarning as in memory; no 2-D tensor at all: the same ValueError, before any output."""
+    g = torch.Generator().manual_seed(1)
+    shapes = {"conv.weight": (4, 3, 3, 3), "fc.weight": (6, 10), "fc.bias": (6,), "head.weight": (5, 6),
+              "norm.weight": (10,)}
+    pre = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    fts = [{k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in pre.items()} for _ in range(3)]
+    base, ftp = _write(tmp_path, pre, fts)
+    for hp in ({}, {"align": "none", "compat_official": True}):
+        with pytest.warns(ml.FRFilterWarning, match=r"conv.weight \(4, 3, 3, 3\)") as rec:
+            out = ml.merge_files(base, ftp, tmp_path / "out", "fr", rules=None, quiet=True, overwrite=True, **hp)
+        assert len([w for w in rec if w.category is ml.FRFilterWarning]) == 1
+        with pytest.warns(ml.FRFilterWarning):
+            want = ml.merge(pre, fts, "fr", rules=None, **hp)
+        got = _load_dir(out)
+        assert all(_same_bits(got[k], want[k]) for k in want)
+    with pytest.raises(ValueError, match="none of the 2 selected tensors is 2-D"):
+        ml.merge(pre, fts, "fr", rules=None, include=["conv", "norm"])
+    with pytest.raises(ValueError, match="none of the 2 selected tensors is 2-D"):
+        ml.merge_files(base, ftp, tmp_path / "o2", "fr", rules=None, include=["conv", "norm"], quiet=True)
+    assert not (tmp_path / "o2").exists()
+
+
+def test_pcb_ties_at_the_streamed_thresholds(tmp_path):
+    """Task vectors from a few values, so that the clip ranks of |tau| and the drop rank of beta fall
+    inside runs of equal values: the streamed order statistics are sorted(row)[k - 1] (checked by
+    hand here) and the merge equals merge() bit for bit."""
+    from mergelib.competition import _pcb_official_beta, _pcb_official_ks, _pcb_q_k, _row_sum
+    vals = torch.tensor([-2.0, -1.0, 0.0, 1.0, 1.0, 2.0, 3.0])
+    g = torch.Generator().manual_seed(2)
+    shapes = {"a.weight": (40, 30), "b.weight": (700,), "c.weight": (50, 40)}
+    pre = {k: torch.zeros(s) for k, s in shapes.items()}
+    fts = [{k: vals[torch.randint(0, 7, s, generator=g)] for k, s in shapes.items()} for _ in range(3)]
+    base, ftp = _write(tmp_path, pre, fts)
+    keys = sorted(shapes)
+    x = torch.cat([torch.stack([ft[k].reshape(-1) for ft in fts]) for k in keys], 1)  # N x D, pre = 0
+    n, D = x.shape
+    blocks = lambda: (torch.stack([ft[k].reshape(-1) for ft in fts]) for k in keys)  # noqa: E731
+    ks = _pcb_official_ks(D)
+    clip = st._stream_kth(blocks, n, [ks] * n)
+    total = _row_sum(x)
+    for i in range(n):
+        srt = sorted(x[i].abs().tolist())
+        assert clip[i].tolist() == [srt[ks[0] - 1], srt[ks[1] - 1]]
+        assert srt.count(srt[ks[1] - 1]) > 100  # the rank falls on a tie
+    for density in (0.05, 0.5):
+        k = _pcb_q_k(D, density)
+        betas = lambda: (torch.stack([_pcb_official_beta(b[i], _row_sum(b), n, clip[i, 0], clip[i, 1])[1]  # noqa: E731
+                                      for i in range(n)]) for b in blocks())
+        q = st._stream_kth(betas, n, [[k]] * n, absolute=False)
+        for i in range(n):
+            beta = _pcb_official_beta(x[i], total, n, clip[i, 0], clip[i, 1])[1]
+            srt = sorted(beta.tolist())
+            assert q[i, 0].item() == srt[k - 1] and srt.count(srt[k - 1]) > 1
+        out = ml.merge_files(base, ftp, tmp_path / f"out{density}", "pcb", density=density, rules=None, quiet=True)
+        got, want = _load_dir(out), ml.merge(pre, fts, "pcb", density=density, rules=None)
+        assert all(_same_bits(got[k], want[k]) for k in want)
 
 
 def test_missing_integer_buffer_taken_from_base_missing_float_is_error(tmp_path, capsys):
@@ -122,9 +187,11 @@ def test_shape_dtype_corrupt_and_existing_output(tmp_path):
         ml.merge_files(base, [ftp], tmp_path / "o", "ties", quiet=True)
     ml.merge_files(base, [ftp], tmp_path / "o", "ties", quiet=True, overwrite=True)
     assert (tmp_path / "o" / "model.safetensors.index.json").exists()
-    for m in ("pcb", "fr"):
-        with pytest.raises(st.StreamingNotSupportedError):
-            ml.merge_files(base, [ftp], tmp_path / "p", m, quiet=True)
+    for m, hp, what in (("pcb", {"mode": "paper"}, "mode='paper'.*mode='official'"),
+                        ("fr", {"align": "paper"}, "align='paper'.*align='official' or align='none'")):
+        with pytest.raises(st.StreamingNotSupportedError, match=f"{m} with {what}.*mergelib.merge()"):
+            ml.merge_files(base, [ftp], tmp_path / "p", m, quiet=True, **hp)
+    assert not (tmp_path / "p").exists()
     assert ftp.read_bytes() == data  # inputs untouched
 
 
@@ -166,8 +233,9 @@ def _reset_peak_rss() -> bool:
 def test_memory_is_bounded_by_a_few_tensors(tmp_path):
     """64 tensors of 256 kB (fp32) per model, 5 models: the inputs are 84 MB; loading them all (or keeping
     every memory-mapped page of the inputs resident) would grow the peak RSS by 80 MB or more. The
-    streamed TIES merge (three passes; a few copies of one tensor at a time) must grow it by less than 40 MB. In process: the peak resident set
-    (VmHWM, which counts memory-mapped file pages too) is reset just before the merge."""
+    streamed TIES merge (three passes; a few copies of one tensor at a time), and so the PCB (five passes) and
+    FR merges, must grow it by less than 40 MB. In process: the peak resident set
+    (VmHWM, which counts memory-mapped file pages too) is reset just before each merge."""
     g = torch.Generator().manual_seed(0)
     shapes = {f"blocks.{i}.mlp.fc1.weight": (256, 256) for i in range(64)}
     pre = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
@@ -177,13 +245,16 @@ def test_memory_is_bounded_by_a_few_tensors(tmp_path):
     (tmp_path / "w").mkdir()
     wbase, wft = _write(tmp_path / "w", *_models(n=4))
     ml.merge_files(wbase, wft, tmp_path / "w" / "out", "ties", quiet=True)  # one-time allocations (~20 MB)
-    gc.collect()
-    if not _reset_peak_rss():
-        pytest.skip("cannot reset the peak RSS (/proc/self/clear_refs)")
-    r0 = _peak_rss_mb()
-    ml.merge_files(base, ftp, tmp_path / "out", "ties", quiet=True)
-    grew_mb = _peak_rss_mb() - r0
-    assert grew_mb < 40, f"peak RSS grew by {grew_mb:.0f} MB; all inputs are 84 MB"
+    for method in ("pcb", "fr"):
+        ml.merge_files(wbase, wft, tmp_path / "w" / method, method, quiet=True)
+    for method in ("ties", "pcb", "fr"):
+        gc.collect()
+        if not _reset_peak_rss():
+            pytest.skip("cannot reset the peak RSS (/proc/self/clear_refs)")
+        r0 = _peak_rss_mb()
+        ml.merge_files(base, ftp, tmp_path / method, method, quiet=True)
+        grew_mb = _peak_rss_mb() - r0
+        assert grew_mb < 40, f"{method}: peak RSS grew by {grew_mb:.0f} MB; all inputs are 84 MB"
 
 
 def test_cli(tmp_path, capsys):
@@ -205,6 +276,13 @@ def test_cli(tmp_path, capsys):
     assert e.value.code == 0
     assert all(_same_bits(a, b) for a, b in zip(_load_dir(tmp_path / "cli").values(),
                                                  _load_dir(tmp_path / "cli2").values()))
+    argv = [str(base), *map(str, ftp), "--out", str(tmp_path / "fr"), "--method", "fr", "--align", "none",
+            "--compat-official", "true", "--quiet"]
+    assert st.main(argv) == 0
+    got, want = _load_dir(tmp_path / "fr"), ml.merge(pre, fts, "fr", align="none", compat_official=True)
+    assert all(_same_bits(got[k], want[k]) for k in want)
+    argv = [str(base), *map(str, ftp), "--out", str(tmp_path / "pcb"), "--method", "pcb", "--mode", "paper"]
+    assert st.main(argv) == 2 and "StreamingNotSupportedError: pcb with mode='paper'" in capsys.readouterr().err
 
 
 def test_cli_module_is_not_importable_and_merge_stays_a_function():
