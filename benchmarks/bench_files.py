@@ -38,7 +38,7 @@ import mergelib as ml
 from mergelib.streaming import Checkpoint
 
 METHODS = [("task_arithmetic", {}), ("ties", {"granularity": "tensor"}), ("ties", {}),
-           ("ties", {"trim_rule": "exact"}), ("dare_ties", {"density": 0.2})]
+           ("ties", {"trim_rule": "exact"}), ("dare_ties", {"density": 0.2}), ("fr", {}), ("pcb", {})]
 
 
 def _status(key: str) -> float:
@@ -115,6 +115,8 @@ def main() -> None:
     ap.add_argument("--cold", action="store_true", help="drop the inputs from the page cache before each run")
     ap.add_argument("--dir", default=None, help="where to write the set (default: a temporary directory)")
     ap.add_argument("--markdown", default=None)
+    ap.add_argument("--methods", default="all",
+                    help="comma-separated method names to run (default all: " + ", ".join(dict(METHODS)) + ")")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
     root = Path(tempfile.mkdtemp(prefix="bench_files_", dir=args.dir))
@@ -139,7 +141,11 @@ def main() -> None:
             return dt, _status("VmHWM"), _status("VmHWM") - rss0
 
         rows = {"read all inputs once": []}
-        rows.update({f"{m} {hp}" if hp else m: [] for m, hp in METHODS})
+        wanted = set(dict(METHODS)) if args.methods == "all" else {m.strip() for m in args.methods.split(",")}
+        unknown = wanted - set(dict(METHODS))
+        if unknown:
+            raise SystemExit(f"--methods: unknown {sorted(unknown)}; expected some of {sorted(set(dict(METHODS)))}")
+        rows.update({f"{m} {hp}" if hp else m: [] for m, hp in METHODS if m in wanted})
         for rep in range(args.repeats):
             for (name, res) in list(rows.items()):
                 if name == "read all inputs once":
