@@ -37,14 +37,21 @@ def _autocast(device: torch.device, amp: bool):
 
 
 def _fit(params: list, batch_loss, steps: int, lr: float, weight_decay: float, warmup: int | None,
-         grad_clip: float | None, progress: bool, desc: str, on_eval=None, eval_every: int | None = None) -> dict:
+         grad_clip: float | None, progress: bool, desc: str, on_eval=None, eval_every: int | None = None,
+         stop_at: int | None = None, on_step=None) -> dict:
     """The optimisation loop shared by every trainer: AdamW (no decay on vectors), linear warm-up +
     cosine schedule, gradient clipping, loss logging over windows, an optional periodic ``on_eval()``.
 
-    ``batch_loss(step)`` draws the step's batch and returns the loss to minimise.
+    ``batch_loss(step)`` draws the step's batch and returns the loss to minimise. ``stop_at`` ends the
+    run after that many steps of the ``steps``-step schedule: an early checkpoint of the same run, equal
+    to the state a whole run has after ``stop_at`` steps. ``on_step(n, hist)`` is called after step
+    ``n`` (1-based) with the history so far.
     """
     if steps <= 0:
         raise ValueError(f"steps must be positive, got {steps}")
+    run = steps if stop_at is None else stop_at
+    if not 0 < run <= steps:
+        raise ValueError(f"stop_at must be in 1..steps={steps}, got {stop_at}")
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
@@ -54,7 +61,7 @@ def _fit(params: list, batch_loss, steps: int, lr: float, weight_decay: float, w
     log_every = max(1, steps // 50)
     running, count = 0.0, 0
     t0 = time.perf_counter()
-    bar = progress_bar(range(steps), desc=desc, disable=not progress, leave=False)
+    bar = progress_bar(range(run), desc=desc, disable=not progress, leave=False)
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, steps, lr, warmup)
@@ -66,15 +73,17 @@ def _fit(params: list, batch_loss, steps: int, lr: float, weight_decay: float, w
         opt.step()
         running += float(loss.detach())
         count += 1
-        if (step + 1) % log_every == 0 or step + 1 == steps:
+        if (step + 1) % log_every == 0 or step + 1 == run:
             hist["step"].append(step + 1)
             hist["loss"].append(running / count)
             hist["lr"].append(opt.param_groups[0]["lr"])
             bar.set_postfix(loss=f"{running / count:.3f}", refresh=False)
             running, count = 0.0, 0
-        if on_eval is not None and eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
+        if on_eval is not None and eval_every and ((step + 1) % eval_every == 0 or step + 1 == run):
             hist["eval_step"].append(step + 1)
             hist["eval_acc"].append(on_eval())
+        if on_step is not None:
+            on_step(step + 1, hist)
     hist["time_s"] = time.perf_counter() - t0
     return hist
 
@@ -131,9 +140,13 @@ def train_multitask(backbone: nn.Module, heads: dict[str, nn.Module], data: dict
                     warmup: int | None = None, seed: int = 0, augment: dict[str, dict] | None = None,
                     label_smoothing: float = 0.0, amp: bool = True, grad_clip: float | None = 1.0,
                     eval_data: dict[str, TaskData] | None = None, eval_every: int | None = None,
-                    progress: bool = True, desc: str = "pretrain") -> dict:
+                    progress: bool = True, desc: str = "pretrain", stop_at: int | None = None,
+                    on_step=None) -> dict:
     """Train one backbone with one head per source: every step draws ``batch_size`` images from each
     source and minimises the mean of the sources' cross-entropies (multi-task pretraining).
+
+    ``stop_at`` and ``on_step(n, hist)``: stop early on the same schedule, and a hook after every step
+    (e.g. to keep early checkpoints of the run); see ``_fit``.
 
     ``augment[name]`` holds ``{"pad": int, "flip": bool}`` for a source (default: none). With
     ``eval_data``, ``hist["eval_acc"]`` is the mean accuracy over the sources and
@@ -170,7 +183,7 @@ def train_multitask(backbone: nn.Module, heads: dict[str, nn.Module], data: dict
 
     backbone.train()
     hist = _fit(params, batch_loss, steps, lr, weight_decay, warmup, grad_clip, progress, desc,
-                on_eval if eval_data else None, eval_every)
+                on_eval if eval_data else None, eval_every, stop_at, on_step)
     hist["eval_acc_per_source"] = per_source
     backbone.eval()
     return hist

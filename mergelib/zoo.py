@@ -38,7 +38,8 @@ ZOO_ENV = "MERGELIB_ZOO"
 ZOO_FORMAT = 1
 
 __all__ = ["CorruptCheckpointError", "config_hash", "zoo_dir", "save_checkpoint", "load_checkpoint",
-           "load_or_train", "VIT_PROFILES", "ViTZoo", "vit_zoo", "vit_backbone_variants"]
+           "load_or_train", "store_by_product", "VIT_PROFILES", "EARLY_PRETRAIN_FRACTIONS", "ViTZoo", "vit_zoo",
+           "vit_backbone_variants"]
 
 
 class CorruptCheckpointError(RuntimeError):
@@ -161,12 +162,28 @@ def load_or_train(name: str, config: Mapping, train_fn: Callable[[], tuple[dict,
             print(f"[zoo] training {name} ({h}) ...")
         t0 = time.perf_counter()
         tensors, info = train_fn()
-        elapsed = time.perf_counter() - t0
-        record = {"name": name, "config_hash": h, "config": dict(config), "profile": profile,
-                  "train_time_s": round(elapsed, 2), "device": _device_name(device), "versions": versions(),
-                  "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info}
-        record = save_checkpoint(path, tensors, record)
+        record = save_checkpoint(path, tensors, _record(name, config, profile, device, time.perf_counter() - t0, info))
     return {k: v.to(device) for k, v in tensors.items()}, record
+
+
+def _record(name: str, config: Mapping, profile: str, device, elapsed: float, info: Mapping) -> dict:
+    return {"name": name, "config_hash": config_hash(config), "config": dict(config), "profile": profile,
+            "train_time_s": round(elapsed, 2), "device": _device_name(device), "versions": versions(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info}
+
+
+def store_by_product(name: str, config: Mapping, tensors: Mapping[str, torch.Tensor], info: Mapping, profile: str,
+                     root: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+                     elapsed: float = 0.0) -> bool:
+    """Cache ``tensors`` as the entry ``load_or_train(name, config, ...)`` would train, when another run
+    produced them on its way (e.g. an early checkpoint of a pretraining run, which equals a run stopped
+    there). Returns False, writing nothing, if the entry is already cached."""
+    path = zoo_dir(profile, root) / f"{name}-{config_hash(config)}.safetensors"
+    with cache_lock(path):
+        if path.with_suffix(".json").exists():
+            return False
+        save_checkpoint(path, tensors, _record(name, config, profile, device, elapsed, info))
+    return True
 
 
 def _device_name(device: str | torch.device) -> str:
@@ -211,20 +228,28 @@ VIT_PROFILES: dict[str, dict] = {
 }
 
 
+# The zoo's pretraining run also caches its backbone after 1/10 and 1/3 of its steps (same schedule,
+# stopped early): weaker backbones of the same recipe, for notebook 01's backbone-strength experiment.
+EARLY_PRETRAIN_FRACTIONS = (10, 3)
+
+
 def vit_backbone_variants(profile: str) -> dict[str, dict]:
-    """Zoo configurations that differ from the profile's only in how the backbone is pretrained, from
-    weakest to strongest: natural images only; both sources for a fifth of the steps; the profile's own
-    recipe. Probes and fine-tunes follow the same recipe, so merging results compare backbones alone
-    (notebook 01: merging works better as the pretrained model gets stronger)."""
+    """Zoo configurations that differ from the profile's only in how long the backbone was pretrained,
+    from weakest to strongest: the zoo's own pretraining run stopped after 1/10 and 1/3 of its steps
+    (``pretrain["stop_at"]``: the same schedule, stopped early), and the whole run (the zoo). Probes and
+    fine-tunes follow the same recipe, so merging results compare backbones alone (notebook 01: merging
+    works better as the pretrained model gets stronger). The zoo's pretraining caches the early
+    backbones on its way; without them, a run stopped early trains only up to its ``stop_at``."""
     import copy
 
     base = VIT_PROFILES[profile]
-    cifar_only = copy.deepcopy(base)
-    cifar_only["pretrain"]["tasks"] = ("cifar_pretrain",)
-    short = copy.deepcopy(base)
-    short["pretrain"]["steps"] = base["pretrain"]["steps"] // 5
-    return {"natural images only": cifar_only, "+ letters, 1/5 of the steps": short,
-            "+ letters (the zoo)": copy.deepcopy(base)}
+    variants = {}
+    for frac in EARLY_PRETRAIN_FRACTIONS:
+        cfg = copy.deepcopy(base)
+        cfg["pretrain"]["stop_at"] = base["pretrain"]["steps"] // frac
+        variants[f"1/{frac} of the pretraining"] = cfg
+    variants["whole pretraining (the zoo)"] = copy.deepcopy(base)
+    return variants
 
 
 @dataclass
@@ -282,21 +307,37 @@ class ViTZoo:
         return out
 
 
-def _vit_pretrain_fn(cfg: dict, data: dict, test: dict, device: torch.device, seed: int, progress: bool):
+def _vit_pretrain_fn(cfg: dict, data: dict, test: dict, device: torch.device, seed: int, progress: bool,
+                     keep: Mapping[int, Callable[[dict, dict], None]] | None = None):
+    """The pretraining run of ``cfg`` (stopped at ``pretrain["stop_at"]`` if given). ``keep[n](tensors,
+    info)`` receives the run's checkpoint after step ``n``, as a run stopped there would return it."""
+    import copy
+
+    keep = dict(keep or {})
+
     def train():
         torch.manual_seed(seed)
         backbone = ViT(**cfg["model"]).to(device)
         heads = {k: nn.Linear(backbone.dim, d.num_classes).to(device) for k, d in data.items()}
+
+        def checkpoint(hist):
+            accs = {k: evaluate(Classifier(backbone, heads[k]), d)["acc"] for k, d in test.items()}
+            tensors = {f"backbone.{k}": v.clone() for k, v in backbone.state_dict().items()}
+            for name, h in heads.items():
+                tensors.update({f"head.{name}.{k}": v.clone() for k, v in h.state_dict().items()})
+            return tensors, {"metrics": {"test_acc": accs}, "history": hist}
+
+        def on_step(n, hist):
+            if n in keep:
+                keep[n](*checkpoint(copy.deepcopy(hist)))
+
         p = cfg["pretrain"]
         hist = train_multitask(backbone, heads, data, steps=p["steps"], lr=p["lr"], weight_decay=p["weight_decay"],
                                batch_size=p["batch_size"], seed=seed, augment=p["augment"],
                                label_smoothing=p["label_smoothing"], eval_data=test,
-                               eval_every=max(1, p["steps"] // 10), progress=progress, desc="pretrain")
-        accs = {k: evaluate(Classifier(backbone, heads[k]), d)["acc"] for k, d in test.items()}
-        tensors = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
-        for name, h in heads.items():
-            tensors.update({f"head.{name}.{k}": v for k, v in h.state_dict().items()})
-        return tensors, {"metrics": {"test_acc": accs}, "history": hist}
+                               eval_every=max(1, p["steps"] // 10), progress=progress, desc="pretrain",
+                               stop_at=p.get("stop_at"), on_step=on_step if keep else None)
+        return checkpoint(hist)
     return train
 
 
@@ -337,7 +378,19 @@ def vit_zoo(profile: str = "auto", tasks: Sequence[str] = mdata.DOWNSTREAM_TASKS
                                  device=dev, verbose=verbose) for k in sources}
         te = {k: mdata.load_task(k, "test", data_root, max_samples=ev["test_samples"], seed=seed, device=dev,
                                  verbose=False) for k in sources}
-        return _vit_pretrain_fn(cfg, tr, te, dev, seed, progress)()
+        t0 = time.perf_counter()
+
+        def cache_early(stop_at):  # the entry a run with pretrain["stop_at"] = stop_at would train
+            early_cfg = {**pre_cfg, "train": {**pre_cfg["train"], "stop_at": stop_at}}
+            return lambda tensors, info: store_by_product(
+                "vit-pretrained", early_cfg, tensors, {**info, "early_checkpoint_of": config_hash(pre_cfg)},
+                profile, zoo_root, dev, time.perf_counter() - t0)
+
+        keep = {}
+        if "stop_at" not in cfg["pretrain"]:  # a whole run: cache its early checkpoints on the way
+            keep = {cfg["pretrain"]["steps"] // f: cache_early(cfg["pretrain"]["steps"] // f)
+                    for f in EARLY_PRETRAIN_FRACTIONS}
+        return _vit_pretrain_fn(cfg, tr, te, dev, seed, progress, keep)()
 
     tensors, pre_rec = load_or_train("vit-pretrained", pre_cfg, train_pre, profile, zoo_root, dev,
                                      on_corrupt=on_corrupt, verbose=verbose)

@@ -84,12 +84,44 @@ def test_tiny_vit_zoo_recipe(tmp_path, data_root):
 def test_backbone_variants_differ_only_in_pretraining():
     v = mzoo.vit_backbone_variants("quick")
     base = mzoo.VIT_PROFILES["quick"]
-    assert list(v)[-1] == "+ letters (the zoo)" and v["+ letters (the zoo)"] == base
+    steps = base["pretrain"]["steps"]
+    assert list(v) == ["1/10 of the pretraining", "1/3 of the pretraining", "whole pretraining (the zoo)"]
+    assert v["whole pretraining (the zoo)"] == base
     for cfg in v.values():
         assert {k: cfg[k] for k in cfg if k != "pretrain"} == {k: base[k] for k in base if k != "pretrain"}
-    assert v["natural images only"]["pretrain"]["tasks"] == ("cifar_pretrain",)
-    assert v["+ letters, 1/5 of the steps"]["pretrain"]["steps"] == base["pretrain"]["steps"] // 5
-    assert mzoo.VIT_PROFILES["quick"] == base and base is not v["+ letters (the zoo)"]  # copies, not aliases
+        assert {k: x for k, x in cfg["pretrain"].items() if k != "stop_at"} == base["pretrain"]  # same schedule
+    assert [c["pretrain"].get("stop_at") for c in v.values()] == [steps // 10, steps // 3, None]
+    assert "stop_at" not in base["pretrain"] and base is not v["whole pretraining (the zoo)"]  # copies, not aliases
+
+
+def _pretrain_entries(root):
+    return {p.name for p in (root / "quick").glob("vit-pretrained-*.safetensors")}
+
+
+@pytest.mark.slow
+def test_whole_pretraining_caches_its_early_checkpoints_equal_to_runs_stopped_there(tmp_path, data_root):
+    tiny = copy.deepcopy(TINY)
+    tiny["pretrain"]["steps"] = 30  # early checkpoints after 3 and 10 steps
+    kw = dict(tasks=["usps"], device="cpu", data_root=data_root, progress=False, verbose=False)
+    whole = mzoo.vit_zoo("quick", zoo_root=str(tmp_path / "a"), config=tiny, **kw)
+    assert len(_pretrain_entries(tmp_path / "a")) == 3  # the whole run and its two early checkpoints
+    for frac in mzoo.EARLY_PRETRAIN_FRACTIONS:
+        early = copy.deepcopy(tiny)
+        early["pretrain"]["stop_at"] = 30 // frac
+        cached = mzoo.vit_zoo("quick", zoo_root=str(tmp_path / "a"), config=early, **kw)
+        rec = cached.records["pretrained"]
+        assert rec["early_checkpoint_of"] == whole.records["pretrained"]["config_hash"]
+        assert rec["history"]["step"][-1] <= 30 // frac
+        stopped = mzoo.vit_zoo("quick", zoo_root=str(tmp_path / f"b{frac}"), config=early, **kw)  # trained here
+        assert len(_pretrain_entries(tmp_path / f"b{frac}")) == 1  # a stopped run caches nothing more
+        assert stopped.records["pretrained"]["config_hash"] == rec["config_hash"]
+        for k, x in stopped.pretrained.items():
+            assert torch.equal(x, cached.pretrained[k]), k
+        assert not torch.equal(cached.pretrained["pos_embed"], whole.pretrained["pos_embed"])
+    with pytest.raises(ValueError, match="stop_at"):
+        bad = copy.deepcopy(tiny)
+        bad["pretrain"]["stop_at"] = 31
+        mzoo.vit_zoo("quick", zoo_root=str(tmp_path / "c"), config=bad, **kw)
 
 
 def test_profiles_change_sizes_not_procedure():
