@@ -131,6 +131,27 @@ def test_mudsc_weight_only_differs_from_activation_only_on_unrelated_models():
     assert sum(int((p1[g] == wm[g]).sum()) for g in wm) > sum(int((p0[g] == wm[g]).sum()) for g in wm)
 
 
+@pytest.mark.parametrize("variant", ["align", "zip"])
+def test_mudsc_with_precomputed_moments_gives_the_same_result(variant):
+    """Passing the pair's moments (collected once for several alphas) changes nothing; wrong moments raise."""
+    from mergelib.align import collect_moments
+
+    a, b = make_resnet(), make_resnet()
+    with torch.no_grad():  # an unrelated second network
+        for p in b.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=gen(5)))
+    data = _data((3, 8, 8), n_batches=2)
+    spec = permutation_spec(a)
+    moments = collect_moments(a, b, spec, data)
+    for alpha in (0.0, 0.5):
+        plain = mudsc(a, b, data, alpha=alpha, variant=variant, spec=spec, max_iter=3)
+        reused = mudsc(a, b, data, alpha=alpha, variant=variant, spec=spec, max_iter=3, moments=moments)
+        assert plain.history == reused.history and plain.score == reused.score
+        assert all(torch.equal(v, reused.state_dict[k]) for k, v in plain.state_dict.items())
+    with pytest.raises(ValueError, match="moments cover groups"):
+        mudsc(a, b, data, alpha=0.5, spec=spec, moments={g: moments[g] for g in list(moments)[1:]})
+
+
 @pytest.mark.parametrize("name", ["mlp", "resnet20"])
 def test_zipit_alpha0_beta0_pairs_every_unit_with_its_copy(name):
     make, shape = CASES[name]

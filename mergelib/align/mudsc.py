@@ -99,13 +99,17 @@ class MuDSCResult:
 def mudsc(model_a: nn.Module, model_b: nn.Module, data: Iterable[Any], alpha: float = 0.5, variant: str = "align",
           spec: PermutationSpec | None = None, zip_alpha: float = 0.5, zip_beta: float = 1.0,
           weight_measure: str = "pearson", max_iter: int = 100, patience: int = 5, seed: int = 0,
-          num_batches: int | None = None, reset_bn: bool = True) -> MuDSCResult:
+          num_batches: int | None = None, reset_bn: bool = True,
+          moments: Mapping[str, list] | None = None) -> MuDSCResult:
     """Match and merge two models with MuDSC.
 
     ``alpha`` in [0, 1] weighs weight-space similarity (1: weight-only, 0: activation-only).
     ``variant``: "align" (permutations, Hungarian) or "zip" (ZipIt! greedy with ``zip_alpha``,
     ``zip_beta``). ``data``: iterable of batches or (x, y) tuples, used for the activations and for
-    resetting BN. ``seed`` fixes the group order (a ``torch.Generator``).
+    resetting BN. ``seed`` fixes the group order (a ``torch.Generator``). ``moments``: this pair's
+    activation moments on ``data``, ``collect_moments(model_a, model_b, spec, data, num_batches=...)``,
+    when several ``alpha`` are tried on the same pair (collecting them is most of a call's time);
+    the result is the same as without.
     """
     if variant not in ("align", "zip"):
         raise ValueError(f"variant must be 'align' or 'zip', got {variant!r}")
@@ -118,7 +122,11 @@ def mudsc(model_a: nn.Module, model_b: nn.Module, data: Iterable[Any], alpha: fl
             raise NotImplementedError(f"MuDSC group zip for head-aware groups is not implemented: {heads[:3]}; "
                                       "use variant='align'")
     sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
-    moments = collect_moments(model_a, model_b, spec, data, num_batches=num_batches)
+    if moments is None:
+        moments = collect_moments(model_a, model_b, spec, data, num_batches=num_batches)
+    elif set(moments) != set(spec.groups):
+        raise ValueError(f"moments cover groups {sorted(moments)[:4]}..., not the spec's {sorted(spec.groups)[:4]}...: "
+                         "pass collect_moments(model_a, model_b, spec, data) of this pair")
     s_act = {g: similarity_matrix(ms) for g, ms in moments.items()}
     if variant == "align":  # only the A x B block matters for permutations
         s_act = {g: s[:spec.groups[g].size, spec.groups[g].size:] for g, s in s_act.items()}
