@@ -142,10 +142,11 @@ def _trim_into(out: Tensor, x: Tensor, thr: Tensor | None, keep: int, trim_rule:
         elif out.data_ptr() != x.data_ptr():
             out.copy_(x)
         return
-    a = x.abs()
-    if trim_rule == "official":
-        torch.mul(x, a >= thr, out=out)
+    if trim_rule == "official":  # a float 0/1 mask (x * 1.0 = x, x * 0.0 = x * False): fast on the CPU
+        a = x.abs() if out.data_ptr() == x.data_ptr() else torch.abs(x, out=out)
+        torch.mul(x, a.ge_(thr), out=out)
         return
+    a = x.abs()
     mask = a > thr
     eq = a == thr
     n_eq = eq.sum(1, keepdim=True)
@@ -297,50 +298,68 @@ def _ties_fused(tvs: Tensor, plan, budgets, trim_rule: str, sign_rule: str,
 
     ``majority``: the sign taken where the summed trimmed values are exactly 0 (``rule="mass"``);
     None computes it from ``tvs`` itself (the streaming merge passes the model-wide one).
+
+    Per chunk: s = +1 where gamma > 0 else -1; t * s > 0 marks the agreeing entries, and
+    tau_m = s * sum_i relu(t_i * s) / max(#agreeing, 1): the float operations of :func:`disjoint_mean`,
+    the rows summed in order (the same bits however the columns are chunked). Masks and counts are
+    float 0/1 tensors (exact; comparisons into bool tensors are several times slower on the CPU).
+    Where gamma = 0 and the majority sign (known after the sweep) is +, the result is the positive
+    entries' mean: +0.0 where every trimmed entry is 0, computed per column where they cancel.
     """
     n, D = tvs.shape
     dev = tvs.device
     out = torch.empty(D, dtype=tvs.dtype, device=dev)
-    keep_alt = sign_rule == "mass" and majority is None
-    alt = torch.empty(D, dtype=tvs.dtype, device=dev) if keep_alt else None
-    zero = torch.empty(D, dtype=torch.bool, device=dev) if keep_alt else None
-    counts = torch.zeros(2, dtype=torch.int64, device=dev)
-    for c0, c1, t in _trimmed_chunks(tvs, plan, budgets, trim_rule):
-        pos, neg = t > 0, t < 0
-        cnt_p = pos.sum(0).to(t.dtype).clamp_min_(1)
-        cnt_n = neg.sum(0).to(t.dtype).clamp_min_(1)
-        res_p = _row_sum(t.clamp_min(0)).div_(cnt_p)
-        res_n = _row_sum(t.neg().clamp_min_(0)).mul_(-1.0).div_(cnt_n)
-        o = out[c0:c1]
+    fix_zero = sign_rule == "mass" and majority is None
+    zero = torch.empty(D, dtype=torch.bool, device=dev) if fix_zero else None
+    cancel: list[tuple[Tensor, Tensor]] = []  # (columns, mean of the positive entries) where gamma = 0
+    votes = [0, 0]
+    for c0, c1, t, f in _trimmed_chunks(tvs, plan, budgets, trim_rule):
         if sign_rule == "count":
-            torch.where(torch.sign(t).sum(0) >= 0, res_p, res_n, out=o)
-            continue
-        tot = _row_sum(t)  # rows in order: the same bits however the columns are chunked
-        if majority is None:
-            torch.where(tot > 0, res_p, res_n, out=o)
-            torch.eq(tot, 0, out=zero[c0:c1])
-            alt[c0:c1] = res_p
-            counts += torch.stack(((tot > 0).sum(), (tot < 0).sum()))
+            plus = torch.sign(t, out=f).sum(0) >= 0
         else:
+            tot = _row_sum(t)  # rows in order: the same bits however the columns are chunked
             plus = tot > 0
-            if majority > 0:
+            if fix_zero:
+                votes[0] += int(torch.count_nonzero(plus))
+                votes[1] += int(torch.count_nonzero(tot < 0))
+            elif majority > 0:
                 plus |= tot == 0
-            torch.where(plus, res_p, res_n, out=o)
-    if keep_alt and int(counts[0]) > int(counts[1]):  # gamma = 0 takes the majority sign (+)
-        torch.where(zero, alt, out, out=out)
+        s = plus.to(t.dtype).mul_(2.0).sub_(1.0)  # +1 / -1
+        t.mul_(s)  # t_i * s > 0: entry i agrees with gamma
+        cnt = torch.gt(t, 0, out=f).sum(0)
+        if fix_zero:
+            z = torch.eq(tot, 0, out=zero[c0:c1])
+            cols = (z & (cnt > 0)).nonzero().squeeze(1)  # gamma = 0 with nonzero entries (cancelling)
+            if cols.numel():
+                tc = t[:, cols].neg_()  # s = -1 there: the trimmed values
+                cancel.append((cols + c0, _row_sum(tc.clamp_min(0)).div_((tc > 0).sum(0).to(t.dtype).clamp_min_(1))))
+        torch.mul(_row_sum(t.clamp_min_(0)), s, out=out[c0:c1]).div_(cnt.clamp_min_(1))
+    if fix_zero and votes[0] > votes[1]:  # gamma = 0 takes the majority sign (+)
+        out.masked_fill_(zero, 0.0)
+        for cols, val in cancel:
+            out[cols] = val
     return out
 
 
-def _trimmed_chunks(tvs: Tensor, plan, budgets, trim_rule: str):
-    """Yield ``(c0, c1, trimmed N x (c1 - c0))`` over column chunks of ``tvs`` (a reused buffer)."""
-    n, D = tvs.shape
-    chunk = _select.CHUNK if tvs.device.type == "cpu" else 1 << 24  # elements of the N x C chunk
+def _column_chunks(n: int, D: int, device: torch.device) -> list[tuple[int, int]]:
+    """Column ranges ``[c0, c1)`` of an ``N x D`` matrix whose ``N x (c1 - c0)`` blocks fit in cache
+    (about ``selection.CHUNK`` elements on the CPU, ``2**24`` on other devices). Boundaries are
+    multiples of ``_ALIGN``, so a chunked elementwise op gives the bits of the unchunked one."""
+    chunk = _select.CHUNK if device.type == "cpu" else 1 << 24  # elements of the N x C chunk
     width = max(_ALIGN, (chunk // n) // _ALIGN * _ALIGN)
-    buf = torch.empty(n, min(width, D), dtype=tvs.dtype, device=tvs.device)
+    return [(c0, min(c0 + width, D)) for c0 in range(0, D, width)]
+
+
+def _trimmed_chunks(tvs: Tensor, plan, budgets, trim_rule: str):
+    """Yield ``(c0, c1, trimmed, scratch)`` over :func:`_column_chunks` of ``tvs``: the trimmed
+    ``N x (c1 - c0)`` block and a scratch block of the same shape (two reused buffers)."""
+    n, D = tvs.shape
+    chunks = _column_chunks(n, D, tvs.device)
+    width = chunks[0][1] - chunks[0][0]
+    buf = torch.empty(2, n, width, dtype=tvs.dtype, device=tvs.device)
     seg_i = 0
-    for c0 in range(0, D, width):
-        c1 = min(c0 + width, D)
-        t = buf[:, : c1 - c0]
+    for c0, c1 in chunks:
+        t = buf[0, :, : c1 - c0]
         while seg_i < len(plan) and plan[seg_i][1] <= c0:
             seg_i += 1
         j = seg_i
@@ -349,13 +368,13 @@ def _trimmed_chunks(tvs: Tensor, plan, budgets, trim_rule: str):
             a0, a1 = max(s, c0), min(e, c1)
             _trim_into(t[:, a0 - c0:a1 - c0], tvs[:, a0:a1], thr, keep, trim_rule, budgets[j])
             j += 1
-        yield c0, c1, t
+        yield c0, c1, t, buf[1, :, : c1 - c0]
 
 
 def _ties_sign_counts(tvs: Tensor, plan, budgets, trim_rule: str) -> tuple[int, int]:
     """(#columns with a positive, #with a negative sum of trimmed values): the majority sign's votes."""
     counts = torch.zeros(2, dtype=torch.int64, device=tvs.device)
-    for _, _, t in _trimmed_chunks(tvs, plan, budgets, trim_rule):
+    for _, _, t, _ in _trimmed_chunks(tvs, plan, budgets, trim_rule):
         tot = _row_sum(t)
         counts += torch.stack(((tot > 0).sum(), (tot < 0).sum()))
     return int(counts[0]), int(counts[1])
