@@ -14,6 +14,7 @@ multi-block radix select) on CUDA, where ``kthvalue`` runs one thread block per 
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Mapping, Sequence
 
 import torch
@@ -471,6 +472,11 @@ def _pcb_official_row(t: Tensor, total: Tensor, n: int, lo: Tensor, hi: Tensor) 
     return a.mul_(torch.sign(t)), intra, inter
 
 
+def _pcb_official_tprime(t: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    """tau' = sign(t) * clamp(|t|, lo, hi) of :func:`_pcb_official_row` alone (the same bits)."""
+    return t.abs().clamp_(lo, hi).mul_(torch.sign(t))
+
+
 def _pcb_official_clip(t: Tensor, lo_k: int, hi_k: int) -> tuple[Tensor, Tensor]:
     """The row's clip values: the ``lo_k``-th and ``hi_k``-th smallest |t| (:func:`_pcb_official_ks`)."""
     lo, hi = _select.kth_smallest(t, [lo_k, hi_k], absolute=True).unbind(-1)
@@ -596,11 +602,25 @@ def pcb_merge(tvs: Tensor, density: float = 0.05, mode: str = "official",
     num = torch.zeros_like(tvs[0])
     den = torch.zeros_like(num)
     if mode == "official":  # the row statistics here; the elementwise steps shared with merge_files
-        total = _row_sum(tvs)  # rows in order: the same bits when computed tensor by tensor
         lo_k, hi_k = _pcb_official_ks(D)
-        for i in range(n):
-            tprime, beta = _pcb_official_beta(tvs[i], total, n, *_pcb_official_clip(tvs[i], lo_k, hi_k))
-            _pcb_official_add(num, den, tprime, beta, kth_smallest(beta, q_k), beta.max(), lams[i])
+        clip = [_pcb_official_clip(tvs[i], lo_k, hi_k) for i in range(n)]  # step 1's order statistics
+        # steps 1-4 over column chunks in cache: beta (kept, N x D) and its row max
+        beta = torch.empty_like(tvs)
+        beta_max = torch.full((n,), -math.inf, dtype=tvs.dtype, device=tvs.device)
+        chunks = _column_chunks(n, D, tvs.device)
+        for c0, c1 in chunks:
+            x = tvs[:, c0:c1]
+            total = _row_sum(x)  # rows in order: the same bits when computed tensor by tensor
+            for i in range(n):
+                b = beta[i, c0:c1]
+                b.copy_(_pcb_official_beta(x[i], total, n, *clip[i])[1])
+                torch.maximum(beta_max[i], b.max(), out=beta_max[i])
+        q = [kth_smallest(beta[i], q_k) for i in range(n)]  # step 5's threshold per row
+        for c0, c1 in chunks:  # steps 5-6, tau' recomputed from tau
+            x = tvs[:, c0:c1]
+            for i in range(n):
+                _pcb_official_add(num[c0:c1], den[c0:c1], _pcb_official_tprime(x[i], *clip[i]), beta[i, c0:c1],
+                                  q[i], beta_max[i], lams[i])
         return num.div_(den.clamp_min_(1e-12))
     beta_all = _pcb_paper_inter(tvs)  # mode == "paper"
     for i in range(n):
