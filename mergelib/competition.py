@@ -5,11 +5,14 @@ parameters in the fixed sorted key order of :func:`mergelib.task_vectors.flatten
 device, and returns the **merged task vector before the global lambda** (shape ``D``). The merged
 model is then ``theta = theta_0 + lambda * tau_m`` (:func:`mergelib.merging.merge` does that).
 
-Performance notes: task-level loops are over the N rows only (never over elements); each row is
-processed with O(D) temporaries, so the extra memory stays at about one ``N x D`` copy or less.
-Exact k-th order statistics use ``torch.kthvalue`` per row on the CPU and ``torch.topk`` (a
-multi-block radix select) on CUDA, where ``kthvalue`` runs one thread block per row.
-``torch.quantile`` is never used (it rejects inputs over 2**24 elements).
+Performance notes: task-level loops are over the N rows only (never over elements). The
+elementwise steps of TIES and PCB (official) run as sweeps over column chunks of the ``N x D``
+matrix that fit in cache (:func:`_column_chunks`, the one place that sizes them), so the chain of
+operations reads each chunk from memory once; masks and counts there are float 0/1 tensors (exact,
+and much faster than bool tensors on the CPU). The extra memory stays at about one ``N x D`` copy
+or less. Exact k-th order statistics come from :mod:`mergelib.selection` (a sampled bracket and
+one counting pass; ``torch.kthvalue`` / ``torch.topk`` on short rows). ``torch.quantile`` is never
+used (it rejects inputs over 2**24 elements).
 """
 from __future__ import annotations
 
