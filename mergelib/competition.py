@@ -5,15 +5,19 @@ parameters in the fixed sorted key order of :func:`mergelib.task_vectors.flatten
 device, and returns the **merged task vector before the global lambda** (shape ``D``). The merged
 model is then ``theta = theta_0 + lambda * tau_m`` (:func:`mergelib.merging.merge` does that).
 
-Performance notes: task-level loops are over the N rows only (never over elements); each row is
-processed with O(D) temporaries, so the extra memory stays at about one ``N x D`` copy or less.
-Exact k-th order statistics use ``torch.kthvalue`` per row on the CPU and ``torch.topk`` (a
-multi-block radix select) on CUDA, where ``kthvalue`` runs one thread block per row.
-``torch.quantile`` is never used (it rejects inputs over 2**24 elements).
+Performance notes: task-level loops are over the N rows only (never over elements). The
+elementwise steps of TIES and PCB (official) run as sweeps over column chunks of the ``N x D``
+matrix that fit in cache (:func:`_column_chunks`, the one place that sizes them), so the chain of
+operations reads each chunk from memory once; masks and counts there are float 0/1 tensors (exact,
+and much faster than bool tensors on the CPU). The extra memory stays at about one ``N x D`` copy
+or less. Exact k-th order statistics come from :mod:`mergelib.selection` (a sampled bracket and
+one counting pass; ``torch.kthvalue`` / ``torch.topk`` on short rows). ``torch.quantile`` is never
+used (it rejects inputs over 2**24 elements).
 """
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Mapping, Sequence
 
 import torch
@@ -142,10 +146,11 @@ def _trim_into(out: Tensor, x: Tensor, thr: Tensor | None, keep: int, trim_rule:
         elif out.data_ptr() != x.data_ptr():
             out.copy_(x)
         return
-    a = x.abs()
-    if trim_rule == "official":
-        torch.mul(x, a >= thr, out=out)
+    if trim_rule == "official":  # a float 0/1 mask (x * 1.0 = x, x * 0.0 = x * False): fast on the CPU
+        a = x.abs() if out.data_ptr() == x.data_ptr() else torch.abs(x, out=out)
+        torch.mul(x, a.ge_(thr), out=out)
         return
+    a = x.abs()
     mask = a > thr
     eq = a == thr
     n_eq = eq.sum(1, keepdim=True)
@@ -297,50 +302,68 @@ def _ties_fused(tvs: Tensor, plan, budgets, trim_rule: str, sign_rule: str,
 
     ``majority``: the sign taken where the summed trimmed values are exactly 0 (``rule="mass"``);
     None computes it from ``tvs`` itself (the streaming merge passes the model-wide one).
+
+    Per chunk: s = +1 where gamma > 0 else -1; t * s > 0 marks the agreeing entries, and
+    tau_m = s * sum_i relu(t_i * s) / max(#agreeing, 1): the float operations of :func:`disjoint_mean`,
+    the rows summed in order (the same bits however the columns are chunked). Masks and counts are
+    float 0/1 tensors (exact; comparisons into bool tensors are several times slower on the CPU).
+    Where gamma = 0 and the majority sign (known after the sweep) is +, the result is the positive
+    entries' mean: +0.0 where every trimmed entry is 0, computed per column where they cancel.
     """
     n, D = tvs.shape
     dev = tvs.device
     out = torch.empty(D, dtype=tvs.dtype, device=dev)
-    keep_alt = sign_rule == "mass" and majority is None
-    alt = torch.empty(D, dtype=tvs.dtype, device=dev) if keep_alt else None
-    zero = torch.empty(D, dtype=torch.bool, device=dev) if keep_alt else None
-    counts = torch.zeros(2, dtype=torch.int64, device=dev)
-    for c0, c1, t in _trimmed_chunks(tvs, plan, budgets, trim_rule):
-        pos, neg = t > 0, t < 0
-        cnt_p = pos.sum(0).to(t.dtype).clamp_min_(1)
-        cnt_n = neg.sum(0).to(t.dtype).clamp_min_(1)
-        res_p = _row_sum(t.clamp_min(0)).div_(cnt_p)
-        res_n = _row_sum(t.neg().clamp_min_(0)).mul_(-1.0).div_(cnt_n)
-        o = out[c0:c1]
+    fix_zero = sign_rule == "mass" and majority is None
+    zero = torch.empty(D, dtype=torch.bool, device=dev) if fix_zero else None
+    cancel: list[tuple[Tensor, Tensor]] = []  # (columns, mean of the positive entries) where gamma = 0
+    votes = [0, 0]
+    for c0, c1, t, f in _trimmed_chunks(tvs, plan, budgets, trim_rule):
         if sign_rule == "count":
-            torch.where(torch.sign(t).sum(0) >= 0, res_p, res_n, out=o)
-            continue
-        tot = _row_sum(t)  # rows in order: the same bits however the columns are chunked
-        if majority is None:
-            torch.where(tot > 0, res_p, res_n, out=o)
-            torch.eq(tot, 0, out=zero[c0:c1])
-            alt[c0:c1] = res_p
-            counts += torch.stack(((tot > 0).sum(), (tot < 0).sum()))
+            plus = torch.sign(t, out=f).sum(0) >= 0
         else:
+            tot = _row_sum(t)  # rows in order: the same bits however the columns are chunked
             plus = tot > 0
-            if majority > 0:
+            if fix_zero:
+                votes[0] += int(torch.count_nonzero(plus))
+                votes[1] += int(torch.count_nonzero(tot < 0))
+            elif majority > 0:
                 plus |= tot == 0
-            torch.where(plus, res_p, res_n, out=o)
-    if keep_alt and int(counts[0]) > int(counts[1]):  # gamma = 0 takes the majority sign (+)
-        torch.where(zero, alt, out, out=out)
+        s = plus.to(t.dtype).mul_(2.0).sub_(1.0)  # +1 / -1
+        t.mul_(s)  # t_i * s > 0: entry i agrees with gamma
+        cnt = torch.gt(t, 0, out=f).sum(0)
+        if fix_zero:
+            z = torch.eq(tot, 0, out=zero[c0:c1])
+            cols = (z & (cnt > 0)).nonzero().squeeze(1)  # gamma = 0 with nonzero entries (cancelling)
+            if cols.numel():
+                tc = t[:, cols].neg_()  # s = -1 there: the trimmed values
+                cancel.append((cols + c0, _row_sum(tc.clamp_min(0)).div_((tc > 0).sum(0).to(t.dtype).clamp_min_(1))))
+        torch.mul(_row_sum(t.clamp_min_(0)), s, out=out[c0:c1]).div_(cnt.clamp_min_(1))
+    if fix_zero and votes[0] > votes[1]:  # gamma = 0 takes the majority sign (+)
+        out.masked_fill_(zero, 0.0)
+        for cols, val in cancel:
+            out[cols] = val
     return out
 
 
-def _trimmed_chunks(tvs: Tensor, plan, budgets, trim_rule: str):
-    """Yield ``(c0, c1, trimmed N x (c1 - c0))`` over column chunks of ``tvs`` (a reused buffer)."""
-    n, D = tvs.shape
-    chunk = _select.CHUNK if tvs.device.type == "cpu" else 1 << 24  # elements of the N x C chunk
+def _column_chunks(n: int, D: int, device: torch.device) -> list[tuple[int, int]]:
+    """Column ranges ``[c0, c1)`` of an ``N x D`` matrix whose ``N x (c1 - c0)`` blocks fit in cache
+    (about ``selection.CHUNK`` elements on the CPU, ``2**24`` on other devices). Boundaries are
+    multiples of ``_ALIGN``, so a chunked elementwise op gives the bits of the unchunked one."""
+    chunk = _select.CHUNK if device.type == "cpu" else 1 << 24  # elements of the N x C chunk
     width = max(_ALIGN, (chunk // n) // _ALIGN * _ALIGN)
-    buf = torch.empty(n, min(width, D), dtype=tvs.dtype, device=tvs.device)
+    return [(c0, min(c0 + width, D)) for c0 in range(0, D, width)]
+
+
+def _trimmed_chunks(tvs: Tensor, plan, budgets, trim_rule: str):
+    """Yield ``(c0, c1, trimmed, scratch)`` over :func:`_column_chunks` of ``tvs``: the trimmed
+    ``N x (c1 - c0)`` block and a scratch block of the same shape (two reused buffers)."""
+    n, D = tvs.shape
+    chunks = _column_chunks(n, D, tvs.device)
+    width = chunks[0][1] - chunks[0][0]
+    buf = torch.empty(2, n, width, dtype=tvs.dtype, device=tvs.device)
     seg_i = 0
-    for c0 in range(0, D, width):
-        c1 = min(c0 + width, D)
-        t = buf[:, : c1 - c0]
+    for c0, c1 in chunks:
+        t = buf[0, :, : c1 - c0]
         while seg_i < len(plan) and plan[seg_i][1] <= c0:
             seg_i += 1
         j = seg_i
@@ -349,13 +372,13 @@ def _trimmed_chunks(tvs: Tensor, plan, budgets, trim_rule: str):
             a0, a1 = max(s, c0), min(e, c1)
             _trim_into(t[:, a0 - c0:a1 - c0], tvs[:, a0:a1], thr, keep, trim_rule, budgets[j])
             j += 1
-        yield c0, c1, t
+        yield c0, c1, t, buf[1, :, : c1 - c0]
 
 
 def _ties_sign_counts(tvs: Tensor, plan, budgets, trim_rule: str) -> tuple[int, int]:
     """(#columns with a positive, #with a negative sum of trimmed values): the majority sign's votes."""
     counts = torch.zeros(2, dtype=torch.int64, device=tvs.device)
-    for _, _, t in _trimmed_chunks(tvs, plan, budgets, trim_rule):
+    for _, _, t, _ in _trimmed_chunks(tvs, plan, budgets, trim_rule):
         tot = _row_sum(t)
         counts += torch.stack(((tot > 0).sum(), (tot < 0).sum()))
     return int(counts[0]), int(counts[1])
@@ -450,6 +473,11 @@ def _pcb_official_row(t: Tensor, total: Tensor, n: int, lo: Tensor, hi: Tensor) 
     intra = (a - lo).div_(_safe_den(hi - lo)).square_().mul_(n).exp_()  # exp(N * minmax(a)^2)
     inter = torch.mul(t, total).tanh_()  # tanh(tau_i * sum_j tau_j), raw tau
     return a.mul_(torch.sign(t)), intra, inter
+
+
+def _pcb_official_tprime(t: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    """tau' = sign(t) * clamp(|t|, lo, hi) of :func:`_pcb_official_row` alone (the same bits)."""
+    return t.abs().clamp_(lo, hi).mul_(torch.sign(t))
 
 
 def _pcb_official_clip(t: Tensor, lo_k: int, hi_k: int) -> tuple[Tensor, Tensor]:
@@ -577,11 +605,25 @@ def pcb_merge(tvs: Tensor, density: float = 0.05, mode: str = "official",
     num = torch.zeros_like(tvs[0])
     den = torch.zeros_like(num)
     if mode == "official":  # the row statistics here; the elementwise steps shared with merge_files
-        total = _row_sum(tvs)  # rows in order: the same bits when computed tensor by tensor
         lo_k, hi_k = _pcb_official_ks(D)
-        for i in range(n):
-            tprime, beta = _pcb_official_beta(tvs[i], total, n, *_pcb_official_clip(tvs[i], lo_k, hi_k))
-            _pcb_official_add(num, den, tprime, beta, kth_smallest(beta, q_k), beta.max(), lams[i])
+        clip = [_pcb_official_clip(tvs[i], lo_k, hi_k) for i in range(n)]  # step 1's order statistics
+        # steps 1-4 over column chunks in cache: beta (kept, N x D) and its row max
+        beta = torch.empty_like(tvs)
+        beta_max = torch.full((n,), -math.inf, dtype=tvs.dtype, device=tvs.device)
+        chunks = _column_chunks(n, D, tvs.device)
+        for c0, c1 in chunks:
+            x = tvs[:, c0:c1]
+            total = _row_sum(x)  # rows in order: the same bits when computed tensor by tensor
+            for i in range(n):
+                b = beta[i, c0:c1]
+                b.copy_(_pcb_official_beta(x[i], total, n, *clip[i])[1])
+                torch.maximum(beta_max[i], b.max(), out=beta_max[i])
+        q = [kth_smallest(beta[i], q_k) for i in range(n)]  # step 5's threshold per row
+        for c0, c1 in chunks:  # steps 5-6, tau' recomputed from tau
+            x = tvs[:, c0:c1]
+            for i in range(n):
+                _pcb_official_add(num[c0:c1], den[c0:c1], _pcb_official_tprime(x[i], *clip[i]), beta[i, c0:c1],
+                                  q[i], beta_max[i], lams[i])
         return num.div_(den.clamp_min_(1e-12))
     beta_all = _pcb_paper_inter(tvs)  # mode == "paper"
     for i in range(n):

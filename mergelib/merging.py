@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .competition import all_finite as _all_finite, dare_flat, pcb_merge, ties_merge
-from .fourier import fr_merge
+from .fourier import _fr_options, fr_check_selection, fr_merge, fr_tensor
 from .hparams import HParam, HyperparameterError, check_number
 from .task_vectors import (FlatLayout, NonFiniteError, _check_finite, as_named_list, detect_family, flatten, resolve_rules, select_keys,
                            unflatten, validate_state_dicts)
@@ -242,6 +242,8 @@ def merge(pretrained: Mapping[str, Tensor], finetuned: Sequence[Mapping[str, Ten
     try:
         if spec.fn is _sum:  # average, task arithmetic: per tensor, no N x D matrix
             deltas = _sum_per_tensor(pretrained, models, keys, lams, check=validate)
+        elif spec.fn is _fr and hp["align"] != "paper":  # per tensor, no N x D matrix
+            deltas = _fr_per_tensor(pretrained, models, keys, hp)
         else:
             x, layout = flatten(models, keys, subtract=pretrained)  # N x D task vectors
             merged = spec.fn(x, layout=layout, lambdas=lams, tasks=[name for name, _ in named], **hp)
@@ -276,6 +278,22 @@ def _selected_keys(spec: MergeMethod, pretrained: Mapping[str, Tensor], rules, i
         raise ValueError(f"no tensor selected for merging (rules={rules!r}, include={include!r}, "
                          f"exclude={exclude!r})")
     return keys
+
+
+def _fr_per_tensor(pretrained, models, keys: list[str], hp: Mapping) -> dict[str, Tensor]:
+    """FR-Merging with a per-tensor alignment (``"official"``, ``"none"``): :func:`fr_tensor` on each
+    tensor's ``N x numel`` task vectors, built on their own (as :func:`mergelib.merge_files` does), so
+    no ``N x D`` matrix is flattened and copied again per segment. The same bits as :func:`fr_merge`.
+    Raises :class:`NonFiniteError` for non-finite task vectors."""
+    _fr_options(**hp)
+    fr_check_selection(FlatLayout.from_shapes({k: tuple(pretrained[k].shape) for k in keys}), stacklevel=3)
+    out = {}
+    for k in keys:
+        x, _ = flatten([{k: m[k]} for m in models], [k], subtract={k: pretrained[k]})
+        if not _all_finite(x):
+            raise NonFiniteError(f"task vectors of {k!r} are not finite")
+        out[k] = fr_tensor(x, k, tuple(pretrained[k].shape), **hp).view(pretrained[k].shape)
+    return out
 
 
 _SUM_CHUNK = 1 << 16  # elements per step of the per-tensor sums (stays in cache)

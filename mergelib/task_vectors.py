@@ -441,7 +441,8 @@ def flatten(tvs: Sequence[Mapping[str, Tensor]] | Mapping[str, Tensor], keys: Se
     vectors, computed in ``dtype`` without materialising per-model task-vector dicts.
     Returns ``(X, layout)`` with ``X`` of shape ``N x D`` (``D = sum_k numel_k``), dtype ``dtype``
     (float32), on ``device`` (default: the device of ``subtract``, else of the first tensor). One
-    preallocated output, one copy (+ one subtraction) kernel per tensor, no host round trips. A single
+    preallocated output; per tensor one subtraction kernel writing into it (inputs already ``dtype``
+    on ``device``) or one copy and one subtraction (the same bits); no host round trips. A single
     mapping gives ``N = 1``.
     """
     if isinstance(tvs, Mapping):
@@ -465,9 +466,13 @@ def flatten(tvs: Sequence[Mapping[str, Tensor]] | Mapping[str, Tensor], keys: Se
                 raise StateDictShapeError(f"tensor {k!r}: shape {tuple(t.shape)} in task vector {i} "
                                           f"but {shape} in task vector 0")
             seg = out[i, off:off + n]
+            base = None if subtract is None else subtract[k]
+            if base is not None and t.dtype == base.dtype == dtype and t.device == base.device == out.device:
+                torch.sub(t.reshape(-1), base.reshape(-1), out=seg)  # one pass; the same bits as below
+                continue
             seg.copy_(t.reshape(-1))  # casts to dtype, moves to device if needed
-            if subtract is not None:
-                seg.sub_(subtract[k].reshape(-1).to(device, non_blocking=True))
+            if base is not None:
+                seg.sub_(base.reshape(-1).to(device, non_blocking=True))
     return out, layout
 
 
