@@ -1,6 +1,8 @@
 """Repository-wide pytest configuration (unit tests and nbval on the notebooks)."""
 import os
 
+import pytest
+
 # Tests never download: a missing dataset must raise mergelib.data.DatasetNotFoundError instead.
 os.environ["MERGELIB_DOWNLOAD"] = "0"
 # Quiet, deterministic progress output when notebooks run under nbval.
@@ -30,6 +32,30 @@ def _schedule_rank(item) -> int:
         return 2
     stem = os.path.basename(path)[:2]
     return {"00": 0, "05": 1, "07": 1}.get(stem, 3)
+
+
+def _work_unit(nodeid: str) -> str:
+    """The unit of work a worker takes at once under ``make test``: a file, as with xdist's ``loadfile``
+    (a notebook's cells share one kernel; a module's fixtures are built once), except the browser
+    tests, one unit per notebook: as one file they were a ten-minute block at the end of the run that
+    could leave the other worker idle."""
+    path = nodeid.split("::", 1)[0]
+    return nodeid if path.endswith("test_browser_explorers.py") else path
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadfile`` with the work units of :func:`_work_unit` (pytest-xdist's ``xdist_group``
+    marks cannot do this: with pytest 9 they do not reach the scheduler)."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class CourseScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _work_unit(nodeid)
+
+    return CourseScheduling(config, log)
 
 
 def pytest_collection_modifyitems(session, config, items):
