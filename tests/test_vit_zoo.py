@@ -118,6 +118,10 @@ def test_whole_pretraining_caches_its_early_checkpoints_equal_to_runs_stopped_th
         for k, x in stopped.pretrained.items():
             assert torch.equal(x, cached.pretrained[k]), k
         assert not torch.equal(cached.pretrained["pos_embed"], whole.pretrained["pos_embed"])
+    plain = copy.deepcopy(tiny)  # the whole schedule without caching early checkpoints on the way
+    plain["pretrain"]["stop_at"] = 30
+    plain = mzoo.vit_zoo("quick", zoo_root=str(tmp_path / "d"), config=plain, **kw)
+    assert all(torch.equal(x, whole.pretrained[k]) for k, x in plain.pretrained.items())  # the hooks change nothing
     with pytest.raises(ValueError, match="stop_at"):
         bad = copy.deepcopy(tiny)
         bad["pretrain"]["stop_at"] = 31
