@@ -256,9 +256,9 @@ def merge(pretrained: Mapping[str, Tensor], finetuned: Sequence[Mapping[str, Ten
         raise
 
     out = dict(pretrained)
-    for k, delta in deltas.items():
+    for k, delta in deltas.items():  # the deltas are this call's own float32 tensors: written in place
         p = pretrained[k]
-        out[k] = torch.add(p.float(), delta, alpha=lam).to(p.dtype)
+        out[k] = torch.add(p.float(), delta, alpha=lam, out=delta).to(p.dtype)
     return out
 
 
