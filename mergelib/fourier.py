@@ -285,8 +285,7 @@ def fr_merge(tvs: Tensor, layout: FlatLayout, ratio: float = 0.7, mode: str = "o
     if layout.D != D:
         raise ValueError(f"layout.D={layout.D} does not match tvs with D={D}")
     fr_check_selection(layout, stacklevel=2)
-    segments = [(k, shape, s, s + numel) for k, shape, s, numel in
-                zip(layout.keys, layout.shapes, layout.offsets, layout.numels)]
+    segments = [(k, shape, s, e) for shape, (k, s, e) in zip(layout.shapes, layout.segments())]
     if align != "paper":
         merged = torch.empty(D, dtype=torch.float32, device=tvs.device)
         for k, shape, s, e in segments:

@@ -332,7 +332,11 @@ def _order_keys(x: Tensor, absolute: bool) -> Tensor:
     """int32 keys whose integer order is the float order of ``x`` (of ``|x|`` if ``absolute``):
     the float32 bit pattern, with the magnitude bits of negative numbers flipped (so -0.0 sorts just
     below +0.0; both are the same value). An involution on int32 bit patterns."""
-    bits = x.abs().view(torch.int32) if absolute else x.view(torch.int32)
+    return _flip(x.abs().view(torch.int32) if absolute else x.view(torch.int32))
+
+
+def _flip(bits: Tensor) -> Tensor:
+    """Flip the magnitude bits of the negative int32 patterns: float order to integer order, and back."""
     return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
@@ -371,8 +375,7 @@ def _stream_kth(blocks_fn, n: int, ks: Sequence[Sequence[int]], absolute: bool =
     low = _hist_pass(keys(), n, sel=bins.to(torch.int32)).cumsum(1)  # N * m x 65536
     lo16 = torch.searchsorted(low, (want - before).view(-1, 1)).view(n, m)
     key = ((bins - (1 << 15)) << 16) | lo16  # the signed int32 key, in int64
-    key = key.to(torch.int32)
-    return (key ^ ((key >> 31) & 0x7FFFFFFF)).view(torch.float32)
+    return _flip(key.to(torch.int32)).view(torch.float32)
 
 
 def _stream_thresholds(blocks_fn, n: int, ks: list[int]) -> Tensor:
