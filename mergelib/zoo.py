@@ -140,7 +140,7 @@ def load_or_train(name: str, config: Mapping, train_fn: Callable[[], tuple[dict,
     if on_corrupt not in ("raise", "retrain"):
         raise ValueError(f"on_corrupt must be 'raise' or 'retrain', got {on_corrupt!r}")
     h = config_hash(config)
-    path = zoo_dir(profile, root) / f"{name}-{h}.safetensors"
+    path = _entry_path(name, config, profile, root)
     if path.parent.is_dir():
         sweep_stale_temporaries(path.parent)  # left by saves that were killed (no `finally` ran)
     with cache_lock(path):  # another process building the same entry: wait for it, then load
@@ -166,6 +166,10 @@ def load_or_train(name: str, config: Mapping, train_fn: Callable[[], tuple[dict,
     return {k: v.to(device) for k, v in tensors.items()}, record
 
 
+def _entry_path(name: str, config: Mapping, profile: str, root) -> Path:
+    return zoo_dir(profile, root) / f"{name}-{config_hash(config)}.safetensors"
+
+
 def _record(name: str, config: Mapping, profile: str, device, elapsed: float, info: Mapping) -> dict:
     return {"name": name, "config_hash": config_hash(config), "config": dict(config), "profile": profile,
             "train_time_s": round(elapsed, 2), "device": _device_name(device), "versions": versions(),
@@ -178,7 +182,7 @@ def store_by_product(name: str, config: Mapping, tensors: Mapping[str, torch.Ten
     """Cache ``tensors`` as the entry ``load_or_train(name, config, ...)`` would train, when another run
     produced them on its way (e.g. an early checkpoint of a pretraining run, which equals a run stopped
     there). Returns False, writing nothing, if the entry is already cached."""
-    path = zoo_dir(profile, root) / f"{name}-{config_hash(config)}.safetensors"
+    path = _entry_path(name, config, profile, root)
     with cache_lock(path):
         if path.with_suffix(".json").exists():
             return False
@@ -320,16 +324,17 @@ def _vit_pretrain_fn(cfg: dict, data: dict, test: dict, device: torch.device, se
         backbone = ViT(**cfg["model"]).to(device)
         heads = {k: nn.Linear(backbone.dim, d.num_classes).to(device) for k, d in data.items()}
 
-        def checkpoint(hist):
+        def checkpoint(hist, copy_tensors: bool):  # copies while training goes on, the live tensors at the end
             accs = {k: evaluate(Classifier(backbone, heads[k]), d)["acc"] for k, d in test.items()}
-            tensors = {f"backbone.{k}": v.clone() for k, v in backbone.state_dict().items()}
+            own = (lambda v: v.clone()) if copy_tensors else (lambda v: v)  # noqa: E731
+            tensors = {f"backbone.{k}": own(v) for k, v in backbone.state_dict().items()}
             for name, h in heads.items():
-                tensors.update({f"head.{name}.{k}": v.clone() for k, v in h.state_dict().items()})
+                tensors.update({f"head.{name}.{k}": own(v) for k, v in h.state_dict().items()})
             return tensors, {"metrics": {"test_acc": accs}, "history": hist}
 
         def on_step(n, hist):
             if n in keep:
-                keep[n](*checkpoint(copy.deepcopy(hist)))
+                keep[n](*checkpoint(copy.deepcopy(hist), copy_tensors=True))
 
         p = cfg["pretrain"]
         hist = train_multitask(backbone, heads, data, steps=p["steps"], lr=p["lr"], weight_decay=p["weight_decay"],
@@ -337,7 +342,7 @@ def _vit_pretrain_fn(cfg: dict, data: dict, test: dict, device: torch.device, se
                                label_smoothing=p["label_smoothing"], eval_data=test,
                                eval_every=max(1, p["steps"] // 10), progress=progress, desc="pretrain",
                                stop_at=p.get("stop_at"), on_step=on_step if keep else None)
-        return checkpoint(hist)
+        return checkpoint(hist, copy_tensors=False)
     return train
 
 
