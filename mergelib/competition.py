@@ -50,9 +50,13 @@ def _drop_rate(value) -> float:
 
 
 def all_finite(t: Tensor) -> bool:
-    """True when ``t`` holds no NaN or inf: one ``aminmax`` pass (NaN propagates into min and max,
-    +-inf shows as an extreme), no boolean tensor of ``t``'s size, one host sync."""
+    """True when ``t`` holds no NaN or inf, in one pass and one host sync, no boolean tensor of
+    ``t``'s size: a finite sum proves every entry finite (NaN and inf propagate into a sum; inf - inf
+    is NaN); only a non-finite sum (which finite values can give by overflow) is checked again with
+    ``aminmax`` (NaN propagates into min and max, +-inf shows as an extreme)."""
     if not t.is_floating_point() or t.numel() == 0:
+        return True
+    if bool(torch.isfinite(t.sum())):
         return True
     mn, mx = torch.aminmax(t)
     return bool(torch.isfinite(torch.stack((mn, mx))).all())
@@ -288,9 +292,10 @@ def ties_merge(tvs: Tensor, density: float = 0.2, granularity: str = "global", l
     return _ties_fused(tvs, plan, budgets, trim_rule, sign_rule)
 
 
-def _row_sum(x: Tensor) -> Tensor:
-    """sum of the rows in order, from zero (the float operations of the official disjoint mean)."""
-    acc = torch.zeros_like(x[0])
+def _row_sum(x: Tensor, out: Tensor | None = None) -> Tensor:
+    """sum of the rows in order, from zero (the float operations of the official disjoint mean);
+    into ``out`` when given."""
+    acc = torch.zeros_like(x[0]) if out is None else out.zero_()
     for row in x:
         acc.add_(row)
     return acc
@@ -316,29 +321,29 @@ def _ties_fused(tvs: Tensor, plan, budgets, trim_rule: str, sign_rule: str,
     fix_zero = sign_rule == "mass" and majority is None
     zero = torch.empty(D, dtype=torch.bool, device=dev) if fix_zero else None
     cancel: list[tuple[Tensor, Tensor]] = []  # (columns, mean of the positive entries) where gamma = 0
-    votes = [0, 0]
+    votes = torch.zeros((), dtype=torch.float64, device=dev)  # #(sum > 0) - #(sum < 0) over the columns
+    width = _column_chunks(n, D, dev)[0][1]
+    vec = torch.empty(3, width, dtype=tvs.dtype, device=dev)  # per chunk: the column sums, s, a 0/1 mask
     for c0, c1, t, f in _trimmed_chunks(tvs, plan, budgets, trim_rule):
+        tot, s, zf = vec[:, : c1 - c0]
         if sign_rule == "count":
-            plus = torch.sign(t, out=f).sum(0) >= 0
+            torch.ge(torch.sign(t, out=f).sum(0), 0, out=s)
         else:
-            tot = _row_sum(t)  # rows in order: the same bits however the columns are chunked
-            plus = tot > 0
+            _row_sum(t, out=tot)  # rows in order: the same bits however the columns are chunked
             if fix_zero:
-                votes[0] += int(torch.count_nonzero(plus))
-                votes[1] += int(torch.count_nonzero(tot < 0))
-            elif majority > 0:
-                plus |= tot == 0
-        s = plus.to(t.dtype).mul_(2.0).sub_(1.0)  # +1 / -1
+                votes += torch.sign(tot).sum(dtype=torch.float64)
+                torch.eq(tot, 0, out=zero[c0:c1])
+            # gamma = +1 where the sum is > 0 (and where it is 0 if the given majority sign is +)
+            (torch.gt if fix_zero or majority <= 0 else torch.ge)(tot, 0, out=s)
+        s.mul_(2.0).sub_(1.0)  # +1 / -1
         t.mul_(s)  # t_i * s > 0: entry i agrees with gamma
         cnt = torch.gt(t, 0, out=f).sum(0)
-        if fix_zero:
-            z = torch.eq(tot, 0, out=zero[c0:c1])
-            cols = (z & (cnt > 0)).nonzero().squeeze(1)  # gamma = 0 with nonzero entries (cancelling)
-            if cols.numel():
-                tc = t[:, cols].neg_()  # s = -1 there: the trimmed values
-                cancel.append((cols + c0, _row_sum(tc.clamp_min(0)).div_((tc > 0).sum(0).to(t.dtype).clamp_min_(1))))
-        torch.mul(_row_sum(t.clamp_min_(0)), s, out=out[c0:c1]).div_(cnt.clamp_min_(1))
-    if fix_zero and votes[0] > votes[1]:  # gamma = 0 takes the majority sign (+)
+        if fix_zero and float(torch.dot(torch.eq(tot, 0, out=zf), cnt)) > 0:
+            cols = (zero[c0:c1] & (cnt > 0)).nonzero().squeeze(1)  # gamma = 0 with nonzero entries (cancelling)
+            tc = t[:, cols].neg_()  # s = -1 there: the trimmed values
+            cancel.append((cols + c0, _row_sum(tc.clamp_min(0)).div_((tc > 0).sum(0).to(t.dtype).clamp_min_(1))))
+        _row_sum(t.clamp_min_(0), out=out[c0:c1]).mul_(s).div_(cnt.clamp_min_(1))
+    if fix_zero and float(votes) > 0:  # gamma = 0 takes the majority sign (+)
         out.masked_fill_(zero, 0.0)
         for cols, val in cancel:
             out[cols] = val

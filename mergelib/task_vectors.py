@@ -16,6 +16,8 @@ tau_i = theta_i - theta_0 (Ilharco et al., ICLR 2023). Everything here works on 
 """
 from __future__ import annotations
 
+import math
+import mmap
 import numbers
 import re
 from dataclasses import dataclass
@@ -431,6 +433,33 @@ class FlatLayout:
         return vec[..., self.segment(key)].reshape(*vec.shape[:-1], *self.shapes[i])
 
 
+HUGE_PAGE_BYTES = 64 << 20  # CPU matrices from this size on are allocated with huge pages
+
+
+def empty_matrix(shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> Tensor:
+    """``torch.empty(shape)``; on the CPU from :data:`HUGE_PAGE_BYTES` on, backed by an anonymous
+    mapping advised for transparent huge pages (``madvise(MADV_HUGEPAGE)``).
+
+    Why: the first write to a fresh ``N x D`` matrix faults in its pages one 4 KiB page at a time,
+    which costs about as much as the write itself (a fill of 0.45 GB: 177 ms with 4 KiB pages, 77 ms
+    with 2 MiB pages on the course's CPU; benchmarks/results_cpu.md). The memory is returned to the
+    system when the tensor is freed. Where huge pages are unavailable this is an ordinary mapping.
+    """
+    device = torch.device(device)
+    numel = math.prod(shape)
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    if device.type != "cpu" or nbytes < HUGE_PAGE_BYTES:
+        return torch.empty(shape, dtype=dtype, device=device)
+    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            buf.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:  # a kernel without transparent huge pages: ordinary pages
+            pass
+    return torch.frombuffer(buf, dtype=dtype, count=numel).view(shape)  # the tensor keeps buf alive
+
+
 def flatten(tvs: Sequence[Mapping[str, Tensor]] | Mapping[str, Tensor], keys: Sequence[str] | None = None,
             dtype: torch.dtype = torch.float32, subtract: Mapping[str, Tensor] | None = None,
             device: torch.device | str | None = None) -> tuple[Tensor, FlatLayout]:
@@ -458,7 +487,7 @@ def flatten(tvs: Sequence[Mapping[str, Tensor]] | Mapping[str, Tensor], keys: Se
     if device is None:
         src = subtract if subtract is not None else tvs[0]
         device = src[keys[0]].device if keys else torch.device("cpu")
-    out = torch.empty(len(tvs), layout.D, dtype=dtype, device=device)
+    out = empty_matrix((len(tvs), layout.D), dtype=dtype, device=device)
     for i, tv in enumerate(tvs):
         for k, shape, off, n in zip(layout.keys, layout.shapes, layout.offsets, layout.numels):
             t = tv[k]
