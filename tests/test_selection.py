@@ -176,3 +176,25 @@ def test_ties_merge_rules_validate():
     a = ties_merge(x, 0.2, trim_rule="exact")
     b = ties_merge(x, 0.2)
     assert a.shape == b.shape == (lay.D,)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("kind", ["normal", "ties", "zeros", "subnormal"])
+def test_numpy_and_torch_counting_passes_agree(monkeypatch, kind, dtype):
+    """The CPU counting pass runs in NumPy for the dtypes NumPy has; the torch pass (CUDA, bf16) gives
+    the same values, including the sample-missed fallback."""
+    x = _rows(kind, dtype, rows=1)
+    n = x.shape[1]
+    ks = [1, n // 3, n - n // 10, n]
+    assert sel._numpy_pass_ok(x[0])
+    fast = sel.kth_smallest(x, ks, dim=1, absolute=True)
+    monkeypatch.setattr(sel, "_numpy_pass_ok", lambda row: False)
+    slow = sel.kth_smallest(x, ks, dim=1, absolute=True)
+    assert _bits(fast, slow)
+    monkeypatch.setattr(sel, "_sample_index", lambda n, m, dev: torch.zeros(m, dtype=torch.long))
+    assert _bits(sel.kth_smallest(x, ks, dim=1, absolute=True), slow)
+
+
+def test_counting_pass_dtypes():
+    assert not sel._numpy_pass_ok(torch.zeros(3, dtype=torch.bfloat16))  # NumPy has no bfloat16
+    assert not sel._numpy_pass_ok(torch.zeros(3, requires_grad=True))

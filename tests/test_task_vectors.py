@@ -176,3 +176,39 @@ def test_cosine_similarity_matrix(vit_sd):
     torch.testing.assert_close(cs, ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(cosine_similarity_matrix(x), ref, rtol=1e-5, atol=1e-6)
     assert cs[0, 3] == pytest.approx(1.0) and abs(float(cs[0, 1])) < 0.2
+
+
+def test_empty_matrix_huge_pages_and_plain():
+    """Large CPU matrices come from a huge-page mapping: an ordinary writable contiguous tensor whose
+    memory lives as long as any view of it; small ones are plain torch.empty."""
+    from mergelib.task_vectors import HUGE_PAGE_BYTES, empty_matrix
+
+    n = HUGE_PAGE_BYTES // 4 // 2 + 5
+    big = empty_matrix((2, n))
+    assert big.shape == (2, n) and big.dtype == torch.float32 and big.is_contiguous()
+    big.fill_(1.5)
+    view = big[1, 3:10]
+    del big
+    import gc
+    gc.collect()
+    assert torch.equal(view, torch.full((7,), 1.5))  # the mapping outlives the matrix while viewed
+    half = empty_matrix((2, n), dtype=torch.float16)
+    assert half.dtype == torch.float16 and half.element_size() == 2
+    small = empty_matrix((3, 4))
+    assert small.shape == (3, 4) and small.is_contiguous()
+
+
+def test_all_finite_with_a_sum_that_overflows():
+    """A finite sum proves finiteness; a sum that overflows is checked again exactly."""
+    from mergelib.competition import all_finite
+
+    big = torch.full((1000,), 3e38)
+    assert not torch.isfinite(big.sum()) and all_finite(big)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = torch.zeros(1000)
+        t[17] = bad
+        assert not all_finite(t)
+        big2 = big.clone()
+        big2[5] = bad
+        assert not all_finite(big2)
+    assert all_finite(torch.tensor([], dtype=torch.float32)) and all_finite(torch.arange(4))
