@@ -25,7 +25,7 @@ from torch import Tensor
 
 from . import selection as _select
 from .hparams import check_choice, check_number
-from .task_vectors import FlatLayout, NonFiniteError
+from .task_vectors import FlatLayout, NonFiniteError, TaskVectorColumns
 
 __all__ = [
     "kth_smallest", "all_finite", "check_finite", "TRIM_RULES", "trim", "elect_sign", "disjoint_mean",
@@ -107,16 +107,18 @@ def _trim_kth(d: int, density: float) -> int | None:
     return None if keep >= d else d - keep
 
 
-def _trim_plan(tvs: Tensor, density: float, granularity: str, layout: FlatLayout | None,
+def _trim_plan(tvs: Tensor | TaskVectorColumns, density: float, granularity: str, layout: FlatLayout | None,
                trim_rule: str) -> list[tuple[int, int, Tensor | None, int]]:
     """``[(start, end, threshold N x 1 or None, keep), ...]`` per segment of the trim.
 
     ``threshold`` is the official kthvalue threshold (``trim_rule="official"``) or the ``keep``-th
     largest |tau| (``"exact"``); None keeps the whole segment (official, density 1) or nothing
     (exact, ``keep = 0``). Computed with :func:`mergelib.selection.kth_smallest` (|tau| is never
-    materialised as an ``N x D`` copy).
+    materialised as an ``N x D`` copy). ``tvs`` may be a :class:`TaskVectorColumns` (the matrix as
+    column blocks): the global threshold then comes from one counting pass over its blocks
+    (:func:`mergelib.selection.kth_smallest_columns`), a tensor's from that tensor's ``N x numel`` block.
     """
-    D = tvs.shape[1]
+    n, D = tvs.shape
     if granularity == "global":
         segs = [(0, D)]
     else:
@@ -131,7 +133,15 @@ def _trim_plan(tvs: Tensor, density: float, granularity: str, layout: FlatLayout
             kth = _trim_kth(d, density)
         else:
             kth = None if keep <= 0 or keep >= d else d - keep + 1
-        thr = None if kth is None else _select.kth_smallest(tvs[:, s:e], kth, dim=1, keepdim=True, absolute=True)
+        if kth is None:
+            thr = None
+        elif isinstance(tvs, Tensor):
+            thr = _select.kth_smallest(tvs[:, s:e], kth, dim=1, keepdim=True, absolute=True)
+        elif (s, e) == (0, D):
+            thr = _select.kth_smallest_columns(tvs, kth, absolute=True)
+        else:
+            block = tvs.block(s, e, torch.empty(n, e - s, dtype=tvs.dtype, device=tvs.device))
+            thr = _select.kth_smallest(block, kth, dim=1, keepdim=True, absolute=True)
         plan.append((s, e, thr, keep))
     return plan
 
@@ -359,23 +369,26 @@ def _column_chunks(n: int, D: int, device: torch.device) -> list[tuple[int, int]
     return [(c0, min(c0 + width, D)) for c0 in range(0, D, width)]
 
 
-def _trimmed_chunks(tvs: Tensor, plan, budgets, trim_rule: str):
+def _trimmed_chunks(tvs: Tensor | TaskVectorColumns, plan, budgets, trim_rule: str):
     """Yield ``(c0, c1, trimmed, scratch)`` over :func:`_column_chunks` of ``tvs``: the trimmed
-    ``N x (c1 - c0)`` block and a scratch block of the same shape (two reused buffers)."""
+    ``N x (c1 - c0)`` block and a scratch block of the same shape (two reused buffers). A
+    :class:`TaskVectorColumns` is read block by block into a third buffer."""
     n, D = tvs.shape
     chunks = _column_chunks(n, D, tvs.device)
     width = chunks[0][1] - chunks[0][0]
-    buf = torch.empty(2, n, width, dtype=tvs.dtype, device=tvs.device)
+    columns = not isinstance(tvs, Tensor)
+    buf = torch.empty(3 if columns else 2, n, width, dtype=tvs.dtype, device=tvs.device)
     seg_i = 0
     for c0, c1 in chunks:
         t = buf[0, :, : c1 - c0]
+        x = tvs.block(c0, c1, buf[2, :, : c1 - c0]) if columns else tvs[:, c0:c1]
         while seg_i < len(plan) and plan[seg_i][1] <= c0:
             seg_i += 1
         j = seg_i
         while j < len(plan) and plan[j][0] < c1:
             s, e, thr, keep = plan[j]
             a0, a1 = max(s, c0), min(e, c1)
-            _trim_into(t[:, a0 - c0:a1 - c0], tvs[:, a0:a1], thr, keep, trim_rule, budgets[j])
+            _trim_into(t[:, a0 - c0:a1 - c0], x[:, a0 - c0:a1 - c0], thr, keep, trim_rule, budgets[j])
             j += 1
         yield c0, c1, t, buf[1, :, : c1 - c0]
 

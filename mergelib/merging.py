@@ -24,10 +24,10 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .competition import all_finite as _all_finite, dare_flat, pcb_merge, ties_merge
+from .competition import _ties_fused, _trim_plan, all_finite as _all_finite, dare_flat, pcb_merge, ties_merge
 from .fourier import _fr_options, fr_check_selection, fr_merge, fr_tensor
 from .hparams import HParam, HyperparameterError, check_number
-from .task_vectors import (FlatLayout, NonFiniteError, _check_finite, as_named_list, detect_family, flatten, resolve_rules, select_keys,
+from .task_vectors import (FlatLayout, NonFiniteError, TaskVectorColumns, _check_finite, as_named_list, detect_family, flatten, resolve_rules, select_keys,
                            unflatten, validate_state_dicts)
 
 __all__ = ["merge", "METHODS", "REGISTRY", "MergeMethod", "method_table"]
@@ -244,6 +244,8 @@ def merge(pretrained: Mapping[str, Tensor], finetuned: Sequence[Mapping[str, Ten
             deltas = _sum_per_tensor(pretrained, models, keys, lams, check=validate)
         elif spec.fn is _fr and hp["align"] != "paper":  # per tensor, no N x D matrix
             deltas = _fr_per_tensor(pretrained, models, keys, hp)
+        elif spec.fn is _ties and hp["trim_rule"] == "official" and pretrained[keys[0]].device.type == "cpu":
+            deltas = _ties_columns(pretrained, models, keys, hp)  # column blocks, no N x D matrix
         else:
             x, layout = flatten(models, keys, subtract=pretrained)  # N x D task vectors
             merged = spec.fn(x, layout=layout, lambdas=lams, tasks=[name for name, _ in named], **hp)
@@ -278,6 +280,20 @@ def _selected_keys(spec: MergeMethod, pretrained: Mapping[str, Tensor], rules, i
         raise ValueError(f"no tensor selected for merging (rules={rules!r}, include={include!r}, "
                          f"exclude={exclude!r})")
     return keys
+
+
+def _ties_columns(pretrained, models, keys: list[str], hp: Mapping) -> dict[str, Tensor]:
+    """TIES with the official trim on the CPU, read as column blocks of the task vectors
+    (:class:`~mergelib.task_vectors.TaskVectorColumns`): one counting pass for the thresholds, one
+    fused trim-elect-average pass, no ``N x D`` matrix. The same bits as ``flatten`` + ``ties_merge``.
+    Finiteness is checked on the merged vector: a NaN or inf in any task vector reaches it (the trim
+    multiplies every entry by 0 or 1, and NaN * 0 is NaN). Raises :class:`NonFiniteError`."""
+    cols = TaskVectorColumns(models, pretrained, keys)
+    plan = _trim_plan(cols, hp["density"], hp["granularity"], cols.layout, "official")
+    merged = _ties_fused(cols, plan, [None] * len(plan), "official", hp["sign_rule"])
+    if not _all_finite(merged):
+        raise NonFiniteError("the TIES-merged task vector is not finite")
+    return unflatten(merged, cols.layout)
 
 
 def _fr_per_tensor(pretrained, models, keys: list[str], hp: Mapping) -> dict[str, Tensor]:

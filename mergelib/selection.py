@@ -36,10 +36,11 @@ from contextlib import contextmanager
 from functools import lru_cache
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["kth_smallest", "kth_smallest_from_counts", "topk_threshold", "topk_mask", "set_backend",
+__all__ = ["kth_smallest", "kth_smallest_columns", "kth_smallest_from_counts", "topk_threshold", "topk_mask", "set_backend",
            "get_backend", "backend", "LONG_ROW", "SAMPLE", "CHUNK"]
 
 LONG_ROW = 1 << 16   # rows at least this long use the sampled bracket + exact count
@@ -86,8 +87,9 @@ def _torch_kth(x: Tensor, k: int, dim: int, keepdim: bool) -> Tensor:
 
 @lru_cache(maxsize=32)
 def _sample_index(n: int, m: int, device: str) -> Tensor:
+    """``m`` fixed pseudo-random positions in ``[0, n)``, sorted (memory is then read in order)."""
     g = torch.Generator().manual_seed(0x5E1EC7 ^ n)
-    return torch.randint(0, n, (m,), generator=g).to(device)
+    return torch.randint(0, n, (m,), generator=g).sort().values.to(device)
 
 
 def _chunks(n: int, device: torch.device, chunk: int = CHUNK) -> list[tuple[int, int]]:
@@ -95,39 +97,84 @@ def _chunks(n: int, device: torch.device, chunk: int = CHUNK) -> list[tuple[int,
     return [(s, min(s + step, n)) for s in range(0, n, step)]
 
 
-def _select_row(row: Tensor, ks: Sequence[int], absolute: bool) -> list[Tensor]:
-    """Exact k-th smallest values (0-dim tensors) of the 1-D ``row`` (of ``|row|`` if ``absolute``)."""
-    n = row.numel()
-    m = min(SAMPLE, n)
-    s = row[_sample_index(n, m, str(row.device))]
-    if absolute:
-        s = s.abs()
-    s = s.sort().values
-    brackets = []
+def _brackets(sample: Tensor, n: int, ks: Sequence[int]) -> list[tuple[Tensor | None, Tensor | None]]:
+    """Per rank k: values ``lo <= hi`` of the sorted ``sample`` (of a row of ``n`` entries) that bracket
+    the k-th smallest with overwhelming probability (None: open on that side)."""
+    m = sample.numel()
+    s = torch.from_numpy(np.sort(sample.numpy())) if _numpy_pass_ok(sample) else sample.sort().values
+    out = []
     for k in ks:
         p = k / n
         margin = 5.0 * math.sqrt(m * p * (1 - p)) + 16
         lo_i, hi_i = math.floor(p * m - margin), math.ceil(p * m + margin)
-        brackets.append((s[lo_i] if lo_i >= 0 else None, s[hi_i] if hi_i < m else None))
-    numpy_pass = _numpy_pass_ok(row)
-    if numpy_pass:
-        below, cands = _count_pass_numpy(row, _chunks(n, row.device, NUMPY_CHUNK), brackets, absolute)
-    else:
-        below, cands = _count_pass_torch(row, _chunks(n, row.device), brackets, absolute)
+        out.append((s[lo_i] if lo_i >= 0 else None, s[hi_i] if hi_i < m else None))
+    return out
+
+
+def _finish(ks: Sequence[int], below: list[int], cands: list[list[Tensor]], numpy_pass: bool,
+            whole_row) -> list[Tensor]:
+    """The k-th values from the counts below each bracket and its candidates; ``whole_row()`` gives
+    the row (of ``|x|`` where absolute) for the exact fallback when a sample missed."""
     out = []
     for j, k in enumerate(ks):
         cand = torch.cat(cands[j]) if len(cands[j]) > 1 else cands[j][0]
         r = k - below[j]
         if 1 <= r <= cand.numel():
             if numpy_pass:  # numpy's introselect: the same value, several times faster than kthvalue
-                import numpy as np
                 out.append(torch.from_numpy(np.partition(cand.numpy(), r - 1)[r - 1 : r].copy()).reshape(()))
             else:
                 out.append(_torch_kth(cand, r, 0, False))
         else:  # the sample missed the bracket: exact fallback
-            out.append(_torch_kth(row.abs() if absolute else row, k, 0, False))
+            out.append(_torch_kth(whole_row(), k, 0, False))
     return out
 
+
+def _select_row(row: Tensor, ks: Sequence[int], absolute: bool) -> list[Tensor]:
+    """Exact k-th smallest values (0-dim tensors) of the 1-D ``row`` (of ``|row|`` if ``absolute``)."""
+    n = row.numel()
+    s = row[_sample_index(n, min(SAMPLE, n), str(row.device))]
+    brackets = _brackets(s.abs() if absolute else s, n, ks)
+    numpy_pass = _numpy_pass_ok(row)
+    if numpy_pass:
+        below, cands = _count_pass_numpy(row, _chunks(n, row.device, NUMPY_CHUNK), brackets, absolute)
+    else:
+        below, cands = _count_pass_torch(row, _chunks(n, row.device), brackets, absolute)
+    return _finish(ks, below, cands, numpy_pass, lambda: row.abs() if absolute else row)
+
+
+def kth_smallest_columns(cols, k: int, absolute: bool = True) -> Tensor:
+    """The k-th smallest value (of ``|x|`` where ``absolute``) of every row of a matrix given by
+    column blocks, as an ``N x 1`` tensor: the values of ``kth_smallest(X, k, dim=1, keepdim=True)``.
+
+    ``cols``: an ``N x n`` matrix that is never materialised (:class:`mergelib.task_vectors.TaskVectorColumns`):
+    ``cols.shape``, ``.dtype``, ``.device``, ``.block(c0, c1, out)``, ``.gather(positions)`` and
+    ``.row(i)``. One pass over the column blocks counts every row at once (the NumPy counting pass on
+    the CPU); rows are built whole only for short rows, the ``"torch"`` backend, or a missed sample.
+    """
+    n_rows, n = cols.shape
+    if not 1 <= k <= n:
+        raise ValueError(f"k={k} out of range [1, {n}]")
+    probe = torch.empty(0, dtype=cols.dtype, device=cols.device)
+    if _backend == "torch" or n < LONG_ROW or not _numpy_pass_ok(probe):
+        return torch.stack([kth_smallest(cols.row(i), k, absolute=absolute) for i in range(n_rows)]).unsqueeze(1)
+
+    sample = cols.gather(_sample_index(n, min(SAMPLE, n), str(cols.device)))
+    brackets = [_brackets(row.abs() if absolute else row, n, [k]) for row in sample]
+    width = max(1024, (CHUNK // n_rows) // 1024 * 1024)
+    buf = torch.empty(n_rows, min(width, n), dtype=cols.dtype, device=cols.device)
+    counters = [_NumpyCounter(br, probe.numpy().dtype, buf.shape[1], absolute)
+                for br in brackets]
+    for c0 in range(0, n, width):
+        c1 = min(c0 + width, n)
+        block = cols.block(c0, c1, buf[:, : c1 - c0]).numpy()
+        for i, ctr in enumerate(counters):
+            ctr.add(block[i])
+    out = []
+    for i, ctr in enumerate(counters):
+        below, cands = ctr.result()
+        out.extend(_finish([k], below, cands, True,
+                           lambda i=i: cols.row(i).abs() if absolute else cols.row(i)))
+    return torch.stack(out).unsqueeze(1)
 
 _NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16)
 
@@ -138,40 +185,52 @@ def _numpy_pass_ok(row: Tensor) -> bool:
     return row.device.type == "cpu" and row.dtype in _NUMPY_DTYPES and not row.requires_grad
 
 
-def _count_pass_numpy(row: Tensor, chunks, brackets, absolute: bool):
-    """``(below, cands)``: per bracket ``#{x < lo}`` and the tensors of the entries in ``[lo, hi]``,
-    over the chunks of ``row`` (a NumPy view, no copy). Comparisons are made in the row's dtype:
-    ``lo``/``hi`` are elements of the row, so exactly representable in it."""
-    import numpy as np
+class _NumpyCounter:
+    """Per bracket, ``#{x < lo}`` and the entries in ``[lo, hi]`` of a row fed chunk by chunk (NumPy
+    arrays of at most ``width`` entries). Comparisons are made in the row's dtype: ``lo``/``hi`` are
+    elements of the row, so exactly representable in it."""
 
-    xn = row.detach().numpy()
-    width = chunks[0][1] - chunks[0][0]
-    buf = np.empty(width, dtype=xn.dtype)
-    m_lt = np.empty(width, dtype=bool)
-    m_in = np.empty(width, dtype=bool)
-    lims = [(None if lo is None else xn.dtype.type(lo.item()), None if hi is None else xn.dtype.type(hi.item()))
-            for lo, hi in brackets]
-    below = [0] * len(brackets)
-    cands: list[list] = [[] for _ in brackets]
-    for a0, a1 in chunks:
-        w = a1 - a0
-        c = np.abs(xn[a0:a1], out=buf[:w]) if absolute else xn[a0:a1]
-        lt, inside = m_lt[:w], m_in[:w]
-        for j, (lo, hi) in enumerate(lims):
+    def __init__(self, brackets, dtype, width: int, absolute: bool):
+        self.absolute = absolute
+        self.buf = np.empty(width, dtype=dtype)
+        self.m_lt = np.empty(width, dtype=bool)
+        self.m_in = np.empty(width, dtype=bool)
+        self.lims = [(None if lo is None else dtype.type(lo.item()), None if hi is None else dtype.type(hi.item()))
+                     for lo, hi in brackets]
+        self.below = [0] * len(brackets)
+        self.cands: list[list] = [[] for _ in brackets]
+
+    def add(self, chunk) -> None:
+        w = chunk.shape[0]
+        c = np.abs(chunk, out=self.buf[:w]) if self.absolute else chunk
+        lt, inside = self.m_lt[:w], self.m_in[:w]
+        for j, (lo, hi) in enumerate(self.lims):
             if lo is None and hi is None:
-                cands[j].append(c.copy())
+                self.cands[j].append(c.copy())
                 continue
             if lo is None:
                 np.less_equal(c, hi, out=inside)
             else:
-                below[j] += int(np.count_nonzero(np.less(c, lo, out=lt)))
+                self.below[j] += int(np.count_nonzero(np.less(c, lo, out=lt)))
                 if hi is None:
                     np.logical_not(lt, out=inside)
                 else:
                     np.less_equal(c, hi, out=inside)
                     inside &= np.logical_not(lt, out=lt)
-            cands[j].append(c[inside])  # a copy: buf is reused
-    return below, [[torch.from_numpy(np.concatenate(cs))] for cs in cands]
+            self.cands[j].append(np.compress(inside, c))  # a copy: the buffer is reused
+
+    def result(self) -> tuple[list[int], list[list[Tensor]]]:
+        return self.below, [[torch.from_numpy(np.concatenate(cs))] for cs in self.cands]
+
+
+def _count_pass_numpy(row: Tensor, chunks, brackets, absolute: bool):
+    """``(below, cands)``: per bracket ``#{x < lo}`` and the tensors of the entries in ``[lo, hi]``,
+    over the chunks of ``row`` (a NumPy view, no copy)."""
+    xn = row.detach().numpy()
+    ctr = _NumpyCounter(brackets, xn.dtype, chunks[0][1] - chunks[0][0], absolute)
+    for a0, a1 in chunks:
+        ctr.add(xn[a0:a1])
+    return ctr.result()
 
 
 def _count_pass_torch(row: Tensor, chunks, brackets, absolute: bool):

@@ -16,6 +16,7 @@ tau_i = theta_i - theta_0 (Ilharco et al., ICLR 2023). Everything here works on 
 """
 from __future__ import annotations
 
+import bisect
 import math
 import mmap
 import numbers
@@ -503,6 +504,77 @@ def flatten(tvs: Sequence[Mapping[str, Tensor]] | Mapping[str, Tensor], keys: Se
             if base is not None:
                 seg.sub_(base.reshape(-1).to(device, non_blocking=True))
     return out, layout
+
+
+class TaskVectorColumns:
+    """The ``N x D`` float32 task-vector matrix of ``flatten(models, keys, subtract=pretrained)``,
+    never materialised: its column blocks are computed on demand from the state dicts.
+
+    ``block(c0, c1, out)`` writes columns ``[c0, c1)`` into ``out`` (``N x (c1 - c0)``) with the same
+    float operations, so the same bits, as :func:`flatten`; ``gather(positions)`` returns the entries
+    at some positions of every row. The merges that sweep over column chunks (TIES in :func:`mergelib.merge`) read the
+    inputs this way: no ``N x D`` copy, so no extra memory the size of the task vectors and no pass
+    writing it. Inputs must already be validated (same keys and shapes).
+    """
+
+    def __init__(self, models: Sequence[Mapping[str, Tensor]], pretrained: Mapping[str, Tensor],
+                 keys: Sequence[str], dtype: torch.dtype = torch.float32):
+        keys = sorted(keys)
+        self.layout = FlatLayout.from_shapes({k: tuple(pretrained[k].shape) for k in keys})
+        self.models = list(models)
+        self.pretrained = pretrained
+        self.dtype = dtype
+        self.device = pretrained[keys[0]].device
+        self.shape = (len(self.models), self.layout.D)
+        self._offsets = list(self.layout.offsets)
+        self._bases = [pretrained[k].reshape(-1) for k in self.layout.keys]
+        self._rows = [[m[k].reshape(-1) for k in self.layout.keys] for m in self.models]
+
+    def _sub(self, t: Tensor, base: Tensor, out: Tensor) -> None:
+        """out = t - base in ``dtype``: flatten's float operations."""
+        if t.dtype == base.dtype == self.dtype and t.device == base.device == out.device:
+            torch.sub(t, base, out=out)
+        else:
+            out.copy_(t)
+            out.sub_(base.to(out.device, non_blocking=True))
+
+    def block(self, c0: int, c1: int, out: Tensor, rows: Sequence[int] | None = None) -> Tensor:
+        """Columns ``[c0, c1)`` of every row (or of ``rows``) written into ``out``
+        (``len(rows) x (c1 - c0)``), which is returned."""
+        rows = range(self.shape[0]) if rows is None else rows
+        j = bisect.bisect_right(self._offsets, c0) - 1
+        a0 = c0
+        while a0 < c1:
+            off = self._offsets[j]
+            a1 = min(c1, off + self.layout.numels[j])
+            if a1 > a0:
+                base = self._bases[j][a0 - off:a1 - off]
+                for r, i in enumerate(rows):
+                    self._sub(self._rows[i][j][a0 - off:a1 - off], base, out[r, a0 - c0:a1 - c0])
+                a0 = a1
+            j += 1
+        return out
+
+    def row(self, i: int) -> Tensor:
+        """Row ``i`` (``D`` entries, a new tensor)."""
+        out = torch.empty(1, self.shape[1], dtype=self.dtype, device=self.device)
+        return self.block(0, self.shape[1], out, rows=[i])[0]
+
+    def gather(self, positions: Tensor) -> Tensor:
+        """Entries at the sorted flat ``positions`` (a 1-D int64 tensor) of every row: ``N x len(positions)``
+        in ``dtype`` (sorted positions read each tensor once, in order)."""
+        out = torch.empty(self.shape[0], positions.shape[0], dtype=self.dtype, device=self.device)
+        offs = torch.tensor(self._offsets, dtype=torch.int64, device=positions.device)
+        bounds = torch.searchsorted(positions, offs).tolist() + [positions.shape[0]]
+        for j, off in enumerate(self._offsets):
+            a, b = bounds[j], bounds[j + 1]
+            if a == b:
+                continue
+            local = (positions[a:b] - off).to(self.device)
+            base = torch.index_select(self._bases[j], 0, local)
+            for i, row in enumerate(self._rows):
+                self._sub(torch.index_select(row[j], 0, local), base, out[i, a:b])
+        return out
 
 
 def unflatten(vec: Tensor, layout: FlatLayout) -> dict[str, Tensor]:

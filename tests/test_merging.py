@@ -164,3 +164,24 @@ def test_errors_name_the_parameter(vit):
     nan = dict(fts[0], **{"blocks.1.attn.qkv.bias": torch.full((96,), float("nan"))})
     with pytest.raises(NonFiniteError, match="'blocks.1.attn.qkv.bias' of dtd"):
         merge(pre, {"dtd": nan}, "pcb")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("method,hp", [("ties", {}), ("ties", {"granularity": "tensor"}),
+                                       ("ties", {"density": 1.0}), ("ties", {"sign_rule": "count"}),
+                                       ("ties", {"trim_rule": "exact"}), ("task_arithmetic", {}),
+                                       ("dare_ties", {}), ("pcb", {}), ("fr", {})])
+def test_one_non_finite_entry_anywhere_is_named(method, hp, bad):
+    """One NaN or +-inf in one fine-tuned tensor, in a model long enough for the column-block TIES
+    (which checks finiteness on the merged vector), is reported with the tensor and the model."""
+    g = torch.Generator().manual_seed(3)
+    shapes = {"a.weight": (400, 300), "b.weight": (64, 10)}
+    pre = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    fts = {f"t{i}": {k: v + 1e-3 * torch.randn(v.shape, generator=g) for k, v in pre.items()} for i in range(3)}
+    for key, pos in (("a.weight", (399, 299)), ("b.weight", (0, 0)), ("a.weight", (17, 5))):
+        broken = {name: dict(sd) for name, sd in fts.items()}
+        t = broken["t1"][key].clone()
+        t[pos] = bad
+        broken["t1"][key] = t
+        with pytest.raises(NonFiniteError, match=f"'{key}' of t1"):
+            merge(pre, broken, method, rules=None, **hp)

@@ -212,3 +212,27 @@ def test_all_finite_with_a_sum_that_overflows():
         big2[5] = bad
         assert not all_finite(big2)
     assert all_finite(torch.tensor([], dtype=torch.float32)) and all_finite(torch.arange(4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_task_vector_columns_equal_flatten_bit_for_bit(dtype):
+    """Column blocks (spanning tensor boundaries), gathered entries and rows are flatten's bits."""
+    from mergelib.task_vectors import TaskVectorColumns
+
+    g = torch.Generator().manual_seed(1)
+    shapes = {"a": (30, 25), "b": (1100,), "c": (7,), "d": (3, 2, 5)}
+    pre = {k: torch.randn(s, generator=g).to(dtype) for k, s in shapes.items()}
+    fts = [{k: (pre[k].float() + 1e-2 * torch.randn(s, generator=g)).to(dtype) for k, s in shapes.items()}
+           for _ in range(3)]
+    x, layout = flatten(fts, list(shapes), subtract=pre)
+    cols = TaskVectorColumns(fts, pre, list(shapes))
+    assert cols.shape == tuple(x.shape) and cols.layout == layout
+    ints = lambda t: t.contiguous().view(torch.int32)
+    for c0, c1 in [(0, layout.D), (0, 10), (740, 760), (749, 751), (1850, 1857), (1857, 1887), (5, 1886)]:
+        out = torch.full((3, c1 - c0), float("nan"))
+        assert torch.equal(ints(cols.block(c0, c1, out)), ints(x[:, c0:c1])), (c0, c1)
+        assert torch.equal(ints(cols.block(c0, c1, out[:2], rows=[2, 0])), ints(x[[2, 0], c0:c1]))
+    pos = torch.randint(0, layout.D, (500,), generator=g).sort().values
+    assert torch.equal(ints(cols.gather(pos)), ints(x[:, pos]))
+    for i in range(3):
+        assert torch.equal(ints(cols.row(i)), ints(x[i]))
