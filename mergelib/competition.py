@@ -25,7 +25,7 @@ from torch import Tensor
 
 from . import selection as _select
 from .hparams import check_choice, check_number
-from .task_vectors import FlatLayout, NonFiniteError, TaskVectorColumns
+from .task_vectors import FlatLayout, NonFiniteError, TaskVectorColumns, empty_matrix
 
 __all__ = [
     "kth_smallest", "all_finite", "check_finite", "TRIM_RULES", "trim", "elect_sign", "disjoint_mean",
@@ -484,18 +484,28 @@ def dare_flat(tvs: Tensor, p: float, layout: FlatLayout, seed: int,
 # ----------------------------------------------------------------------------------------------
 # PCB-Merging (Du et al., NeurIPS 2024)
 # ----------------------------------------------------------------------------------------------
-def _pcb_official_row(t: Tensor, total: Tensor, n: int, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """One task of ``pcb-merging.py::PCB_merge``, elementwise given the row's clip values ``lo``,
-    ``hi`` (:func:`_pcb_official_clip`): (tau' = sign(t) * clamp(|t|), intra, inter)."""
-    a = t.abs().clamp_(lo, hi)  # clamp(|t|, lo, hi): the row's min is now lo and its max hi
-    intra = (a - lo).div_(_safe_den(hi - lo)).square_().mul_(n).exp_()  # exp(N * minmax(a)^2)
+def _clamp_abs(t: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    """clamp(|t|, lo, hi) as min(max(|t|, lo), hi) (the same bits; faster than ``clamp`` with tensor bounds)."""
+    a = t.abs()
+    return torch.minimum(torch.maximum(a, lo, out=a), hi, out=a)
+
+
+def _pcb_official_row(t: Tensor, total: Tensor, n: int, lo: Tensor, hi: Tensor,
+                      tprime: bool = True) -> tuple[Tensor | None, Tensor, Tensor]:
+    """``pcb-merging.py::PCB_merge`` elementwise, given the clip values ``lo``, ``hi``
+    (:func:`_pcb_official_clip`): (tau' = sign(t) * clamp(|t|) or None if not ``tprime``, intra,
+    inter). ``t``: one task's row (``lo``, ``hi`` 0-dim) or an ``N x C`` block of all tasks (``lo``,
+    ``hi`` ``N x 1``); ``total``: the column sums of the same columns."""
+    a = _clamp_abs(t, lo, hi)  # the row's min is now lo and its max hi
+    d = (a - lo) if tprime else a.sub_(lo)
+    intra = d.div_(_safe_den(hi - lo)).square_().mul_(n).exp_()  # exp(N * minmax(a)^2)
     inter = torch.mul(t, total).tanh_()  # tanh(tau_i * sum_j tau_j), raw tau
-    return a.mul_(torch.sign(t)), intra, inter
+    return (a.mul_(torch.sign(t)) if tprime else None), intra, inter
 
 
 def _pcb_official_tprime(t: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
     """tau' = sign(t) * clamp(|t|, lo, hi) of :func:`_pcb_official_row` alone (the same bits)."""
-    return t.abs().clamp_(lo, hi).mul_(torch.sign(t))
+    return _clamp_abs(t, lo, hi).mul_(torch.sign(t))
 
 
 def _pcb_official_clip(t: Tensor, lo_k: int, hi_k: int) -> tuple[Tensor, Tensor]:
@@ -515,20 +525,24 @@ def _pcb_q_k(D: int, density: float) -> int:
     return min(int(D * (1 - density)), D - 1) + 1
 
 
-def _pcb_official_beta(t: Tensor, total: Tensor, n: int, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
-    """(tau', beta = intra * inter) of one task, elementwise (steps 1-4 of :func:`pcb_merge`)."""
-    tprime, beta, inter = _pcb_official_row(t, total, n, lo, hi)
-    return tprime, beta.mul_(inter)
+def _pcb_official_beta(t: Tensor, total: Tensor, n: int, lo: Tensor, hi: Tensor, out: Tensor | None = None) -> Tensor:
+    """beta = intra * inter (steps 1-4 of :func:`pcb_merge`) of a row or block (:func:`_pcb_official_row`),
+    written into ``out`` when given."""
+    _, intra, inter = _pcb_official_row(t, total, n, lo, hi, tprime=False)
+    return intra.mul_(inter) if out is None else torch.mul(intra, inter, out=out)
 
 
 def _pcb_official_add(num: Tensor, den: Tensor, tprime: Tensor, beta: Tensor, q: Tensor, beta_max: Tensor,
-                      lam: float) -> None:
-    """Steps 5-6 of :func:`pcb_merge` for one task, elementwise given the row's threshold ``q`` and
-    ``beta_max``: s = minmax(max(beta, q)) (entries <= q get 0); num += s * lam * tau', den += s.
-    ``beta`` is overwritten."""
-    s = beta.clamp_min_(q).sub_(q).div_(_safe_den(beta_max - q))  # min of max(beta, q) is q, max beta_max
-    num.add_(s * tprime if lam == 1.0 else s * (lam * tprime))
-    den.add_(s)
+                      lam: Tensor) -> None:
+    """Steps 5-6 of :func:`pcb_merge` for an ``N x C`` block of all tasks, elementwise given the rows'
+    thresholds ``q``, ``beta_max`` and ``lam`` (``N x 1``): s = minmax(max(beta, q)) (entries <= q
+    get 0); num += sum_i s_i * (lam_i * tau'_i), den += sum_i s_i, the rows added in order.
+    ``beta`` and ``tprime`` are overwritten."""
+    s = torch.maximum(beta, q, out=beta).sub_(q).div_(_safe_den(beta_max - q))  # min is q, max beta_max
+    for row in tprime.mul_(lam).mul_(s):  # lam_i * tau'_i, then * s_i (1 * tau' = tau' exactly)
+        num.add_(row)
+    for row in s:
+        den.add_(row)
 
 
 def _scaled_softmax(x: Tensor) -> Tensor:
@@ -583,6 +597,49 @@ def pcb_scores(tvs: Tensor, mode: str = "official") -> tuple[Tensor, Tensor]:
     return torch.stack([_pcb_paper_intra(t, n) for t in tvs]), _pcb_paper_inter(tvs)
 
 
+def _pcb_official(src: Tensor | TaskVectorColumns, density: float, lams: Sequence[float]) -> Tensor:
+    """PCB official (:func:`pcb_merge`, steps 1-6) of an ``N x D`` matrix or of a
+    :class:`TaskVectorColumns` (read block by block, no ``N x D`` task-vector copy): the row
+    statistics, then steps 1-4 over column chunks in cache (beta kept, ``N x D``), the drop thresholds,
+    then steps 5-6 with tau' recomputed from tau. With column blocks, finiteness is checked here
+    (the column sums of step 3 hold a NaN or inf wherever an entry does); raises :class:`NonFiniteError`.
+    """
+    n, D = src.shape
+    dev = src.device
+    columns = not isinstance(src, Tensor)
+    q_k = _pcb_q_k(D, density)
+    lo_k, hi_k = _pcb_official_ks(D)
+    if columns:  # step 1's order statistics: one counting pass over the blocks for both ranks
+        clip = _select.kth_smallest_columns(src, [lo_k, hi_k], absolute=True)
+    else:
+        clip = torch.stack([torch.stack(_pcb_official_clip(src[i], lo_k, hi_k)) for i in range(n)])
+    lo, hi = clip[:, 0:1], clip[:, 1:2]  # N x 1
+    chunks = _column_chunks(n, D, dev)
+    block = torch.empty(n, chunks[0][1] - chunks[0][0], dtype=src.dtype, device=dev) if columns else None
+    # steps 1-4 over column chunks in cache: beta (kept, N x D) and its row max
+    beta = empty_matrix((n, D), dtype=src.dtype, device=dev)
+    beta_max = torch.full((n, 1), -math.inf, dtype=src.dtype, device=dev)
+    sums = torch.zeros((), dtype=torch.float64, device=dev)  # sum of the column sums: finite iff tau is
+    for c0, c1 in chunks:
+        x = src.block(c0, c1, block[:, : c1 - c0]) if columns else src[:, c0:c1]
+        total = _row_sum(x)  # rows in order: the same bits when computed tensor by tensor
+        if columns:
+            sums += total.sum(dtype=torch.float64)
+        b = _pcb_official_beta(x, total, n, lo, hi, out=beta[:, c0:c1])
+        torch.maximum(beta_max, b.amax(1, keepdim=True), out=beta_max)
+    if columns and not math.isfinite(float(sums)) and not all(
+            all_finite(src.block(c0, c1, block[:, : c1 - c0])) for c0, c1 in chunks):
+        raise NonFiniteError("task vectors are not finite")
+    q = torch.stack([kth_smallest(beta[i], q_k) for i in range(n)]).unsqueeze(1)  # step 5's threshold per row
+    lam = torch.tensor(list(lams), dtype=src.dtype, device=dev).unsqueeze(1)
+    num = torch.zeros(D, dtype=src.dtype, device=dev)
+    den = torch.zeros_like(num)
+    for c0, c1 in chunks:  # steps 5-6, tau' recomputed from tau
+        x = src.block(c0, c1, block[:, : c1 - c0]) if columns else src[:, c0:c1]
+        _pcb_official_add(num[c0:c1], den[c0:c1], _pcb_official_tprime(x, lo, hi), beta[:, c0:c1], q, beta_max, lam)
+    return num.div_(den.clamp_min_(1e-12))
+
+
 def pcb_merge(tvs: Tensor, density: float = 0.05, mode: str = "official",
               lambdas: Sequence[float] | Tensor | None = None) -> Tensor:
     """PCB-Merging of ``N x D`` float task vectors -> merged ``D`` float32 task vector (before the
@@ -619,30 +676,11 @@ def pcb_merge(tvs: Tensor, density: float = 0.05, mode: str = "official",
                 enumerate(lambdas.tolist() if isinstance(lambdas, Tensor) else lambdas)]
         if len(lams) != n:
             raise ValueError(f"lambdas has {len(lams)} entries for {n} task vectors")
+    if mode == "official":
+        return _pcb_official(tvs, density, lams)
     q_k = _pcb_q_k(D, density)
     num = torch.zeros_like(tvs[0])
     den = torch.zeros_like(num)
-    if mode == "official":  # the row statistics here; the elementwise steps shared with merge_files
-        lo_k, hi_k = _pcb_official_ks(D)
-        clip = [_pcb_official_clip(tvs[i], lo_k, hi_k) for i in range(n)]  # step 1's order statistics
-        # steps 1-4 over column chunks in cache: beta (kept, N x D) and its row max
-        beta = torch.empty_like(tvs)
-        beta_max = torch.full((n,), -math.inf, dtype=tvs.dtype, device=tvs.device)
-        chunks = _column_chunks(n, D, tvs.device)
-        for c0, c1 in chunks:
-            x = tvs[:, c0:c1]
-            total = _row_sum(x)  # rows in order: the same bits when computed tensor by tensor
-            for i in range(n):
-                b = beta[i, c0:c1]
-                b.copy_(_pcb_official_beta(x[i], total, n, *clip[i])[1])
-                torch.maximum(beta_max[i], b.max(), out=beta_max[i])
-        q = [kth_smallest(beta[i], q_k) for i in range(n)]  # step 5's threshold per row
-        for c0, c1 in chunks:  # steps 5-6, tau' recomputed from tau
-            x = tvs[:, c0:c1]
-            for i in range(n):
-                _pcb_official_add(num[c0:c1], den[c0:c1], _pcb_official_tprime(x[i], *clip[i]), beta[i, c0:c1],
-                                  q[i], beta_max[i], lams[i])
-        return num.div_(den.clamp_min_(1e-12))
     beta_all = _pcb_paper_inter(tvs)  # mode == "paper"
     for i in range(n):
         beta = beta_all[i].mul_(_pcb_paper_intra(tvs[i], n))

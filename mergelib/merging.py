@@ -24,7 +24,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .competition import _ties_fused, _trim_plan, all_finite as _all_finite, dare_flat, pcb_merge, ties_merge
+from .competition import _pcb_official, _ties_fused, _trim_plan, all_finite as _all_finite, dare_flat, pcb_merge, ties_merge
 from .fourier import _fr_options, fr_check_selection, fr_merge, fr_tensor
 from .hparams import HParam, HyperparameterError, check_number
 from .task_vectors import (FlatLayout, NonFiniteError, TaskVectorColumns, _check_finite, as_named_list, detect_family, flatten, resolve_rules, select_keys,
@@ -246,6 +246,9 @@ def merge(pretrained: Mapping[str, Tensor], finetuned: Sequence[Mapping[str, Ten
             deltas = _fr_per_tensor(pretrained, models, keys, hp)
         elif spec.fn is _ties and hp["trim_rule"] == "official" and pretrained[keys[0]].device.type == "cpu":
             deltas = _ties_columns(pretrained, models, keys, hp)  # column blocks, no N x D matrix
+        elif spec.fn is _pcb and hp["mode"] == "official" and pretrained[keys[0]].device.type == "cpu":
+            cols = TaskVectorColumns(models, pretrained, keys)  # column blocks: no N x D task-vector copy
+            deltas = unflatten(_pcb_official(cols, hp["density"], lams or [1.0] * len(models)), cols.layout)
         else:
             x, layout = flatten(models, keys, subtract=pretrained)  # N x D task vectors
             merged = spec.fn(x, layout=layout, lambdas=lams, tasks=[name for name, _ in named], **hp)

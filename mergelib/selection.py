@@ -142,9 +142,10 @@ def _select_row(row: Tensor, ks: Sequence[int], absolute: bool) -> list[Tensor]:
     return _finish(ks, below, cands, numpy_pass, lambda: row.abs() if absolute else row)
 
 
-def kth_smallest_columns(cols, k: int, absolute: bool = True) -> Tensor:
+def kth_smallest_columns(cols, k: int | Sequence[int], absolute: bool = True) -> Tensor:
     """The k-th smallest value (of ``|x|`` where ``absolute``) of every row of a matrix given by
-    column blocks, as an ``N x 1`` tensor: the values of ``kth_smallest(X, k, dim=1, keepdim=True)``.
+    column blocks, as an ``N x 1`` tensor: the values of ``kth_smallest(X, k, dim=1, keepdim=True)``
+    (``N x len(k)`` for a sequence of ranks, counted in the same pass).
 
     ``cols``: an ``N x n`` matrix that is never materialised (:class:`mergelib.task_vectors.TaskVectorColumns`):
     ``cols.shape``, ``.dtype``, ``.device``, ``.block(c0, c1, out)``, ``.gather(positions)`` and
@@ -152,29 +153,30 @@ def kth_smallest_columns(cols, k: int, absolute: bool = True) -> Tensor:
     the CPU); rows are built whole only for short rows, the ``"torch"`` backend, or a missed sample.
     """
     n_rows, n = cols.shape
-    if not 1 <= k <= n:
-        raise ValueError(f"k={k} out of range [1, {n}]")
+    ks = [int(k)] if isinstance(k, int) else [int(v) for v in k]
+    for v in ks:
+        if not 1 <= v <= n:
+            raise ValueError(f"k={v} out of range [1, {n}]")
     probe = torch.empty(0, dtype=cols.dtype, device=cols.device)
     if _backend == "torch" or n < LONG_ROW or not _numpy_pass_ok(probe):
-        return torch.stack([kth_smallest(cols.row(i), k, absolute=absolute) for i in range(n_rows)]).unsqueeze(1)
-
+        return torch.stack([kth_smallest(cols.row(i), ks, absolute=absolute) for i in range(n_rows)])
     sample = cols.gather(_sample_index(n, min(SAMPLE, n), str(cols.device)))
-    brackets = [_brackets(row.abs() if absolute else row, n, [k]) for row in sample]
+    brackets = [_brackets(row.abs() if absolute else row, n, ks) for row in sample]
     width = max(1024, (CHUNK // n_rows) // 1024 * 1024)
     buf = torch.empty(n_rows, min(width, n), dtype=cols.dtype, device=cols.device)
-    counters = [_NumpyCounter(br, probe.numpy().dtype, buf.shape[1], absolute)
-                for br in brackets]
+    counters = [_NumpyCounter(br, probe.numpy().dtype, buf.shape[1], absolute) for br in brackets]
     for c0 in range(0, n, width):
         c1 = min(c0 + width, n)
         block = cols.block(c0, c1, buf[:, : c1 - c0]).numpy()
         for i, ctr in enumerate(counters):
             ctr.add(block[i])
-    out = []
+    rows = []
     for i, ctr in enumerate(counters):
         below, cands = ctr.result()
-        out.extend(_finish([k], below, cands, True,
-                           lambda i=i: cols.row(i).abs() if absolute else cols.row(i)))
-    return torch.stack(out).unsqueeze(1)
+        rows.append(torch.stack(_finish(ks, below, cands, True,
+                                        lambda i=i: cols.row(i).abs() if absolute else cols.row(i))))
+    return torch.stack(rows)
+
 
 _NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16)
 

@@ -470,8 +470,7 @@ def merge_files(pretrained: str | os.PathLike, finetuned: Sequence[str | os.Path
 
         def betas(k: str, x: Tensor) -> Tensor:  # also the row max of beta (the same on both passes)
             total = _comp._row_sum(x)
-            b = torch.stack([_comp._pcb_official_beta(x[i], total, n, clip[i, 0], clip[i, 1])[1]
-                             for i in range(n)])
+            b = _comp._pcb_official_beta(x, total, n, clip[:, 0:1], clip[:, 1:2])
             torch.maximum(beta_max, b.amax(1), out=beta_max)
             return b
 
@@ -542,9 +541,10 @@ def merge_files(pretrained: str | os.PathLike, finetuned: Sequence[str | os.Path
             n = x.shape[0]
             total = _comp._row_sum(x)
             num, den = torch.zeros_like(total), torch.zeros_like(total)
-            for i in range(n):
-                tprime, beta = _comp._pcb_official_beta(x[i], total, n, pcb["clip"][i, 0], pcb["clip"][i, 1])
-                _comp._pcb_official_add(num, den, tprime, beta, pcb["q"][i], pcb["max"][i], pcb["lams"][i])
+            lo, hi = pcb["clip"][:, 0:1], pcb["clip"][:, 1:2]
+            beta, tprime = _comp._pcb_official_beta(x, total, n, lo, hi), _comp._pcb_official_tprime(x, lo, hi)
+            _comp._pcb_official_add(num, den, tprime, beta, pcb["q"][:, None], pcb["max"][:, None],
+                                    torch.tensor(pcb["lams"], dtype=x.dtype)[:, None])
             delta = num.div_(den.clamp_min_(1e-12)).view(pre.shape)
         else:
             x = block(k) if is_ties else flatten([{k: ft[k]} for ft in fts], [k], subtract={k: pre})[0]

@@ -136,11 +136,11 @@ def test_pcb_ties_at_the_streamed_thresholds(tmp_path):
         assert srt.count(srt[ks[1] - 1]) > 100  # the rank falls on a tie
     for density in (0.05, 0.5):
         k = _pcb_q_k(D, density)
-        betas = lambda: (torch.stack([_pcb_official_beta(b[i], _row_sum(b), n, clip[i, 0], clip[i, 1])[1]  # noqa: E731
+        betas = lambda: (torch.stack([_pcb_official_beta(b[i], _row_sum(b), n, clip[i, 0], clip[i, 1])  # noqa: E731
                                       for i in range(n)]) for b in blocks())
         q = st._stream_kth(betas, n, [[k]] * n, absolute=False)
         for i in range(n):
-            beta = _pcb_official_beta(x[i], total, n, clip[i, 0], clip[i, 1])[1]
+            beta = _pcb_official_beta(x[i], total, n, clip[i, 0], clip[i, 1])
             srt = sorted(beta.tolist())
             assert q[i, 0].item() == srt[k - 1] and srt.count(srt[k - 1]) > 1
         out = ml.merge_files(base, ftp, tmp_path / f"out{density}", "pcb", density=density, rules=None, quiet=True)
