@@ -190,10 +190,14 @@ def _numpy_pass_ok(row: Tensor) -> bool:
 class _NumpyCounter:
     """Per bracket, ``#{x < lo}`` and the entries in ``[lo, hi]`` of a row fed chunk by chunk (NumPy
     arrays of at most ``width`` entries). Comparisons are made in the row's dtype: ``lo``/``hi`` are
-    elements of the row, so exactly representable in it."""
+    elements of the row, so exactly representable in it. With ``limit``, more than ``limit``
+    candidates for a bracket (rows of a few distinct values) set ``overflow`` and stop the counting."""
 
-    def __init__(self, brackets, dtype, width: int, absolute: bool):
+    def __init__(self, brackets, dtype, width: int, absolute: bool, limit: int | None = None):
         self.absolute = absolute
+        self.limit = limit  # at most this many candidates per bracket, else ``overflow`` (heavy ties)
+        self.overflow = False
+        self.kept = [0] * len(brackets)
         self.buf = np.empty(width, dtype=dtype)
         self.m_lt = np.empty(width, dtype=bool)
         self.m_in = np.empty(width, dtype=bool)
@@ -203,6 +207,8 @@ class _NumpyCounter:
         self.cands: list[list] = [[] for _ in brackets]
 
     def add(self, chunk) -> None:
+        if self.overflow:
+            return
         w = chunk.shape[0]
         c = np.abs(chunk, out=self.buf[:w]) if self.absolute else chunk
         lt, inside = self.m_lt[:w], self.m_in[:w]
@@ -220,6 +226,11 @@ class _NumpyCounter:
                     np.less_equal(c, hi, out=inside)
                     inside &= np.logical_not(lt, out=lt)
             self.cands[j].append(np.compress(inside, c))  # a copy: the buffer is reused
+            self.kept[j] += self.cands[j][-1].shape[0]
+            if self.limit is not None and self.kept[j] > self.limit:
+                self.overflow = True
+                self.cands = [[] for _ in self.lims]  # free them: the caller falls back
+                return
 
     def result(self) -> tuple[list[int], list[list[Tensor]]]:
         return self.below, [[torch.from_numpy(np.concatenate(cs))] for cs in self.cands]

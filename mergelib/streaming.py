@@ -10,16 +10,16 @@ as soon as it is merged.
 **Passes.** Per-tensor methods (``average``, ``task_arithmetic``, ``dare_ta``) need one pass over the inputs;
 ``ties``/``dare_ties`` with ``granularity="tensor"`` one more (the model-wide majority sign).
 Global TIES (``granularity="global"``, the paper) needs each task's exact k-th |tau| over the whole
-model and the model-wide majority sign: two histogram passes over the float32 bit patterns of |tau|
-(65536 bins of the high 16 bits, then the low 16 bits inside the one bin that holds rank k: the exact
-value, as :func:`mergelib.selection.kth_smallest` gives it), one pass counting the signs, and the
-write pass. ``fr`` (``align="official"`` or ``"none"``) needs one pass: each 2-D tensor is filtered,
+model and the model-wide majority sign: two passes for the k-th values (a sample of every tensor
+brackets each rank, then a count below the bracket keeps the entries inside it: the algorithm of
+:func:`mergelib.selection.kth_smallest`, the same exact value; two histogram passes over the float32
+bit patterns answer instead if a sample ever missed), one pass counting the signs, and the write pass. ``fr`` (``align="official"`` or ``"none"``) needs one pass: each 2-D tensor is filtered,
 aligned and summed on its own (:func:`mergelib.fourier.fr_tensor`, the function ``fr_merge`` runs per
 tensor); its shape checks (no 2-D tensor: ``ValueError``; tensors with more than 2 dims: one
 ``FRFilterWarning``) run on the headers before anything is written. ``pcb`` (``mode="official"``)
-needs five: two histogram passes give each task's clip values (two ranks of |tau|), two more the
-drop threshold q of the signed balancing score beta (the float bits mapped to order-preserving
-int32 keys) and, on the way, beta's row maximum, then the write pass; everything else in PCB is
+needs five: two passes give each task's clip values (two ranks of |tau|, as for TIES), two more the
+drop threshold q of the signed balancing score beta and, on the way, beta's row maximum, then the
+write pass; everything else in PCB is
 elementwise across tasks (its sum over tasks adds the rows in order, in memory as here).
 Two settings cannot stream and raise :class:`StreamingNotSupportedError`: ``pcb`` with
 ``mode="paper"`` (its softmaxes divide by a float sum over the whole model) and ``fr`` with
@@ -360,12 +360,65 @@ def _hist_pass(blocks: Iterable[Tensor], n: int, sel: Tensor | None = None) -> T
     return hist.view(n * m, 1 << 16)
 
 
+_SAMPLE_RATE = 1 / 256  # the fraction of every block sampled on the first pass of _stream_kth
+
+
 def _stream_kth(blocks_fn, n: int, ks: Sequence[Sequence[int]], absolute: bool = True) -> Tensor:
     """Exact k-th smallest values of every row over all blocks (of |x| if ``absolute``): ``ks[r]``
     holds the 1-based ranks wanted in row r (the same number for every row); returns ``N x m``
-    float32. Two passes: counts of the high 16 bits of the order keys, then of the low 16 bits inside
-    the one high bin that holds each rank. The value is the one :func:`mergelib.selection.kth_smallest`
-    gives (an element of the rows; a zero may come back as -0.0 where the rows hold both zeros)."""
+    float32, the values :func:`mergelib.selection.kth_smallest` gives on the concatenated rows.
+
+    The algorithm of :mod:`mergelib.selection` fed from two passes over the blocks (``N x numel``
+    float32): a sample of every block (1/256 of its entries at fixed pseudo-random positions) gives
+    each rank a bracket; the second pass counts the entries below it and keeps those inside it, block
+    by block in cache-sized chunks (NumPy), so memory stays a few chunks plus the candidates (about
+    2 % of the entries). If a sample missed (never seen in practice) or a bracket holds more than
+    1/16 of a row (rows of a few distinct values), the exact histogram passes of
+    :func:`_stream_kth_hist` answer instead (bounded memory).
+    """
+    from . import selection as _sel
+
+    samples, D = [], 0
+    for x in blocks_fn():
+        numel = x.shape[1]
+        g = torch.Generator().manual_seed(0x5A11 ^ (numel * 1000003 + D))
+        pos = torch.randint(0, numel, (max(1, math.ceil(numel * _SAMPLE_RATE)),), generator=g).sort().values
+        samples.append(x[:, pos].abs() if absolute else x[:, pos])
+        D += numel
+    sample = torch.cat(samples, 1)
+    brackets = [_sel._brackets(sample[r], D, ks[r]) for r in range(n)]
+    width = _sel.NUMPY_CHUNK
+    limit = max(D // 16, 1 << 16)  # a bracket holds ~2 % of a row, unless the row is mostly ties
+    counters = [_sel._NumpyCounter(br, sample.numpy().dtype, width, absolute, limit) for br in brackets]
+    for x in blocks_fn():
+        xn = x.numpy()
+        for a0 in range(0, xn.shape[1], width):
+            for r, ctr in enumerate(counters):
+                ctr.add(xn[r, a0:a0 + width])
+    out = []
+    try:
+        if any(ctr.overflow for ctr in counters):
+            raise _Missed()
+        for r, ctr in enumerate(counters):
+            below, cands = ctr.result()
+            out.append(torch.stack(_sel._finish(ks[r], below, cands, True, _missed)))
+    except _Missed:
+        return _stream_kth_hist(blocks_fn, n, ks, absolute)
+    return torch.stack(out).to(torch.float32)
+
+
+class _Missed(Exception):
+    """A sampled bracket of :func:`_stream_kth` missed its rank."""
+
+
+def _missed():
+    raise _Missed()
+
+
+def _stream_kth_hist(blocks_fn, n: int, ks: Sequence[Sequence[int]], absolute: bool = True) -> Tensor:
+    """:func:`_stream_kth` by two histogram passes: counts of the high 16 bits of the order keys,
+    then of the low 16 bits inside the one high bin that holds each rank (the exact value; a zero may
+    come back as -0.0 where the rows hold both zeros). Slower; the fallback of :func:`_stream_kth`."""
     m = len(ks[0])
     want = torch.tensor([list(k) for k in ks], dtype=torch.int64)  # N x m
     keys = lambda: (_order_keys(x, absolute) for x in blocks_fn())  # noqa: E731

@@ -290,3 +290,34 @@ def test_cli_module_is_not_importable_and_merge_stays_a_function():
         importlib.import_module("mergelib.merge")
     assert "mergelib.merge" not in sys.modules
     assert ml.merge is mergelib.merging.merge
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "zeros"])
+@pytest.mark.parametrize("absolute", [True, False])
+def test_stream_kth_equals_kth_smallest_and_falls_back(monkeypatch, kind, absolute):
+    """The streamed order statistic (sample, then count) is kth_smallest on the concatenated rows; a
+    missed bracket and a bracket full of ties both fall back to the exact histogram passes."""
+    from mergelib import selection as sel
+
+    g = torch.Generator().manual_seed(7)
+    sizes = [70_000, 5, 1024, 40_000]
+    blocks = [torch.randn(3, m, generator=g) for m in sizes]
+    if kind == "ties":
+        blocks = [(b * 2).round() / 4 for b in blocks]
+    elif kind == "zeros":
+        for b in blocks:
+            b[:, ::2] = 0.0
+            b[:, 1::4] = -0.0
+    whole = torch.cat(blocks, 1)
+    D = whole.shape[1]
+    ks = [[1, 17, D // 3, D - 5, D]] * 3
+    want = torch.stack([sel.kth_smallest(whole, k, dim=1, absolute=absolute) for k in ks[0]], 1)
+    got = st._stream_kth(lambda: iter(blocks), 3, ks, absolute=absolute)
+    assert torch.equal(got, want)
+    assert torch.equal(st._stream_kth_hist(lambda: iter(blocks), 3, ks, absolute=absolute), want)
+    calls = []
+    real = st._stream_kth_hist
+    monkeypatch.setattr(st, "_stream_kth_hist", lambda *a, **k: calls.append(1) or real(*a, **k))
+    top = whole.abs().max() if absolute else whole.max()
+    monkeypatch.setattr(sel, "_brackets", lambda s, n, kk: [(top, top)] * len(kk))  # every bracket misses
+    assert torch.equal(st._stream_kth(lambda: iter(blocks), 3, ks, absolute=absolute), want) and calls
