@@ -120,7 +120,9 @@ def _finish(ks: Sequence[int], below: list[int], cands: list[list[Tensor]], nump
         cand = torch.cat(cands[j]) if len(cands[j]) > 1 else cands[j][0]
         r = k - below[j]
         if 1 <= r <= cand.numel():
-            if numpy_pass:  # numpy's introselect: the same value, several times faster than kthvalue
+            if isinstance(cand, _Point):
+                out.append(cand.value)
+            elif numpy_pass:  # numpy's introselect: the same value, several times faster than kthvalue
                 out.append(torch.from_numpy(np.partition(cand.numpy(), r - 1)[r - 1 : r].copy()).reshape(()))
             else:
                 out.append(_torch_kth(cand, r, 0, False))
@@ -205,6 +207,7 @@ class _NumpyCounter:
                      for lo, hi in brackets]
         self.below = [0] * len(brackets)
         self.cands: list[list] = [[] for _ in brackets]
+        self.points = [0] * len(brackets)  # entries equal to lo == hi (a one-value bracket)
 
     def add(self, chunk) -> None:
         if self.overflow:
@@ -225,6 +228,9 @@ class _NumpyCounter:
                 else:
                     np.less_equal(c, hi, out=inside)
                     inside &= np.logical_not(lt, out=lt)
+                    if lo == hi:  # a bracket on one value (heavy ties, e.g. zeros): count, keep nothing
+                        self.points[j] += int(np.count_nonzero(inside))
+                        continue
             self.cands[j].append(np.compress(inside, c))  # a copy: the buffer is reused
             self.kept[j] += self.cands[j][-1].shape[0]
             if self.limit is not None and self.kept[j] > self.limit:
@@ -232,8 +238,21 @@ class _NumpyCounter:
                 self.cands = [[] for _ in self.lims]  # free them: the caller falls back
                 return
 
-    def result(self) -> tuple[list[int], list[list[Tensor]]]:
-        return self.below, [[torch.from_numpy(np.concatenate(cs))] for cs in self.cands]
+    def result(self) -> tuple[list[int], list]:
+        """``(below, cands)``; a one-value bracket's candidates are ``_Point(value, count)``."""
+        return self.below, [[_Point(torch.tensor(lo), n)] if lo is not None and lo == hi
+                            else [torch.from_numpy(np.concatenate(cs))]
+                            for (lo, hi), cs, n in zip(self.lims, self.cands, self.points)]
+
+
+class _Point:
+    """``count`` copies of ``value`` (0-dim): the candidates of a bracket on one value."""
+
+    def __init__(self, value: Tensor, count: int):
+        self.value, self.count = value, count
+
+    def numel(self) -> int:
+        return self.count
 
 
 def _count_pass_numpy(row: Tensor, chunks, brackets, absolute: bool):

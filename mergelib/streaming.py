@@ -523,7 +523,9 @@ def merge_files(pretrained: str | os.PathLike, finetuned: Sequence[str | os.Path
 
         def betas(k: str, x: Tensor) -> Tensor:  # also the row max of beta (the same on both passes)
             total = _comp._row_sum(x)
-            b = _comp._pcb_official_beta(x, total, n, clip[:, 0:1], clip[:, 1:2])
+            b = torch.empty_like(x)
+            for c0, c1 in _comp._column_chunks(n, x.shape[1], x.device):  # temporaries of a chunk, not the tensor
+                _comp._pcb_official_beta(x[:, c0:c1], total[c0:c1], n, clip[:, 0:1], clip[:, 1:2], out=b[:, c0:c1])
             torch.maximum(beta_max, b.amax(1), out=beta_max)
             return b
 
@@ -595,9 +597,12 @@ def merge_files(pretrained: str | os.PathLike, finetuned: Sequence[str | os.Path
             total = _comp._row_sum(x)
             num, den = torch.zeros_like(total), torch.zeros_like(total)
             lo, hi = pcb["clip"][:, 0:1], pcb["clip"][:, 1:2]
-            beta, tprime = _comp._pcb_official_beta(x, total, n, lo, hi), _comp._pcb_official_tprime(x, lo, hi)
-            _comp._pcb_official_add(num, den, tprime, beta, pcb["q"][:, None], pcb["max"][:, None],
-                                    torch.tensor(pcb["lams"], dtype=x.dtype)[:, None])
+            lam_col = torch.tensor(pcb["lams"], dtype=x.dtype)[:, None]
+            for c0, c1 in _comp._column_chunks(n, x.shape[1], x.device):  # temporaries of a chunk
+                xc = x[:, c0:c1]
+                _comp._pcb_official_add(num[c0:c1], den[c0:c1], _comp._pcb_official_tprime(xc, lo, hi),
+                                        _comp._pcb_official_beta(xc, total[c0:c1], n, lo, hi), pcb["q"][:, None],
+                                        pcb["max"][:, None], lam_col)
             delta = num.div_(den.clamp_min_(1e-12)).view(pre.shape)
         else:
             x = block(k) if is_ties else flatten([{k: ft[k]} for ft in fts], [k], subtract={k: pre})[0]
