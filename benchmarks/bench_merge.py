@@ -6,9 +6,10 @@ of width 768: qkv 2304x768, proj 768x768, fc1 3072x768, fc2 768x3072 (12 blocks 
 
 Every method is timed end to end from the ``N x D`` float32 task-vector matrix to the merged ``D``
 vector (inputs untouched, so the non-in-place code paths): median of ``--repeats`` runs after
-``--warmup`` runs, with ``torch.cuda.synchronize()`` on GPU. Columns: ms, GB/s of task-vector input
-read (N*D*4 bytes / time), the ratio to one read pass of the input (time of ``tvs.sum(0)``, the
-memory-bandwidth baseline), and peak extra memory (CUDA: ``max_memory_allocated`` above the
+``--warmup`` runs, with ``torch.cuda.synchronize()`` on GPU, every run right after a read pass.
+Columns: ms, GB/s of task-vector input read (N*D*4 bytes / time), the ratio to one read pass of the
+input (time of ``tvs.sum(0)``, the memory-bandwidth baseline; the median of the read passes timed
+alternately with that method, so that drifting machine load cancels), and peak extra memory (CUDA: ``max_memory_allocated`` above the
 allocation before the call; CPU: peak RSS above the start, sampled every ~1 ms by a thread --
 approximate). A naive per-tensor TIES written like the widely used per-model/per-tensor
 implementations (stack, topk + scatter mask per task, sign election, disjoint mean) is included for
@@ -78,17 +79,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_fn(fn: Callable, device: torch.device, warmup: int, repeats: int) -> float:
+def time_against(fn: Callable, ref: Callable, device: torch.device, warmup: int, repeats: int) -> tuple[float, float]:
+    """(median ms of ``fn``, median ms of ``ref``) with the two timed alternately, ``ref`` right before
+    each run of ``fn``: the ratio then compares runs made under the same machine load (a shared VM's
+    memory bandwidth drifts by 20-30 % within minutes)."""
     for _ in range(warmup):
+        ref()
         fn()
     _sync(device)
-    times = []
+    t_fn, t_ref = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+        for f, out in ((ref, t_ref), (fn, t_fn)):
+            t0 = time.perf_counter()
+            f()
+            _sync(device)
+            out.append(time.perf_counter() - t0)
+    return statistics.median(t_fn) * 1e3, statistics.median(t_ref) * 1e3
 
 
 def peak_extra_bytes(fn: Callable, device: torch.device) -> float | None:
@@ -187,17 +193,17 @@ def main(argv=None) -> list[dict]:
         methods = {k: v for k, v in methods.items() if k.startswith("read pass") or any(w in k for w in wanted)}
 
     rows = []
-    base_ms = None
+    read = next(iter(methods.values()))  # the read pass
     with torch.no_grad():
         for name, fn in methods.items():
-            ms = time_fn(fn, device, args.warmup, repeats)
+            # every method alternates with a read pass; its ratio is to the read passes of its own runs
+            ms, base_ms = time_against(fn, read, device, args.warmup, repeats)
             mem = peak_extra_bytes(fn, device)
-            if base_ms is None:
-                base_ms = ms
             rows.append({"method": name, "ms": ms, "gb_per_s": in_bytes / (ms * 1e-3) / 1e9,
-                         "x_read_pass": ms / base_ms, "peak_extra_gb": None if mem is None else mem / 1e9,
+                         "x_read_pass": ms / base_ms, "read_pass_ms": base_ms,
+                         "peak_extra_gb": None if mem is None else mem / 1e9,
                          "peak_extra_x_input": None if mem is None else mem / in_bytes})
-            print(f"  {name:38s} {ms:10.2f} ms", flush=True)
+            print(f"  {name:38s} {ms:10.2f} ms  ({ms / base_ms:.1f}x its read passes, {base_ms:.1f} ms)", flush=True)
 
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
         f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
@@ -206,7 +212,7 @@ def main(argv=None) -> list[dict]:
     mem_label = "peak extra (CUDA allocator)" if device.type == "cuda" else "peak extra RSS (sampled)"
     lines = [f"Device: {dev_name}; torch {torch.__version__}; N={n} task vectors, {blocks} blocks "
              f"({4 * blocks} matrices), D={D:,} ({in_bytes / 1e9:.2f} GB fp32 input); median of {repeats} "
-             f"runs after {args.warmup} warm-up.", "",
+             f"runs after {args.warmup} warm-up, each run right after a read pass (the ratio is to those).", "",
              f"| method | ms | GB/s (input read) | x read pass | {mem_label} GB | x input |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in rows:

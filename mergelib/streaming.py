@@ -13,14 +13,15 @@ Global TIES (``granularity="global"``, the paper) needs each task's exact k-th |
 model and the model-wide majority sign: two passes for the k-th values (a sample of every tensor
 brackets each rank, then a count below the bracket keeps the entries inside it: the algorithm of
 :func:`mergelib.selection.kth_smallest`, the same exact value; two histogram passes over the float32
-bit patterns answer instead if a sample ever missed), one pass counting the signs, and the write pass. ``fr`` (``align="official"`` or ``"none"``) needs one pass: each 2-D tensor is filtered,
+bit patterns answer instead if a sample ever missed), one pass counting the signs, and the write
+pass. ``fr`` (``align="official"`` or ``"none"``) needs one pass: each 2-D tensor is filtered,
 aligned and summed on its own (:func:`mergelib.fourier.fr_tensor`, the function ``fr_merge`` runs per
 tensor); its shape checks (no 2-D tensor: ``ValueError``; tensors with more than 2 dims: one
 ``FRFilterWarning``) run on the headers before anything is written. ``pcb`` (``mode="official"``)
 needs five: two passes give each task's clip values (two ranks of |tau|, as for TIES), two more the
 drop threshold q of the signed balancing score beta and, on the way, beta's row maximum, then the
-write pass; everything else in PCB is
-elementwise across tasks (its sum over tasks adds the rows in order, in memory as here).
+write pass; everything else in PCB is elementwise across tasks (its sum over tasks adds the rows in
+order, in memory as here), computed on column chunks of each tensor.
 Two settings cannot stream and raise :class:`StreamingNotSupportedError`: ``pcb`` with
 ``mode="paper"`` (its softmaxes divide by a float sum over the whole model) and ``fr`` with
 ``align="paper"`` (its coefficients are float means over the whole model): the rounding of such a

@@ -512,8 +512,8 @@ class TaskVectorColumns:
 
     ``block(c0, c1, out)`` writes columns ``[c0, c1)`` into ``out`` (``N x (c1 - c0)``) with the same
     float operations, so the same bits, as :func:`flatten`; ``gather(positions)`` returns the entries
-    at some positions of every row. The merges that sweep over column chunks (TIES in :func:`mergelib.merge`) read the
-    inputs this way: no ``N x D`` copy, so no extra memory the size of the task vectors and no pass
+    at some positions of every row. :func:`mergelib.merge` reads the task vectors of TIES and PCB this
+    way on the CPU: no ``N x D`` copy, so no extra memory the size of the task vectors and no pass
     writing it. Inputs must already be validated (same keys and shapes).
     """
 
