@@ -213,7 +213,9 @@ class _NumpyCounter:
         self.lims = [(None if lo is None else dtype.type(lo.item()), None if hi is None else dtype.type(hi.item()))
                      for lo, hi in brackets]
         self.below = [0] * len(brackets)
-        self.cands: list[list] = [[] for _ in brackets]
+        # the candidates of each bracket in one growing array (few large allocations: many small
+        # ones kept alive would fragment the heap, which then cannot shrink)
+        self.store = [np.empty(max(width, 1024), dtype=dtype) for _ in brackets]
         self.points = [0] * len(brackets)  # entries equal to lo == hi (a one-value bracket)
 
     def add(self, chunk) -> None:
@@ -224,7 +226,7 @@ class _NumpyCounter:
         lt, inside = self.m_lt[:w], self.m_in[:w]
         for j, (lo, hi) in enumerate(self.lims):
             if lo is None and hi is None:
-                self.cands[j].append(c.copy())
+                self._keep(j, c, None)
                 continue
             if lo is None:
                 np.less_equal(c, hi, out=inside)
@@ -238,18 +240,35 @@ class _NumpyCounter:
                     if lo == hi:  # a bracket on one value (heavy ties, e.g. zeros): count, keep nothing
                         self.points[j] += int(np.count_nonzero(inside))
                         continue
-            self.cands[j].append(np.compress(inside, c))  # a copy: the buffer is reused
-            self.kept[j] += self.cands[j][-1].shape[0]
-            if self.limit is not None and self.kept[j] > self.limit:
-                self.overflow = True
-                self.cands = [[] for _ in self.lims]  # free them: the caller falls back
+            if not self._keep(j, c, inside):
                 return
+
+    def _keep(self, j: int, c, inside) -> bool:
+        """Append the entries of ``c`` where ``inside`` (all if None) to bracket j's store; False (and
+        ``overflow``) past ``limit``."""
+        cnt = c.shape[0] if inside is None else int(np.count_nonzero(inside))
+        n0 = self.kept[j]
+        if self.limit is not None and n0 + cnt > self.limit:
+            self.overflow = True
+            self.store = [None] * len(self.lims)  # free them: the caller falls back
+            return False
+        if n0 + cnt > self.store[j].shape[0]:
+            grown = np.empty(max(2 * self.store[j].shape[0], n0 + cnt), dtype=self.store[j].dtype)
+            grown[:n0] = self.store[j][:n0]
+            self.store[j] = grown
+        dst = self.store[j][n0:n0 + cnt]
+        if inside is None:
+            dst[:] = c
+        else:
+            np.compress(inside, c, out=dst)
+        self.kept[j] = n0 + cnt
+        return True
 
     def result(self) -> tuple[list[int], list]:
         """``(below, cands)``; a one-value bracket's candidates are ``_Point(value, count)``."""
         return self.below, [[_Point(torch.tensor(lo), n)] if lo is not None and lo == hi
-                            else [torch.from_numpy(np.concatenate(cs))]
-                            for (lo, hi), cs, n in zip(self.lims, self.cands, self.points)]
+                            else [torch.from_numpy(st[:kept])]
+                            for (lo, hi), st, n, kept in zip(self.lims, self.store, self.points, self.kept)]
 
 
 class _Point:
