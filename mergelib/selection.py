@@ -2,7 +2,8 @@
 
 One routine, :func:`kth_smallest`, serves every method that needs an exact order statistic: TIES
 (global and per-tensor trim), PCB (the clip quantiles and the drop threshold), the FREE experts
-(:func:`topk_mask`) and the streaming merges (:mod:`mergelib.streaming`, fed from counts).
+(:func:`topk_mask`) and, fed from blocks, ``merge()``'s column blocks and the streaming merges
+(:mod:`mergelib.streaming`).
 
 **Result.** ``kth_smallest(x, k)`` is ``sorted(x)[k - 1]`` along ``dim``, the same value as
 ``torch.kthvalue(x, k).values`` bit for bit (the returned value is an element of ``x``, in ``x``'s
@@ -47,7 +48,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["kth_smallest", "kth_smallest_columns", "kth_smallest_from_counts", "topk_threshold", "topk_mask", "set_backend",
+__all__ = ["kth_smallest", "kth_smallest_columns", "topk_threshold", "topk_mask", "set_backend",
            "get_backend", "backend", "LONG_ROW", "SAMPLE", "CHUNK"]
 
 LONG_ROW = 1 << 16   # rows at least this long use the sampled bracket + exact count
@@ -346,20 +347,6 @@ def kth_smallest(x: Tensor, k: int | Sequence[int], dim: int = -1, keepdim: bool
     if keepdim:
         res = res.unsqueeze(dim)  # insert the reduced dim back (ranks stay last)
     return res if many else res.squeeze(-1)
-
-
-def kth_smallest_from_counts(values: Tensor, counts: Tensor, k: int) -> Tensor:
-    """The k-th smallest of a multiset given as sorted distinct ``values`` and their ``counts``.
-
-    Used by the streaming merges: a histogram gathered over many tensors gives the same exact
-    order statistic as :func:`kth_smallest` on their concatenation.
-    """
-    cum = counts.cumsum(0)
-    total = int(cum[-1]) if cum.numel() else 0
-    if not 1 <= k <= total:
-        raise ValueError(f"k={k} out of range [1, {total}]")
-    i = int(torch.searchsorted(cum, torch.tensor([k], dtype=cum.dtype, device=cum.device)))
-    return values[i]
 
 
 def topk_threshold(x: Tensor, keep: int, dim: int = -1, keepdim: bool = False,
