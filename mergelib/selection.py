@@ -100,8 +100,8 @@ def _sample_index(n: int, m: int, device: str) -> Tensor:
     return torch.randint(0, n, (m,), generator=g).sort().values.to(device)
 
 
-def _chunks(n: int, device: torch.device, chunk: int = CHUNK) -> list[tuple[int, int]]:
-    step = n if device.type != "cpu" else chunk
+def _chunks(n: int, device: torch.device) -> list[tuple[int, int]]:
+    step = n if device.type != "cpu" else CHUNK
     return [(s, min(s + step, n)) for s in range(0, n, step)]
 
 
@@ -145,8 +145,9 @@ def _select_row(row: Tensor, ks: Sequence[int], absolute: bool) -> list[Tensor]:
     s = row[_sample_index(n, min(SAMPLE, n), str(row.device))]
     brackets = _brackets(s.abs() if absolute else s, n, ks)
     numpy_pass = _numpy_pass_ok(row)
-    if numpy_pass:
-        below, cands = _count_pass_numpy(row, _chunks(n, row.device, NUMPY_CHUNK), brackets, absolute)
+    if numpy_pass:  # the row as a 1 x n block
+        xn = row.detach().numpy()[None]
+        below, cands = _count_blocks([xn], [brackets], xn.dtype, min(NUMPY_CHUNK, n), absolute)[0].result()
     else:
         below, cands = _count_pass_torch(row, _chunks(n, row.device), brackets, absolute)
     return _finish(ks, below, cands, numpy_pass, lambda: row.abs() if absolute else row)
@@ -172,14 +173,11 @@ def kth_smallest_columns(cols, k: int | Sequence[int], absolute: bool = True) ->
         return torch.stack([kth_smallest(cols.row(i), ks, absolute=absolute) for i in range(n_rows)])
     sample = cols.gather(_sample_index(n, min(SAMPLE, n), str(cols.device)))
     brackets = [_brackets(row.abs() if absolute else row, n, ks) for row in sample]
-    width = max(1024, (CHUNK // n_rows) // 1024 * 1024)
-    buf = torch.empty(n_rows, min(width, n), dtype=cols.dtype, device=cols.device)
-    counters = [_NumpyCounter(br, probe.numpy().dtype, buf.shape[1], absolute) for br in brackets]
-    for c0 in range(0, n, width):
-        c1 = min(c0 + width, n)
-        block = cols.block(c0, c1, buf[:, : c1 - c0]).numpy()
-        for i, ctr in enumerate(counters):
-            ctr.add(block[i])
+    width = min(max(1024, (CHUNK // n_rows) // 1024 * 1024), n)
+    buf = torch.empty(n_rows, width, dtype=cols.dtype, device=cols.device)
+    blocks = (cols.block(c0, min(c0 + width, n), buf[:, : min(c0 + width, n) - c0]).numpy()
+              for c0 in range(0, n, width))
+    counters = _count_blocks(blocks, brackets, probe.numpy().dtype, width, absolute)
     rows = []
     for i, ctr in enumerate(counters):
         below, cands = ctr.result()
@@ -282,18 +280,21 @@ class _Point:
         return self.count
 
 
-def _count_pass_numpy(row: Tensor, chunks, brackets, absolute: bool):
-    """``(below, cands)``: per bracket ``#{x < lo}`` and the tensors of the entries in ``[lo, hi]``,
-    over the chunks of ``row`` (a NumPy view, no copy)."""
-    xn = row.detach().numpy()
-    ctr = _NumpyCounter(brackets, xn.dtype, chunks[0][1] - chunks[0][0], absolute)
-    for a0, a1 in chunks:
-        ctr.add(xn[a0:a1])
-    return ctr.result()
+def _count_blocks(blocks, brackets, dtype, width: int, absolute: bool, limit: int | None = None) -> list[_NumpyCounter]:
+    """One :class:`_NumpyCounter` per row (``brackets[r]``), fed from ``N x w`` NumPy blocks (any w)
+    in chunks of at most ``width`` entries: the counting pass of :func:`kth_smallest_columns` and of
+    the streaming merges (:mod:`mergelib.streaming`)."""
+    counters = [_NumpyCounter(br, dtype, width, absolute, limit) for br in brackets]
+    for xb in blocks:
+        for a0 in range(0, xb.shape[1], width):
+            for ctr, row in zip(counters, xb):
+                ctr.add(row[a0:a0 + width])
+    return counters
 
 
 def _count_pass_torch(row: Tensor, chunks, brackets, absolute: bool):
-    """The same as :func:`_count_pass_numpy` with torch operations (CUDA, bf16)."""
+    """``(below, cands)`` of :class:`_NumpyCounter` with torch operations, over the chunks of ``row``
+    (CUDA, bf16): per bracket ``#{x < lo}`` and the entries in ``[lo, hi]``."""
     below = [0] * len(brackets)
     cands: list[list[Tensor]] = [[] for _ in brackets]
     # counts below lo as a float32 0/1 sum (faster than a bool one on the CPU; exact below 2**24)

@@ -398,14 +398,9 @@ def _stream_kth(blocks_fn, n: int, ks: Sequence[Sequence[int]], absolute: bool =
         D += numel
     sample = store[:, :used].contiguous()
     brackets = [_sel._brackets(sample[r], D, ks[r]) for r in range(n)]
-    width = _sel.NUMPY_CHUNK
     limit = max(D // 16, 1 << 16)  # a bracket holds ~2 % of a row, unless the row is mostly ties
-    counters = [_sel._NumpyCounter(br, sample.numpy().dtype, width, absolute, limit) for br in brackets]
-    for x in blocks_fn():
-        xn = x.numpy()
-        for a0 in range(0, xn.shape[1], width):
-            for r, ctr in enumerate(counters):
-                ctr.add(xn[r, a0:a0 + width])
+    counters = _sel._count_blocks((x.numpy() for x in blocks_fn()), brackets, sample.numpy().dtype,
+                                  _sel.NUMPY_CHUNK, absolute, limit)
     out = []
     try:
         if any(ctr.overflow for ctr in counters):
