@@ -295,8 +295,8 @@ def test_cli_module_is_not_importable_and_merge_stays_a_function():
 @pytest.mark.parametrize("kind", ["normal", "ties", "zeros"])
 @pytest.mark.parametrize("absolute", [True, False])
 def test_stream_kth_equals_kth_smallest_and_falls_back(monkeypatch, kind, absolute):
-    """The streamed order statistic (sample, then count) is kth_smallest on the concatenated rows; a
-    missed bracket and a bracket full of ties both fall back to the exact histogram passes."""
+    """The streamed order statistic (sample, then count) is kth_smallest on the concatenated rows, with
+    ties and signed zeros too; a missed bracket falls back to the exact histogram passes."""
     from mergelib import selection as sel
 
     g = torch.Generator().manual_seed(7)
@@ -321,3 +321,22 @@ def test_stream_kth_equals_kth_smallest_and_falls_back(monkeypatch, kind, absolu
     top = whole.abs().max() if absolute else whole.max()
     monkeypatch.setattr(sel, "_brackets", lambda s, n, kk: [(top, top)] * len(kk))  # every bracket misses
     assert torch.equal(st._stream_kth(lambda: iter(blocks), 3, ks, absolute=absolute), want) and calls
+
+
+def test_stream_kth_bracket_full_of_ties_falls_back_with_bounded_memory(monkeypatch):
+    """Rows of two values with the rank at their boundary: the bracket holds both values, so nearly
+    every entry is a candidate; past 1/16 of a row the counter stops keeping them and the exact
+    histogram passes answer."""
+    from mergelib import selection as sel
+
+    n, m = 2, 1 << 21
+    x = torch.ones(n, m)
+    x[:, 1::2] = 2.0
+    blocks = [x[:, : m // 2], x[:, m // 2:]]
+    ks = [[m // 2, m // 2 + 1]] * n
+    calls = []
+    real = st._stream_kth_hist
+    monkeypatch.setattr(st, "_stream_kth_hist", lambda *a, **k: calls.append(1) or real(*a, **k))
+    got = st._stream_kth(lambda: iter(blocks), n, ks, absolute=False)
+    assert calls and got.tolist() == [[1.0, 2.0]] * n
+    assert torch.equal(got, torch.stack([sel.kth_smallest(x, k, dim=1) for k in ks[0]], 1))
