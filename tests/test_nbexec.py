@@ -67,3 +67,71 @@ def test_papermill_runs_a_widget_notebook_with_the_engine(tmp_path):
     cells = json.loads(dst.read_text())["cells"]
     text = lambda o: "".join(o.get("text", ""))
     assert "done 42" in "".join(text(o) for o in cells[-1]["outputs"])
+
+
+# ------------------------------------------------------------------------ a kernel that dies at start
+# The kernel below loses the port race of papermill #511 on purpose: before its first ``fails``
+# launches, the launcher itself holds the kernel's shell port, so ipykernel dies with "Address already
+# in use" before its first reply, exactly as when another process took the port in between.
+_RACY_LAUNCHER = r'''
+import json, os, socket, subprocess, sys
+from pathlib import Path
+count, fails, conn = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+n = int(count.read_text()) + 1 if count.exists() else 1
+count.write_text(str(n))
+kernel = [sys.executable, "-m", "ipykernel_launcher", "-f", conn]
+if n > fails:
+    os.execv(sys.executable, kernel)
+info = json.loads(Path(conn).read_text())
+held = socket.socket()
+held.bind((info["ip"], info["shell_port"]))
+held.listen()
+sys.exit(subprocess.call(kernel))
+'''
+
+
+def _racy_kernel(tmp_path, monkeypatch, fails):
+    """A kernelspec 'racy' (in a private JUPYTER_PATH) whose first ``fails`` launches lose the port race."""
+    import sys
+
+    launcher, count = tmp_path / "launcher.py", tmp_path / "launches.txt"
+    launcher.write_text(_RACY_LAUNCHER)
+    spec = tmp_path / "jupyter" / "kernels" / "racy"
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, str(launcher), str(count), str(fails), "{connection_file}"],
+        "display_name": "racy", "language": "python"}))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    nb = {"cells": [{"cell_type": "code", "metadata": {"tags": ["parameters"]}, "source": "x = 1", "outputs": [],
+                     "execution_count": None, "id": "p"},
+                    {"cell_type": "code", "metadata": {}, "source": "print('ran', x)", "outputs": [],
+                     "execution_count": None, "id": "c"}],
+          "metadata": {"kernelspec": {"name": "racy", "display_name": "racy", "language": "python"}},
+          "nbformat": 4, "nbformat_minor": 5}
+    src = tmp_path / "in.ipynb"
+    src.write_text(json.dumps(nb))
+    return src, count
+
+
+def test_a_kernel_that_loses_the_port_race_is_started_again(tmp_path, monkeypatch):
+    papermill = pytest.importorskip("papermill")
+    from mergelib.nbexec import KERNEL_START_ATTEMPTS
+
+    src, count = _racy_kernel(tmp_path, monkeypatch, fails=KERNEL_START_ATTEMPTS - 1)
+    dst = tmp_path / "out.ipynb"
+    papermill.execute_notebook(str(src), str(dst), parameters={"x": 7}, engine_name="mergelib",
+                               kernel_name="racy", progress_bar=False, execution_timeout=120)
+    assert count.read_text() == str(KERNEL_START_ATTEMPTS)       # it died twice, the third start ran
+    outputs = json.loads(dst.read_text())["cells"][-1]["outputs"]
+    assert "ran 7" in "".join("".join(o.get("text", "")) for o in outputs)
+
+
+def test_a_kernel_that_never_starts_is_a_named_error(tmp_path, monkeypatch):
+    papermill = pytest.importorskip("papermill")
+    from mergelib.nbexec import KERNEL_START_ATTEMPTS
+
+    src, count = _racy_kernel(tmp_path, monkeypatch, fails=10 ** 6)
+    with pytest.raises(RuntimeError, match=f"kernel 'racy' failed to start {KERNEL_START_ATTEMPTS} times"):
+        papermill.execute_notebook(str(src), str(tmp_path / "out.ipynb"), engine_name="mergelib",
+                                   kernel_name="racy", progress_bar=False, execution_timeout=120)
+    assert count.read_text() == str(KERNEL_START_ATTEMPTS)

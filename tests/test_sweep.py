@@ -161,7 +161,7 @@ def test_every_run_gets_its_folder_parameters_and_metrics(swept):
 def test_a_failing_run_keeps_its_notebook_and_error_and_does_not_stop_the_others(swept):
     out, _, res_fail = swept
     ok, bad = res_fail
-    assert (ok.params["X"], ok.status, ok.metrics) == (1.0, "ok", {"y": -1.0, "ok": True})
+    assert (ok.params["X"], ok.status, ok.metrics) == (1.0, "ok", {"y": -1.0, "ok": True}), ok.error
     assert bad.params["X"] == 2.0 and bad.status == "failed" and "ValueError: X too big: 2.0" in bad.error
     d = Path(bad.path)
     assert "ValueError: X too big: 2.0" in (d / "error.txt").read_text()
