@@ -495,15 +495,23 @@ def flatten(tvs: Sequence[Mapping[str, Tensor]] | Mapping[str, Tensor], keys: Se
             if tuple(t.shape) != shape:
                 raise StateDictShapeError(f"tensor {k!r}: shape {tuple(t.shape)} in task vector {i} "
                                           f"but {shape} in task vector 0")
-            seg = out[i, off:off + n]
-            base = None if subtract is None else subtract[k]
-            if base is not None and t.dtype == base.dtype == dtype and t.device == base.device == out.device:
-                torch.sub(t.reshape(-1), base.reshape(-1), out=seg)  # one pass; the same bits as below
-                continue
-            seg.copy_(t.reshape(-1))  # casts to dtype, moves to device if needed
-            if base is not None:
-                seg.sub_(base.reshape(-1).to(device, non_blocking=True))
+            _sub_into(t.reshape(-1), None if subtract is None else subtract[k].reshape(-1), out[i, off:off + n])
     return out, layout
+
+
+def _sub_into(t: Tensor, base: Tensor | None, out: Tensor) -> None:
+    """``out = t - base`` (``out = t`` without a base) in ``out``'s dtype and on its device.
+
+    One subtraction kernel when ``t`` and ``base`` already have ``out``'s dtype and device; otherwise a
+    copy (cast, move) then a subtraction, which gives the same bits. :func:`flatten` and
+    :class:`TaskVectorColumns` both compute task vectors here, so they agree bit for bit.
+    """
+    if base is not None and t.dtype == base.dtype == out.dtype and t.device == base.device == out.device:
+        torch.sub(t, base, out=out)
+        return
+    out.copy_(t)
+    if base is not None:
+        out.sub_(base.to(out.device, non_blocking=True))
 
 
 class TaskVectorColumns:
@@ -530,14 +538,6 @@ class TaskVectorColumns:
         self._bases = [pretrained[k].reshape(-1) for k in self.layout.keys]
         self._rows = [[m[k].reshape(-1) for k in self.layout.keys] for m in self.models]
 
-    def _sub(self, t: Tensor, base: Tensor, out: Tensor) -> None:
-        """out = t - base in ``dtype``: flatten's float operations."""
-        if t.dtype == base.dtype == self.dtype and t.device == base.device == out.device:
-            torch.sub(t, base, out=out)
-        else:
-            out.copy_(t)
-            out.sub_(base.to(out.device, non_blocking=True))
-
     def block(self, c0: int, c1: int, out: Tensor, rows: Sequence[int] | None = None) -> Tensor:
         """Columns ``[c0, c1)`` of every row (or of ``rows``) written into ``out``
         (``len(rows) x (c1 - c0)``), which is returned."""
@@ -550,7 +550,7 @@ class TaskVectorColumns:
             if a1 > a0:
                 base = self._bases[j][a0 - off:a1 - off]
                 for r, i in enumerate(rows):
-                    self._sub(self._rows[i][j][a0 - off:a1 - off], base, out[r, a0 - c0:a1 - c0])
+                    _sub_into(self._rows[i][j][a0 - off:a1 - off], base, out[r, a0 - c0:a1 - c0])
                 a0 = a1
             j += 1
         return out
@@ -573,7 +573,7 @@ class TaskVectorColumns:
             local = (positions[a:b] - off).to(self.device)
             base = torch.index_select(self._bases[j], 0, local)
             for i, row in enumerate(self._rows):
-                self._sub(torch.index_select(row[j], 0, local), base, out[i, a:b])
+                _sub_into(torch.index_select(row[j], 0, local), base, out[i, a:b])
         return out
 
 
