@@ -369,6 +369,15 @@ def _column_chunks(n: int, D: int, device: torch.device) -> list[tuple[int, int]
     return [(c0, min(c0 + width, D)) for c0 in range(0, D, width)]
 
 
+def _column_reader(src: Tensor | TaskVectorColumns, width: int):
+    """``read(c0, c1)``: columns ``[c0, c1)`` (at most ``width``) of an ``N x D`` matrix (a view) or of a
+    :class:`TaskVectorColumns` (computed into one reused buffer, valid until the next call)."""
+    if isinstance(src, Tensor):
+        return lambda c0, c1: src[:, c0:c1]
+    buf = torch.empty(src.shape[0], width, dtype=src.dtype, device=src.device)
+    return lambda c0, c1: src.block(c0, c1, buf[:, : c1 - c0])
+
+
 def _trimmed_chunks(tvs: Tensor | TaskVectorColumns, plan, budgets, trim_rule: str):
     """Yield ``(c0, c1, trimmed, scratch)`` over :func:`_column_chunks` of ``tvs``: the trimmed
     ``N x (c1 - c0)`` block and a scratch block of the same shape (two reused buffers). A
@@ -376,12 +385,12 @@ def _trimmed_chunks(tvs: Tensor | TaskVectorColumns, plan, budgets, trim_rule: s
     n, D = tvs.shape
     chunks = _column_chunks(n, D, tvs.device)
     width = chunks[0][1] - chunks[0][0]
-    columns = not isinstance(tvs, Tensor)
-    buf = torch.empty(3 if columns else 2, n, width, dtype=tvs.dtype, device=tvs.device)
+    read = _column_reader(tvs, width)
+    buf = torch.empty(2, n, width, dtype=tvs.dtype, device=tvs.device)
     seg_i = 0
     for c0, c1 in chunks:
         t = buf[0, :, : c1 - c0]
-        x = tvs.block(c0, c1, buf[2, :, : c1 - c0]) if columns else tvs[:, c0:c1]
+        x = read(c0, c1)
         while seg_i < len(plan) and plan[seg_i][1] <= c0:
             seg_i += 1
         j = seg_i
@@ -615,27 +624,27 @@ def _pcb_official(src: Tensor | TaskVectorColumns, density: float, lams: Sequenc
         clip = torch.stack([torch.stack(_pcb_official_clip(src[i], lo_k, hi_k)) for i in range(n)])
     lo, hi = clip[:, 0:1], clip[:, 1:2]  # N x 1
     chunks = _column_chunks(n, D, dev)
-    block = torch.empty(n, chunks[0][1] - chunks[0][0], dtype=src.dtype, device=dev) if columns else None
+    read = _column_reader(src, chunks[0][1] - chunks[0][0])
     # steps 1-4 over column chunks in cache: beta (kept, N x D) and its row max
     beta = empty_matrix((n, D), dtype=src.dtype, device=dev)
     beta_max = torch.full((n, 1), -math.inf, dtype=src.dtype, device=dev)
     sums = torch.zeros((), dtype=torch.float64, device=dev)  # sum of the column sums: finite iff tau is
     for c0, c1 in chunks:
-        x = src.block(c0, c1, block[:, : c1 - c0]) if columns else src[:, c0:c1]
+        x = read(c0, c1)
         total = _row_sum(x)  # rows in order: the same bits when computed tensor by tensor
         if columns:
             sums += total.sum(dtype=torch.float64)
         b = _pcb_official_beta(x, total, n, lo, hi, out=beta[:, c0:c1])
         torch.maximum(beta_max, b.amax(1, keepdim=True), out=beta_max)
     if columns and not math.isfinite(float(sums)) and not all(
-            all_finite(src.block(c0, c1, block[:, : c1 - c0])) for c0, c1 in chunks):
+            all_finite(read(c0, c1)) for c0, c1 in chunks):
         raise NonFiniteError("task vectors are not finite")
     q = torch.stack([kth_smallest(beta[i], q_k) for i in range(n)]).unsqueeze(1)  # step 5's threshold per row
     lam = torch.tensor(list(lams), dtype=src.dtype, device=dev).unsqueeze(1)
     num = torch.zeros(D, dtype=src.dtype, device=dev)
     den = torch.zeros_like(num)
     for c0, c1 in chunks:  # steps 5-6, tau' recomputed from tau
-        x = src.block(c0, c1, block[:, : c1 - c0]) if columns else src[:, c0:c1]
+        x = read(c0, c1)
         _pcb_official_add(num[c0:c1], den[c0:c1], _pcb_official_tprime(x, lo, hi), beta[:, c0:c1], q, beta_max, lam)
     return num.div_(den.clamp_min_(1e-12))
 
