@@ -109,7 +109,7 @@ def _brackets(sample: Tensor, n: int, ks: Sequence[int]) -> list[tuple[Tensor | 
     """Per rank k: values ``lo <= hi`` of the sorted ``sample`` (of a row of ``n`` entries) that bracket
     the k-th smallest with overwhelming probability (None: open on that side)."""
     m = sample.numel()
-    s = torch.from_numpy(np.sort(sample.numpy())) if _numpy_pass_ok(sample) else sample.sort().values
+    s = torch.from_numpy(np.sort(_as_numpy(sample))) if _numpy_pass_ok(sample) else sample.sort().values
     out = []
     for k in ks:
         p = k / n
@@ -145,12 +145,15 @@ def _select_row(row: Tensor, ks: Sequence[int], absolute: bool) -> list[Tensor]:
     s = row[_sample_index(n, min(SAMPLE, n), str(row.device))]
     brackets = _brackets(s.abs() if absolute else s, n, ks)
     numpy_pass = _numpy_pass_ok(row)
-    if numpy_pass:  # the row as a 1 x n block
-        xn = row.detach().numpy()[None]
-        below, cands = _count_blocks([xn], [brackets], xn.dtype, min(NUMPY_CHUNK, n), absolute)[0].result()
+    if numpy_pass:  # the row as one 1 x n block (bf16: 1 x CHUNK blocks converted to float32)
+        blocks = ([row.detach().numpy()[None]] if row.dtype in _NUMPY_DTYPES else
+                  (_as_numpy(row[a0:a1])[None] for a0, a1 in _chunks(n, row.device)))
+        below, cands = _count_blocks(blocks, [brackets], _numpy_dtype(row.dtype), min(NUMPY_CHUNK, n),
+                                     absolute)[0].result()
     else:
         below, cands = _count_pass_torch(row, _chunks(n, row.device), brackets, absolute)
-    return _finish(ks, below, cands, numpy_pass, lambda: row.abs() if absolute else row)
+    vals = _finish(ks, below, cands, numpy_pass, lambda: row.abs() if absolute else row)
+    return [v.to(row.dtype) for v in vals]  # bf16 counted in float32: the same values, cast back exactly
 
 
 def kth_smallest_columns(cols, k: int | Sequence[int], absolute: bool = True) -> Tensor:
@@ -175,24 +178,36 @@ def kth_smallest_columns(cols, k: int | Sequence[int], absolute: bool = True) ->
     brackets = [_brackets(row.abs() if absolute else row, n, ks) for row in sample]
     width = min(max(1024, (CHUNK // n_rows) // 1024 * 1024), n)
     buf = torch.empty(n_rows, width, dtype=cols.dtype, device=cols.device)
-    blocks = (cols.block(c0, min(c0 + width, n), buf[:, : min(c0 + width, n) - c0]).numpy()
+    blocks = (_as_numpy(cols.block(c0, min(c0 + width, n), buf[:, : min(c0 + width, n) - c0]))
               for c0 in range(0, n, width))
-    counters = _count_blocks(blocks, brackets, probe.numpy().dtype, width, absolute)
+    counters = _count_blocks(blocks, brackets, _numpy_dtype(cols.dtype), width, absolute)
     rows = []
     for i, ctr in enumerate(counters):
         below, cands = ctr.result()
         rows.append(torch.stack(_finish(ks, below, cands, True,
                                         lambda i=i: cols.row(i).abs() if absolute else cols.row(i))))
-    return torch.stack(rows)
+    return torch.stack(rows).to(cols.dtype)
 
 
 _NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16)
 
 
 def _numpy_pass_ok(row: Tensor) -> bool:
-    """The counting pass runs in NumPy for CPU rows of the dtypes NumPy has (not bf16): its boolean
-    masks, counts and extraction are several times faster there than torch's on one core."""
-    return row.device.type == "cpu" and row.dtype in _NUMPY_DTYPES and not row.requires_grad
+    """The counting pass runs in NumPy for CPU rows: its boolean masks, counts and extraction are
+    several times faster there than torch's on one core. NumPy has no bfloat16: bf16 rows are read in
+    float32 chunks (every bf16 value is a float32 and the order is the same, so the same counts and
+    values). The torch pass (:func:`_count_pass_torch`) is CUDA's."""
+    return row.device.type == "cpu" and row.dtype in (*_NUMPY_DTYPES, torch.bfloat16) and not row.requires_grad
+
+
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    """The NumPy dtype the counting pass compares ``dtype`` values in (bf16: float32)."""
+    return torch.empty(0, dtype=dtype if dtype in _NUMPY_DTYPES else torch.float32).numpy().dtype
+
+
+def _as_numpy(t: Tensor) -> np.ndarray:
+    """``t`` (CPU) as a NumPy array in :func:`_numpy_dtype` (a view, or a float32 copy of bf16)."""
+    return t.detach().numpy() if t.dtype in _NUMPY_DTYPES else t.detach().float().numpy()
 
 
 class _NumpyCounter:
@@ -294,7 +309,8 @@ def _count_blocks(blocks, brackets, dtype, width: int, absolute: bool, limit: in
 
 def _count_pass_torch(row: Tensor, chunks, brackets, absolute: bool):
     """``(below, cands)`` of :class:`_NumpyCounter` with torch operations, over the chunks of ``row``
-    (CUDA, bf16): per bracket ``#{x < lo}`` and the entries in ``[lo, hi]``."""
+    (CUDA; on the CPU only where NumPy cannot read the row): per bracket ``#{x < lo}`` and the entries
+    in ``[lo, hi]``. One chunk is the whole row on CUDA, so no per-chunk host round trips."""
     below = [0] * len(brackets)
     cands: list[list[Tensor]] = [[] for _ in brackets]
     # counts below lo as a float32 0/1 sum (faster than a bool one on the CPU; exact below 2**24)

@@ -2,6 +2,7 @@
 import importlib.util
 import pathlib
 
+import numpy as np
 import pytest
 import torch
 
@@ -176,11 +177,11 @@ def test_ties_merge_rules_validate():
     assert a.shape == b.shape == (lay.D,)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["normal", "ties", "zeros", "subnormal"])
 def test_numpy_and_torch_counting_passes_agree(monkeypatch, kind, dtype):
-    """The CPU counting pass runs in NumPy for the dtypes NumPy has; the torch pass (CUDA, bf16) gives
-    the same values, including the sample-missed fallback."""
+    """The CPU counting pass runs in NumPy (bf16 read as float32); the torch pass (CUDA's) gives the
+    same values, in the row's dtype, including the sample-missed fallback."""
     x = _rows(kind, dtype, rows=1)
     n = x.shape[1]
     ks = [1, n // 3, n - n // 10, n]
@@ -188,11 +189,12 @@ def test_numpy_and_torch_counting_passes_agree(monkeypatch, kind, dtype):
     fast = sel.kth_smallest(x, ks, dim=1, absolute=True)
     monkeypatch.setattr(sel, "_numpy_pass_ok", lambda row: False)
     slow = sel.kth_smallest(x, ks, dim=1, absolute=True)
-    assert _bits(fast, slow)
+    assert fast.dtype == slow.dtype == dtype and _bits(fast, slow)
     monkeypatch.setattr(sel, "_sample_index", lambda n, m, dev: torch.zeros(m, dtype=torch.long))
     assert _bits(sel.kth_smallest(x, ks, dim=1, absolute=True), slow)
 
 
 def test_counting_pass_dtypes():
-    assert not sel._numpy_pass_ok(torch.zeros(3, dtype=torch.bfloat16))  # NumPy has no bfloat16
+    assert sel._numpy_pass_ok(torch.zeros(3, dtype=torch.bfloat16))  # read as float32: NumPy has no bf16
+    assert sel._as_numpy(torch.tensor([1.5, -0.0], dtype=torch.bfloat16)).dtype == np.float32
     assert not sel._numpy_pass_ok(torch.zeros(3, requires_grad=True))
