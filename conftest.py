@@ -1,4 +1,5 @@
 """Repository-wide pytest configuration (unit tests and nbval on the notebooks)."""
+import functools
 import os
 
 import pytest
@@ -7,6 +8,37 @@ import pytest
 os.environ["MERGELIB_DOWNLOAD"] = "0"
 # Quiet, deterministic progress output when notebooks run under nbval.
 os.environ.setdefault("TQDM_MININTERVAL", "5")
+
+
+def _nbval_kernel_start_with_retries():
+    """nbval starts each notebook's kernel with ``nbval.kernel.start_new_kernel``, open to the same port
+    race as papermill's (see ``mergelib/nbexec.py``): a kernel that dies before its first reply would
+    fail every cell of its notebook. Start such a kernel again, with a new manager and so new ports, up
+    to ``KERNEL_START_ATTEMPTS`` times, as ``papermill --engine mergelib`` does."""
+    try:
+        import nbval.kernel
+    except ImportError:
+        return
+    from mergelib.nbexec import KERNEL_START_ATTEMPTS
+
+    start = nbval.kernel.start_new_kernel
+    if getattr(start, "retried", False):
+        return
+
+    @functools.wraps(start)
+    def start_new_kernel(*args, **kwargs):
+        for attempt in range(1, KERNEL_START_ATTEMPTS + 1):
+            try:
+                return start(*args, **kwargs)
+            except RuntimeError:  # died or did not answer before its first reply; nbval shut it down
+                if attempt == KERNEL_START_ATTEMPTS:
+                    raise
+
+    start_new_kernel.retried = True
+    nbval.kernel.start_new_kernel = start_new_kernel
+
+
+_nbval_kernel_start_with_retries()
 
 
 def pytest_collectstart(collector):

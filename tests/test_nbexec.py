@@ -135,3 +135,17 @@ def test_a_kernel_that_never_starts_is_a_named_error(tmp_path, monkeypatch):
         papermill.execute_notebook(str(src), str(tmp_path / "out.ipynb"), engine_name="mergelib",
                                    kernel_name="racy", progress_bar=False, execution_timeout=120)
     assert count.read_text() == str(KERNEL_START_ATTEMPTS)
+
+
+def test_nbval_kernels_are_started_again(tmp_path, monkeypatch):
+    """conftest.py gives nbval's kernel start the same retries (nbval runs the course notebooks in CI)."""
+    nbval_kernel = pytest.importorskip("nbval.kernel")
+    from mergelib.nbexec import KERNEL_START_ATTEMPTS
+
+    assert getattr(nbval_kernel.start_new_kernel, "retried", False)
+    _, count = _racy_kernel(tmp_path, monkeypatch, fails=KERNEL_START_ATTEMPTS - 1)
+    kernel = nbval_kernel.RunningKernel("racy", cwd=str(tmp_path))
+    try:
+        assert kernel.is_alive() and count.read_text() == str(KERNEL_START_ATTEMPTS)
+    finally:
+        kernel.stop()
