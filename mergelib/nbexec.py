@@ -4,12 +4,13 @@ Use it as ``papermill --engine mergelib ...``.
 
 It fixes two intermittent failures of papermill's own engine.
 
-**A missed reply.** papermill executes notebooks through nbclient, which waits for each cell's ``execute_reply`` with one
-long ``get_msg(timeout=...)`` on the kernel's shell channel (the whole execution timeout, or forever
-when there is none). Intermittently, most often right after a cell that displays ipywidgets, that wait
-misses the wake-up of a reply that has already arrived: the kernel is idle, the reply sits in the
-socket, and papermill waits until the timeout, or forever (nbclient issue #312; we saw it several times
-while executing the course notebooks). Asking again for the message finds it at once.
+**A missed reply.** papermill executes notebooks through nbclient, which waits for each cell's
+``execute_reply`` with one long ``get_msg(timeout=...)`` on the kernel's shell channel (the whole
+execution timeout, or forever when there is none). Intermittently, most often right after a cell that
+displays ipywidgets, that wait misses the wake-up of a reply that has already arrived: the kernel is
+idle, the reply sits in the socket, and papermill waits until the timeout, or forever (nbclient issue
+#312; we saw it several times while executing the course notebooks). Asking again for the message finds
+it at once.
 
 This engine polls the shell channel in short slices (``POLL_S``) until the same overall timeout, so a
 missed wake-up costs at most ``POLL_S`` seconds.
