@@ -145,9 +145,8 @@ def _select_row(row: Tensor, ks: Sequence[int], absolute: bool) -> list[Tensor]:
     s = row[_sample_index(n, min(SAMPLE, n), str(row.device))]
     brackets = _brackets(s.abs() if absolute else s, n, ks)
     numpy_pass = _numpy_pass_ok(row)
-    if numpy_pass:  # the row as one 1 x n block (bf16: 1 x CHUNK blocks converted to float32)
-        blocks = ([row.detach().numpy()[None]] if row.dtype in _NUMPY_DTYPES else
-                  (_as_numpy(row[a0:a1])[None] for a0, a1 in _chunks(n, row.device)))
+    if numpy_pass:  # 1 x CHUNK blocks of the row (views; bf16 converted to float32 one block at a time)
+        blocks = (_as_numpy(row[a0:a1])[None] for a0, a1 in _chunks(n, row.device))
         below, cands = _count_blocks(blocks, [brackets], _numpy_dtype(row.dtype), min(NUMPY_CHUNK, n),
                                      absolute)[0].result()
     else:
