@@ -25,15 +25,7 @@ import time
 from pathlib import Path
 
 import mergelib as ml
-
-
-def _value(v: str):
-    for kind in (int, float):
-        try:
-            return kind(v)
-        except ValueError:
-            pass
-    return v
+from mergelib.streaming import _parse_value  # values parsed as `python -m mergelib.merge` parses them
 
 
 def main(argv=None) -> dict:
@@ -51,7 +43,7 @@ def main(argv=None) -> dict:
         root.mkdir(parents=True, exist_ok=True)
         make_set(root, 4, args.make_mb, torch.bfloat16, 1024)
     fts = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("ft"))
-    hp = {k: _value(v) for k, v in (kv.split("=", 1) for kv in args.hparams)}
+    hp = {k: _parse_value(v) for k, v in (kv.split("=", 1) for kv in args.hparams)}
     total = (root / "base.safetensors").stat().st_size + sum(f.stat().st_size for d in fts
                                                              for f in d.glob("*.safetensors"))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
