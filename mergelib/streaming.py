@@ -346,18 +346,24 @@ def _hist_pass(blocks: Iterable[Tensor], n: int, sel: Tensor | None = None) -> T
 
     Without ``sel``: counts of the high 16 bits (offset by 2**15, so bins follow the signed order),
     ``N x 65536``. With ``sel`` (``N x m`` high bins): for every row r and column j, the counts of
-    the low 16 bits of the entries whose high bin is ``sel[r, j]``, ``N * m x 65536``.
+    the low 16 bits of the entries whose high bin is ``sel[r, j]``, ``N * m x 65536``. Each block is
+    counted in column chunks (``index_add_`` into the histogram), so the temporaries are a chunk's.
     """
     m = 1 if sel is None else sel.shape[1]
     hist = torch.zeros((n * m) << 16, dtype=torch.int64)
     rows = (torch.arange(n * m, dtype=torch.int32) << 16).view(n, m)
-    for key in blocks:  # one bincount per tensor (and bin): row r counts into [r * 65536, (r + 1) * 65536)
-        high = (key >> 16) + (1 << 15)
-        if sel is None:
-            idx = high.add_(rows)
-        else:
-            idx = torch.cat([((key & 0xFFFF) + rows[:, j:j + 1])[high == sel[:, j:j + 1]] for j in range(m)])
-        hist += torch.bincount(idx.reshape(-1), minlength=(n * m) << 16)
+    width = max(1, _comp._select.CHUNK // n)
+    one = torch.ones(1, dtype=torch.int64)
+    for key in blocks:  # row r counts into [r * 65536, (r + 1) * 65536)
+        for c0 in range(0, key.shape[1], width):
+            kc = key[:, c0:c0 + width]
+            high = (kc >> 16) + (1 << 15)
+            if sel is None:
+                idx = high.add_(rows)
+            else:
+                idx = torch.cat([((kc & 0xFFFF) + rows[:, j:j + 1])[high == sel[:, j:j + 1]] for j in range(m)])
+            idx = idx.reshape(-1)
+            hist.index_add_(0, idx, one.expand(idx.numel()))
     return hist.view(n * m, 1 << 16)
 
 
