@@ -46,6 +46,8 @@ import math
 import os
 import shutil
 import sys
+from contextlib import closing
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -188,9 +190,17 @@ class Checkpoint(Mapping):
                     raise CorruptCheckpointError(f"{p}: index puts {k!r} in {f.name}, which does not hold it")
 
     def __getitem__(self, key: str) -> Tensor:
+        return self.read_into(key, self.empty(key))
+
+    def empty(self, key: str) -> Tensor:
+        """An uninitialised tensor of ``key``'s shape and dtype (for :meth:`read_into`)."""
+        shape, dt = self._meta[key][:2]
+        return torch.empty(shape, dtype=dt)
+
+    def read_into(self, key: str, t: Tensor) -> Tensor:
+        """Read tensor ``key`` into ``t`` (from :meth:`empty`) and return it."""
         f = self._file_of[key]
         shape, dt, s0, s1 = self._meta[key]
-        t = torch.empty(shape, dtype=dt)
         try:
             if f.stat().st_size != self._sizes[f]:
                 raise ValueError("the file changed size since it was opened")
@@ -227,6 +237,49 @@ class Checkpoint(Mapping):
         return {k: torch.empty(m[0], dtype=m[1], device="meta") for k, m in self._meta.items()}
 
 
+class _ReadAhead:
+    """The inputs of a merge (``ckpts[0]`` the base, then the fine-tunes), read one key ahead.
+
+    A pass iterates ``over(keys)``: while key ``i`` is merged, a background thread reads every
+    checkpoint's tensor of key ``i + 1``; :meth:`get` hands those tensors out (or reads now what was
+    not read ahead). File reads release the GIL, as torch's kernels do, so reading and computing
+    overlap on two cores. Memory: one key's input tensors more than reading on demand.
+    """
+
+    def __init__(self, ckpts: Sequence[Checkpoint]):
+        self.ckpts = list(ckpts)
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="mergelib-read")
+        self.ahead: dict[str, Future] = {}
+
+    def _read_ahead(self, key: str) -> Future:
+        # the tensors are allocated here, in the calling thread: memory the thread allocated would sit in
+        # a malloc arena of its own (per-thread arenas fragment apart and raise the peak resident set)
+        bufs = [c.empty(key) if key in c else None for c in self.ckpts]
+        return self.pool.submit(lambda: [None if b is None else c.read_into(key, b)
+                                         for c, b in zip(self.ckpts, bufs)])
+
+    def over(self, keys: Sequence[str]):
+        """Yield ``keys`` in order, reading each next key's tensors while the current one is used."""
+        keys = list(keys)
+        self.ahead.clear()  # a new pass: what an earlier one (stopped early) read ahead is not needed
+        for i, k in enumerate(keys):
+            if i + 1 < len(keys):
+                self.ahead[keys[i + 1]] = self._read_ahead(keys[i + 1])
+            yield k
+            self.ahead.pop(k, None)  # drop what this key did not use
+
+    def get(self, j: int, key: str) -> Tensor:
+        """Tensor ``key`` of ``ckpts[j]``: the one read ahead (an error of that read is raised here) or a
+        fresh read."""
+        fut = self.ahead.get(key)
+        t = fut.result()[j] if fut is not None else None
+        return self.ckpts[j][key] if t is None else t
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.ahead.clear()
+
+
 # ----------------------------------------------------------------------------------------------
 # Writing
 # ----------------------------------------------------------------------------------------------
@@ -247,7 +300,11 @@ def _plan_shards(keys: Sequence[str], meta: Mapping[str, tuple], shard_bytes: in
 
 class _ShardWriter:
     """Writes one safetensors file tensor by tensor: the header (all shapes and dtypes are known in
-    advance) first, then each tensor's bytes as soon as it is computed."""
+    advance) first, then each tensor's bytes as soon as it is computed.
+
+    A background thread writes a tensor's bytes while the merge computes the next one (file writes
+    release the GIL): at most one write in flight, whose error (a full disk) is raised by the next
+    :meth:`add` or by :meth:`close`. :meth:`abort` ends the writer on an error path."""
 
     def __init__(self, path: Path, keys: Sequence[str], meta: Mapping[str, tuple]):
         header, off = {}, 0
@@ -262,10 +319,22 @@ class _ShardWriter:
         self.expected = list(keys)
         self.meta = meta
         self.f = open(path, "wb")
-        self._write(len(raw).to_bytes(8, "little") + raw)
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="mergelib-write")
+        self.pending: Future | None = None
+        try:
+            self._write(len(raw).to_bytes(8, "little") + raw)
+        except BaseException:
+            self.abort()
+            raise
 
     def _write(self, data) -> None:
         self.f.write(data)
+
+    def _wait(self) -> None:
+        """Wait for the write in flight; its error is raised here."""
+        fut, self.pending = self.pending, None
+        if fut is not None:
+            fut.result()
 
     def add(self, key: str, t: Tensor) -> None:
         if not self.expected or self.expected[0] != key:
@@ -273,12 +342,25 @@ class _ShardWriter:
         self.expected.pop(0)
         shape, dt = self.meta[key]
         t = t.detach().to("cpu", dt).contiguous().reshape(-1)
-        self._write(memoryview(t.view(torch.uint8).numpy()))
+        self._wait()
+        self.pending = self.pool.submit(self._write, memoryview(t.view(torch.uint8).numpy()))  # keeps t alive
 
     def close(self) -> None:
+        self._wait()
         self.f.flush()
         os.fsync(self.f.fileno())
-        self.f.close()
+        self.abort()
+
+    def abort(self) -> None:
+        """Let the write in flight finish (its error is not raised: an error is already being handled),
+        then close the file. Safe to call more than once."""
+        try:
+            self._wait()
+        except Exception:
+            pass
+        finally:
+            self.pool.shutdown(wait=True)
+            self.f.close()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -504,175 +586,175 @@ def merge_files(pretrained: str | os.PathLike, finetuned: Sequence[str | os.Path
     fts = [Checkpoint(f) for f in finetuned]
     names = [f"finetuned[{i}]" for i in range(len(fts))]
     borrowed = _check_inputs(base, fts, names, quiet)
+    with closing(_ReadAhead([base, *fts])) as src:  # every pass reads one key ahead
+        keys = _selected_keys(spec, base.meta_state_dict(), rules, include, exclude)
+        layout = FlatLayout.from_shapes({k: base.shape(k) for k in keys})
+        selected = set(keys)
+        seg_of = {k: (o, e) for k, o, e in layout.segments()}
 
-    keys = _selected_keys(spec, base.meta_state_dict(), rules, include, exclude)
-    layout = FlatLayout.from_shapes({k: base.shape(k) for k in keys})
-    selected = set(keys)
-    seg_of = {k: (o, e) for k, o, e in layout.segments()}
+        def block(k: str) -> Tensor:
+            """N x numel float32 task vectors of tensor k (DARE applied for dare_* methods)."""
+            pre = src.get(0, k)
+            x, lay = flatten([{k: src.get(i, k)} for i in range(1, len(fts) + 1)], [k], subtract={k: pre})
+            if method == "dare_ties":
+                _comp.dare_flat(x, hp["p"], lay, hp["seed"], tasks=names, inplace=True)
+            elif method in ("pcb", "fr") and not _comp.all_finite(x):
+                raise NonFiniteError(f"task vectors of {k!r} are not finite")
+            return x
 
-    def block(k: str) -> Tensor:
-        """N x numel float32 task vectors of tensor k (DARE applied for dare_* methods)."""
-        pre = base[k]
-        x, lay = flatten([{k: ft[k]} for ft in fts], [k], subtract={k: pre})
-        if method == "dare_ties":
-            _comp.dare_flat(x, hp["p"], lay, hp["seed"], tasks=names, inplace=True)
-        elif method in ("pcb", "fr") and not _comp.all_finite(x):
-            raise NonFiniteError(f"task vectors of {k!r} are not finite")
-        return x
+        def blocks(desc: str, fn=lambda k, x: x):
+            """fn(k, block(k)) for every selected key, in order (one pass over the inputs)."""
+            return (fn(k, block(k)) for k in _progress(src.over(keys), len(keys), desc, quiet))
 
-    def blocks(desc: str, fn=lambda k, x: x):
-        """fn(k, block(k)) for every selected key, in order (one pass over the inputs)."""
-        return (fn(k, block(k)) for k in _progress(keys, len(keys), desc, quiet))
+        if method == "fr":
+            fr_check_selection(layout, stacklevel=2)
+        pcb = None
+        if method == "pcb":  # the row statistics of pcb_merge (official): clip values, then q and max of beta
+            n = len(fts)
+            clip = _stream_kth(lambda: blocks("statistics |tau|"), n, [_comp._pcb_official_ks(layout.D)] * n)
 
-    if method == "fr":
-        fr_check_selection(layout, stacklevel=2)
-    pcb = None
-    if method == "pcb":  # the row statistics of pcb_merge (official): clip values, then q and max of beta
-        n = len(fts)
-        clip = _stream_kth(lambda: blocks("statistics |tau|"), n, [_comp._pcb_official_ks(layout.D)] * n)
+            beta_max = torch.full((n,), -math.inf)
 
-        beta_max = torch.full((n,), -math.inf)
+            def betas(k: str, x: Tensor) -> Tensor:  # also the row max of beta (the same on both passes)
+                total = _comp._row_sum(x)
+                b = torch.empty_like(x)
+                for c0, c1 in _comp._column_chunks(n, x.shape[1], x.device):  # temporaries of a chunk, not the tensor
+                    _comp._pcb_official_beta(x[:, c0:c1], total[c0:c1], n, clip[:, 0:1], clip[:, 1:2], out=b[:, c0:c1])
+                torch.maximum(beta_max, b.amax(1), out=beta_max)
+                return b
 
-        def betas(k: str, x: Tensor) -> Tensor:  # also the row max of beta (the same on both passes)
-            total = _comp._row_sum(x)
-            b = torch.empty_like(x)
-            for c0, c1 in _comp._column_chunks(n, x.shape[1], x.device):  # temporaries of a chunk, not the tensor
-                _comp._pcb_official_beta(x[:, c0:c1], total[c0:c1], n, clip[:, 0:1], clip[:, 1:2], out=b[:, c0:c1])
-            torch.maximum(beta_max, b.amax(1), out=beta_max)
-            return b
+            q = _stream_kth(lambda: blocks("statistics beta", betas), n,
+                            [[_comp._pcb_q_k(layout.D, hp["density"])]] * n, absolute=False)
+            pcb = {"clip": clip, "q": q[:, 0], "max": beta_max, "lams": [1.0] * n if lams is None else lams}
 
-        q = _stream_kth(lambda: blocks("statistics beta", betas), n,
-                        [[_comp._pcb_q_k(layout.D, hp["density"])]] * n, absolute=False)
-        pcb = {"clip": clip, "q": q[:, 0], "max": beta_max, "lams": [1.0] * n if lams is None else lams}
-
-    # global statistics of TIES: the global trim's thresholds and tie budgets, the majority sign
-    state = {}
-    if is_ties:
-        D, n = layout.D, len(fts)
-        density, trim_rule = hp["density"], hp["trim_rule"]
-        keep = int(D * density)
-        thr, budget = None, None
-        if glob_ties:
-            kth = _comp._trim_kth(D, density) if trim_rule == "official" else (
-                None if keep <= 0 or keep >= D else D - keep + 1)
-            if kth is not None:
-                thr = _stream_thresholds(lambda: (block(k) for k in _progress(keys, len(keys), "statistics",
-                                                                             quiet)), n, [kth] * n)
-            if trim_rule == "exact" and thr is not None:
-                gt = torch.zeros(n, 1, dtype=torch.int64)
-                for k in keys:
-                    gt += (block(k).abs() > thr).sum(1, keepdim=True)
-                budget = torch.cat([torch.zeros_like(gt), keep - gt], 1)
-
-        def plan(k: str, x: Tensor, budget_now):
+        # global statistics of TIES: the global trim's thresholds and tie budgets, the majority sign
+        state = {}
+        if is_ties:
+            D, n = layout.D, len(fts)
+            density, trim_rule = hp["density"], hp["trim_rule"]
+            keep = int(D * density)
+            thr, budget = None, None
             if glob_ties:
-                return [(0, x.shape[1], thr, keep)], [budget_now]
-            lay_k = FlatLayout.from_shapes({k: base.shape(k)})
-            p_ = _comp._trim_plan(x, density, "tensor", lay_k, trim_rule)
-            return p_, (_comp._exact_tie_budget(x, p_) if trim_rule == "exact" else [None] * len(p_))
+                kth = _comp._trim_kth(D, density) if trim_rule == "official" else (
+                    None if keep <= 0 or keep >= D else D - keep + 1)
+                if kth is not None:
+                    thr = _stream_thresholds(lambda: blocks("statistics"), n, [kth] * n)
+                if trim_rule == "exact" and thr is not None:
+                    gt = torch.zeros(n, 1, dtype=torch.int64)
+                    for k in src.over(keys):
+                        gt += (block(k).abs() > thr).sum(1, keepdim=True)
+                    budget = torch.cat([torch.zeros_like(gt), keep - gt], 1)
 
-        majority = 1
-        if hp["sign_rule"] == "mass":
-            votes = [0, 0]
-            b2 = None if budget is None else budget.clone()
-            for k in _progress(keys, len(keys), "signs", quiet):
+            def plan(k: str, x: Tensor, budget_now):
+                if glob_ties:
+                    return [(0, x.shape[1], thr, keep)], [budget_now]
+                lay_k = FlatLayout.from_shapes({k: base.shape(k)})
+                p_ = _comp._trim_plan(x, density, "tensor", lay_k, trim_rule)
+                return p_, (_comp._exact_tie_budget(x, p_) if trim_rule == "exact" else [None] * len(p_))
+
+            majority = 1
+            if hp["sign_rule"] == "mass":
+                votes = [0, 0]
+                b2 = None if budget is None else budget.clone()
+                for k in _progress(src.over(keys), len(keys), "signs", quiet):
+                    x = block(k)
+                    pl, bu = plan(k, x, b2)
+                    p_, n_ = _comp._ties_sign_counts(x, pl, bu, trim_rule)
+                    votes[0] += p_
+                    votes[1] += n_
+                majority = 1 if votes[0] > votes[1] else -1
+            state = {"plan": plan, "budget": budget, "majority": majority, "trim_rule": trim_rule}
+
+        def merged_tensor(k: str) -> Tensor:
+            pre = src.get(0, k)
+            if k not in selected:
+                return pre
+            if spec.fn is _sum:
+                ftk = [{k: src.get(i, k)} for i in range(1, len(fts) + 1)]
+                extra = {}
+                o, e = seg_of[k]
+                tail = (layout.D // 1024) * 1024 if lams is None else layout.D
+                if e > tail:  # the last partial block of the flat sum spans the last keys: load them
+                    for k2, (o2, e2) in seg_of.items():
+                        if e2 > tail and k2 != k:
+                            extra[k2] = base[k2]
+                            for d, ft in zip(ftk, fts):
+                                d[k2] = ft[k2]
+                pre_d = {k: pre, **extra}
+                delta = _sum_per_tensor(pre_d, ftk, [k], lams, check=True, layout=layout)[k]
+            elif method == "fr":
+                delta = fr_tensor(block(k), k, tuple(pre.shape), **hp).view(pre.shape)
+            elif method == "pcb":
                 x = block(k)
-                pl, bu = plan(k, x, b2)
-                p_, n_ = _comp._ties_sign_counts(x, pl, bu, trim_rule)
-                votes[0] += p_
-                votes[1] += n_
-            majority = 1 if votes[0] > votes[1] else -1
-        state = {"plan": plan, "budget": budget, "majority": majority, "trim_rule": trim_rule}
-
-    def merged_tensor(k: str) -> Tensor:
-        pre = base[k]
-        if k not in selected:
-            return pre
-        if spec.fn is _sum:
-            ftk = [{k: ft[k]} for ft in fts]
-            extra = {}
-            o, e = seg_of[k]
-            tail = (layout.D // 1024) * 1024 if lams is None else layout.D
-            if e > tail:  # the last partial block of the flat sum spans the last keys: load them
-                for k2, (o2, e2) in seg_of.items():
-                    if e2 > tail and k2 != k:
-                        extra[k2] = base[k2]
-                        for d, ft in zip(ftk, fts):
-                            d[k2] = ft[k2]
-            pre_d = {k: pre, **extra}
-            delta = _sum_per_tensor(pre_d, ftk, [k], lams, check=True, layout=layout)[k]
-        elif method == "fr":
-            delta = fr_tensor(block(k), k, tuple(pre.shape), **hp).view(pre.shape)
-        elif method == "pcb":
-            x = block(k)
-            n = x.shape[0]
-            total = _comp._row_sum(x)
-            num, den = torch.zeros_like(total), torch.zeros_like(total)
-            lo, hi = pcb["clip"][:, 0:1], pcb["clip"][:, 1:2]
-            lam_col = torch.tensor(pcb["lams"], dtype=x.dtype)[:, None]
-            for c0, c1 in _comp._column_chunks(n, x.shape[1], x.device):  # temporaries of a chunk
-                xc = x[:, c0:c1]
-                _comp._pcb_official_add(num[c0:c1], den[c0:c1], _comp._pcb_official_tprime(xc, lo, hi),
-                                        _comp._pcb_official_beta(xc, total[c0:c1], n, lo, hi), pcb["q"][:, None],
-                                        pcb["max"][:, None], lam_col)
-            delta = num.div_(den.clamp_min_(1e-12)).view(pre.shape)
-        else:
-            x = block(k) if is_ties else flatten([{k: ft[k]} for ft in fts], [k], subtract={k: pre})[0]
-            lay = FlatLayout.from_shapes({k: tuple(pre.shape)})
-            if is_ties:
-                if not _comp.all_finite(x):
-                    raise NonFiniteError(f"task vectors of {k!r} are not finite")
-                pl, bu = state["plan"](k, x, state["budget"])
-                delta = _comp._ties_fused(x, pl, bu, state["trim_rule"], hp["sign_rule"],
-                                          majority=state["majority"])
+                n = x.shape[0]
+                total = _comp._row_sum(x)
+                num, den = torch.zeros_like(total), torch.zeros_like(total)
+                lo, hi = pcb["clip"][:, 0:1], pcb["clip"][:, 1:2]
+                lam_col = torch.tensor(pcb["lams"], dtype=x.dtype)[:, None]
+                for c0, c1 in _comp._column_chunks(n, x.shape[1], x.device):  # temporaries of a chunk
+                    xc = x[:, c0:c1]
+                    _comp._pcb_official_add(num[c0:c1], den[c0:c1], _comp._pcb_official_tprime(xc, lo, hi),
+                                            _comp._pcb_official_beta(xc, total[c0:c1], n, lo, hi), pcb["q"][:, None],
+                                            pcb["max"][:, None], lam_col)
+                delta = num.div_(den.clamp_min_(1e-12)).view(pre.shape)
             else:
-                delta = spec.fn(x, layout=lay, lambdas=lams, tasks=names, **hp)
-            delta = delta.view(pre.shape)
-        return torch.add(pre.float(), delta, alpha=lam).to(pre.dtype)
+                x = block(k) if is_ties else flatten([{k: src.get(i, k)} for i in range(1, len(fts) + 1)], [k],
+                                                     subtract={k: pre})[0]
+                lay = FlatLayout.from_shapes({k: tuple(pre.shape)})
+                if is_ties:
+                    if not _comp.all_finite(x):
+                        raise NonFiniteError(f"task vectors of {k!r} are not finite")
+                    pl, bu = state["plan"](k, x, state["budget"])
+                    delta = _comp._ties_fused(x, pl, bu, state["trim_rule"], hp["sign_rule"],
+                                              majority=state["majority"])
+                else:
+                    delta = spec.fn(x, layout=lay, lambdas=lams, tasks=names, **hp)
+                delta = delta.view(pre.shape)
+            return torch.add(pre.float(), delta, alpha=lam, out=delta).to(pre.dtype)  # delta is this merge's own
 
-    all_keys = sorted(base)
-    meta = {k: (base.shape(k), base.dtype(k)) for k in all_keys}
-    shards = _plan_shards(all_keys, meta, shard_bytes)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
-        weight_map = {}
-        it = iter(_progress(all_keys, len(all_keys), f"merging ({method})", quiet))
-        for i, shard_keys in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            w = _ShardWriter(tmp / fname, shard_keys, meta)
-            try:
-                for k in shard_keys:
-                    next(it)
-                    w.add(k, merged_tensor(k))
-                    weight_map[k] = fname
-                w.close()
-            finally:
-                w.f.close()
-        total = sum(math.prod(meta[k][0]) * torch.empty((), dtype=meta[k][1]).element_size() for k in all_keys)
-        index = {"metadata": {"total_size": total, "merged_by": "mergelib", "method": method,
-                              "borrowed_from_pretrained": borrowed},
-                 "weight_map": weight_map}
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        if out.exists():  # overwrite: swap in the complete result, then drop the old one
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DiskFullError(e.errno, f"disk full while writing the merge to {tmp}; nothing was "
-                                         f"written to {out} and the inputs are untouched") from e
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+        all_keys = sorted(base)
+        meta = {k: (base.shape(k), base.dtype(k)) for k in all_keys}
+        shards = _plan_shards(all_keys, meta, shard_bytes)
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        try:
+            weight_map = {}
+            it = iter(_progress(src.over(all_keys), len(all_keys), f"merging ({method})", quiet))
+            for i, shard_keys in enumerate(shards):
+                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                w = _ShardWriter(tmp / fname, shard_keys, meta)
+                try:
+                    for k in shard_keys:
+                        next(it)
+                        w.add(k, merged_tensor(k))
+                        weight_map[k] = fname
+                    w.close()
+                finally:
+                    w.abort()
+            total = sum(math.prod(meta[k][0]) * torch.empty((), dtype=meta[k][1]).element_size() for k in all_keys)
+            index = {"metadata": {"total_size": total, "merged_by": "mergelib", "method": method,
+                                  "borrowed_from_pretrained": borrowed},
+                     "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+            if out.exists():  # overwrite: swap in the complete result, then drop the old one
+                old = out.parent / f".{out.name}.old-{os.getpid()}"
+                os.rename(out, old)
+                os.rename(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(tmp, out)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFullError(e.errno, f"disk full while writing the merge to {tmp}; nothing was "
+                                             f"written to {out} and the inputs are untouched") from e
+            raise
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return out
 
 
 # ----------------------------------------------------------------------------------------------
