@@ -27,8 +27,8 @@ from torch import Tensor
 from .competition import _pcb_official, _ties_fused, _trim_plan, all_finite as _all_finite, dare_flat, pcb_merge, ties_merge
 from .fourier import _fr_options, fr_check_selection, fr_merge, fr_tensor
 from .hparams import HParam, HyperparameterError, check_number
-from .task_vectors import (FlatLayout, NonFiniteError, TaskVectorColumns, _check_finite, as_named_list, detect_family, flatten, resolve_rules, select_keys,
-                           unflatten, validate_state_dicts)
+from .task_vectors import (FlatLayout, NonFiniteError, TaskVectorColumns, _check_finite, _sub_into, as_named_list,
+                           detect_family, flatten, resolve_rules, select_keys, unflatten, validate_state_dicts)
 
 __all__ = ["merge", "METHODS", "REGISTRY", "MergeMethod", "method_table"]
 
@@ -343,14 +343,14 @@ def _sum_per_tensor(pretrained, models, keys: list[str], lams, check: bool,
         p0 = pretrained[k].reshape(-1)
         dev = p0.device
         acc = torch.zeros(numel, dtype=torch.float32, device=dev)
-        tmp = torch.empty(min(numel, _SUM_CHUNK), dtype=torch.float32, device=dev)
+        tmp = torch.empty(2, min(numel, _SUM_CHUNK), dtype=torch.float32, device=dev)  # t, base in float32
         step = _SUM_CHUNK if dev.type == "cpu" else max(numel, 1)
         for a0 in range(0, min(numel, max(tail - off, 0)), step):
             a1 = min(a0 + step, numel, tail - off)
-            base = p0[a0:a1].float()
-            t = tmp[: a1 - a0]
+            t, base = tmp[:, : a1 - a0]
+            base = p0[a0:a1] if p0.dtype == torch.float32 else base.copy_(p0[a0:a1])  # exact (as .float())
             for i, m in enumerate(models):
-                torch.sub(m[k].reshape(-1)[a0:a1].to(device=dev, dtype=torch.float32), base, out=t)
+                _sub_into(m[k].reshape(-1)[a0:a1], base, t)  # bf16/fp16: converted into t, then subtracted
                 if lams is None:
                     acc[a0:a1].add_(t)
                 else:
