@@ -7,6 +7,7 @@ import json
 import re
 import runpy
 import sys
+import threading
 from unittest import mock
 
 import pytest
@@ -206,12 +207,40 @@ def test_disk_full_leaves_nothing(tmp_path, monkeypatch):
     def flaky(self, data):
         calls["n"] += 1
         if calls["n"] > 3:
+            calls["thread"] = threading.current_thread().name
             raise OSError(errno.ENOSPC, "No space left on device")
         real(self, data)
 
     monkeypatch.setattr(st._ShardWriter, "_write", flaky)
     with pytest.raises(st.DiskFullError):
         ml.merge_files(base, ftp, tmp_path / "out", "ties", quiet=True, shard_bytes=10_000)
+    assert calls["thread"].startswith("mergelib-write")  # raised in the writer thread, reported by the merge
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+    assert all(p.read_bytes() == b for p, b in before.items())
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
+def test_a_read_error_in_the_read_ahead_thread_is_the_merges_error(tmp_path, monkeypatch, method):
+    """The next key's tensors are read in a background thread: a shard that fails there (here: as if it
+    had been truncated after the merge started) raises CorruptCheckpointError from merge_files, with
+    nothing written and the inputs untouched."""
+    pre, fts = _models(n=2)
+    base, ftp = _write(tmp_path, pre, fts)
+    before = {p: p.read_bytes() for p in [base, *ftp]}
+    real = st.Checkpoint.read_into
+    seen = {"threads": set()}
+
+    def failing(self, key, t):
+        seen["threads"].add(threading.current_thread().name.split("_")[0])
+        if key == "blocks.1.mlp.fc1.weight" and self.path == ftp[1]:
+            raise st.CorruptCheckpointError(f"{self.path}: cannot read {key!r} (end of file)")
+        return real(self, key, t)
+
+    monkeypatch.setattr(st.Checkpoint, "read_into", failing)
+    with pytest.raises(st.CorruptCheckpointError, match="blocks.1.mlp.fc1.weight"):
+        ml.merge_files(base, ftp, tmp_path / "out", method, quiet=True)
+    assert "mergelib-read" in seen["threads"]
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
     assert all(p.read_bytes() == b for p, b in before.items())
