@@ -1,11 +1,12 @@
 """Merging checkpoints on disk, tensor by tensor: :func:`merge_files` (and ``python -m mergelib.merge``).
 
 Inputs are safetensors files, Hugging Face sharded checkpoints (``*.safetensors.index.json``) or
-directories holding either. Tensors are read one at a time with plain file reads (not memory-mapped:
+directories holding either. Tensors are read key by key with plain file reads (not memory-mapped:
 see :class:`Checkpoint`), so the resident memory is a few tensors, not the model. The output is a
 sharded safetensors checkpoint with its ``model.safetensors.index.json``; every tensor keeps its dtype
 (the merge computes in float32, as :func:`mergelib.merge` does) and is written straight to its shard
-as soon as it is merged.
+as soon as it is merged. File I/O overlaps the computation: a background thread reads the next key's
+tensors (:class:`_ReadAhead`) and another writes the last merged tensor (:class:`_ShardWriter`).
 
 **Passes.** Per-tensor methods (``average``, ``task_arithmetic``, ``dare_ta``) need one pass over the inputs;
 ``ties``/``dare_ties`` with ``granularity="tensor"`` one more (the model-wide majority sign).
@@ -49,7 +50,7 @@ import sys
 from contextlib import closing
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Container, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -251,20 +252,21 @@ class _ReadAhead:
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="mergelib-read")
         self.ahead: dict[str, Future] = {}
 
-    def _read_ahead(self, key: str) -> Future:
+    def _read_ahead(self, key: str, base_only: bool) -> Future:
         # the tensors are allocated here, in the calling thread: memory the thread allocated would sit in
         # a malloc arena of its own (per-thread arenas fragment apart and raise the peak resident set)
-        bufs = [c.empty(key) if key in c else None for c in self.ckpts]
-        return self.pool.submit(lambda: [None if b is None else c.read_into(key, b)
-                                         for c, b in zip(self.ckpts, bufs)])
+        ckpts = self.ckpts[:1] if base_only else self.ckpts
+        bufs = [c.empty(key) if key in c else None for c in ckpts]
+        return self.pool.submit(lambda: [None if b is None else c.read_into(key, b) for c, b in zip(ckpts, bufs)])
 
-    def over(self, keys: Sequence[str]):
-        """Yield ``keys`` in order, reading each next key's tensors while the current one is used."""
+    def over(self, keys: Sequence[str], base_only: Container[str] = ()):
+        """Yield ``keys`` in order, reading each next key's tensors while the current one is used (only
+        the base's for the keys in ``base_only``: tensors that are not merged)."""
         keys = list(keys)
         self.ahead.clear()  # a new pass: what an earlier one (stopped early) read ahead is not needed
         for i, k in enumerate(keys):
             if i + 1 < len(keys):
-                self.ahead[keys[i + 1]] = self._read_ahead(keys[i + 1])
+                self.ahead[keys[i + 1]] = self._read_ahead(keys[i + 1], keys[i + 1] in base_only)
             yield k
             self.ahead.pop(k, None)  # drop what this key did not use
 
@@ -272,7 +274,8 @@ class _ReadAhead:
         """Tensor ``key`` of ``ckpts[j]``: the one read ahead (an error of that read is raised here) or a
         fresh read."""
         fut = self.ahead.get(key)
-        t = fut.result()[j] if fut is not None else None
+        got = fut.result() if fut is not None else []
+        t = got[j] if j < len(got) else None
         return self.ckpts[j][key] if t is None else t
 
     def close(self) -> None:
@@ -721,7 +724,8 @@ def merge_files(pretrained: str | os.PathLike, finetuned: Sequence[str | os.Path
         tmp.mkdir(parents=True)
         try:
             weight_map = {}
-            it = iter(_progress(src.over(all_keys), len(all_keys), f"merging ({method})", quiet))
+            it = iter(_progress(src.over(all_keys, base_only=set(all_keys) - selected), len(all_keys),
+                                f"merging ({method})", quiet))
             for i, shard_keys in enumerate(shards):
                 fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
                 w = _ShardWriter(tmp / fname, shard_keys, meta)

@@ -246,6 +246,23 @@ def test_a_read_error_in_the_read_ahead_thread_is_the_merges_error(tmp_path, mon
     assert all(p.read_bytes() == b for p, b in before.items())
 
 
+def test_tensors_that_are_not_merged_are_read_from_the_base_only(tmp_path, monkeypatch):
+    """The read-ahead reads a fine-tune's tensor only where the merge uses it: excluded keys and integer
+    buffers come from the base alone, merged keys from every checkpoint exactly once per pass."""
+    pre, fts = _models(n=2)
+    base, ftp = _write(tmp_path, pre, fts)
+    reads = []
+    real = st.Checkpoint.read_into
+    monkeypatch.setattr(st.Checkpoint, "read_into",
+                        lambda self, key, t: reads.append((self.path.stem, key)) or real(self, key, t))
+    out = ml.merge_files(base, ftp, tmp_path / "out", "task_arithmetic", exclude=["norm"], quiet=True)
+    merged = [k for k in SHAPES if k != "norm.weight" and k != "embeddings.position_ids"]
+    for name in ("ft0", "ft1"):
+        assert sorted(k for f, k in reads if f == name) == sorted(merged)
+    assert sorted(k for f, k in reads if f == "base") == sorted(SHAPES)
+    assert torch.equal(_load_dir(out)["norm.weight"], pre["norm.weight"])
+
+
 def _peak_rss_mb():
     return int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1)) / 1024
 
