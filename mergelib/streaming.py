@@ -5,8 +5,9 @@ directories holding either. Tensors are read key by key with plain file reads (n
 see :class:`Checkpoint`), so the resident memory is a few tensors, not the model. The output is a
 sharded safetensors checkpoint with its ``model.safetensors.index.json``; every tensor keeps its dtype
 (the merge computes in float32, as :func:`mergelib.merge` does) and is written straight to its shard
-as soon as it is merged. File I/O overlaps the computation: a background thread reads the next key's
-tensors (:class:`_ReadAhead`) and another writes the last merged tensor (:class:`_ShardWriter`).
+as soon as it is merged. File I/O overlaps the computation: a background thread writes the last merged
+tensor (:class:`_ShardWriter`) and, for the per-tensor sums, another reads the next key's tensors
+(:class:`_ReadAhead`).
 
 **Passes.** Per-tensor methods (``average``, ``task_arithmetic``, ``dare_ta``) need one pass over the inputs;
 ``ties``/``dare_ties`` with ``granularity="tensor"`` one more (the model-wide majority sign).
@@ -202,6 +203,9 @@ class Checkpoint(Mapping):
         """Read tensor ``key`` into ``t`` (from :meth:`empty`) and return it."""
         f = self._file_of[key]
         shape, dt, s0, s1 = self._meta[key]
+        if tuple(t.shape) != shape or t.dtype != dt or not t.is_contiguous() or t.device.type != "cpu":
+            raise ValueError(f"read_into({key!r}): needs a contiguous CPU tensor of shape {shape} and dtype "
+                             f"{dt}, got {tuple(t.shape)} {t.dtype} on {t.device}")
         try:
             if f.stat().st_size != self._sizes[f]:
                 raise ValueError("the file changed size since it was opened")

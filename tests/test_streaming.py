@@ -247,6 +247,17 @@ def test_a_read_error_in_the_read_ahead_thread_is_the_merges_error(tmp_path, mon
     assert all(p.read_bytes() == b for p, b in before.items())
 
 
+def test_read_into_checks_its_buffer(tmp_path):
+    pre, _ = _models(n=1)
+    base, _ = _write(tmp_path, pre, [])
+    ck = st.Checkpoint(base)
+    t = ck.read_into("norm.weight", ck.empty("norm.weight"))
+    assert torch.equal(t, pre["norm.weight"])
+    for bad in (torch.empty(31), torch.empty(32, dtype=torch.float64), torch.empty(64)[::2]):
+        with pytest.raises(ValueError, match="read_into\\('norm.weight'\\): needs a contiguous CPU tensor"):
+            ck.read_into("norm.weight", bad)
+
+
 def test_tensors_that_are_not_merged_are_read_from_the_base_only(tmp_path, monkeypatch):
     """The read-ahead reads a fine-tune's tensor only where the merge uses it: excluded keys and integer
     buffers come from the base alone, merged keys from every checkpoint exactly once per pass."""
