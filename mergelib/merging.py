@@ -320,7 +320,7 @@ _SUM_ALIGN = 1024
 
 
 def _sum_per_tensor(pretrained, models, keys: list[str], lams, check: bool,
-                    layout: FlatLayout | None = None) -> dict[str, Tensor]:
+                    layout: FlatLayout | None = None, into: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
     """sum_i lam_i (theta_i - theta_0) per tensor in float32, chunk by chunk in cache: the same float
     operations (and bits) as ``flatten`` + :func:`_weighted_sum` on the ``N x D`` matrix, without it.
 
@@ -329,7 +329,9 @@ def _sum_per_tensor(pretrained, models, keys: list[str], lams, check: bool,
     Verified bit for bit for a few tasks (2-8) only: with many tasks (e.g. 32) or some narrow tail
     blocks, ``x.sum(0)``'s vectorised reduction can differ in the last bit. :func:`merge` and
     :func:`mergelib.merge_files` both call this function, so they always agree with each other.
-    Raises :class:`NonFiniteError` when a sum is NaN or inf (every non-finite input makes it so).
+    ``into``: a flat float32 tensor per key to accumulate in (the streaming merge reuses one buffer;
+    fresh memory costs a page fault per 4 kB). Raises :class:`NonFiniteError` when a sum is NaN or
+    inf (every non-finite input makes it so).
     """
     if layout is None:  # else: the layout of the whole merge (keys may be a subset of it)
         layout = FlatLayout.from_shapes({k: tuple(pretrained[k].shape) for k in keys})
@@ -342,7 +344,7 @@ def _sum_per_tensor(pretrained, models, keys: list[str], lams, check: bool,
             continue
         p0 = pretrained[k].reshape(-1)
         dev = p0.device
-        acc = torch.zeros(numel, dtype=torch.float32, device=dev)
+        acc = torch.zeros(numel, dtype=torch.float32, device=dev) if into is None else into[k].zero_()
         tmp = torch.empty(2, min(numel, _SUM_CHUNK), dtype=torch.float32, device=dev)  # t, base in float32
         step = _SUM_CHUNK if dev.type == "cpu" else max(numel, 1)
         for a0 in range(0, min(numel, max(tail - off, 0)), step):
