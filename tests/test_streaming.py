@@ -307,7 +307,7 @@ def test_memory_is_bounded_by_a_few_tensors(tmp_path):
     every memory-mapped page of the inputs resident) would grow the peak RSS by 80 MB or more. The
     streamed TIES merge (three passes; a few copies of one tensor at a time; these task vectors are
     constant, so its exact trim takes the histogram fallback), and so the PCB (five passes) and FR
-    merges, must grow it by less than 40 MB (about 23 MB for TIES). In process: the peak resident set
+    merges, must grow it by less than 40 MB (about 18 MB for TIES). In process: the peak resident set
     (VmHWM, which counts memory-mapped file pages too) is reset just before each merge, with malloc
     returning freed blocks (:func:`_malloc_returns_freed_blocks`)."""
     if not _malloc_returns_freed_blocks():
