@@ -155,6 +155,22 @@ def test_fr_merge_pieces():
         fr_merge(x, layout, align="max")
 
 
+@pytest.mark.parametrize("shape", [(1024, 1024), (2048, 513)])
+@pytest.mark.parametrize("align", ["none", "official"])
+def test_large_tensors_are_filtered_one_task_at_a_time_with_the_bits_of_the_batched_filter(shape, align):
+    """fr_merge filters a tensor of 2**20 entries or more task by task (one task's FFT temporaries, not
+    N tasks'); its result is the batched filter's, bit for bit, as for small tensors."""
+    from mergelib import fourier
+
+    layout = FlatLayout.from_shapes({"w.weight": shape})
+    assert layout.D >= fourier._ONE_TASK_AT_A_TIME
+    x = _randn(3, layout.D, seed=5)
+    want = fr_filter(x.view(3, *shape), 0.7).view(3, -1)  # all tasks in one call
+    if align == "official":
+        want = align_magnitudes(want)
+    assert torch.equal(fr_merge(x, layout, ratio=0.7, align=align), fourier._row_sum(want))
+
+
 def test_fr_rejects_nan_ratio_and_non_finite_input_and_1d_matrix():
     from mergelib.hparams import HyperparameterError
     from mergelib.task_vectors import FlatLayout, NonFiniteError
