@@ -57,6 +57,7 @@ import torch
 from torch import Tensor
 
 from . import competition as _comp
+from . import selection as _sel
 from .fourier import _fr_options, fr_check_selection, fr_tensor
 from .merging import METHODS, REGISTRY, _selected_keys, _sum, _sum_per_tensor
 from .task_vectors import (FlatLayout, NonFiniteError, StateDictDtypeError, StateDictKeyError,
@@ -476,7 +477,7 @@ def _hist_pass(blocks: Iterable[Tensor], n: int, sel: Tensor | None = None) -> T
     m = 1 if sel is None else sel.shape[1]
     hist = torch.zeros((n * m) << 16, dtype=torch.int64)
     rows = (torch.arange(n * m, dtype=torch.int32) << 16).view(n, m)
-    width = max(1, _comp._select.CHUNK // n)
+    width = max(1, _sel.CHUNK // n)
     one = torch.ones(1, dtype=torch.int64)
     for key in blocks:  # row r counts into [r * 65536, (r + 1) * 65536)
         for c0 in range(0, key.shape[1], width):
@@ -507,8 +508,6 @@ def _stream_kth(blocks_fn, n: int, ks: Sequence[Sequence[int]], absolute: bool =
     1/16 of a row (rows of a few distinct values), the exact histogram passes of
     :func:`_stream_kth_hist` answer instead (bounded memory).
     """
-    from . import selection as _sel
-
     # the sample in one growing buffer: many small tensors kept alive between the blocks' large ones
     # would fragment the heap, which then cannot shrink (the resident set grew by 1.3 GB on a 5 GB set)
     store, used, D = torch.empty(n, 1 << 16), 0, 0
@@ -637,7 +636,9 @@ def merge_files(pretrained: str | os.PathLike, finetuned: Sequence[str | os.Path
         seg_of = {k: (o, e) for k, o, e in layout.segments()}
 
         def block(k: str) -> Tensor:
-            """N x numel float32 task vectors of tensor k (DARE applied for dare_* methods)."""
+            """N x numel float32 task vectors of tensor k (DARE applied for dare_ties; dare_ta's own
+            function applies it); checked finite here for pcb and fr (TIES checks it in its sweep,
+            dare_ta in its function)."""
             pre = src.get(0, k)
             x, lay = flatten([{k: src.get(i, k)} for i in range(1, len(fts) + 1)], [k], subtract={k: pre})
             if method == "dare_ties":
@@ -721,9 +722,9 @@ def merge_files(pretrained: str | os.PathLike, finetuned: Sequence[str | os.Path
                 if e > tail:  # the last partial block of the flat sum spans the last keys: load them
                     for k2, (o2, e2) in seg_of.items():
                         if e2 > tail and k2 != k:
-                            extra[k2] = base[k2]
-                            for d, ft in zip(ftk, fts):
-                                d[k2] = ft[k2]
+                            extra[k2] = src.get(0, k2)
+                            for i, d in enumerate(ftk, 1):
+                                d[k2] = src.get(i, k2)
                 pre_d = {k: pre, **extra}
                 delta = _sum_per_tensor(pre_d, ftk, [k], lams, check=True, layout=layout,
                                         into={k: scratch.get("sum", pre.numel())})[k]
@@ -743,8 +744,7 @@ def merge_files(pretrained: str | os.PathLike, finetuned: Sequence[str | os.Path
                                             pcb["max"][:, None], lam_col)
                 delta = num.div_(den.clamp_min_(1e-12)).view(pre.shape)
             else:
-                x = block(k) if is_ties else flatten([{k: src.get(i, k)} for i in range(1, len(fts) + 1)], [k],
-                                                     subtract={k: pre})[0]
+                x = block(k)
                 lay = FlatLayout.from_shapes({k: tuple(pre.shape)})
                 if is_ties:
                     if not _comp.all_finite(x):
@@ -808,6 +808,9 @@ def merge_files(pretrained: str | os.PathLike, finetuned: Sequence[str | os.Path
 # Command line: python -m mergelib.merge PRETRAINED FINETUNED... --out DIR --method NAME [--HPARAM V]
 # ----------------------------------------------------------------------------------------------
 def _parse_value(v: str):
+    """A --NAME VALUE of the command line: true/false (any case), int, float, else the text. Not
+    :func:`mergelib.sweep.parse_value`, which must read values exactly as papermill's ``-p`` does
+    (only ``True``/``False``) because it passes them on to notebooks."""
     low = v.lower()
     if low in ("true", "false"):
         return low == "true"
