@@ -37,8 +37,8 @@ from . import (benchmark, competition, evaluation, fourier, hparams, merging, se
 
 # The rest (models, data, training, plotting, alignment, experts, routers, text) is imported on first use:
 # `ml.data`, `from mergelib import zoo` and `import mergelib.align` all work as if it were imported here.
-_LAZY_MODULES = ("align", "data", "experts", "glyphs", "models", "plotting", "pretrained", "routing", "text", "text_zoo",
-                 "training", "zoo")
+_LAZY_MODULES = ("align", "data", "experts", "glyphs", "models", "plotting", "pretrained", "routing", "text",
+                 "text_zoo", "training", "zoo")
 
 
 def __getattr__(name: str):

@@ -232,7 +232,8 @@ def fr_tensor(x: Tensor, key: str, shape: tuple[int, ...], ratio: float = 0.7, m
     alignments; ``"paper"`` weighs the tasks over the whole model, see :func:`fr_merge`).
 
     1. filter: a 2-D ``shape`` is filtered with :func:`fr_filter`, all N tasks in one batched FFT
-       (tensors of ``_ONE_TASK_AT_A_TIME`` entries or more: one task at a time, the same bits);
+       (on the CPU, tensors of ``_ONE_TASK_AT_A_TIME`` entries or more one task at a time, the same
+       bits);
        any other shape is left as it is;
     2. align (``"official"``): every task's tensor scaled to the largest task's mean |.|
        (:func:`align_magnitudes`);
@@ -248,11 +249,11 @@ def fr_tensor(x: Tensor, key: str, shape: tuple[int, ...], ratio: float = 0.7, m
     return _row_sum(x)
 
 
-# Tensors of at least this many entries are filtered one task at a time, smaller ones in one batched FFT.
-# A task's FFT temporaries (about 5x its float32 bytes: the spectrum, the inverse transform's copies of
-# it, the output) then bound the peak memory of a streamed merge instead of N tasks' (4 tasks of a
-# 4096 x 1024 matrix: 311 MB -> about 80 MB), and one task's transform stays in cache (1.6x faster
-# here). Per task or batched, MKL gives the same bits for every shape of this size we tried (ViT,
+# On the CPU, tensors of at least this many entries are filtered one task at a time, smaller ones (and
+# all on a GPU) in one batched FFT. A task's FFT temporaries (the spectrum, the inverse transform's
+# copies of it, the output) then bound the peak memory of a streamed merge instead of N tasks' (4 tasks
+# of a 4096 x 1024 matrix: 311 -> 113 MB above the inputs), and one task's transform stays in cache
+# (1.6x faster here). Per task or batched, MKL gives the same bits for every shape of this size we tried (ViT,
 # MiniLM, 4096 x 1024, odd sizes); for some tiny odd shapes (7 x 5) the batched inverse differs in its
 # last bits, so small tensors keep the batched call, and with it the results of earlier versions.
 _ONE_TASK_AT_A_TIME = 1 << 20
@@ -263,7 +264,7 @@ def _fr_filter_align(x: Tensor, shape: tuple[int, ...], ratio: float, mode: str,
     """Steps 1-2 of :func:`fr_tensor`: the filtered (2-D ``shape``) and aligned (``align="official"``)
     ``N x numel`` block; ``x`` (contiguous) may be overwritten."""
     n = x.shape[0]
-    if len(shape) == 2 and n > 1 and x.shape[1] >= _ONE_TASK_AT_A_TIME:
+    if len(shape) == 2 and n > 1 and x.shape[1] >= _ONE_TASK_AT_A_TIME and x.device.type == "cpu":
         for row in x:  # each task's filtered tensor replaces its row: the temporaries are one task's
             row.copy_(_filter(row.view(shape), ratio, mode, base, compat_double_ring).view(-1))
     elif len(shape) == 2:
@@ -279,7 +280,8 @@ def fr_merge(tvs: Tensor, layout: FlatLayout, ratio: float = 0.7, mode: str = "o
     """FR-Merging of ``N x D`` float32 task vectors -> merged ``D`` float32 task vector (before c).
 
     1. every 2-D segment is filtered with :func:`fr_filter` (all N tasks of a tensor in one batched
-       FFT, or one task at a time for large tensors, see :func:`fr_tensor`; :func:`fr_filtered_keys`); other segments (biases, norms, embeddings) are left unfiltered;
+       FFT, or one task at a time for large tensors on the CPU, see :func:`fr_tensor`;
+       :func:`fr_filtered_keys`); other segments (biases, norms, embeddings) are left unfiltered;
        tensors with more than 2 dims (conv kernels) are left unfiltered with an :class:`FRFilterWarning`
        that names them, and a selection with no 2-D tensor at all raises ``ValueError``
        (:func:`fr_check_selection`);
