@@ -185,3 +185,25 @@ def test_one_non_finite_entry_anywhere_is_named(method, hp, bad):
         broken["t1"][key] = t
         with pytest.raises(NonFiniteError, match=f"'{key}' of t1"):
             merge(pre, broken, method, rules=None, **hp)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method,scale", [("task_arithmetic", 0.3), ("task_arithmetic", [0.2, -0.5, 0.7]),
+                                          ("average", None)])
+def test_sums_through_merge_equal_their_flat_definition_bit_for_bit(method, scale, dtype):
+    """Task arithmetic and the average add theta_0 to each chunk of the sum while it is in cache: the
+    same bits as theta_0 + lambda * (flat N x D weighted sum), for tensors of several chunks and odd
+    sizes (the chunk is 2**16 entries), in float32 and bfloat16."""
+    from mergelib.merging import _SUM_CHUNK, _weighted_sum
+    g = torch.Generator().manual_seed(3)
+    shapes = {"a.weight": (300, 251), "b.weight": (2 * _SUM_CHUNK + 5,), "c.bias": (77,), "d.weight": (513, 129)}
+    pre = {k: torch.randn(s, generator=g).to(dtype) for k, s in shapes.items()}
+    fts = [{k: (v.float() + 0.01 * torch.randn(v.shape, generator=g)).to(dtype) for k, v in pre.items()}
+           for _ in range(3)]
+    out = merge(pre, fts, method, scale=scale, rules=None)
+    x, layout = flatten(fts, sorted(pre), subtract=pre)
+    lam = 1 / 3 if method == "average" else (1.0 if isinstance(scale, list) else scale)
+    total = _weighted_sum(x, scale if isinstance(scale, list) else None)
+    for k in pre:
+        want = torch.add(pre[k].float(), total[layout.segment(k)].view(pre[k].shape), alpha=lam).to(dtype)
+        assert out[k].dtype == dtype and torch.equal(out[k].view(torch.uint8), want.view(torch.uint8)), k
