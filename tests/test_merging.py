@@ -191,9 +191,9 @@ def test_one_non_finite_entry_anywhere_is_named(method, hp, bad):
 @pytest.mark.parametrize("method,scale", [("task_arithmetic", 0.3), ("task_arithmetic", [0.2, -0.5, 0.7]),
                                           ("average", None)])
 def test_sums_through_merge_equal_their_flat_definition_bit_for_bit(method, scale, dtype):
-    """Task arithmetic and the average add theta_0 to each chunk of the sum while it is in cache: the
-    same bits as theta_0 + lambda * (flat N x D weighted sum), for tensors of several chunks and odd
-    sizes (the chunk is 2**16 entries), in float32 and bfloat16."""
+    """Task arithmetic and the average sum the task vectors per tensor, ``merging._SUM_CHUNK`` entries
+    at a time: the same bits as theta_0 + lambda * (flat N x D weighted sum), for tensors of several
+    chunks and odd sizes, in float32 and bfloat16."""
     from mergelib.merging import _SUM_CHUNK, _weighted_sum
     g = torch.Generator().manual_seed(3)
     shapes = {"a.weight": (300, 251), "b.weight": (2 * _SUM_CHUNK + 5,), "c.bias": (77,), "d.weight": (513, 129)}
