@@ -127,6 +127,32 @@ def test_exact_trim_keeps_exactly_int_d_density(granularity):
         assert ((off != 0).sum() >= (t != 0).sum())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_exact_trim_is_a_stable_top_k_across_chunks(monkeypatch, dtype):
+    """The exact rule keeps each row's int(d * density) largest |x|, ties taken in index order: against
+    a stable sort in NumPy, with short column chunks so that a row's budget of ties runs out inside
+    one chunk while other rows take every tie of it or none."""
+    import mergelib.competition as comp
+
+    monkeypatch.setattr(sel, "CHUNK", 1 << 12)  # column chunks of 1024 entries (4 rows)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randint(-6, 7, (4, 10_000), generator=g).to(dtype) / 4  # few distinct values: ties everywhere
+    x[1, :5000] = 0.25  # row 1: one long run of ties
+    x[2] = torch.randn(10_000, generator=g).to(dtype)  # row 2: few ties
+    x[3, ::3] = -0.0
+    assert len(comp._column_chunks(4, 10_000, x.device)) > 5
+    for density in np.linspace(0.01, 0.97, 33).tolist():
+        got = trim(x, density, trim_rule="exact")
+        k = int(x.shape[1] * density)
+        a = x.abs().float().numpy()
+        want = torch.zeros_like(x)
+        for r in range(x.shape[0]):
+            top = np.lexsort((np.arange(a.shape[1]), -a[r]))[:k]  # by |x| descending, then by index
+            want[r, top] = x[r, top]
+        want = torch.where(want == 0, x * 0, want)  # a dropped entry is x * 0 (keeps the sign of zero)
+        assert _bits(got, want), density
+
+
 def test_official_rule_keeps_ties_on_bf16_task_vectors():
     """The documented effect (docs/methods.md): on bf16 task vectors, density 0.1 keeps well over 10 %."""
     g = torch.Generator().manual_seed(0)
