@@ -16,14 +16,17 @@ model and the model-wide majority sign: two passes for the k-th values (a sample
 brackets each rank, then a count below the bracket keeps the entries inside it: the algorithm of
 :func:`mergelib.selection.kth_smallest`, the same exact value; two histogram passes over the float32
 bit patterns answer instead if a sample ever missed), one pass counting the signs, and the write
-pass. ``fr`` (``align="official"`` or ``"none"``) needs one pass: each 2-D tensor is filtered,
-aligned and summed on its own (:func:`mergelib.fourier.fr_tensor`, the function ``fr_merge`` runs per
-tensor); its shape checks (no 2-D tensor: ``ValueError``; tensors with more than 2 dims: one
-``FRFilterWarning``) run on the headers before anything is written. ``pcb`` (``mode="official"``)
-needs five: two passes give each task's clip values (two ranks of |tau|, as for TIES), two more the
-drop threshold q of the signed balancing score beta and, on the way, beta's row maximum, then the
-write pass; everything else in PCB is elementwise across tasks (its sum over tasks adds the rows in
-order, in memory as here), computed on column chunks of each tensor.
+pass. The sampling pass reads the inputs but computes the task vectors at the sampled positions
+only (except ``dare_ties``, whose drop mask is drawn per tensor): it costs about a read. ``fr``
+(``align="official"`` or ``"none"``) needs one pass: each 2-D tensor is filtered, aligned and summed
+on its own (:func:`mergelib.fourier.fr_tensor`, the function ``fr_merge`` runs per tensor); its shape
+checks (no 2-D tensor: ``ValueError``; tensors with more than 2 dims: one ``FRFilterWarning``) run on
+the headers before anything is written. ``pcb`` (``mode="official"``) needs five: two passes give
+each task's clip values (two ranks of |tau|, as for TIES), two more the drop threshold q of the signed
+balancing score beta and, on the way, beta's row maximum, then the write pass (the two sampling
+passes compute |tau| and beta at the sampled positions only); everything else in PCB is elementwise
+across tasks (its sum over tasks adds the rows in order, in memory as here), computed on column
+chunks of each tensor.
 Two settings cannot stream and raise :class:`StreamingNotSupportedError`: ``pcb`` with
 ``mode="paper"`` (its softmaxes divide by a float sum over the whole model) and ``fr`` with
 ``align="paper"`` (its coefficients are float means over the whole model): the rounding of such a
@@ -61,7 +64,7 @@ from . import selection as _sel
 from .fourier import _fr_options, fr_check_selection, fr_tensor
 from .merging import METHODS, REGISTRY, _selected_keys, _sum, _sum_per_tensor
 from .task_vectors import (FlatLayout, NonFiniteError, StateDictDtypeError, StateDictKeyError,
-                           StateDictShapeError, flatten)
+                           StateDictShapeError, _sub_into)
 
 __all__ = ["merge_files", "Checkpoint", "CheckpointError", "CheckpointKeyError", "CheckpointShapeError",
            "CheckpointDtypeError", "CorruptCheckpointError", "OutputExistsError", "DiskFullError",
@@ -495,7 +498,8 @@ def _hist_pass(blocks: Iterable[Tensor], n: int, sel: Tensor | None = None) -> T
 _SAMPLE_RATE = 1 / 256  # the fraction of every block sampled on the first pass of _stream_kth
 
 
-def _stream_kth(blocks_fn, n: int, ks: Sequence[Sequence[int]], absolute: bool = True) -> Tensor:
+def _stream_kth(blocks_fn, n: int, ks: Sequence[Sequence[int]], absolute: bool = True, samples_fn=None,
+                count_above: bool = False):
     """Exact k-th smallest values of every row over all blocks (of |x| if ``absolute``): ``ks[r]``
     holds the 1-based ranks wanted in row r (the same number for every row); returns ``N x m``
     float32, the values :func:`mergelib.selection.kth_smallest` gives on the concatenated rows.
@@ -507,12 +511,24 @@ def _stream_kth(blocks_fn, n: int, ks: Sequence[Sequence[int]], absolute: bool =
     2 % of the entries). If a sample missed (never seen in practice) or a bracket holds more than
     1/16 of a row (rows of a few distinct values), the exact histogram passes of
     :func:`_stream_kth_hist` answer instead (bounded memory).
+
+    ``samples_fn()``: optional, yields ``(numel, take)`` per block in the order of ``blocks_fn()``,
+    ``take(positions)`` giving the ``N x len(positions)`` entries of the block there, computed from
+    the inputs at those positions only (the first pass then skips building the float32 blocks). The
+    sample only brackets the ranks and the counting pass finds the exact values, so a sample that
+    differed from the blocks in some bits would cost time (a fallback), never correctness.
+
+    ``count_above``: also return, as ``(values, above)``, the number of entries of each row greater
+    than each value (``N x m`` int64; of |x| if ``absolute``), from the same counts: the entries below
+    the bracket, and the candidates inside it up to the value. ``above`` is None where the histogram
+    fallback answered (the caller counts in a pass of its own).
     """
+    if samples_fn is None:
+        samples_fn = lambda: ((x.shape[1], lambda pos, x=x: x[:, pos]) for x in blocks_fn())  # noqa: E731
     # the sample in one growing buffer: many small tensors kept alive between the blocks' large ones
     # would fragment the heap, which then cannot shrink (the resident set grew by 1.3 GB on a 5 GB set)
     store, used, D = torch.empty(n, 1 << 16), 0, 0
-    for x in blocks_fn():
-        numel = x.shape[1]
+    for numel, take in samples_fn():
         g = torch.Generator().manual_seed(0x5A11 ^ (numel * 1000003 + D))
         pos = torch.randint(0, numel, (max(1, math.ceil(numel * _SAMPLE_RATE)),), generator=g).sort().values
         if used + pos.numel() > store.shape[1]:
@@ -520,7 +536,7 @@ def _stream_kth(blocks_fn, n: int, ks: Sequence[Sequence[int]], absolute: bool =
             grown[:, :used] = store[:, :used]
             store = grown
         part = store[:, used:used + pos.numel()]
-        part.copy_(x[:, pos])
+        part.copy_(take(pos))
         if absolute:
             part.abs_()
         used += pos.numel()
@@ -530,16 +546,22 @@ def _stream_kth(blocks_fn, n: int, ks: Sequence[Sequence[int]], absolute: bool =
     limit = max(D // 16, 1 << 16)  # a bracket holds ~2 % of a row, unless the row is mostly ties
     counters = _sel._count_blocks((x.numpy() for x in blocks_fn()), brackets, sample.numpy().dtype,
                                   _sel.NUMPY_CHUNK, absolute, limit)
-    out = []
+    out, above = [], []
     try:
         if any(ctr.overflow for ctr in counters):
             raise _Missed()
         for r, ctr in enumerate(counters):
             below, cands = ctr.result()
-            out.append(torch.stack(_sel._finish(ks[r], below, cands, True, _missed)))
+            vals = _sel._finish(ks[r], below, cands, True, _missed)
+            out.append(torch.stack(vals))
+            if count_above:  # D - #(x < lo) - #(lo <= x <= value)
+                above.append([D - below[j] - (c.count if isinstance(c, _sel._Point) else int((c <= v).sum()))
+                              for j, (v, (c,)) in enumerate(zip(vals, cands))])
     except _Missed:
-        return _stream_kth_hist(blocks_fn, n, ks, absolute)
-    return torch.stack(out).to(torch.float32)
+        vals = _stream_kth_hist(blocks_fn, n, ks, absolute)
+        return (vals, None) if count_above else vals
+    vals = torch.stack(out).to(torch.float32)
+    return (vals, torch.tensor(above, dtype=torch.int64)) if count_above else vals
 
 
 class _Missed(Exception):
@@ -566,9 +588,11 @@ def _stream_kth_hist(blocks_fn, n: int, ks: Sequence[Sequence[int]], absolute: b
     return _flip(key.to(torch.int32)).view(torch.float32)
 
 
-def _stream_thresholds(blocks_fn, n: int, ks: list[int]) -> Tensor:
-    """Exact k-th smallest |tau| of every row (``ks[r]``, 1-based) over all blocks: ``N x 1``, two passes."""
-    return _stream_kth(blocks_fn, n, [[k] for k in ks], absolute=True)
+def _stream_thresholds(blocks_fn, n: int, ks: list[int], samples_fn=None, count_above: bool = False):
+    """Exact k-th smallest |tau| of every row (``ks[r]``, 1-based) over all blocks: ``N x 1``, two passes
+    (with ``count_above``: and #(|tau| > it) per row, see :func:`_stream_kth`)."""
+    return _stream_kth(blocks_fn, n, [[k] for k in ks], absolute=True, samples_fn=samples_fn,
+                       count_above=count_above)
 
 
 _STREAMING = "average, task_arithmetic, dare_ta, ties, dare_ties, pcb (mode='official'), fr (align='official' or 'none')"
@@ -638,10 +662,17 @@ def merge_files(pretrained: str | os.PathLike, finetuned: Sequence[str | os.Path
         def block(k: str) -> Tensor:
             """N x numel float32 task vectors of tensor k (DARE applied for dare_ties; dare_ta's own
             function applies it); checked finite here for pcb and fr (TIES checks it in its sweep,
-            dare_ta in its function)."""
-            pre = src.get(0, k)
-            x, lay = flatten([{k: src.get(i, k)} for i in range(1, len(fts) + 1)], [k], subtract={k: pre})
+            dare_ta in its function). Computed as :func:`~mergelib.task_vectors.flatten` does (the
+            same bits), into one buffer reused from tensor to tensor: valid until the next call
+            (fresh memory for every block would be faulted in page by page, on every pass)."""
+            pre = src.get(0, k).reshape(-1)
+            if pre.dtype in (torch.bfloat16, torch.float16):  # converted once, not once per task (exact)
+                pre = scratch.get("block base", pre.numel()).copy_(pre)
+            x = scratch.get("block", len(fts) * pre.numel()).view(len(fts), -1)
+            for i in range(len(fts)):
+                _sub_into(src.get(i + 1, k).reshape(-1), pre, x[i])
             if method == "dare_ties":
+                lay = FlatLayout.from_shapes({k: base.shape(k)})
                 _comp.dare_flat(x, hp["p"], lay, hp["seed"], tasks=names, inplace=True)
             elif method in ("pcb", "fr") and not _comp.all_finite(x):
                 raise NonFiniteError(f"task vectors of {k!r} are not finite")
@@ -651,12 +682,27 @@ def merge_files(pretrained: str | os.PathLike, finetuned: Sequence[str | os.Path
             """fn(k, block(k)) for every selected key, in order (one pass over the inputs)."""
             return (fn(k, block(k)) for k in _progress(src.over(keys), len(keys), desc, quiet))
 
+        def samples(desc: str, fn=lambda x: x):
+            """The sampler of :func:`_stream_kth` for ``blocks(desc, lambda k, x: fn(x))``, with ``fn``
+            elementwise over the columns: the task vectors at the sampled positions only, computed
+            as :func:`block` computes them (not for dare_ties, whose drop mask is drawn for the whole
+            block)."""
+            def take(k: str, pos: Tensor) -> Tensor:
+                pre = src.get(0, k).reshape(-1)[pos]
+                x = torch.empty(len(fts), pos.numel())
+                for i in range(len(fts)):
+                    _sub_into(src.get(i + 1, k).reshape(-1)[pos], pre, x[i])
+                return fn(x)
+            return ((math.prod(base.shape(k)), lambda pos, k=k: take(k, pos))
+                    for k in _progress(src.over(keys), len(keys), desc + " (sample)", quiet))
+
         if method == "fr":
             fr_check_selection(layout, stacklevel=2)
         pcb = None
         if method == "pcb":  # the row statistics of pcb_merge (official): clip values, then q and max of beta
             n = len(fts)
-            clip = _stream_kth(lambda: blocks("statistics |tau|"), n, [_comp._pcb_official_ks(layout.D)] * n)
+            clip = _stream_kth(lambda: blocks("statistics |tau|"), n, [_comp._pcb_official_ks(layout.D)] * n,
+                               samples_fn=lambda: samples("statistics |tau|"))
 
             beta_max = torch.full((n,), -math.inf)
 
@@ -668,8 +714,12 @@ def merge_files(pretrained: str | os.PathLike, finetuned: Sequence[str | os.Path
                 torch.maximum(beta_max, b.amax(1), out=beta_max)
                 return b
 
+            def sampled_betas(x: Tensor) -> Tensor:  # beta of the sampled columns (their max is not needed)
+                return _comp._pcb_official_beta(x, _comp._row_sum(x), n, clip[:, 0:1], clip[:, 1:2])
+
             q = _stream_kth(lambda: blocks("statistics beta", betas), n,
-                            [[_comp._pcb_q_k(layout.D, hp["density"])]] * n, absolute=False)
+                            [[_comp._pcb_q_k(layout.D, hp["density"])]] * n, absolute=False,
+                            samples_fn=lambda: samples("statistics beta", sampled_betas))
             pcb = {"clip": clip, "q": q[:, 0], "max": beta_max, "lams": [1.0] * n if lams is None else lams}
 
         # global statistics of TIES: the global trim's thresholds and tie budgets, the majority sign
@@ -682,20 +732,34 @@ def merge_files(pretrained: str | os.PathLike, finetuned: Sequence[str | os.Path
             if glob_ties:
                 kth = _comp._trim_kth(D, density) if trim_rule == "official" else (
                     None if keep <= 0 or keep >= D else D - keep + 1)
+                gt = None  # exact rule: #(|tau| > thr) per row, counted on the threshold's pass
                 if kth is not None:
-                    thr = _stream_thresholds(lambda: blocks("statistics"), n, [kth] * n)
+                    got = _stream_thresholds(lambda: blocks("statistics"), n, [kth] * n,
+                                             None if method == "dare_ties" else lambda: samples("statistics"),
+                                             count_above=trim_rule == "exact")
+                    thr, gt = got if trim_rule == "exact" else (got, None)
                 if trim_rule == "exact" and thr is not None:
-                    gt = torch.zeros(n, 1, dtype=torch.int64)
-                    for k in src.over(keys):
-                        gt += (block(k).abs() > thr).sum(1, keepdim=True)
+                    if gt is None:  # the histogram fallback answered: one more pass counts
+                        gt = torch.zeros(n, 1, dtype=torch.int64)
+                        for k in src.over(keys):
+                            gt += (block(k).abs() > thr).sum(1, keepdim=True)
                     budget = torch.cat([torch.zeros_like(gt), keep - gt], 1)
 
-            def plan(k: str, x: Tensor, budget_now):
+            kept_plans: dict[str, tuple] = {}  # per-tensor trim: thresholds of the sign pass, reused by the merge
+
+            def plan(k: str, x: Tensor, budget_now, keep_for_merge: bool = False):
+                """The trim plan and tie budgets of tensor k (the exact rule's budgets count down as
+                ties are taken: each use gets its own copy)."""
                 if glob_ties:
                     return [(0, x.shape[1], thr, keep)], [budget_now]
-                lay_k = FlatLayout.from_shapes({k: base.shape(k)})
-                p_ = _comp._trim_plan(x, density, "tensor", lay_k, trim_rule)
-                return p_, (_comp._exact_tie_budget(x, p_) if trim_rule == "exact" else [None] * len(p_))
+                got = kept_plans.pop(k, None)
+                if got is None:
+                    lay_k = FlatLayout.from_shapes({k: base.shape(k)})
+                    p_ = _comp._trim_plan(x, density, "tensor", lay_k, trim_rule)
+                    got = p_, (_comp._exact_tie_budget(x, p_) if trim_rule == "exact" else [None] * len(p_))
+                if keep_for_merge:
+                    kept_plans[k] = got[0], [None if b is None else b.clone() for b in got[1]]
+                return got
 
             majority = 1
             if hp["sign_rule"] == "mass":
@@ -703,7 +767,7 @@ def merge_files(pretrained: str | os.PathLike, finetuned: Sequence[str | os.Path
                 b2 = None if budget is None else budget.clone()
                 for k in _progress(src.over(keys), len(keys), "signs", quiet):
                     x = block(k)
-                    pl, bu = plan(k, x, b2)
+                    pl, bu = plan(k, x, b2, keep_for_merge=True)
                     p_, n_ = _comp._ties_sign_counts(x, pl, bu, trim_rule)
                     votes[0] += p_
                     votes[1] += n_

@@ -75,20 +75,53 @@ CASES = [(m, hp, torch.float32) for m, hp in CASES] + [
     ("task_arithmetic", {}, torch.bfloat16), ("ties", {}, torch.bfloat16),
     ("ties", {"trim_rule": "exact", "granularity": "tensor"}, torch.bfloat16),
     ("fr", {}, torch.bfloat16), ("fr", {"align": "none", "compat_official": True}, torch.bfloat16),
-    ("pcb", {}, torch.bfloat16), ("pcb", {"density": 0.3}, torch.bfloat16)]
+    ("pcb", {}, torch.bfloat16), ("pcb", {"density": 0.3}, torch.bfloat16),
+    ("ties", {}, torch.float16), ("pcb", {}, torch.float16), ("ties", {}, torch.float64),
+    ("ties", {"trim_rule": "exact", "granularity": "tensor"}, torch.float64), ("pcb", {}, torch.float64)]
 
 
 @pytest.mark.parametrize("method,hp,dtype", CASES)
-def test_streamed_equals_in_memory_bit_for_bit(tmp_path, method, hp, dtype):
+def test_streamed_equals_in_memory_bit_for_bit(tmp_path, monkeypatch, method, hp, dtype):
+    """Every streamed method gives merge()'s bits; the model-wide k-th values come from their sample and
+    one counting pass (the histogram fallback, exact but slower, is not needed on these inputs)."""
     pre, fts = _models(dtype=dtype)
     base, ftp = _write(tmp_path, pre, fts, sharded=(dtype == torch.bfloat16))
+    fallbacks = []
+    real = st._stream_kth_hist
+    monkeypatch.setattr(st, "_stream_kth_hist", lambda *a, **k: fallbacks.append(1) or real(*a, **k))
     out = ml.merge_files(base, ftp, tmp_path / "out", method, quiet=True, shard_bytes=20_000, **hp)
+    assert not fallbacks
     got = _load_dir(out)
     want = ml.merge(pre, fts, method, **hp)
     assert set(got) == set(want)
     for k in want:
         assert _same_bits(got[k], want[k].contiguous()), (method, k)
     assert len(list(out.glob("*.safetensors"))) > 1  # sharded output
+
+
+@pytest.mark.parametrize("method,hp", [("ties", {}), ("ties", {"trim_rule": "exact"}), ("dare_ties", {"density": 0.2, "p": 0.5}), ("pcb", {})])
+def test_model_wide_statistics_come_from_their_sample(tmp_path, monkeypatch, method, hp):
+    """On tensors large enough for a bounded bracket, the sample of the streamed k-th values (taken from
+    the inputs at the sampled positions, or from the blocks for dare_ties) brackets every rank: no
+    histogram fallback, and the bits of merge()."""
+    g = torch.Generator().manual_seed(3)
+    pre = {"a.weight": torch.randn(512, 256, generator=g), "b.weight": torch.randn(300, 100, generator=g),
+           "b.bias": torch.randn(300, generator=g)}
+    fts = [{k: (v + torch.randn(v.shape, generator=g) * 0.01 * (i + 1)).bfloat16() for k, v in pre.items()}
+           for i in range(3)]
+    pre = {k: v.bfloat16() for k, v in pre.items()}
+    base, ftp = _write(tmp_path, pre, fts)
+    fallbacks, passes = [], []
+    real = st._stream_kth_hist
+    monkeypatch.setattr(st, "_stream_kth_hist", lambda *a, **k: fallbacks.append(1) or real(*a, **k))
+    real_kth = st._stream_kth
+    monkeypatch.setattr(st, "_stream_kth", lambda *a, **k: passes.append(k.get("samples_fn")) or real_kth(*a, **k))
+    got = _load_dir(ml.merge_files(base, ftp, tmp_path / "out", method, quiet=True, **hp))
+    want = ml.merge(pre, fts, method, **hp)
+    assert passes and not fallbacks
+    assert all((s is None) == (method == "dare_ties") for s in passes)  # dare_ties samples its blocks
+    for k in want:
+        assert _same_bits(got[k], want[k].contiguous()), k
 
 
 def test_fr_mixed_ranks_warning_and_no_2d_error(tmp_path):
@@ -391,6 +424,11 @@ def test_stream_kth_equals_kth_smallest_and_falls_back(monkeypatch, kind, absolu
     want = torch.stack([sel.kth_smallest(whole, k, dim=1, absolute=absolute) for k in ks[0]], 1)
     got = st._stream_kth(lambda: iter(blocks), 3, ks, absolute=absolute)
     assert torch.equal(got, want)
+    vals, above = st._stream_kth(lambda: iter(blocks), 3, ks, absolute=absolute, count_above=True)
+    w = whole.abs() if absolute else whole
+    assert torch.equal(vals, want)
+    assert above is not None or kind != "normal"  # None: the fallback answered (rows half zeros)
+    assert above is None or torch.equal(above, (w[:, None, :] > want[:, :, None]).sum(2))
     assert torch.equal(st._stream_kth_hist(lambda: iter(blocks), 3, ks, absolute=absolute), want)
     calls = []
     real = st._stream_kth_hist
@@ -398,6 +436,25 @@ def test_stream_kth_equals_kth_smallest_and_falls_back(monkeypatch, kind, absolu
     top = whole.abs().max() if absolute else whole.max()
     monkeypatch.setattr(sel, "_brackets", lambda s, n, kk: [(top, top)] * len(kk))  # every bracket misses
     assert torch.equal(st._stream_kth(lambda: iter(blocks), 3, ks, absolute=absolute), want) and calls
+    assert st._stream_kth(lambda: iter(blocks), 3, ks, absolute=absolute, count_above=True)[1] is None
+
+
+def test_exact_trim_streams_through_the_histogram_fallback_too(tmp_path, monkeypatch):
+    """The exact rule's tie budget comes from the threshold's counting pass; where the histogram
+    fallback answers instead, one more pass counts it: the same bits as merge() either way."""
+    from mergelib import selection as sel
+
+    g = torch.Generator().manual_seed(4)
+    pre = {"a.weight": torch.randn(512, 256, generator=g), "b.weight": torch.randn(200, 90, generator=g)}
+    fts = [{k: (v + torch.randn(v.shape, generator=g) * 0.01).bfloat16() for k, v in pre.items()} for _ in range(3)]
+    pre = {k: v.bfloat16() for k, v in pre.items()}
+    base, ftp = _write(tmp_path, pre, fts)
+    want = ml.merge(pre, fts, "ties", trim_rule="exact")
+    for miss in (False, True):
+        if miss:
+            monkeypatch.setattr(sel, "_brackets", lambda s, n, kk: [(s.max(), s.max())] * len(kk))
+        got = _load_dir(ml.merge_files(base, ftp, tmp_path / f"out{miss}", "ties", quiet=True, trim_rule="exact"))
+        assert all(_same_bits(got[k], want[k].contiguous()) for k in want), miss
 
 
 def test_stream_kth_bracket_full_of_ties_falls_back_with_bounded_memory(monkeypatch):
