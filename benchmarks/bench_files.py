@@ -16,6 +16,10 @@ were just written) unless ``--cold``: then every input file is dropped from the 
 (``posix_fadvise(DONTNEED)``) before each timed run, reads come from the disk.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_files.py --mb 250 --markdown benchmarks/results_files.md
+    OMP_NUM_THREADS=1 python benchmarks/bench_files.py --set /tmp/set5g --cold --methods task_arithmetic
+
+``--set DIR`` runs on a set written before (by ``make_set``, e.g. ``peak_rss_files.py --make-mb``)
+instead of writing a new one, and keeps it.
 """
 from __future__ import annotations
 
@@ -114,6 +118,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--cold", action="store_true", help="drop the inputs from the page cache before each run")
     ap.add_argument("--dir", default=None, help="where to write the set (default: a temporary directory)")
+    ap.add_argument("--set", default=None, help="use this existing set (base.safetensors and ft0, ft1, ... as "
+                                                "written by make_set) instead of writing one; it is kept")
     ap.add_argument("--markdown", default=None)
     ap.add_argument("--methods", default="all",
                     help="comma-separated method names to run (default all: " + ", ".join(dict(METHODS)) + ")")
@@ -122,10 +128,20 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bench_files_", dir=args.dir))
     try:
         t0 = time.perf_counter()
-        files = make_set(root, args.n, args.mb, dtype, args.width)
+        if args.set:  # an existing set: its files, as make_set lists them
+            setdir = Path(args.set)
+            fts = sorted(setdir.glob("ft*"), key=lambda p: int(p.name[2:]))
+            if not (setdir / "base.safetensors").is_file() or not fts:
+                raise SystemExit(f"--set {setdir}: expected base.safetensors and ft0, ft1, ... there")
+            files = [setdir / "base.safetensors"] + [f for d in fts for f in sorted(d.iterdir())]
+            args.n, args.dtype = len(fts), "dtype as stored"
+        else:
+            setdir = root
+            files = make_set(root, args.n, args.mb, dtype, args.width)
+            fts = [root / f"ft{i}" for i in range(args.n)]
+        base = setdir / "base.safetensors"
         t_write = time.perf_counter() - t0
         total = sum(f.stat().st_size for f in files)
-        base, fts = root / "base.safetensors", [root / f"ft{i}" for i in range(args.n)]
         gc.collect()
         can_peak = _reset_peak()
 
@@ -163,8 +179,10 @@ def main() -> None:
                  f"torch {torch.__version__}; set: 1 base + {args.n} fine-tunes (sharded), {args.dtype}, "
                  f"{total / 1e9:.2f} GB on disk in all ({total / (args.n + 1) / 1e6:.0f} MB each); inputs "
                  f"{'dropped from the page cache before each run (--cold)' if args.cold else 'in the page cache'}; "
+                 f"{'the existing set ' + args.set + '; ' if args.set else ''}"
                  f"median of {args.repeats} interleaved runs; load average {load[0]:.1f} / {load[1]:.1f} / "
-                 f"{load[2]:.1f} (1/5/15 min) at the end; writing the set took {t_write:.1f} s.",
+                 f"{load[2]:.1f} (1/5/15 min) at the end"
+                 f"{'' if args.set else f'; writing the set took {t_write:.1f} s'}.",
                  "", "| run | wall s | GB/s (input bytes / time) | x read pass | peak RSS GB | x total bytes "
                  "| peak RSS growth GB | x total bytes |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for k, (t, peak, grow) in med.items():

@@ -183,6 +183,7 @@ def main(argv=None) -> list[dict]:
         fts = [{k: pre[k] + v for k, v in views[i].items()} for i in range(n)]
         for label, meth, hp in (("task arithmetic", "task_arithmetic", {}),
                                 ("TIES global (k=20%)", "ties", {}),
+                                ("TIES global, trim_rule=exact (k=20%)", "ties", {"trim_rule": "exact"}),
                                 ("TIES per tensor (k=20%)", "ties", {"granularity": "tensor"}),
                                 ("DARE-TA (p=0.9)", "dare_ta", {}),
                                 ("PCB official (r=0.05)", "pcb", {}),
