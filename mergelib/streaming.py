@@ -259,7 +259,8 @@ class _ReadAhead:
     their time reading. Every other method builds the ``N x numel`` float32 task vectors of each
     tensor and computes on them far longer than it reads; reading ahead saved little there and raised
     the peak resident memory of a 5 GB merge above a quarter of the checkpoint bytes (global TIES:
-    24.7 % -> 26.5 %).
+    24.7 % -> 26.5 %). Measured again with the reused buffers (benchmarks/results_files.md, seventh
+    session): no gain beyond the noise on any of them, peaks 1-4 % of the checkpoint bytes higher.
     """
 
     def __init__(self, ckpts: Sequence[Checkpoint], enabled: bool = True):
