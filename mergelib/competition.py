@@ -319,11 +319,18 @@ def _row_sum(x: Tensor, out: Tensor | None = None) -> Tensor:
 
 
 def _ties_fused(tvs: Tensor, plan, budgets, trim_rule: str, sign_rule: str,
-                majority: int | None = None) -> Tensor:
+                majority: int | None = None, defer: dict | None = None) -> Tensor:
     """Trim, elect and average ``tvs`` (``N x D``) chunk by chunk (see :func:`ties_merge`).
 
     ``majority``: the sign taken where the summed trimmed values are exactly 0 (``rule="mass"``);
     None computes it from ``tvs`` itself (the streaming merge passes the model-wide one).
+
+    ``defer`` (a dict; ``rule="mass"``, ``majority=None``): return the result for a negative majority
+    sign and leave the patch for a positive one to the caller, who knows the sign only later (the
+    streaming merge, whose majority is model-wide): ``defer`` receives ``"votes"`` (#(sum > 0) -
+    #(sum < 0) over the columns, float64), ``"zero"`` (bool ``D``: the columns whose sum is 0) and
+    ``"cancel"`` (``[(columns, values)]``: where those columns' entries cancel, the values a positive
+    majority gives there). :func:`_ties_patch_positive` applies the patch.
 
     Per chunk: s = +1 where gamma > 0 else -1; t * s > 0 marks the agreeing entries, and
     tau_m = s * sum_i relu(t_i * s) / max(#agreeing, 1): the float operations of :func:`disjoint_mean`,
@@ -360,10 +367,22 @@ def _ties_fused(tvs: Tensor, plan, budgets, trim_rule: str, sign_rule: str,
             tc = t[:, cols].neg_()  # s = -1 there: the trimmed values
             cancel.append((cols + c0, _row_sum(tc.clamp_min(0)).div_((tc > 0).sum(0).to(t.dtype).clamp_min_(1))))
         _row_sum(t.clamp_min_(0), out=out[c0:c1]).mul_(s).div_(cnt.clamp_min_(1))
-    if fix_zero and float(votes) > 0:  # gamma = 0 takes the majority sign (+)
-        out.masked_fill_(zero, 0.0)
-        for cols, val in cancel:
-            out[cols] = val
+    if defer is not None:
+        if not fix_zero:
+            raise ValueError("internal error: defer needs sign_rule='mass' and majority=None")
+        defer.update(votes=votes, zero=zero, cancel=cancel)
+    elif fix_zero and float(votes) > 0:  # gamma = 0 takes the majority sign (+)
+        _ties_patch_positive(out, zero, cancel)
+    return out
+
+
+def _ties_patch_positive(out: Tensor, zero: Tensor, cancel) -> Tensor:
+    """Turn :func:`_ties_fused`'s result for a negative majority sign into the one for a positive sign:
+    +0.0 where every trimmed entry of a zero-sum column is 0, the positive entries' mean where they
+    cancel (``zero`` and ``cancel`` as :func:`_ties_fused` collects them). In place; returns ``out``."""
+    out.masked_fill_(zero, 0.0)
+    for cols, val in cancel:
+        out[cols] = val
     return out
 
 
@@ -407,15 +426,6 @@ def _trimmed_chunks(tvs: Tensor | TaskVectorColumns, plan, budgets, trim_rule: s
             _trim_into(t[:, a0 - c0:a1 - c0], x[:, a0 - c0:a1 - c0], thr, keep, trim_rule, budgets[j])
             j += 1
         yield c0, c1, t, buf[1, :, : c1 - c0]
-
-
-def _ties_sign_counts(tvs: Tensor, plan, budgets, trim_rule: str) -> tuple[int, int]:
-    """(#columns with a positive, #with a negative sum of trimmed values): the majority sign's votes."""
-    counts = torch.zeros(2, dtype=torch.int64, device=tvs.device)
-    for _, _, t, _ in _trimmed_chunks(tvs, plan, budgets, trim_rule):
-        tot = _row_sum(t)
-        counts += torch.stack(((tot > 0).sum(), (tot < 0).sum()))
-    return int(counts[0]), int(counts[1])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,16 +9,19 @@ as soon as it is merged. File I/O overlaps the computation: a background thread 
 tensor (:class:`_ShardWriter`) and, for the per-tensor sums, another reads the next key's tensors
 (:class:`_ReadAhead`).
 
-**Passes.** Per-tensor methods (``average``, ``task_arithmetic``, ``dare_ta``) need one pass over the inputs;
-``ties``/``dare_ties`` with ``granularity="tensor"`` one more (the model-wide majority sign).
-Global TIES (``granularity="global"``, the paper) needs each task's exact k-th |tau| over the whole
-model and the model-wide majority sign: two passes for the k-th values (a sample of every tensor
-brackets each rank, then a count below the bracket keeps the entries inside it: the algorithm of
+**Passes.** Per-tensor methods (``average``, ``task_arithmetic``, ``dare_ta``, and ``ties``/``dare_ties``
+with ``granularity="tensor"``) need one pass over the inputs. TIES's mass sign rule gives the columns
+whose trimmed values sum to 0 the model-wide majority sign, known only at the end: the write pass
+counts it, writes as for a negative sign and, if the sign is positive, patches the few entries that
+change before the merge is moved into place (or, if there are too many of them to keep, writes the
+merge again: :class:`_Deferred`). Global TIES (``granularity="global"``, the paper) also needs each
+task's exact k-th |tau| over the whole model: two passes (a sample of every tensor brackets each
+rank, then a count below the bracket keeps the entries inside it: the algorithm of
 :func:`mergelib.selection.kth_smallest`, the same exact value; two histogram passes over the float32
-bit patterns answer instead if a sample ever missed), one pass counting the signs, and the write
-pass. The sampling pass reads the inputs but computes the task vectors at the sampled positions
-only (except ``dare_ties``, whose drop mask is drawn per tensor): it costs about a read. ``fr``
-(``align="official"`` or ``"none"``) needs one pass: each 2-D tensor is filtered, aligned and summed
+bit patterns answer instead if a sample ever missed), then the write pass. The sampling pass reads
+the inputs but computes the task vectors at the sampled positions only (except ``dare_ties``, whose
+drop mask is drawn per tensor): it costs about a read. ``fr`` (``align="official"`` or ``"none"``)
+needs one pass: each 2-D tensor is filtered, aligned and summed
 on its own (:func:`mergelib.fourier.fr_tensor`, the function ``fr_merge`` runs per tensor); its shape
 checks (no 2-D tensor: ``ValueError``; tensors with more than 2 dims: one ``FRFilterWarning``) run on
 the headers before anything is written. ``pcb`` (``mode="official"``) needs five: two passes give
@@ -359,6 +362,7 @@ class _ShardWriter:
         header["__metadata__"] = {"format": "pt", "merged_by": "mergelib"}
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
+        self.starts = {k: 8 + len(raw) + h["data_offsets"][0] for k, h in header.items() if k != "__metadata__"}
         self.expected = list(keys)
         self.meta = meta
         self.f = open(path, "wb")
@@ -596,6 +600,85 @@ def _stream_thresholds(blocks_fn, n: int, ks: list[int], samples_fn=None, count_
                        count_above=count_above)
 
 
+class _Deferred:
+    """The model-wide majority sign of TIES's mass sign rule, counted on the write pass.
+
+    Where the trimmed values of a column sum to exactly 0, TIES elects the majority sign of the whole
+    model's columns (:func:`mergelib.competition._ties_fused`), known only once every tensor is merged.
+    The write pass writes each tensor as for a negative majority and :meth:`note` keeps the entries
+    whose written bits a positive majority would change: the zero-sum columns whose entries cancel,
+    and the zero-sum columns of trimmed zeros where the base is +-0 (base + lam * (+-0) leaves any other
+    base value as it is). Every other entry has the same bits under either sign. If the majority is
+    positive, :meth:`patch` writes the kept entries into the shards before the merge is moved into
+    place. Past ``limit`` entries (the largest tensor's size: memory of a few tensors) it stops
+    keeping them, and a positive majority then writes the merge again (one pass more, the sign known).
+    """
+
+    _INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+    def __init__(self, limit: int):
+        self.limit = max(limit, 1 << 16)
+        self.votes = 0.0  # #(column sum > 0) - #(column sum < 0) over the model
+        self.count = 0
+        self.overflow = False
+        self.entries: dict[str, tuple[Tensor, Tensor]] = {}  # key -> (flat positions, bits to write)
+
+    def note(self, key: str, pre_f: Tensor, delta: Tensor, lam: float, d: dict, dtype: torch.dtype) -> None:
+        """Count tensor ``key``'s votes and keep its entries that a positive majority changes. ``delta``:
+        its merged task vector for a negative majority, ``d`` what ``_ties_fused(defer=d)`` collected;
+        the written tensor is ``torch.add(pre_f, delta, alpha=lam)`` in ``dtype``.
+
+        Only the candidates are computed, gathered: over a base of +-0, a trimmed zero gives
+        ``+-0 + lam * (+-0)``, exact whichever way the kernel evaluates it; where entries cancel, the
+        mean is not 0, and ``base + lam * mean`` gathered has the bits of the whole tensor's kernel
+        only for ``lam == 1`` (fused multiply-add or not, the result is the rounded sum): for any
+        other ``lam`` the whole tensor is added as the write does (two more passes over it)."""
+        self.votes += float(d["votes"])
+        if self.overflow:
+            return
+        zero, cancel = d["zero"], d["cancel"]
+        base, flat = pre_f.reshape(-1), delta.reshape(-1)
+        at = (zero & (base == 0)).nonzero().squeeze(1)  # trimmed zeros (or cancelling entries) over +-0
+        cols = torch.cat([c for c, _ in cancel]) if cancel else at[:0]
+        vals = torch.cat([v for _, v in cancel]) if cancel else flat[:0]
+        at = torch.cat([at[~torch.isin(at, cols)], cols])  # the patch's value at each position: +0.0 or the mean
+        alt = torch.cat([torch.zeros(at.numel() - cols.numel()), vals])
+        if not at.numel():
+            return
+        if lam == 1.0 or not cancel:
+            now, then = torch.add(base[at], flat[at], alpha=lam), torch.add(base[at], alt, alpha=lam)
+        else:
+            full = flat.clone()
+            full[at] = alt
+            now, then = torch.add(base, flat, alpha=lam)[at], torch.add(base, full, alpha=lam)[at]
+        ints = self._INT[torch.empty((), dtype=dtype).element_size()]
+        now_bits, alt_bits = now.to(dtype).view(ints), then.to(dtype).view(ints)
+        differ = now_bits != alt_bits
+        n = int(differ.sum())
+        if not n:
+            return
+        self.count += n
+        if self.count > self.limit:
+            self.overflow = True
+            self.entries.clear()
+            return
+        self.entries[key] = (at[differ], alt_bits[differ])
+
+    def patch(self, tmp: Path, where: Mapping[str, tuple[str, int]], meta: Mapping[str, tuple]) -> None:
+        """Write the kept entries into the shards in ``tmp`` (``where``: key -> (file, offset of its bytes))."""
+        import numpy as np
+
+        for key, (pos, bits) in self.entries.items():
+            fname, start = where[key]
+            with open(tmp / fname, "r+b") as f:
+                mm = np.memmap(f, dtype=bits.numpy().dtype, mode="r+", offset=start,
+                               shape=(math.prod(meta[key][0]),))
+                mm[pos.numpy()] = bits.numpy()
+                mm.flush()
+                del mm
+                os.fsync(f.fileno())
+
+
 _STREAMING = "average, task_arithmetic, dare_ta, ties, dare_ties, pcb (mode='official'), fr (align='official' or 'none')"
 
 
@@ -628,7 +711,7 @@ def merge_files(pretrained: str | os.PathLike, finetuned: Sequence[str | os.Path
     one. Writes ``out/model-0000i-of-0000n.safetensors`` (at most ``shard_bytes`` each, one tensor
     may exceed it) and ``out/model.safetensors.index.json``; returns ``out``. Memory: a few tensors
     (the N fine-tuned copies of the tensor being merged, in float32). See the module docstring for
-    the passes (one for per-tensor methods and ``fr``; up to four for ``ties``; five for ``pcb``),
+    the passes (one for per-tensor methods and ``fr``; three for the global ``ties``; five for ``pcb``),
     the errors and what is taken from the base. Raises :class:`StreamingNotSupportedError` for
     ``pcb`` with ``mode="paper"`` and ``fr`` with ``align="paper"``, before reading any tensor.
     """
@@ -746,37 +829,22 @@ def merge_files(pretrained: str | os.PathLike, finetuned: Sequence[str | os.Path
                             gt += (block(k).abs() > thr).sum(1, keepdim=True)
                     budget = torch.cat([torch.zeros_like(gt), keep - gt], 1)
 
-            kept_plans: dict[str, tuple] = {}  # per-tensor trim: thresholds of the sign pass, reused by the merge
-
-            def plan(k: str, x: Tensor, budget_now, keep_for_merge: bool = False):
+            def plan(k: str, x: Tensor, budget_now):
                 """The trim plan and tie budgets of tensor k (the exact rule's budgets count down as
-                ties are taken: each use gets its own copy)."""
+                ties are taken)."""
                 if glob_ties:
                     return [(0, x.shape[1], thr, keep)], [budget_now]
-                got = kept_plans.pop(k, None)
-                if got is None:
-                    lay_k = FlatLayout.from_shapes({k: base.shape(k)})
-                    p_ = _comp._trim_plan(x, density, "tensor", lay_k, trim_rule)
-                    got = p_, (_comp._exact_tie_budget(x, p_) if trim_rule == "exact" else [None] * len(p_))
-                if keep_for_merge:
-                    kept_plans[k] = got[0], [None if b is None else b.clone() for b in got[1]]
-                return got
+                p_ = _comp._trim_plan(x, density, "tensor", FlatLayout.from_shapes({k: base.shape(k)}), trim_rule)
+                return p_, (_comp._exact_tie_budget(x, p_) if trim_rule == "exact" else [None] * len(p_))
 
-            majority = 1
-            if hp["sign_rule"] == "mass":
-                votes = [0, 0]
-                b2 = None if budget is None else budget.clone()
-                for k in _progress(src.over(keys), len(keys), "signs", quiet):
-                    x = block(k)
-                    pl, bu = plan(k, x, b2, keep_for_merge=True)
-                    p_, n_ = _comp._ties_sign_counts(x, pl, bu, trim_rule)
-                    votes[0] += p_
-                    votes[1] += n_
-                majority = 1 if votes[0] > votes[1] else -1
-            state = {"plan": plan, "budget": budget, "majority": majority, "trim_rule": trim_rule}
+            # the mass sign rule's model-wide majority sign is counted on the write pass (see _Deferred)
+            state = {"plan": plan, "budget": budget, "budget0": None if budget is None else budget.clone(),
+                     "majority": None if hp["sign_rule"] == "mass" else 1, "trim_rule": trim_rule}
+        deferred = _Deferred(max([math.prod(base.shape(k)) for k in keys], default=0)) \
+            if is_ties and state["majority"] is None else None
 
         def merged_tensor(k: str) -> Tensor:
-            pre = src.get(0, k)
+            pre, votes = src.get(0, k), None
             if k not in selected:
                 return pre
             if spec.fn is _sum:
@@ -815,12 +883,15 @@ def merge_files(pretrained: str | os.PathLike, finetuned: Sequence[str | os.Path
                     if not _comp.all_finite(x):
                         raise NonFiniteError(f"task vectors of {k!r} are not finite")
                     pl, bu = state["plan"](k, x, state["budget"])
+                    votes = None if state["majority"] is not None else {}  # the majority sign: deferred
                     delta = _comp._ties_fused(x, pl, bu, state["trim_rule"], hp["sign_rule"],
-                                              majority=state["majority"])
+                                              majority=state["majority"], defer=votes)
                 else:
                     delta = spec.fn(x, layout=lay, lambdas=lams, tasks=names, **hp)
                 delta = delta.view(pre.shape)
             pre_f = pre if pre.dtype == torch.float32 else scratch.get("base", pre.numel()).view(pre.shape).copy_(pre)
+            if votes is not None:
+                deferred.note(k, pre_f, delta, lam, votes, pre.dtype)
             return torch.add(pre_f, delta, alpha=lam, out=delta)  # float32; the writer converts it to pre's dtype
 
         all_keys = sorted(base)
@@ -830,10 +901,10 @@ def merge_files(pretrained: str | os.PathLike, finetuned: Sequence[str | os.Path
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        try:
-            weight_map = {}
-            it = iter(_progress(src.over(all_keys, base_only=set(all_keys) - selected), len(all_keys),
-                                f"merging ({method})", quiet))
+        def write_all(desc: str) -> dict[str, tuple[str, int]]:
+            """The write pass: every shard into ``tmp``; returns key -> (shard file, offset of its bytes)."""
+            where = {}
+            it = iter(_progress(src.over(all_keys, base_only=set(all_keys) - selected), len(all_keys), desc, quiet))
             for i, shard_keys in enumerate(shards):
                 fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
                 w = _ShardWriter(tmp / fname, shard_keys, meta)
@@ -841,10 +912,21 @@ def merge_files(pretrained: str | os.PathLike, finetuned: Sequence[str | os.Path
                     for k in shard_keys:
                         next(it)
                         w.add(k, merged_tensor(k))
-                        weight_map[k] = fname
+                        where[k] = (fname, w.starts[k])
                     w.close()
                 finally:
                     w.abort()
+            return where
+
+        try:
+            where = write_all(f"merging ({method})")
+            if deferred is not None and deferred.votes > 0:  # positive majority sign: not the one written
+                if deferred.overflow:  # too many entries to patch: the write pass again, the sign known
+                    state.update(majority=1, budget=state["budget0"])
+                    where = write_all(f"merging ({method}), majority sign +")
+                else:
+                    deferred.patch(tmp, where, meta)
+            weight_map = {k: f for k, (f, _) in where.items()}
             total = sum(math.prod(meta[k][0]) * torch.empty((), dtype=meta[k][1]).element_size() for k in all_keys)
             index = {"metadata": {"total_size": total, "merged_by": "mergelib", "method": method,
                                   "borrowed_from_pretrained": borrowed},

@@ -124,6 +124,59 @@ def test_model_wide_statistics_come_from_their_sample(tmp_path, monkeypatch, met
         assert _same_bits(got[k], want[k].contiguous()), k
 
 
+def _ties_zero_sum_models(sign: int, dtype):
+    """A base with +-0 entries and 3 fine-tunes on a grid of exact values (task vectors computed
+    without rounding): task 1 is the negative of task 0 on a quarter of the entries (their kept
+    values cancel exactly), task 2 small and of sign ``sign``, which it gives the model's majority."""
+    g = torch.Generator().manual_seed(7)
+    shapes = {"a.weight": (64, 48), "b.weight": (40, 30), "b.bias": (40,)}
+    pre, fts = {}, [{}, {}, {}]
+    for k, sh in shapes.items():
+        p = torch.randint(-20, 21, sh, generator=g) / 8
+        p.view(-1)[1::7] = -0.0
+        d = torch.randint(1, 41, sh, generator=g) / 16 * sign
+        cancel = torch.rand(sh, generator=g) < 0.25
+        small = torch.randint(1, 4, sh, generator=g) / 64 * sign
+        pre[k] = p.to(dtype)
+        fts[0][k] = (p + d).to(dtype)
+        fts[1][k] = torch.where(cancel, p - d, p).to(dtype)
+        fts[2][k] = (p + small).to(dtype)
+    return pre, fts
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sign", [1, -1])
+@pytest.mark.parametrize("hp", [{}, {"granularity": "tensor"}, {"trim_rule": "exact"},
+                                {"granularity": "tensor", "trim_rule": "exact", "scale": 0.7}])
+def test_the_majority_sign_is_known_after_the_write_pass(tmp_path, monkeypatch, dtype, sign, hp):
+    """TIES's mass sign rule gives zero-sum columns the majority sign of the whole model, known only when
+    every tensor is merged: the streamed merge writes as for a negative majority, then patches the
+    entries a positive one changes (cancelling entries; trimmed zeros over a base of +-0) or, past its
+    limit of kept entries, writes the merge again. On inputs full of both, either way: the bits of
+    merge(), and the per-tensor trim reads every input tensor once (one pass) unless it writes again."""
+    pre, fts = _ties_zero_sum_models(sign, dtype)
+    base, ftp = _write(tmp_path, pre, fts)
+    want = ml.merge(pre, fts, "ties", **hp)
+    delta = {k: want[k].float() - pre[k].float() for k in want}
+    assert sum(int((v == 0).sum()) for v in delta.values()) > 1000  # zero-sum columns everywhere
+    for overflow in (False, True):
+        patched, reads = [], []
+        real_patch, real_note, real_read = st._Deferred.patch, st._Deferred.note, st.Checkpoint.read_into
+        monkeypatch.setattr(st._Deferred, "patch", lambda self, *a: patched.append(len(self.entries)) or real_patch(self, *a))
+        if overflow:
+            monkeypatch.setattr(st._Deferred, "note", lambda self, *a: setattr(self, "limit", 10) or real_note(self, *a))
+        monkeypatch.setattr(st.Checkpoint, "read_into",
+                            lambda self, key, t: reads.append((self.path.stem, key)) or real_read(self, key, t))
+        out = ml.merge_files(base, ftp, tmp_path / f"out{overflow}", "ties", quiet=True, **hp)
+        got = _load_dir(out)
+        assert all(_same_bits(got[k], want[k].contiguous()) for k in want), (overflow, "bits")
+        rewrote = sign > 0 and overflow
+        assert (patched == [] if sign < 0 or overflow else patched[0] > 0)
+        if hp.get("granularity") == "tensor":  # one pass; two when it writes again
+            assert reads.count(("ft0", "a.weight")) == (2 if rewrote else 1), reads
+        monkeypatch.undo()
+
+
 def test_fr_mixed_ranks_warning_and_no_2d_error(tmp_path):
     """FR over 1-D, 2-D and 4-D tensors (rules=None: every float tensor): the same bits and the same
     FRFilterWarning as in memory; no 2-D tensor at all: the same ValueError, before any output."""
@@ -339,7 +392,7 @@ def _malloc_returns_freed_blocks() -> bool:
 def test_memory_is_bounded_by_a_few_tensors(tmp_path):
     """64 tensors of 256 kB (fp32) per model, 5 models: the inputs are 84 MB; loading them all (or keeping
     every memory-mapped page of the inputs resident) would grow the peak RSS by 80 MB or more. The
-    streamed TIES merge (three passes; a few copies of one tensor at a time; these task vectors are
+    streamed TIES merge (several passes; a few copies of one tensor at a time; these task vectors are
     constant, so its exact trim takes the histogram fallback), and so the PCB (five passes) and FR
     merges, must grow it by less than 40 MB (about 18 MB for TIES). In process: the peak resident set
     (VmHWM, which counts memory-mapped file pages too) is reset just before each merge, with malloc
