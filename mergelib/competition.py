@@ -330,7 +330,7 @@ def _ties_fused(tvs: Tensor, plan, budgets, trim_rule: str, sign_rule: str,
     streaming merge, whose majority is model-wide): ``defer`` receives ``"votes"`` (#(sum > 0) -
     #(sum < 0) over the columns, float64), ``"zero"`` (bool ``D``: the columns whose sum is 0) and
     ``"cancel"`` (``[(columns, values)]``: where those columns' entries cancel, the values a positive
-    majority gives there). :func:`_ties_patch_positive` applies the patch.
+    majority gives there; elsewhere in ``zero`` it gives +0.0).
 
     Per chunk: s = +1 where gamma > 0 else -1; t * s > 0 marks the agreeing entries, and
     tau_m = s * sum_i relu(t_i * s) / max(#agreeing, 1): the float operations of :func:`disjoint_mean`,
@@ -372,17 +372,9 @@ def _ties_fused(tvs: Tensor, plan, budgets, trim_rule: str, sign_rule: str,
             raise ValueError("internal error: defer needs sign_rule='mass' and majority=None")
         defer.update(votes=votes, zero=zero, cancel=cancel)
     elif fix_zero and float(votes) > 0:  # gamma = 0 takes the majority sign (+)
-        _ties_patch_positive(out, zero, cancel)
-    return out
-
-
-def _ties_patch_positive(out: Tensor, zero: Tensor, cancel) -> Tensor:
-    """Turn :func:`_ties_fused`'s result for a negative majority sign into the one for a positive sign:
-    +0.0 where every trimmed entry of a zero-sum column is 0, the positive entries' mean where they
-    cancel (``zero`` and ``cancel`` as :func:`_ties_fused` collects them). In place; returns ``out``."""
-    out.masked_fill_(zero, 0.0)
-    for cols, val in cancel:
-        out[cols] = val
+        out.masked_fill_(zero, 0.0)
+        for cols, val in cancel:
+            out[cols] = val
     return out
 
 

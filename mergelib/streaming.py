@@ -614,7 +614,7 @@ class _Deferred:
     keeping them, and a positive majority then writes the merge again (one pass more, the sign known).
     """
 
-    _INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    _INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # the bits of bf16/fp16, fp32, fp64
 
     def __init__(self, limit: int):
         self.limit = max(limit, 1 << 16)
