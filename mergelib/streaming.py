@@ -743,13 +743,14 @@ def merge_files(pretrained: str | os.PathLike, finetuned: Sequence[str | os.Path
         selected = set(keys)
         seg_of = {k: (o, e) for k, o, e in layout.segments()}
 
-        def block(k: str) -> Tensor:
+        def block(k: str, pre: Tensor | None = None) -> Tensor:
             """N x numel float32 task vectors of tensor k (DARE applied for dare_ties; dare_ta's own
             function applies it); checked finite here for pcb and fr (TIES checks it in its sweep,
             dare_ta in its function). Computed as :func:`~mergelib.task_vectors.flatten` does (the
             same bits), into one buffer reused from tensor to tensor: valid until the next call
-            (fresh memory for every block would be faulted in page by page, on every pass)."""
-            pre = src.get(0, k).reshape(-1)
+            (fresh memory for every block would be faulted in page by page, on every pass). ``pre``:
+            the base's tensor k when the caller has read it already (read once per pass, not twice)."""
+            pre = (src.get(0, k) if pre is None else pre).reshape(-1)
             if pre.dtype in (torch.bfloat16, torch.float16):  # converted once, not once per task (exact)
                 pre = scratch.get("block base", pre.numel()).copy_(pre)
             x = scratch.get("block", len(fts) * pre.numel()).view(len(fts), -1)
@@ -862,9 +863,9 @@ def merge_files(pretrained: str | os.PathLike, finetuned: Sequence[str | os.Path
                 delta = _sum_per_tensor(pre_d, ftk, [k], lams, check=True, layout=layout,
                                         into={k: scratch.get("sum", pre.numel())})[k]
             elif method == "fr":
-                delta = fr_tensor(block(k), k, tuple(pre.shape), **hp).view(pre.shape)
+                delta = fr_tensor(block(k, pre), k, tuple(pre.shape), **hp).view(pre.shape)
             elif method == "pcb":
-                x = block(k)
+                x = block(k, pre)
                 n = x.shape[0]
                 total = _comp._row_sum(x)
                 num, den = torch.zeros_like(total), torch.zeros_like(total)
@@ -877,7 +878,7 @@ def merge_files(pretrained: str | os.PathLike, finetuned: Sequence[str | os.Path
                                             pcb["max"][:, None], lam_col)
                 delta = num.div_(den.clamp_min_(1e-12)).view(pre.shape)
             else:
-                x = block(k)
+                x = block(k, pre)
                 lay = FlatLayout.from_shapes({k: tuple(pre.shape)})
                 if is_ties:
                     if not _comp.all_finite(x):

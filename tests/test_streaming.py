@@ -65,6 +65,15 @@ def _same_bits(a, b):
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
 
+def _record_reads(monkeypatch) -> list[tuple[str, str]]:
+    """(file stem, key) of every tensor read from a checkpoint from now on, in order."""
+    reads = []
+    real = st.Checkpoint.read_into
+    monkeypatch.setattr(st.Checkpoint, "read_into",
+                        lambda self, key, t: reads.append((self.path.stem, key)) or real(self, key, t))
+    return reads
+
+
 CASES = [("task_arithmetic", {}), ("task_arithmetic", {"scale": [0.2, 0.3, 0.4]}), ("average", {}),
          ("dare_ta", {"p": 0.5}), ("ties", {}), ("ties", {"trim_rule": "exact"}), ("ties", {"sign_rule": "count"}),
          ("ties", {"granularity": "tensor", "density": 0.1}), ("dare_ties", {"density": 0.3})]
@@ -160,13 +169,11 @@ def test_the_majority_sign_is_known_after_the_write_pass(tmp_path, monkeypatch, 
     delta = {k: want[k].float() - pre[k].float() for k in want}
     assert sum(int((v == 0).sum()) for v in delta.values()) > 1000  # zero-sum columns everywhere
     for overflow in (False, True):
-        patched, reads = [], []
-        real_patch, real_note, real_read = st._Deferred.patch, st._Deferred.note, st.Checkpoint.read_into
+        patched, reads = [], _record_reads(monkeypatch)
+        real_patch, real_note = st._Deferred.patch, st._Deferred.note
         monkeypatch.setattr(st._Deferred, "patch", lambda self, *a: patched.append(len(self.entries)) or real_patch(self, *a))
         if overflow:
             monkeypatch.setattr(st._Deferred, "note", lambda self, *a: setattr(self, "limit", 10) or real_note(self, *a))
-        monkeypatch.setattr(st.Checkpoint, "read_into",
-                            lambda self, key, t: reads.append((self.path.stem, key)) or real_read(self, key, t))
         out = ml.merge_files(base, ftp, tmp_path / f"out{overflow}", "ties", quiet=True, **hp)
         got = _load_dir(out)
         assert all(_same_bits(got[k], want[k].contiguous()) for k in want), (overflow, "bits")
@@ -350,10 +357,7 @@ def test_tensors_that_are_not_merged_are_read_from_the_base_only(tmp_path, monke
     buffers come from the base alone, merged keys from every checkpoint exactly once per pass."""
     pre, fts = _models(n=2)
     base, ftp = _write(tmp_path, pre, fts)
-    reads = []
-    real = st.Checkpoint.read_into
-    monkeypatch.setattr(st.Checkpoint, "read_into",
-                        lambda self, key, t: reads.append((self.path.stem, key)) or real(self, key, t))
+    reads = _record_reads(monkeypatch)
     out = ml.merge_files(base, ftp, tmp_path / "out", "task_arithmetic", exclude=["norm"], quiet=True)
     merged = [k for k in SHAPES if k != "norm.weight" and k != "embeddings.position_ids"]
     for name in ("ft0", "ft1"):
@@ -545,3 +549,35 @@ def test_the_merge_imports_only_the_merging_core():
     assert listed == "True module"
     with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
         mergelib.nonexistent  # noqa: B018
+
+
+@pytest.mark.parametrize("method,hp,passes", [
+    ("task_arithmetic", {}, 1), ("average", {}, 1), ("dare_ta", {"p": 0.5}, 1), ("fr", {}, 1),
+    ("ties", {"granularity": "tensor"}, 1), ("dare_ties", {"granularity": "tensor", "p": 0.5}, 1),
+    ("ties", {}, 3), ("ties", {"trim_rule": "exact"}, 3), ("pcb", {}, 5)])
+def test_every_pass_reads_each_input_tensor_once(tmp_path, monkeypatch, method, hp, passes):
+    """The number of passes the module docstring gives, counted: every merged tensor of the base and of
+    each fine-tune is read exactly once per pass (the write pass reuses the base's tensor it read for the
+    task vectors), the integer buffer once, from the base. With sign_rule="count" TIES never writes again."""
+    pre, fts = _models(n=2)
+    base, ftp = _write(tmp_path, pre, fts)
+    reads = _record_reads(monkeypatch)
+    if method in ("ties", "dare_ties"):
+        hp = {**hp, "sign_rule": "count"}
+    out = ml.merge_files(base, ftp, tmp_path / "out", method, quiet=True, **hp)
+    merged = ml.merging._selected_keys(ml.merging.REGISTRY[method], pre, "auto", None, None)
+    assert 0 < len(merged) < len(SHAPES)
+    tail = set()
+    if method in ("task_arithmetic", "average"):  # the flat sum's last partial block of 1024 entries spans
+        layout = ml.FlatLayout.from_shapes({k: pre[k].shape for k in merged})  # the last keys: each is read
+        tail = {k for k, s, e in layout.segments() if e > layout.D // 1024 * 1024}  # again for the others
+        assert 1 < len(tail) < len(merged)
+    for name in ("base", "ft0", "ft1"):
+        count = {k: reads.count((name, k)) for k in merged}
+        assert {k: c for k, c in count.items() if k not in tail} == {k: passes for k in merged if k not in tail}, name
+        assert all(1 <= count[k] <= len(tail) for k in tail), (name, count)
+    for k in set(SHAPES) - set(merged):  # not merged (a norm for the sums, the integer buffer): the base's, once
+        assert (reads.count(("base", k)), reads.count(("ft0", k))) == (1, 0), k
+    want = ml.merge(pre, fts, method, **hp)
+    got = _load_dir(out)
+    assert all(_same_bits(got[k], want[k].contiguous()) for k in want)
