@@ -22,11 +22,14 @@ CPU or ``torch.topk`` on CUDA, which are fast there):
    ``{lo <= x <= hi}`` (about 2 % of the row). On the CPU this pass runs in NumPy (float32, float64,
    float16 rows), whose masks, counts and extraction are several times faster than torch's on one
    core; elsewhere (CUDA, bf16) in torch. A bracket on one value (``lo == hi``: heavy ties, such as
-   the zeros of a DARE-dropped task vector) is only counted.
-3. If ``c < k <= c + #candidates`` the answer is the ``(k - c)``-th smallest candidate (NumPy's
-   ``partition`` or ``torch.kthvalue`` on the small candidate set; ``lo`` itself for a one-value
-   bracket); otherwise (a sample that missed, never seen in practice) the routine falls back to
-   ``torch.kthvalue`` on the row: always exact.
+   the zeros of a DARE-dropped task vector) is only counted. Likewise a value that makes up at least
+   ``1/TIE_SHARE`` of the sample and lies in the bracket (the exact zeros of a task vector whose
+   fine-tune left many weights unchanged, such as embedding rows of unseen tokens) is counted, not
+   kept: the candidates are the bracket's other entries.
+3. If ``c < k <= c + #candidates (+ #tied)`` the answer is the ``(k - c)``-th smallest of the
+   candidates and the tied copies (NumPy's ``partition`` or ``torch.kthvalue`` on the small candidate
+   set; the tied value itself where the rank falls on it); otherwise (a sample that missed, never seen
+   in practice) the routine falls back to ``torch.kthvalue`` on the row: always exact.
 
 Several ranks of one row (PCB's two clip points) share the same pass. On CUDA the whole row is one
 chunk: a few boolean temporaries of the row's size, no ``N x D`` index tensors.
@@ -49,7 +52,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["kth_smallest", "kth_smallest_columns", "topk_threshold", "topk_mask", "set_backend",
-           "get_backend", "backend", "LONG_ROW", "SAMPLE", "CHUNK"]
+           "get_backend", "backend", "LONG_ROW", "SAMPLE", "CHUNK", "TIE_SHARE"]
 
 LONG_ROW = 1 << 16   # rows at least this long use the sampled bracket + exact count
 SAMPLE = 1 << 15     # sample size for the bracket
@@ -62,6 +65,12 @@ SAMPLE = 1 << 15     # sample size for the bracket
 # never changes a result (exact counts; column blocks on 1024-aligned bounds).
 CHUNK = 1 << 19
 NUMPY_CHUNK = 1 << 16  # the same for the NumPy counting pass (its buffers stay in L2)
+# A value in a bracket that makes up at least 1/TIE_SHARE of the sample is counted, not kept as a candidate
+# (a bracket holds about 2 % of a row; a tie of that size would otherwise be most of its candidates). The
+# course's MiniLM fine-tunes leave 42-44 % of their weights exactly unchanged: their task vectors' lowest
+# |tau| ranks fall in a block of zeros that held every candidate of the bracket, and the streaming merge's
+# guard against such brackets (more than 1/16 of a row) sent PCB to its slower histogram passes.
+TIE_SHARE = 64
 _BACKENDS = ("auto", "torch")
 _backend = "auto"
 
@@ -112,9 +121,11 @@ def _chunks(n: int, device: torch.device) -> list[tuple[int, int]]:
     return [(s, min(s + step, n)) for s in range(0, n, step)]
 
 
-def _brackets(sample: Tensor, n: int, ks: Sequence[int]) -> list[tuple[Tensor | None, Tensor | None]]:
+def _brackets(sample: Tensor, n: int, ks: Sequence[int]) -> list[tuple[Tensor | None, Tensor | None, Tensor | None]]:
     """Per rank k: values ``lo <= hi`` of the sorted ``sample`` (of a row of ``n`` entries) that bracket
-    the k-th smallest with overwhelming probability (None: open on that side)."""
+    the k-th smallest with overwhelming probability (None: open on that side), and ``tie``: the value in
+    the bracket that the counting pass counts instead of keeping (:data:`TIE_SHARE`; ``lo`` where
+    ``lo == hi``), or None."""
     m = sample.numel()
     s = torch.from_numpy(np.sort(_as_numpy(sample))) if _numpy_pass_ok(sample) else sample.sort().values
     out = []
@@ -122,7 +133,15 @@ def _brackets(sample: Tensor, n: int, ks: Sequence[int]) -> list[tuple[Tensor | 
         p = k / n
         margin = 5.0 * math.sqrt(m * p * (1 - p)) + 16
         lo_i, hi_i = math.floor(p * m - margin), math.ceil(p * m + margin)
-        out.append((s[lo_i] if lo_i >= 0 else None, s[hi_i] if hi_i < m else None))
+        lo, hi = (s[lo_i] if lo_i >= 0 else None), (s[hi_i] if hi_i < m else None)
+        if lo is not None and lo == hi:
+            tie = lo
+        else:  # the most repeated value of the bracket's part of the sample, if it is frequent in the sample
+            vals, counts = torch.unique_consecutive(s[max(lo_i, 0): min(hi_i, m - 1) + 1], return_counts=True)
+            v = vals[counts.argmax()].reshape(1)
+            copies = int(torch.searchsorted(s, v, right=True) - torch.searchsorted(s, v))
+            tie = v[0] if copies * TIE_SHARE >= m else None
+        out.append((lo, hi, tie))
     return out
 
 
@@ -132,12 +151,18 @@ def _finish(ks: Sequence[int], below: list[int], cands: list[list[Tensor]], nump
     the row (of ``|x|`` where absolute) for the exact fallback when a sample missed."""
     out = []
     for j, k in enumerate(ks):
-        cand = torch.cat(cands[j]) if len(cands[j]) > 1 else cands[j][0]
+        tied = cands[j][0] if isinstance(cands[j][0], _Tied) else None
+        cand = tied.rest if tied is not None else torch.cat(cands[j]) if len(cands[j]) > 1 else cands[j][0]
         r = k - below[j]
+        if tied is not None:  # sorted: the candidates below the tied value, its copies, those above it
+            n_lt = int((cand < tied.value).sum())
+            if n_lt < r <= n_lt + tied.count:
+                out.append(tied.value)
+                continue
+            if r > n_lt:
+                r -= tied.count
         if 1 <= r <= cand.numel():
-            if isinstance(cand, _Point):
-                out.append(cand.value)
-            elif numpy_pass:  # numpy's introselect: the same value, several times faster than kthvalue
+            if numpy_pass:  # numpy's introselect: the same value, several times faster than kthvalue
                 out.append(torch.from_numpy(np.partition(cand.numpy(), r - 1)[r - 1 : r].copy()).reshape(()))
             else:
                 out.append(_torch_kth(cand, r, 0, False))
@@ -217,10 +242,11 @@ def _as_numpy(t: Tensor) -> np.ndarray:
 
 
 class _NumpyCounter:
-    """Per bracket, ``#{x < lo}`` and the entries in ``[lo, hi]`` of a row fed chunk by chunk (NumPy
-    arrays of at most ``width`` entries). Comparisons are made in the row's dtype: ``lo``/``hi`` are
-    elements of the row, so exactly representable in it. With ``limit``, more than ``limit``
-    candidates for a bracket (rows of a few distinct values) set ``overflow`` and stop the counting."""
+    """Per bracket, ``#{x < lo}``, ``#{x == tie}`` and the other entries in ``[lo, hi]`` of a row fed
+    chunk by chunk (NumPy arrays of at most ``width`` entries). Comparisons are made in the row's dtype:
+    ``lo``/``hi``/``tie`` are elements of the row, so exactly representable in it. With ``limit``, more
+    than ``limit`` candidates for a bracket (rows of a few distinct values) set ``overflow`` and stop
+    the counting."""
 
     def __init__(self, brackets, dtype, width: int, absolute: bool, limit: int | None = None):
         self.absolute = absolute
@@ -230,13 +256,13 @@ class _NumpyCounter:
         self.buf = np.empty(width, dtype=dtype)
         self.m_lt = np.empty(width, dtype=bool)
         self.m_in = np.empty(width, dtype=bool)
-        self.lims = [(None if lo is None else dtype.type(lo.item()), None if hi is None else dtype.type(hi.item()))
-                     for lo, hi in brackets]
+        self.m_eq = np.empty(width, dtype=bool)
+        self.lims = [tuple(None if v is None else dtype.type(v.item()) for v in b) for b in brackets]
         self.below = [0] * len(brackets)
         # the candidates of each bracket in one growing array (few large allocations: many small
         # ones kept alive would fragment the heap, which then cannot shrink)
         self.store = [np.empty(max(width, 1024), dtype=dtype) for _ in brackets]
-        self.points = [0] * len(brackets)  # entries equal to lo == hi (a one-value bracket)
+        self.points = [0] * len(brackets)  # entries equal to tie (all of them for a one-value bracket)
 
     def add(self, chunk) -> None:
         if self.overflow:
@@ -244,12 +270,12 @@ class _NumpyCounter:
         w = chunk.shape[0]
         c = np.abs(chunk, out=self.buf[:w]) if self.absolute else chunk
         lt, inside = self.m_lt[:w], self.m_in[:w]
-        for j, (lo, hi) in enumerate(self.lims):
-            if lo is None and hi is None:
+        for j, (lo, hi, tie) in enumerate(self.lims):
+            if lo is None and hi is None and tie is None:
                 self._keep(j, c, None)
                 continue
             if lo is None:
-                np.less_equal(c, hi, out=inside)
+                np.less_equal(c, hi, out=inside) if hi is not None else inside.fill(True)
             else:
                 self.below[j] += int(np.count_nonzero(np.less(c, lo, out=lt)))
                 if hi is None:
@@ -260,6 +286,10 @@ class _NumpyCounter:
                     if lo == hi:  # a bracket on one value (heavy ties, e.g. zeros): count, keep nothing
                         self.points[j] += int(np.count_nonzero(inside))
                         continue
+            if tie is not None:  # count the tied value, keep the others (tie lies in [lo, hi])
+                eq = np.equal(c, tie, out=self.m_eq[:w])
+                self.points[j] += int(np.count_nonzero(eq))
+                inside &= np.logical_not(eq, out=eq)
             if not self._keep(j, c, inside):
                 return
 
@@ -285,20 +315,21 @@ class _NumpyCounter:
         return True
 
     def result(self) -> tuple[list[int], list]:
-        """``(below, cands)``; a one-value bracket's candidates are ``_Point(value, count)``."""
-        return self.below, [[_Point(torch.tensor(lo), n)] if lo is not None and lo == hi
-                            else [torch.from_numpy(st[:kept])]
-                            for (lo, hi), st, n, kept in zip(self.lims, self.store, self.points, self.kept)]
+        """``(below, cands)``; the candidates of a bracket with a tied value are ``[_Tied(...)]``."""
+        return self.below, [[torch.from_numpy(st[:kept]) if tie is None else
+                             _Tied(torch.from_numpy(st[:kept]), torch.tensor(tie), n)]
+                            for (_, _, tie), st, n, kept in zip(self.lims, self.store, self.points, self.kept)]
 
 
-class _Point:
-    """``count`` copies of ``value`` (0-dim): the candidates of a bracket on one value."""
+class _Tied:
+    """The candidates of a bracket with a tied value: ``count`` copies of ``value`` (0-dim), and the
+    other candidates ``rest`` (1-D, none for a bracket on one value)."""
 
-    def __init__(self, value: Tensor, count: int):
-        self.value, self.count = value, count
+    def __init__(self, rest: Tensor, value: Tensor, count: int):
+        self.rest, self.value, self.count = rest, value, count
 
     def numel(self) -> int:
-        return self.count
+        return self.rest.numel() + self.count
 
 
 def _count_blocks(blocks, brackets, dtype, width: int, absolute: bool, limit: int | None = None) -> list[_NumpyCounter]:
@@ -315,9 +346,9 @@ def _count_blocks(blocks, brackets, dtype, width: int, absolute: bool, limit: in
 
 def _count_pass_torch(row: Tensor, chunks, brackets, absolute: bool):
     """``(below, cands)`` of :class:`_NumpyCounter` with torch operations, over the chunks of ``row``
-    (CUDA; on the CPU only where NumPy cannot read the row): per bracket ``#{x < lo}`` and the entries
-    in ``[lo, hi]``. One chunk is the whole row on CUDA, so no per-chunk host round trips."""
-    below = [0] * len(brackets)
+    (CUDA; on the CPU only where NumPy cannot read the row): per bracket ``#{x < lo}``, ``#{x == tie}``
+    and the other entries in ``[lo, hi]``. One chunk is the whole row on CUDA, so no per-chunk host round trips."""
+    below, tied = [0] * len(brackets), [0] * len(brackets)
     cands: list[list[Tensor]] = [[] for _ in brackets]
     # counts below lo as a float32 0/1 sum (faster than a bool one on the CPU; exact below 2**24)
     count = torch.empty(chunks[0][1], dtype=torch.float32, device=row.device) if chunks[0][1] <= 1 << 24 else None
@@ -325,18 +356,23 @@ def _count_pass_torch(row: Tensor, chunks, brackets, absolute: bool):
         c = row[a0:a1]
         if absolute:
             c = c.abs()
-        for j, (lo, hi) in enumerate(brackets):
-            if lo is None and hi is None:
+        for j, (lo, hi, tie) in enumerate(brackets):
+            if lo is None and hi is None and tie is None:
                 cands[j].append(c)
                 continue
             if lo is None:
-                inside = c <= hi
+                inside = c <= hi if hi is not None else torch.ones_like(c, dtype=torch.bool)
             else:
                 lt = (c < lo) if count is None else torch.lt(c, lo, out=count[: a1 - a0])
                 below[j] += int(lt.sum())
                 inside = c >= lo if hi is None else torch.ge(c, lo).logical_and_(c <= hi)
+            if tie is not None:  # counted, not kept (tie lies in [lo, hi])
+                eq = c == tie
+                tied[j] += int(eq.sum())
+                inside.logical_and_(eq.logical_not_())
             cands[j].append(c[inside])
-    return below, cands
+    return below, [[_Tied(torch.cat(cj), tie, tied[j])] if tie is not None else cj
+                   for j, (cj, (_, _, tie)) in enumerate(zip(cands, brackets))]
 
 
 def kth_smallest(x: Tensor, k: int | Sequence[int], dim: int = -1, keepdim: bool = False,

@@ -513,9 +513,11 @@ def _stream_kth(blocks_fn, n: int, ks: Sequence[Sequence[int]], absolute: bool =
     float32): a sample of every block (1/256 of its entries at fixed pseudo-random positions) gives
     each rank a bracket; the second pass counts the entries below it and keeps those inside it, block
     by block in cache-sized chunks (NumPy), so memory stays a few chunks plus the candidates (about
-    2 % of the entries). If a sample missed (never seen in practice) or a bracket holds more than
-    1/16 of a row (rows of a few distinct values), the exact histogram passes of
-    :func:`_stream_kth_hist` answer instead (bounded memory).
+    2 % of the entries; a value that fills much of the sample, such as the exact zeros of weights a
+    fine-tune left unchanged, is counted instead of kept: :data:`mergelib.selection.TIE_SHARE`). If a
+    sample missed (never seen in practice) or a bracket still holds more than 1/16 of a row (rows of a
+    few distinct values), the exact histogram passes of :func:`_stream_kth_hist` answer instead
+    (bounded memory).
 
     ``samples_fn()``: optional, yields ``(numel, take)`` per block in the order of ``blocks_fn()``,
     ``take(positions)`` giving the ``N x len(positions)`` entries of the block there, computed from
@@ -560,13 +562,19 @@ def _stream_kth(blocks_fn, n: int, ks: Sequence[Sequence[int]], absolute: bool =
             vals = _sel._finish(ks[r], below, cands, True, _missed)
             out.append(torch.stack(vals))
             if count_above:  # D - #(x < lo) - #(lo <= x <= value)
-                above.append([D - below[j] - (c.count if isinstance(c, _sel._Point) else int((c <= v).sum()))
-                              for j, (v, (c,)) in enumerate(zip(vals, cands))])
+                above.append([D - below[j] - _count_upto(c, v) for j, (v, (c,)) in enumerate(zip(vals, cands))])
     except _Missed:
         vals = _stream_kth_hist(blocks_fn, n, ks, absolute)
         return (vals, None) if count_above else vals
     vals = torch.stack(out).to(torch.float32)
     return (vals, torch.tensor(above, dtype=torch.int64)) if count_above else vals
+
+
+def _count_upto(cands, v: Tensor) -> int:
+    """How many of a bracket's candidates (a tensor, or :class:`mergelib.selection._Tied`) are <= v."""
+    if isinstance(cands, _sel._Tied):
+        return int((cands.rest <= v).sum()) + (cands.count if bool(cands.value <= v) else 0)
+    return int((cands <= v).sum())
 
 
 class _Missed(Exception):

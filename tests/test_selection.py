@@ -224,3 +224,55 @@ def test_counting_pass_dtypes():
     assert sel._numpy_pass_ok(torch.zeros(3, dtype=torch.bfloat16))  # read as float32: NumPy has no bf16
     assert sel._as_numpy(torch.tensor([1.5, -0.0], dtype=torch.bfloat16)).dtype == np.float32
     assert not sel._numpy_pass_ok(torch.zeros(3, requires_grad=True))
+
+
+def _unchanged_weights(dtype, n=N_LONG, rows=2, share=0.42, seed=1):
+    """Rows like the task vectors of a fine-tune that left ``share`` of its weights exactly unchanged:
+    a block of exact zeros (both signs) among normal values, scattered at random positions."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, n, generator=g) * 1e-3
+    zero = torch.rand(rows, n, generator=g) < share
+    x[zero] = 0.0
+    x[zero & (torch.rand(rows, n, generator=g) < 0.3)] = -0.0
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("numpy_pass", [True, False])
+def test_a_heavy_tie_in_the_bracket_is_counted_not_kept(monkeypatch, dtype, numpy_pass):
+    """A value that fills much of the sample (the exact zeros of unchanged weights) is counted by the
+    counting pass instead of kept as a candidate, wherever the rank falls: below the tie, on its first
+    and last copy, above it; the same values as torch.kthvalue, in both counting passes; the candidates
+    kept are only the bracket's other entries."""
+    x = _unchanged_weights(dtype)
+    n = x.shape[1]
+    if not numpy_pass:
+        monkeypatch.setattr(sel, "_numpy_pass_ok", lambda row: False)
+    kept = []
+    real_finish = sel._finish
+    monkeypatch.setattr(sel, "_finish", lambda ks, below, cands, *a: kept.append(cands) or real_finish(ks, below, cands, *a))
+    for absolute in (False, True):
+        srt = (x.abs() if absolute else x).float().sort(1).values
+        first = int((srt[0] < 0).sum())  # rank - 1 of the first zero of row 0
+        last = first + int((srt[0] == 0).sum()) - 1
+        ks = [1, 5, first, first + 1, (first + last) // 2, last + 1, last + 2, n // 2, n - 3]
+        ks = sorted({min(max(k, 1), n) for k in ks})
+        got = sel.kth_smallest(x, ks, dim=1, absolute=absolute)
+        want = torch.stack([torch.kthvalue(x.abs() if absolute else x, k, dim=1).values for k in ks], 1)
+        assert _bits(got, want), (dtype, absolute)
+    tied = [c[0] for cands in kept for c in cands if isinstance(c[0], sel._Tied)]
+    assert tied and all(float(t.value) == 0.0 and t.count > n // 4 and t.rest.numel() < n // 8 for t in tied)
+
+
+def test_brackets_pick_a_tie_only_when_it_is_frequent():
+    s = torch.randn(4096, generator=torch.Generator().manual_seed(0))
+    lo, hi, tie = sel._brackets(s, 1 << 20, [1 << 19])[0]  # distinct values: no tie
+    assert tie is None and lo < hi
+    s[: 4096 // sel.TIE_SHARE] = 0.0  # exactly 1/TIE_SHARE of the sample is 0, in the bracket
+    assert float(sel._brackets(s, 1 << 20, [1 << 19])[0][2]) == 0.0
+    s[0] = 0.5  # one copy fewer: not frequent enough
+    assert sel._brackets(s, 1 << 20, [1 << 19])[0][2] is None
+    lo, hi, tie = sel._brackets(torch.zeros(4096), 1 << 20, [1 << 19])[0]  # a bracket on one value
+    assert lo == hi == tie == 0
+    lo, hi, tie = sel._brackets(torch.zeros(4096), 1 << 20, [7])[0]  # open below, its end tied
+    assert lo is None and hi == tie == 0

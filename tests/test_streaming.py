@@ -491,7 +491,7 @@ def test_stream_kth_equals_kth_smallest_and_falls_back(monkeypatch, kind, absolu
     real = st._stream_kth_hist
     monkeypatch.setattr(st, "_stream_kth_hist", lambda *a, **k: calls.append(1) or real(*a, **k))
     top = whole.abs().max() if absolute else whole.max()
-    monkeypatch.setattr(sel, "_brackets", lambda s, n, kk: [(top, top)] * len(kk))  # every bracket misses
+    monkeypatch.setattr(sel, "_brackets", lambda s, n, kk: [(top, top, top)] * len(kk))  # every bracket misses
     assert torch.equal(st._stream_kth(lambda: iter(blocks), 3, ks, absolute=absolute), want) and calls
     assert st._stream_kth(lambda: iter(blocks), 3, ks, absolute=absolute, count_above=True)[1] is None
 
@@ -509,7 +509,7 @@ def test_exact_trim_streams_through_the_histogram_fallback_too(tmp_path, monkeyp
     want = ml.merge(pre, fts, "ties", trim_rule="exact")
     for miss in (False, True):
         if miss:
-            monkeypatch.setattr(sel, "_brackets", lambda s, n, kk: [(s.max(), s.max())] * len(kk))
+            monkeypatch.setattr(sel, "_brackets", lambda s, n, kk: [(s.max(), s.max(), s.max())] * len(kk))
         got = _load_dir(ml.merge_files(base, ftp, tmp_path / f"out{miss}", "ties", quiet=True, trim_rule="exact"))
         assert all(_same_bits(got[k], want[k].contiguous()) for k in want), miss
 
@@ -581,3 +581,33 @@ def test_every_pass_reads_each_input_tensor_once(tmp_path, monkeypatch, method, 
     want = ml.merge(pre, fts, method, **hp)
     got = _load_dir(out)
     assert all(_same_bits(got[k], want[k].contiguous()) for k in want)
+
+
+@pytest.mark.parametrize("absolute", [True, False])
+def test_stream_kth_counts_the_zeros_of_unchanged_weights(monkeypatch, absolute):
+    """Task vectors of fine-tunes that left 40 % of their weights exactly unchanged (the course's MiniLM
+    fine-tunes: 42-44 %): PCB's clip ranks and drop thresholds fall in or next to the block of zeros.
+    The zeros are counted, not kept, so no bracket holds more than 1/16 of a row and the two passes
+    answer without the histogram fallback; the values and the counts above them are exact."""
+    from mergelib import selection as sel
+
+    g = torch.Generator().manual_seed(11)
+    blocks = []
+    for m in (90_000, 33, 50_000):
+        b = torch.randn(3, m, generator=g) * 1e-3
+        zero = torch.rand(3, m, generator=g) < 0.4
+        b[zero] = 0.0
+        b[zero & (torch.rand(3, m, generator=g) < 0.3)] = -0.0
+        blocks.append(b)
+    whole = torch.cat(blocks, 1)
+    D = whole.shape[1]
+    ks = [[int(D * 1e-4) + 1, D // 4, D // 2, int(D * 0.6), int(D * 0.95) + 1, D - 2]] * 3
+    calls = []
+    real = st._stream_kth_hist
+    monkeypatch.setattr(st, "_stream_kth_hist", lambda *a, **k: calls.append(1) or real(*a, **k))
+    vals, above = st._stream_kth(lambda: iter(blocks), 3, ks, absolute=absolute, count_above=True)
+    assert not calls
+    want = torch.stack([sel.kth_smallest(whole, k, dim=1, absolute=absolute) for k in ks[0]], 1)
+    assert torch.equal(vals, want)
+    w = whole.abs() if absolute else whole
+    assert torch.equal(above, (w[:, None, :] > want[:, :, None]).sum(2))
