@@ -24,7 +24,9 @@ ANCHOR_REF = re.compile(r"methods\.md#([^\s)\]>\"'`,;]+)")
 # Markdown link targets pointing at methods.md: [text](path/methods.md#anchor "title")
 LINK_TARGET = re.compile(r"\]\(\s*<?([^)\s>]*methods\.md)(?:#[^)\s>]*)?>?(?:\s+\"[^\"]*\")?\s*\)")
 SHARED = re.compile(r"\.\./shared\b")
-ABS_PATH = re.compile(r"(?<![\w.~:/])/(?:[A-Za-z0-9_.+-]+/){2,}")
+# a machine's own paths (/home/..., /work/...); /proc/self/ is Linux's interface to the running process,
+# the same on every machine (notebook 07 reads its memory and I/O counters there)
+ABS_PATH = re.compile(r"(?<![\w.~:/])/(?!proc/self/)(?:[A-Za-z0-9_.+-]+/){2,}")
 HEADING = re.compile(r"^ {0,3}(#{1,6})[ \t]+(.*?)(?:[ \t]+#+)?[ \t]*$")
 FENCE = re.compile(r"^ {0,3}(```|~~~)")
 
