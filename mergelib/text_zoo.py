@@ -249,7 +249,7 @@ def text_zoo(profile: str = "auto", device: str = "auto", seed: int = 0, progres
         heads[t] = head.eval()
         ft_cfg = {"kind": "text-finetune", "probe": probe_rec["config_hash"], "steps": sizes["ft_steps"],
                   "batch": sizes["ft_batch"], "lr": sizes["ft_lr"], "seed": seed,
-                  "data": "whole train split"}
+                  "data": "whole train split", "dropout": "seeded"}  # dropout's RNG seeded (see _finetune)
 
         def train_ft(d=data[t]["train"], t=t, head=head):   # batches drawn from the whole train split
             return _finetune(encoder, theta0, head, d, sizes, seed, progress, desc=f"fine-tune {t}")
@@ -269,30 +269,37 @@ def text_zoo(profile: str = "auto", device: str = "auto", seed: int = 0, progres
 
 def _finetune(encoder: SentenceEncoder, theta0: Mapping, head: nn.Linear, d, sizes: Mapping, seed: int,
               progress: bool, desc: str):
-    """The encoder fine-tuned with the task's probe head frozen (AdamW, constant learning rate, dropout on)."""
-    encoder.bert.load_state_dict(dict(theta0), strict=False)
+    """The encoder fine-tuned with the task's probe head frozen (AdamW, constant learning rate, dropout on).
+
+    Dropout draws from the global RNG, seeded here with ``seed`` inside a fork of it: the result does
+    not depend on what ran before in the process (which parts of the zoo were trained and which were
+    loaded from the cache), and the caller's RNG state is left as it was."""
     dev = next(encoder.parameters()).device
-    params = [p for n, p in encoder.bert.named_parameters()]
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=sizes["ft_lr"], weight_decay=0.0)
-    g = torch.Generator().manual_seed(seed + 1)
-    steps, bs = sizes["ft_steps"], sizes["ft_batch"]
-    losses = []
-    encoder.train()
-    bar = progress_bar(range(steps), desc=desc, disable=not progress, leave=False)
-    for _ in bar:
-        idx = torch.randint(0, len(d), (bs,), generator=g)
-        mask = d.attention_mask[idx]
-        w = int(mask.sum(1).max())
-        emb = encoder(d.input_ids[idx, :w].to(dev), mask[:, :w].to(dev))
-        loss = nn.functional.cross_entropy(head(emb), d.y[idx].to(dev))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-    bar.close()
-    encoder.eval()
+    cuda = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        encoder.bert.load_state_dict(dict(theta0), strict=False)
+        params = [p for n, p in encoder.bert.named_parameters()]
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.AdamW(params, lr=sizes["ft_lr"], weight_decay=0.0)
+        g = torch.Generator().manual_seed(seed + 1)
+        steps, bs = sizes["ft_steps"], sizes["ft_batch"]
+        losses = []
+        encoder.train()
+        bar = progress_bar(range(steps), desc=desc, disable=not progress, leave=False)
+        for _ in bar:
+            idx = torch.randint(0, len(d), (bs,), generator=g)
+            mask = d.attention_mask[idx]
+            w = int(mask.sum(1).max())
+            emb = encoder(d.input_ids[idx, :w].to(dev), mask[:, :w].to(dev))
+            loss = nn.functional.cross_entropy(head(emb), d.y[idx].to(dev))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+        bar.close()
+        encoder.eval()
     for p in params:
         p.requires_grad_(False)
     sd = {k: v.detach().clone() for k, v in encoder.bert.state_dict().items() if k in theta0}

@@ -89,3 +89,31 @@ def test_sre_retrieval_metric():
     assert r["recall_at_1"] == 0.5
     with pytest.raises(ValueError):
         T.sre_retrieval(e, torch.eye(3))
+
+
+def test_finetune_does_not_depend_on_the_global_rng_and_leaves_it_alone():
+    """The text zoo's fine-tune draws dropout from the global RNG, seeded inside a fork: the same weights
+    whatever ran before in the process (a probe trained rather than loaded from the cache consumes the
+    global RNG), and the caller's RNG state afterwards is the one it had."""
+    transformers = pytest.importorskip("transformers")
+    from mergelib import text_zoo
+
+    cfg = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=32, max_position_embeddings=16)
+    torch.manual_seed(0)
+    encoder = text_zoo.SentenceEncoder(transformers.BertModel(cfg, add_pooling_layer=False))
+    theta0 = {k: v.clone() for k, v in encoder.bert.state_dict().items() if v.is_floating_point()}
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 40, (12, 8), generator=g)
+    d = T.TextData("toy", "train", ["t"] * 12, torch.arange(12) % 2, ("a", "b"), ids, torch.ones_like(ids))
+    head = torch.nn.Linear(16, 2)
+    sizes = {"ft_lr": 1e-2, "ft_steps": 3, "ft_batch": 4}
+    run = lambda: text_zoo._finetune(encoder, theta0, head, d, sizes, seed=0, progress=False, desc="toy")[0]  # noqa: E731
+    first = run()
+    torch.rand(5)  # what a probe trained before the fine-tune would consume
+    state = torch.get_rng_state()
+    second = run()
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(first[k], second[k]) for k in theta0)
+    assert any(not torch.equal(first[k], theta0[k]) for k in theta0)  # it trained
+    assert all(torch.equal(v, theta0[k]) for k, v in encoder.bert.state_dict().items() if k in theta0)
