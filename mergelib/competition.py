@@ -508,6 +508,38 @@ def _clamp_abs(t: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
     return torch.minimum(torch.maximum(a, lo, out=a), hi, out=a)
 
 
+# torch.tanh returns its argument for every float32 |x| < 2**-12: tanh x = x - x**3/3 + ..., and the
+# correction is below half an ulp there. Checked on this course's CPU build for every float32 below the
+# threshold, both signs (tests/test_competition.py checks the top eight binades under it on whatever build
+# runs the tests). PCB's cross term tanh(tau_i * sum_j tau_j) takes products of task-vector entries, of
+# order 1e-6 on real fine-tunes, and torch's float32 tanh costs about 2.5 ns per entry on one core (a
+# quarter of PCB's time): blocks of entries that are all below the threshold skip it, with the same bits.
+TANH_IDENTITY_BELOW = 2.0 ** -12
+_TANH_BLOCK = 1024
+
+
+def _tanh_(x: Tensor) -> Tensor:
+    """``x.tanh_()`` with the same bits, skipping the blocks of ``_TANH_BLOCK`` entries whose values all lie
+    in (-2**-12, 2**-12) (float32 on the CPU; anything else takes ``tanh_`` whole; a block holding a NaN
+    takes it too)."""
+    if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous() or x.numel() < _TANH_BLOCK:
+        return x.tanh_()
+    flat = x.view(-1)
+    whole = flat.numel() - flat.numel() % _TANH_BLOCK
+    flat[whole:].tanh_()
+    blocks = flat[:whole].view(-1, _TANH_BLOCK)
+    lo, hi = torch.aminmax(blocks)
+    if -TANH_IDENTITY_BELOW < lo.item() and hi.item() < TANH_IDENTITY_BELOW:
+        return x  # the common case: no entry of the tensor reaches the threshold
+    lo, hi = torch.aminmax(blocks, dim=1)
+    need = torch.logical_and(hi < TANH_IDENTITY_BELOW, lo > -TANH_IDENTITY_BELOW).logical_not_().nonzero().view(-1)
+    if 2 * need.numel() > blocks.shape[0]:
+        blocks.tanh_()
+    elif need.numel():
+        blocks[need] = blocks[need].tanh_()
+    return x
+
+
 def _pcb_official_row(t: Tensor, total: Tensor, n: int, lo: Tensor, hi: Tensor,
                       tprime: bool = True) -> tuple[Tensor | None, Tensor, Tensor]:
     """``pcb-merging.py::PCB_merge`` elementwise, given the clip values ``lo``, ``hi``
@@ -517,7 +549,7 @@ def _pcb_official_row(t: Tensor, total: Tensor, n: int, lo: Tensor, hi: Tensor,
     a = _clamp_abs(t, lo, hi)  # the row's min is now lo and its max hi
     d = (a - lo) if tprime else a.sub_(lo)
     intra = d.div_(_safe_den(hi - lo)).square_().mul_(n).exp_()  # exp(N * minmax(a)^2)
-    inter = torch.mul(t, total).tanh_()  # tanh(tau_i * sum_j tau_j), raw tau
+    inter = _tanh_(torch.mul(t, total))  # tanh(tau_i * sum_j tau_j), raw tau
     return (a.mul_(torch.sign(t)) if tprime else None), intra, inter
 
 

@@ -180,6 +180,52 @@ def test_pcb_official_matches_naive_reference(n, d, r):
         assert intra[0, i] == intra[0, int(a[0].kthvalue(2).indices)]
 
 
+def test_tanh_is_the_identity_below_its_threshold():
+    """The fact PCB's cross term relies on (``competition.TANH_IDENTITY_BELOW``): torch's float32 tanh
+    returns x for |x| < 2**-12, on this build. Every float32 of the eight binades below the threshold,
+    both signs, and 2**16 random ones of each binade below those, subnormals and +-0 included."""
+    from mergelib.competition import TANH_IDENTITY_BELOW
+    assert TANH_IDENTITY_BELOW == 2.0 ** -12
+    top = 127 - 12  # the biased exponent of 2**-12
+    g = torch.Generator().manual_seed(0)
+    for e in range(top):
+        if e >= top - 8:
+            bits = torch.arange(e << 23, (e + 1) << 23, dtype=torch.int32)
+        else:
+            bits = (e << 23) + torch.randint(0, 1 << 23, (1 << 16,), generator=g, dtype=torch.int32)
+        for x in (bits.view(torch.float32), -bits.view(torch.float32)):
+            assert torch.equal(torch.tanh(x).view(torch.int32), x.view(torch.int32)), f"binade {e - 127}"
+    # just above: tanh rounds below x (so the threshold is not far too low)
+    x = torch.tensor([4e-4, -4e-4])
+    assert (torch.tanh(x).abs() < x.abs()).all()
+
+
+@pytest.mark.parametrize("shape", [(8, 4096), (3, 5000), (1, 1023), (2048,), (7, 1024 * 5 + 3)])
+@pytest.mark.parametrize("big", ["none", "few", "most", "nan", "inf"])
+def test_pcb_tanh_skip_gives_tanh_bits(shape, big):
+    from mergelib.competition import _tanh_
+    g = torch.Generator().manual_seed(len(shape) * 100 + shape[-1])
+    x = torch.randn(shape, generator=g) * 3e-5  # products of task-vector entries: far below 2**-12
+    flat = x.view(-1)
+    if big == "few":  # a few blocks reach the threshold, one entry exactly on it
+        flat[[5, flat.numel() // 2, flat.numel() - 1]] = torch.tensor([2.0 ** -12, -0.3, 0.01])
+    elif big == "most":
+        flat.mul_(1e3)
+    elif big in ("nan", "inf"):
+        flat[flat.numel() // 2] = float(big)
+    expect = x.clone().tanh_()
+    out = _tanh_(x)
+    assert out is x
+    assert torch.equal(out.view(torch.int32), expect.view(torch.int32)) or (
+        big == "nan" and torch.equal(out.isnan(), expect.isnan())
+        and torch.equal(out.nan_to_num().view(torch.int32), expect.nan_to_num().view(torch.int32)))
+    if big == "none":
+        assert torch.equal(out, x)
+    for other in (x.double(), x.to(torch.bfloat16), x.t() if x.ndim == 2 else x[::2]):  # tanh_ as it is
+        expect = other.clone().tanh_()
+        assert torch.equal(_tanh_(other.clone()), expect) or big == "nan"
+
+
 def test_pcb_official_by_hand():
     # D = 5: lo = sorted[0] (no low clip), hi = sorted[int(5*0.9999-1)] = sorted[3] (the max is clipped)
     tvs = torch.tensor([[1.0, -2.0, 3.0, 0.5, 10.0]])
