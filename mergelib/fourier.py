@@ -20,6 +20,7 @@ the mask is Hermitian-symmetric (always in paper mode, official mode on even siz
 """
 from __future__ import annotations
 
+import math
 import warnings
 from functools import lru_cache
 from typing import Mapping
@@ -29,7 +30,7 @@ from torch import Tensor
 
 from .competition import _check_matrix, _row_sum, check_finite
 from .hparams import check_choice, check_flag, check_number
-from .task_vectors import FlatLayout
+from .task_vectors import FlatLayout, Scratch
 
 __all__ = ["fr_mask", "fr_filter", "align_magnitudes", "fr_paper_coefficients", "fr_merge", "fr_tensor",
            "fr_filtered_keys", "fr_check_selection", "FRFilterWarning"]
@@ -125,14 +126,22 @@ def fr_filter(w: Tensor, ratio: float, mode: str = "official", base: str = "min"
     return _filter(w, ratio, mode, base, compat_double_ring)
 
 
-def _filter(w: Tensor, ratio: float, mode: str, base: str, compat_double_ring: bool) -> Tensor:
+def _filter(w: Tensor, ratio: float, mode: str, base: str, compat_double_ring: bool,
+            inplace: bool = False, scratch: Scratch | None = None) -> Tensor:
+    """:func:`fr_filter` without the checks. ``inplace`` (``w`` float32 and contiguous) writes the result
+    into ``w``; ``scratch`` (:class:`~mergelib.task_vectors.Scratch`) holds the half spectrum, so that a
+    merge that filters one task and one tensor at a time allocates nothing per transform. Neither
+    changes a bit of the result."""
     h, wd = w.shape[-2:]
     wt, symmetric = _weights(h, wd, ratio, mode, base, compat_double_ring, w.device)
     x = w.float()
     if symmetric:
-        spec = torch.fft.rfft2(x)
+        half = (*w.shape[:-1], wd // 2 + 1)
+        buf = None if scratch is None else scratch.get("spectrum", math.prod(half), torch.complex64, w.device).view(half)
+        spec = torch.fft.rfft2(x, out=buf)
         spec.mul_(wt)  # wt is the (H, W // 2 + 1) half here
-        return torch.fft.irfft2(spec, s=(h, wd))
+        inplace = inplace and w.dtype == torch.float32 and w.is_contiguous()
+        return torch.fft.irfft2(spec, s=(h, wd), out=w if inplace else None)
     spec = torch.fft.fft2(x)
     spec.mul_(wt)
     return torch.fft.ifft2(spec).real.contiguous()
@@ -169,9 +178,11 @@ def align_magnitudes(tvs_per_key: Mapping[str, Tensor] | Tensor, layout: FlatLay
     return out
 
 
-def _align_rows(x: Tensor) -> Tensor:
-    """Align the N rows of one tensor's ``N x numel`` task vectors in place (m_i = mean|row_i|)."""
-    return x.mul_(_align_factors(x.abs().mean(1))[:, None])
+def _align_rows(x: Tensor, scratch: Scratch | None = None) -> Tensor:
+    """Align the N rows of one tensor's ``N x numel`` task vectors in place (m_i = mean|row_i|);
+    ``|x|`` goes into a ``scratch`` buffer where one is given (``x`` contiguous)."""
+    a = x.abs() if scratch is None else torch.abs(x, out=scratch.get("abs", x.numel(), x.dtype, x.device).view(x.shape))
+    return x.mul_(_align_factors(a.mean(1))[:, None])
 
 
 def fr_paper_coefficients(tvs: Tensor) -> Tensor:
@@ -226,7 +237,7 @@ def fr_check_selection(layout: FlatLayout, stacklevel: int = 2) -> list[str]:
 
 def fr_tensor(x: Tensor, key: str, shape: tuple[int, ...], ratio: float = 0.7, mode: str = "official",
               base: str = "min", align: str = "official", compat_official: bool = False,
-              compat_double_ring: bool = False) -> Tensor:
+              compat_double_ring: bool = False, scratch: Scratch | None = None) -> Tensor:
     """FR-Merging of one tensor: its ``N x numel`` contiguous float32 task vectors ``x`` (overwritten)
     -> its merged ``numel`` task vector, for ``align="official"`` or ``"none"`` (the per-tensor
     alignments; ``"paper"`` weighs the tasks over the whole model, see :func:`fr_merge`).
@@ -241,11 +252,12 @@ def fr_tensor(x: Tensor, key: str, shape: tuple[int, ...], ratio: float = 0.7, m
        ``compat_official`` and no "weight" in ``key``, task 1's row.
 
     :func:`fr_merge` runs this on each tensor of the flat matrix and :func:`mergelib.merge_files` on
-    each tensor read from disk, so both give the same bits.
+    each tensor read from disk, so both give the same bits. ``scratch``: buffers reused from tensor to
+    tensor by the caller's loop (:class:`~mergelib.task_vectors.Scratch`; the same bits).
     """
-    x = _fr_filter_align(x, shape, ratio, mode, base, align, compat_double_ring)
+    x = _fr_filter_align(x, shape, ratio, mode, base, align, compat_double_ring, scratch)
     if compat_official and "weight" not in key:
-        return x[0]
+        return x[0].clone()  # x may be the caller's scratch buffer, reused for the next tensor
     return _row_sum(x)
 
 
@@ -260,17 +272,20 @@ _ONE_TASK_AT_A_TIME = 1 << 20
 
 
 def _fr_filter_align(x: Tensor, shape: tuple[int, ...], ratio: float, mode: str, base: str, align: str,
-                     compat_double_ring: bool) -> Tensor:
+                     compat_double_ring: bool, scratch: Scratch | None = None) -> Tensor:
     """Steps 1-2 of :func:`fr_tensor`: the filtered (2-D ``shape``) and aligned (``align="official"``)
     ``N x numel`` block; ``x`` (contiguous) may be overwritten."""
     n = x.shape[0]
     if len(shape) == 2 and n > 1 and x.shape[1] >= _ONE_TASK_AT_A_TIME and x.device.type == "cpu":
-        for row in x:  # each task's filtered tensor replaces its row: the temporaries are one task's
-            row.copy_(_filter(row.view(shape), ratio, mode, base, compat_double_ring).view(-1))
+        scratch = Scratch() if scratch is None else scratch  # one spectrum buffer for all tasks
+        for row in x:  # each task's filtered tensor replaces its row
+            out = _filter(row.view(shape), ratio, mode, base, compat_double_ring, inplace=True, scratch=scratch)
+            if out.data_ptr() != row.data_ptr():  # the complex path (odd sizes) returns a new tensor
+                row.copy_(out.view(-1))
     elif len(shape) == 2:
         x = _filter(x.view(n, *shape), ratio, mode, base, compat_double_ring).view(n, -1)
     if align == "official":
-        _align_rows(x)
+        _align_rows(x, scratch)
     return x
 
 
@@ -305,9 +320,12 @@ def fr_merge(tvs: Tensor, layout: FlatLayout, ratio: float = 0.7, mode: str = "o
     segments = [(k, shape, s, e) for shape, (k, s, e) in zip(layout.shapes, layout.segments())]
     if align != "paper":
         merged = torch.empty(D, dtype=torch.float32, device=tvs.device)
+        scratch = Scratch()  # a tensor's N x numel copy, spectrum and |.|, reused from tensor to tensor
+        scratch.reserve(n * max(e - s for _, _, s, e in segments), ("block", "abs"), device=tvs.device)
         for k, shape, s, e in segments:
-            seg = tvs[:, s:e].clone(memory_format=torch.contiguous_format).float()
-            merged[s:e] = fr_tensor(seg, k, shape, ratio, mode, base, align, compat_official, compat_double_ring)
+            seg = scratch.get("block", n * (e - s), device=tvs.device).view(n, e - s).copy_(tvs[:, s:e])
+            merged[s:e] = fr_tensor(seg, k, shape, ratio, mode, base, align, compat_official, compat_double_ring,
+                                    scratch)
         return merged
     x = tvs if inplace else tvs.clone()
     for k, shape, s, e in segments:

@@ -27,7 +27,7 @@ from torch import Tensor
 from .competition import _pcb_official, _ties_fused, _trim_plan, all_finite as _all_finite, dare_flat, pcb_merge, ties_merge
 from .fourier import _fr_options, fr_check_selection, fr_merge, fr_tensor
 from .hparams import HParam, HyperparameterError, check_number
-from .task_vectors import (FlatLayout, NonFiniteError, TaskVectorColumns, _check_finite, _sub_into, as_named_list,
+from .task_vectors import (FlatLayout, NonFiniteError, Scratch, TaskVectorColumns, _check_finite, _sub_into, as_named_list,
                            detect_family, flatten, resolve_rules, select_keys, unflatten, validate_state_dicts)
 
 __all__ = ["merge", "METHODS", "REGISTRY", "MergeMethod", "method_table"]
@@ -307,11 +307,16 @@ def _fr_per_tensor(pretrained, models, keys: list[str], hp: Mapping) -> dict[str
     _fr_options(**hp)
     fr_check_selection(FlatLayout.from_shapes({k: tuple(pretrained[k].shape) for k in keys}), stacklevel=3)
     out = {}
+    scratch = Scratch()  # the N x numel block, the spectrum and |.| buffers, reused from tensor to tensor
+    scratch.reserve(len(models) * max(pretrained[k].numel() for k in keys), ("block", "abs"),
+                    device=pretrained[keys[0]].device)
     for k in keys:
-        x, _ = flatten([{k: m[k]} for m in models], [k], subtract={k: pretrained[k]})
+        base = pretrained[k]
+        x, _ = flatten([{k: m[k]} for m in models], [k], subtract={k: base},
+                       out=scratch.get("block", len(models) * base.numel(), device=base.device))
         if not _all_finite(x):
             raise NonFiniteError(f"task vectors of {k!r} are not finite")
-        out[k] = fr_tensor(x, k, tuple(pretrained[k].shape), **hp).view(pretrained[k].shape)
+        out[k] = fr_tensor(x, k, tuple(base.shape), **hp, scratch=scratch).view(base.shape)
     return out
 
 

@@ -66,7 +66,7 @@ from . import competition as _comp
 from . import selection as _sel
 from .fourier import _fr_options, fr_check_selection, fr_tensor
 from .merging import METHODS, REGISTRY, _selected_keys, _sum, _sum_per_tensor
-from .task_vectors import (FlatLayout, NonFiniteError, StateDictDtypeError, StateDictKeyError,
+from .task_vectors import (FlatLayout, NonFiniteError, Scratch, StateDictDtypeError, StateDictKeyError,
                            StateDictShapeError, _sub_into)
 
 __all__ = ["merge_files", "Checkpoint", "CheckpointError", "CheckpointKeyError", "CheckpointShapeError",
@@ -307,22 +307,6 @@ class _ReadAhead:
         self.ahead.clear()
 
 
-class _Scratch:
-    """Named flat buffers reused from tensor to tensor (grown to the largest request). Fresh memory for
-    every tensor would be faulted in page by page (4 kB at a time) on its first write, which cost a
-    streamed task arithmetic a third of its time."""
-
-    def __init__(self):
-        self.bufs: dict[str, Tensor] = {}
-
-    def get(self, name: str, numel: int, dtype: torch.dtype = torch.float32) -> Tensor:
-        """A flat ``dtype`` tensor of ``numel`` entries, valid until the next ``get`` of ``name``."""
-        b = self.bufs.get(name)
-        if b is None or b.numel() < numel or b.dtype != dtype:
-            b = self.bufs[name] = torch.empty(numel, dtype=dtype)
-        return b[:numel]
-
-
 # ----------------------------------------------------------------------------------------------
 # Writing
 # ----------------------------------------------------------------------------------------------
@@ -368,7 +352,7 @@ class _ShardWriter:
         self.f = open(path, "wb")
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="mergelib-write")
         self.pending: Future | None = None
-        self.bufs = [_Scratch(), _Scratch()]
+        self.bufs = [Scratch(), Scratch()]
         self.turn = 0
         try:
             self._write(len(raw).to_bytes(8, "little") + raw)
@@ -745,7 +729,7 @@ def merge_files(pretrained: str | os.PathLike, finetuned: Sequence[str | os.Path
     borrowed = _check_inputs(base, fts, names, quiet)
     # the per-tensor sums read one key ahead (see _ReadAhead), the other methods on demand
     with closing(_ReadAhead([base, *fts], enabled=spec.fn is _sum)) as src:
-        scratch = _Scratch()  # float32 buffers reused from tensor to tensor
+        scratch = Scratch()  # float32 buffers reused from tensor to tensor
         keys = _selected_keys(spec, base.meta_state_dict(), rules, include, exclude)
         layout = FlatLayout.from_shapes({k: base.shape(k) for k in keys})
         selected = set(keys)
@@ -871,7 +855,7 @@ def merge_files(pretrained: str | os.PathLike, finetuned: Sequence[str | os.Path
                 delta = _sum_per_tensor(pre_d, ftk, [k], lams, check=True, layout=layout,
                                         into={k: scratch.get("sum", pre.numel())})[k]
             elif method == "fr":
-                delta = fr_tensor(block(k, pre), k, tuple(pre.shape), **hp).view(pre.shape)
+                delta = fr_tensor(block(k, pre), k, tuple(pre.shape), **hp, scratch=scratch).view(pre.shape)
             elif method == "pcb":
                 x = block(k, pre)
                 n = x.shape[0]

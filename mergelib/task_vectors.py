@@ -461,9 +461,35 @@ def empty_matrix(shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
     return torch.frombuffer(buf, dtype=dtype, count=numel).view(shape)  # the tensor keeps buf alive
 
 
+class Scratch:
+    """Named flat buffers reused from tensor to tensor by one merge (grown to the largest request).
+    Fresh memory for every tensor is faulted in page by page (4 kB at a time) on its first write, and
+    glibc returns freed blocks of a few MB to the kernel, so a loop that allocates a block per tensor
+    pays the faults again on every tensor: a third of a streamed task arithmetic's time, and 0.2-0.4 s
+    of an in-memory FR merge's 1.0-1.5 s on the benchmark's task set (benchmarks/results_cpu.md)."""
+
+    def __init__(self):
+        self.bufs: dict[str, Tensor] = {}
+
+    def get(self, name: str, numel: int, dtype: torch.dtype = torch.float32,
+            device: torch.device | str = "cpu") -> Tensor:
+        """A flat ``dtype`` tensor of ``numel`` entries on ``device``, valid until the next ``get`` of ``name``."""
+        b = self.bufs.get(name)
+        if b is None or b.numel() < numel or b.dtype != dtype or b.device != torch.device(device):
+            b = self.bufs[name] = empty_matrix((numel,), dtype=dtype, device=device)  # huge pages if large
+        return b[:numel]
+
+    def reserve(self, numel: int, names: Sequence[str], dtype: torch.dtype = torch.float32,
+                device: torch.device | str = "cpu") -> None:
+        """Allocate the named buffers at ``numel`` entries now (the largest tensor's), so that they are
+        not allocated again, and faulted in again, each time a larger tensor comes."""
+        for name in names:
+            self.get(name, numel, dtype, device)
+
+
 def flatten(tvs: Sequence[Mapping[str, Tensor]] | Mapping[str, Tensor], keys: Sequence[str] | None = None,
             dtype: torch.dtype = torch.float32, subtract: Mapping[str, Tensor] | None = None,
-            device: torch.device | str | None = None) -> tuple[Tensor, FlatLayout]:
+            device: torch.device | str | None = None, out: Tensor | None = None) -> tuple[Tensor, FlatLayout]:
     """Stack N task vectors into one matrix: ``X[i] = concat_k (tvs[i][k] - subtract[k]).reshape(-1)``.
 
     ``keys`` defaults to the (sorted) keys of the first task vector; they are used in sorted order.
@@ -473,7 +499,8 @@ def flatten(tvs: Sequence[Mapping[str, Tensor]] | Mapping[str, Tensor], keys: Se
     (float32), on ``device`` (default: the device of ``subtract``, else of the first tensor). One
     preallocated output; per tensor one subtraction kernel writing into it (inputs already ``dtype``
     on ``device``) or one copy and one subtraction (the same bits); no host round trips. A single
-    mapping gives ``N = 1``.
+    mapping gives ``N = 1``. ``out``: a flat buffer of ``N * D`` entries of ``dtype`` on ``device`` to
+    write into (:class:`Scratch`, for callers that flatten one tensor at a time).
     """
     if isinstance(tvs, Mapping):
         tvs = [tvs]
@@ -488,7 +515,13 @@ def flatten(tvs: Sequence[Mapping[str, Tensor]] | Mapping[str, Tensor], keys: Se
     if device is None:
         src = subtract if subtract is not None else tvs[0]
         device = src[keys[0]].device if keys else torch.device("cpu")
-    out = empty_matrix((len(tvs), layout.D), dtype=dtype, device=device)
+    if out is None:
+        out = empty_matrix((len(tvs), layout.D), dtype=dtype, device=device)
+    elif out.numel() != len(tvs) * layout.D or out.dtype != dtype or out.device != torch.device(device):
+        raise ValueError(f"out must hold {len(tvs)} x {layout.D} {dtype} entries on {device}, got "
+                         f"{out.numel()} {out.dtype} on {out.device}")
+    else:
+        out = out.view(len(tvs), layout.D)
     for i, tv in enumerate(tvs):
         for k, shape, off, n in zip(layout.keys, layout.shapes, layout.offsets, layout.numels):
             t = tv[k]

@@ -200,3 +200,31 @@ def test_fr_merge_says_which_tensors_it_filters():
     fts = [{"conv.weight": pre["conv.weight"] + 0.1 * torch.randn(4, 3, 3, 3)} for _ in range(2)]
     with pytest.raises(ValueError, match="none of the 1 selected tensors is 2-D"):
         ml.merge(pre, fts, "fr")
+
+
+def test_buffers_reused_across_tensors_of_different_shapes_keep_the_bits():
+    """fr_merge and merge() reuse one block, one |.| and one spectrum buffer from tensor to tensor
+    (Scratch); tensors of other shapes and sizes after a large one (a larger spectrum, a smaller
+    block, odd sizes that take the complex transform) still get each tensor's own filter, bit for bit,
+    and merge()'s results do not share memory."""
+    from mergelib import fourier, merge
+
+    shapes = {"a.weight": (1024, 1030), "b.weight": (1100, 1000), "c.weight": (1025, 1023), "d.weight": (6, 10),
+              "e.bias": (10,)}
+    layout = FlatLayout.from_shapes(shapes)
+    x = _randn(3, layout.D, seed=9) * 1e-2
+    want = []
+    for k, s, e in layout.segments():
+        seg = x[:, s:e]
+        if len(shapes[k]) == 2:
+            seg = fr_filter(seg.reshape(3, *shapes[k]), 0.7).reshape(3, -1)
+        want.append(fourier._row_sum(align_magnitudes(seg)))
+    want = torch.cat(want)
+    assert torch.equal(fr_merge(x, layout, ratio=0.7), want)
+    pre = {k: torch.zeros(s) for k, s in shapes.items()}
+    fts = [{k: x[i, s:e].reshape(shapes[k]).clone() for k, s, e in layout.segments()} for i in range(3)]
+    got = merge(pre, fts, "fr", rules=None, ratio=0.7, scale=1.0)
+    for k, s, e in layout.segments():
+        assert torch.equal(got[k].reshape(-1), want[s:e]), k
+    ptrs = [t.data_ptr() for t in got.values()]
+    assert len(set(ptrs)) == len(ptrs)

@@ -236,3 +236,28 @@ def test_task_vector_columns_equal_flatten_bit_for_bit(dtype):
     assert torch.equal(ints(cols.gather(pos)), ints(x[:, pos]))
     for i in range(3):
         assert torch.equal(ints(cols.row(i)), ints(x[i]))
+
+
+def test_flatten_into_a_reused_buffer():
+    """``flatten(..., out=)`` writes the same bits into a caller's buffer (a Scratch reused from tensor
+    to tensor); a buffer of the wrong size or dtype is refused by name, before anything is written."""
+    from mergelib.task_vectors import Scratch
+    g = torch.Generator().manual_seed(0)
+    pre = {"w": torch.randn(30, 7, generator=g), "b": torch.randn(7, generator=g)}
+    fts = [{k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in pre.items()} for _ in range(3)]
+    expect, layout = flatten(fts, subtract=pre)
+    scratch = Scratch()
+    scratch.reserve(3 * layout.D + 100, ["block"])
+    buf = scratch.get("block", 3 * layout.D)
+    got, _ = flatten(fts, subtract=pre, out=buf)
+    assert got.data_ptr() == buf.data_ptr() and torch.equal(got, expect)
+    assert scratch.get("block", 10).data_ptr() == buf.data_ptr()  # reused, not reallocated
+    bf = fts[0]["w"].to(torch.bfloat16)  # a cast on the way: one copy then one subtraction, the same bits
+    got, _ = flatten([{"w": bf}], ["w"], subtract=pre, out=scratch.get("block", 210))
+    assert torch.equal(got, flatten([{"w": bf}], ["w"], subtract=pre)[0])
+    before = buf.clone()
+    with pytest.raises(ValueError, match=r"out must hold 3 x 217 torch.float32 entries"):
+        flatten(fts, subtract=pre, out=torch.zeros(3 * layout.D - 1))
+    with pytest.raises(ValueError, match="out must hold"):
+        flatten(fts, subtract=pre, out=torch.zeros(3 * layout.D, dtype=torch.float64))
+    assert torch.equal(buf, before)
