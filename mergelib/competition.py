@@ -25,7 +25,7 @@ from torch import Tensor
 
 from . import selection as _select
 from .hparams import check_choice, check_number
-from .task_vectors import FlatLayout, NonFiniteError, TaskVectorColumns, empty_matrix
+from .task_vectors import FlatLayout, NonFiniteError, Scratch, TaskVectorColumns, empty_matrix
 
 __all__ = [
     "kth_smallest", "all_finite", "check_finite", "TRIM_RULES", "trim", "elect_sign", "disjoint_mean",
@@ -126,6 +126,7 @@ def _trim_plan(tvs: Tensor | TaskVectorColumns, density: float, granularity: str
             raise ValueError("granularity='tensor' needs the FlatLayout of tvs (layout.D == D)")
         segs = [(s, e) for _, s, e in layout.segments()]
     plan = []
+    scratch = None  # one N x numel block for every tensor's selection (column blocks, per tensor)
     for s, e in segs:
         d = e - s
         keep = int(d * density)
@@ -140,8 +141,11 @@ def _trim_plan(tvs: Tensor | TaskVectorColumns, density: float, granularity: str
         elif (s, e) == (0, D):
             thr = _select.kth_smallest_columns(tvs, kth, absolute=True)
         else:
-            block = tvs.block(s, e, torch.empty(n, e - s, dtype=tvs.dtype, device=tvs.device))
-            thr = _select.kth_smallest(block, kth, dim=1, keepdim=True, absolute=True)
+            if scratch is None:
+                scratch = Scratch()
+                scratch.reserve(n * max(b - a for a, b in segs), ["block"], tvs.dtype, tvs.device)
+            buf = scratch.get("block", n * d, tvs.dtype, tvs.device).view(n, d)
+            thr = _select.kth_smallest(tvs.block(s, e, buf), kth, dim=1, keepdim=True, absolute=True)
         plan.append((s, e, thr, keep))
     return plan
 
@@ -223,7 +227,7 @@ def trim(tvs: Tensor, density: float, granularity: str = "global", layout: FlatL
     check_choice(trim_rule, "trim_rule", TRIM_RULES)
     plan = _trim_plan(tvs, density, granularity, layout, trim_rule)
     budgets = _exact_tie_budget(tvs, plan) if trim_rule == "exact" else [None] * len(plan)
-    out = tvs if inplace else torch.empty_like(tvs)
+    out = tvs if inplace else empty_matrix(tuple(tvs.shape), dtype=tvs.dtype, device=tvs.device)
     for (s, e, thr, keep), taken in zip(plan, budgets):
         for a0 in range(s, e, _select.CHUNK):
             a1 = min(a0 + _select.CHUNK, e)
@@ -491,7 +495,7 @@ def dare_flat(tvs: Tensor, p: float, layout: FlatLayout, seed: int,
     tasks = list(range(n)) if tasks is None else list(tasks)
     if len(tasks) != n:
         raise ValueError(f"tasks has {len(tasks)} entries for {n} rows")
-    out = tvs if inplace else torch.empty_like(tvs)
+    out = tvs if inplace else empty_matrix(tuple(tvs.shape), dtype=tvs.dtype, device=tvs.device)
     for i, task in enumerate(tasks):
         for k, s, e in layout.segments():
             torch.mul(tvs[i, s:e], _dare_keep(e - s, p, seed, task, k, tvs.device), out=out[i, s:e])
