@@ -506,10 +506,19 @@ def dare_flat(tvs: Tensor, p: float, layout: FlatLayout, seed: int,
 # ----------------------------------------------------------------------------------------------
 # PCB-Merging (Du et al., NeurIPS 2024)
 # ----------------------------------------------------------------------------------------------
-def _clamp_abs(t: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
-    """clamp(|t|, lo, hi) as min(max(|t|, lo), hi) (the same bits; faster than ``clamp`` with tensor bounds)."""
-    a = t.abs()
+def _clamp_abs(t: Tensor, lo: Tensor, hi: Tensor, out: Tensor | None = None) -> Tensor:
+    """clamp(|t|, lo, hi) as min(max(|t|, lo), hi) (the same bits; faster than ``clamp`` with tensor bounds),
+    into ``out`` when given."""
+    a = t.abs() if out is None else torch.abs(t, out=out)
     return torch.minimum(torch.maximum(a, lo, out=a), hi, out=a)
+
+
+def _like(scratch: Scratch | None, name: str, t: Tensor) -> Tensor | None:
+    """A contiguous buffer of ``t``'s shape from ``scratch`` (None without one: the caller allocates).
+    PCB's sweeps take their per-chunk temporaries from one :class:`~mergelib.task_vectors.Scratch`:
+    fresh blocks of a few MB per chunk were returned to the kernel by glibc and faulted in again on the
+    next chunk (450 K page faults, half of a merge's time, when a process runs PCB first)."""
+    return None if scratch is None else scratch.get(name, t.numel(), t.dtype, t.device).view(t.shape)
 
 
 # torch.tanh returns its argument for every float32 |x| < 2**-12: tanh x = x - x**3/3 + ..., and the
@@ -545,21 +554,22 @@ def _tanh_(x: Tensor) -> Tensor:
 
 
 def _pcb_official_row(t: Tensor, total: Tensor, n: int, lo: Tensor, hi: Tensor,
-                      tprime: bool = True) -> tuple[Tensor | None, Tensor, Tensor]:
+                      tprime: bool = True, scratch: Scratch | None = None) -> tuple[Tensor | None, Tensor, Tensor]:
     """``pcb-merging.py::PCB_merge`` elementwise, given the clip values ``lo``, ``hi``
     (:func:`_pcb_official_clip`): (tau' = sign(t) * clamp(|t|) or None if not ``tprime``, intra,
     inter). ``t``: one task's row (``lo``, ``hi`` 0-dim) or an ``N x C`` block of all tasks (``lo``,
-    ``hi`` ``N x 1``); ``total``: the column sums of the same columns."""
-    a = _clamp_abs(t, lo, hi)  # the row's min is now lo and its max hi
+    ``hi`` ``N x 1``); ``total``: the column sums of the same columns. ``scratch``: where the
+    temporaries go (:func:`_like`; intra and inter then live in it until the next call)."""
+    a = _clamp_abs(t, lo, hi, _like(scratch, "pcb |t|", t))  # the row's min is now lo and its max hi
     d = (a - lo) if tprime else a.sub_(lo)
     intra = d.div_(_safe_den(hi - lo)).square_().mul_(n).exp_()  # exp(N * minmax(a)^2)
-    inter = _tanh_(torch.mul(t, total))  # tanh(tau_i * sum_j tau_j), raw tau
+    inter = _tanh_(torch.mul(t, total, out=_like(scratch, "pcb inter", t)))  # tanh(tau_i * sum_j tau_j), raw tau
     return (a.mul_(torch.sign(t)) if tprime else None), intra, inter
 
 
-def _pcb_official_tprime(t: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+def _pcb_official_tprime(t: Tensor, lo: Tensor, hi: Tensor, scratch: Scratch | None = None) -> Tensor:
     """tau' = sign(t) * clamp(|t|, lo, hi) of :func:`_pcb_official_row` alone (the same bits)."""
-    return _clamp_abs(t, lo, hi).mul_(torch.sign(t))
+    return _clamp_abs(t, lo, hi, _like(scratch, "pcb tau'", t)).mul_(torch.sign(t, out=_like(scratch, "pcb sign", t)))
 
 
 def _pcb_official_clip(t: Tensor, lo_k: int, hi_k: int) -> tuple[Tensor, Tensor]:
@@ -579,10 +589,11 @@ def _pcb_q_k(D: int, density: float) -> int:
     return min(int(D * (1 - density)), D - 1) + 1
 
 
-def _pcb_official_beta(t: Tensor, total: Tensor, n: int, lo: Tensor, hi: Tensor, out: Tensor | None = None) -> Tensor:
+def _pcb_official_beta(t: Tensor, total: Tensor, n: int, lo: Tensor, hi: Tensor, out: Tensor | None = None,
+                       scratch: Scratch | None = None) -> Tensor:
     """beta = intra * inter (steps 1-4 of :func:`pcb_merge`) of a row or block (:func:`_pcb_official_row`),
-    written into ``out`` when given."""
-    _, intra, inter = _pcb_official_row(t, total, n, lo, hi, tprime=False)
+    written into ``out`` when given (else into ``scratch``'s buffer, valid until the next call)."""
+    _, intra, inter = _pcb_official_row(t, total, n, lo, hi, tprime=False, scratch=scratch)
     return intra.mul_(inter) if out is None else torch.mul(intra, inter, out=out)
 
 
@@ -674,12 +685,13 @@ def _pcb_official(src: Tensor | TaskVectorColumns, density: float, lams: Sequenc
     beta = empty_matrix((n, D), dtype=src.dtype, device=dev)
     beta_max = torch.full((n, 1), -math.inf, dtype=src.dtype, device=dev)
     sums = torch.zeros((), dtype=torch.float64, device=dev)  # sum of the column sums: finite iff tau is
+    scratch = Scratch()  # the chunks' temporaries (_like)
     for c0, c1 in chunks:
         x = read(c0, c1)
-        total = _row_sum(x)  # rows in order: the same bits when computed tensor by tensor
-        if columns:
+        total = _row_sum(x, out=scratch.get("pcb total", c1 - c0, src.dtype, dev))  # rows in order: the same
+        if columns:                                                                # bits tensor by tensor
             sums += total.sum(dtype=torch.float64)
-        b = _pcb_official_beta(x, total, n, lo, hi, out=beta[:, c0:c1])
+        b = _pcb_official_beta(x, total, n, lo, hi, out=beta[:, c0:c1], scratch=scratch)
         torch.maximum(beta_max, b.amax(1, keepdim=True), out=beta_max)
     if columns and not math.isfinite(float(sums)) and not all(
             all_finite(read(c0, c1)) for c0, c1 in chunks):
@@ -690,7 +702,8 @@ def _pcb_official(src: Tensor | TaskVectorColumns, density: float, lams: Sequenc
     den = torch.zeros_like(num)
     for c0, c1 in chunks:  # steps 5-6, tau' recomputed from tau
         x = read(c0, c1)
-        _pcb_official_add(num[c0:c1], den[c0:c1], _pcb_official_tprime(x, lo, hi), beta[:, c0:c1], q, beta_max, lam)
+        _pcb_official_add(num[c0:c1], den[c0:c1], _pcb_official_tprime(x, lo, hi, scratch), beta[:, c0:c1], q,
+                          beta_max, lam)
     return num.div_(den.clamp_min_(1e-12))
 
 

@@ -784,10 +784,11 @@ def merge_files(pretrained: str | os.PathLike, finetuned: Sequence[str | os.Path
             beta_max = torch.full((n,), -math.inf)
 
             def betas(k: str, x: Tensor) -> Tensor:  # also the row max of beta (the same on both passes)
-                total = _comp._row_sum(x)
-                b = torch.empty_like(x)
+                total = _comp._row_sum(x, out=scratch.get("pcb column sums", x.shape[1]))
+                b = scratch.get("pcb beta", x.numel()).view(x.shape)  # counted before the next tensor comes
                 for c0, c1 in _comp._column_chunks(n, x.shape[1], x.device):  # temporaries of a chunk, not the tensor
-                    _comp._pcb_official_beta(x[:, c0:c1], total[c0:c1], n, clip[:, 0:1], clip[:, 1:2], out=b[:, c0:c1])
+                    _comp._pcb_official_beta(x[:, c0:c1], total[c0:c1], n, clip[:, 0:1], clip[:, 1:2], out=b[:, c0:c1],
+                                             scratch=scratch)
                 torch.maximum(beta_max, b.amax(1), out=beta_max)
                 return b
 
@@ -865,8 +866,9 @@ def merge_files(pretrained: str | os.PathLike, finetuned: Sequence[str | os.Path
                 lam_col = torch.tensor(pcb["lams"], dtype=x.dtype)[:, None]
                 for c0, c1 in _comp._column_chunks(n, x.shape[1], x.device):  # temporaries of a chunk
                     xc = x[:, c0:c1]
-                    _comp._pcb_official_add(num[c0:c1], den[c0:c1], _comp._pcb_official_tprime(xc, lo, hi),
-                                            _comp._pcb_official_beta(xc, total[c0:c1], n, lo, hi), pcb["q"][:, None],
+                    _comp._pcb_official_add(num[c0:c1], den[c0:c1], _comp._pcb_official_tprime(xc, lo, hi, scratch),
+                                            _comp._pcb_official_beta(xc, total[c0:c1], n, lo, hi, scratch=scratch),
+                                            pcb["q"][:, None],
                                             pcb["max"][:, None], lam_col)
                 delta = num.div_(den.clamp_min_(1e-12)).view(pre.shape)
             else:
