@@ -11,7 +11,7 @@ Columns: ms, GB/s of task-vector input read (N*D*4 bytes / time), the ratio to o
 input (time of ``tvs.sum(0)``, the memory-bandwidth baseline; the median of the read passes timed
 alternately with that method, so that drifting machine load cancels), and peak extra memory (CUDA: ``max_memory_allocated`` above the
 allocation before the call; CPU: peak RSS above the start, sampled every ~1 ms by a thread --
-approximate). A naive per-tensor TIES written like the widely used per-model/per-tensor
+approximate), and the minor page faults of a run (median; fresh memory faulted in page by page). A naive per-tensor TIES written like the widely used per-model/per-tensor
 implementations (stack, topk + scatter mask per task, sign election, disjoint mean) is included for
 comparison.
 
@@ -79,21 +79,39 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_against(fn: Callable, ref: Callable, device: torch.device, warmup: int, repeats: int) -> tuple[float, float]:
+def _minor_faults() -> int | None:
+    """Minor page faults of this process so far (None where ``resource`` is missing: Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def time_against(fn: Callable, ref: Callable, device: torch.device, warmup: int, repeats: int,
+                 stats: dict | None = None) -> tuple[float, float]:
     """(median ms of ``fn``, median ms of ``ref``) with the two timed alternately, ``ref`` right before
     each run of ``fn``: the ratio then compares runs made under the same machine load (a shared VM's
-    memory bandwidth drifts by 20-30 % within minutes)."""
+    memory bandwidth drifts by 20-30 % within minutes). ``stats`` (a dict) receives ``"faults"``: the
+    median number of minor page faults of a run of ``fn`` (fresh memory faulted in page by page; a
+    merge that allocates a block per tensor or chunk pays them again on every call, because glibc
+    returns freed blocks of a few MB to the kernel), None where it cannot be read."""
     for _ in range(warmup):
         ref()
         fn()
     _sync(device)
-    t_fn, t_ref = [], []
+    t_fn, t_ref, faults = [], [], []
     for _ in range(repeats):
         for f, out in ((ref, t_ref), (fn, t_fn)):
+            f0 = _minor_faults()
             t0 = time.perf_counter()
             f()
             _sync(device)
             out.append(time.perf_counter() - t0)
+            if f is fn and f0 is not None:
+                faults.append(_minor_faults() - f0)
+    if stats is not None:
+        stats["faults"] = statistics.median(faults) if faults else None
     return statistics.median(t_fn) * 1e3, statistics.median(t_ref) * 1e3
 
 
@@ -198,10 +216,11 @@ def main(argv=None) -> list[dict]:
     with torch.no_grad():
         for name, fn in methods.items():
             # every method alternates with a read pass; its ratio is to the read passes of its own runs
-            ms, base_ms = time_against(fn, read, device, args.warmup, repeats)
+            stats = {}
+            ms, base_ms = time_against(fn, read, device, args.warmup, repeats, stats)
             mem = peak_extra_bytes(fn, device)
             rows.append({"method": name, "ms": ms, "gb_per_s": in_bytes / (ms * 1e-3) / 1e9,
-                         "x_read_pass": ms / base_ms, "read_pass_ms": base_ms,
+                         "x_read_pass": ms / base_ms, "read_pass_ms": base_ms, "page_faults": stats["faults"],
                          "peak_extra_gb": None if mem is None else mem / 1e9,
                          "peak_extra_x_input": None if mem is None else mem / in_bytes})
             print(f"  {name:38s} {ms:10.2f} ms  ({ms / base_ms:.1f}x its read passes, {base_ms:.1f} ms)", flush=True)
@@ -214,13 +233,14 @@ def main(argv=None) -> list[dict]:
     lines = [f"Device: {dev_name}; torch {torch.__version__}; N={n} task vectors, {blocks} blocks "
              f"({4 * blocks} matrices), D={D:,} ({in_bytes / 1e9:.2f} GB fp32 input); median of {repeats} "
              f"runs after {args.warmup} warm-up, each run right after a read pass (the ratio is to those).", "",
-             f"| method | ms | GB/s (input read) | x read pass | {mem_label} GB | x input |",
-             "|---|---:|---:|---:|---:|---:|"]
+             f"| method | ms | GB/s (input read) | x read pass | {mem_label} GB | x input | page faults / run |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         mem = "n/a" if r["peak_extra_gb"] is None else f"{r['peak_extra_gb']:.2f}"
         memx = "n/a" if r["peak_extra_x_input"] is None else f"{r['peak_extra_x_input']:.2f}"
+        flt = "n/a" if r["page_faults"] is None else f"{r['page_faults']:,.0f}"
         lines.append(f"| {r['method']} | {r['ms']:.1f} | {r['gb_per_s']:.1f} | {r['x_read_pass']:.1f} | "
-                     f"{mem} | {memx} |")
+                     f"{mem} | {memx} | {flt} |")
     table = "\n".join(lines)
     print()
     print(table)

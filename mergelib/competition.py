@@ -151,12 +151,13 @@ def _trim_plan(tvs: Tensor | TaskVectorColumns, density: float, granularity: str
 
 
 def _trim_into(out: Tensor, x: Tensor, thr: Tensor | None, keep: int, trim_rule: str,
-               taken: Tensor | None) -> None:
+               taken: Tensor | None, scratch: Scratch | None = None) -> None:
     """Write the trimmed ``x`` (``N x C``, part of one segment) into ``out`` (``N x C``).
 
     official: ``x * 1[|x| >= thr]`` (the official ``topk_values_mask``; ties kept). exact: every
     entry with ``|x| > thr`` and, in index order, the ties ``|x| == thr`` still needed to reach
     ``keep`` per row (``taken``: ``N x 1`` int64 count of ties already kept in this segment).
+    ``scratch``: where the exact rule's temporaries go (:func:`_like`).
     """
     if thr is None:
         if trim_rule == "exact" and keep <= 0:
@@ -170,9 +171,11 @@ def _trim_into(out: Tensor, x: Tensor, thr: Tensor | None, keep: int, trim_rule:
         return
     # float32 0/1 masks: their sums and running counts are exact (a chunk's rows hold fewer than 2**24
     # entries) and several times faster than a bool tensor's on the CPU; x * 1.0 = x, x * 0.0 = x * False
-    a = x.abs()
-    eq = torch.eq(a, thr, out=torch.empty(a.shape, dtype=torch.float32, device=a.device))
-    mask = torch.gt(a, thr, out=torch.empty_like(eq))
+    a = torch.abs(x, out=_like(scratch, "|x|", x))
+    eq = torch.eq(a, thr, out=torch.empty(a.shape, dtype=torch.float32, device=a.device) if scratch is None
+                  else scratch.get("eq", a.numel(), torch.float32, a.device).view(a.shape))
+    mask = torch.gt(a, thr, out=torch.empty_like(eq) if scratch is None
+                    else scratch.get("gt", a.numel(), torch.float32, a.device).view(a.shape))
     n_eq = eq.sum(1, keepdim=True).long()
     if bool(n_eq.any()):
         # ties still needed: keep - #(> thr over the whole segment) - taken; precomputed in taken[:, 1]
@@ -192,6 +195,7 @@ def _exact_tie_budget(tvs: Tensor, plan) -> list[Tensor | None]:
     """For ``trim_rule="exact"``: per segment an ``N x 2`` int64 tensor [ties taken so far, ties
     allowed = keep - #(|x| > thr)] (None where the segment has no threshold)."""
     out = []
+    scratch = Scratch()  # a chunk's |x| and comparison, reused (fresh ones were faulted in every chunk)
     for s, e, thr, keep in plan:
         if thr is None:
             out.append(None)
@@ -199,7 +203,10 @@ def _exact_tie_budget(tvs: Tensor, plan) -> list[Tensor | None]:
         gt = torch.zeros(tvs.shape[0], 1, dtype=torch.int64, device=tvs.device)
         for a0 in range(s, e, _select.CHUNK):
             a1 = min(a0 + _select.CHUNK, e)
-            gt += (tvs[:, a0:a1].abs() > thr).sum(1, keepdim=True)
+            a = torch.abs(tvs[:, a0:a1], out=_like(scratch, "|x|", tvs[:, a0:a1]))
+            # a float32 0/1 mask: its row sums are exact (fewer than 2**24 entries) and need no int64 copy
+            mask = scratch.get("gt", a.numel(), torch.float32, a.device).view(a.shape)
+            gt += torch.gt(a, thr, out=mask).sum(1, keepdim=True).long()
         out.append(torch.cat([torch.zeros_like(gt), keep - gt], 1))
     return out
 
@@ -409,6 +416,7 @@ def _trimmed_chunks(tvs: Tensor | TaskVectorColumns, plan, budgets, trim_rule: s
     width = chunks[0][1] - chunks[0][0]
     read = _column_reader(tvs, width)
     buf = torch.empty(2, n, width, dtype=tvs.dtype, device=tvs.device)
+    scratch = Scratch()  # the exact trim rule's temporaries (_trim_into)
     seg_i = 0
     for c0, c1 in chunks:
         t = buf[0, :, : c1 - c0]
@@ -419,7 +427,7 @@ def _trimmed_chunks(tvs: Tensor | TaskVectorColumns, plan, budgets, trim_rule: s
         while j < len(plan) and plan[j][0] < c1:
             s, e, thr, keep = plan[j]
             a0, a1 = max(s, c0), min(e, c1)
-            _trim_into(t[:, a0 - c0:a1 - c0], x[:, a0 - c0:a1 - c0], thr, keep, trim_rule, budgets[j])
+            _trim_into(t[:, a0 - c0:a1 - c0], x[:, a0 - c0:a1 - c0], thr, keep, trim_rule, budgets[j], scratch)
             j += 1
         yield c0, c1, t, buf[1, :, : c1 - c0]
 
