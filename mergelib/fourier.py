@@ -128,8 +128,9 @@ def fr_filter(w: Tensor, ratio: float, mode: str = "official", base: str = "min"
 
 def _filter(w: Tensor, ratio: float, mode: str, base: str, compat_double_ring: bool,
             inplace: bool = False, scratch: Scratch | None = None) -> Tensor:
-    """:func:`fr_filter` without the checks. ``inplace`` (``w`` float32 and contiguous) writes the result
-    into ``w``; ``scratch`` (:class:`~mergelib.task_vectors.Scratch`) holds the half spectrum, so that a
+    """:func:`fr_filter` without the checks. ``inplace`` writes the result into ``w`` where the real
+    transform applies (a Hermitian-symmetric mask) and ``w`` is float32 and contiguous, and returns a new
+    tensor otherwise (the caller compares the result with ``w``); ``scratch`` (:class:`~mergelib.task_vectors.Scratch`) holds the half spectrum, so that a
     merge that filters one task and one tensor at a time allocates nothing per transform. Neither
     changes a bit of the result."""
     h, wd = w.shape[-2:]
