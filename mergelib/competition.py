@@ -172,10 +172,8 @@ def _trim_into(out: Tensor, x: Tensor, thr: Tensor | None, keep: int, trim_rule:
     # float32 0/1 masks: their sums and running counts are exact (a chunk's rows hold fewer than 2**24
     # entries) and several times faster than a bool tensor's on the CPU; x * 1.0 = x, x * 0.0 = x * False
     a = torch.abs(x, out=_like(scratch, "|x|", x))
-    eq = torch.eq(a, thr, out=torch.empty(a.shape, dtype=torch.float32, device=a.device) if scratch is None
-                  else scratch.get("eq", a.numel(), torch.float32, a.device).view(a.shape))
-    mask = torch.gt(a, thr, out=torch.empty_like(eq) if scratch is None
-                    else scratch.get("gt", a.numel(), torch.float32, a.device).view(a.shape))
+    eq = torch.eq(a, thr, out=_like(scratch, "eq", a, torch.float32))
+    mask = torch.gt(a, thr, out=_like(scratch, "gt", a, torch.float32))
     n_eq = eq.sum(1, keepdim=True).long()
     if bool(n_eq.any()):
         # ties still needed: keep - #(> thr over the whole segment) - taken; precomputed in taken[:, 1]
@@ -205,8 +203,7 @@ def _exact_tie_budget(tvs: Tensor, plan) -> list[Tensor | None]:
             a1 = min(a0 + _select.CHUNK, e)
             a = torch.abs(tvs[:, a0:a1], out=_like(scratch, "|x|", tvs[:, a0:a1]))
             # a float32 0/1 mask: its row sums are exact (fewer than 2**24 entries) and need no int64 copy
-            mask = scratch.get("gt", a.numel(), torch.float32, a.device).view(a.shape)
-            gt += torch.gt(a, thr, out=mask).sum(1, keepdim=True).long()
+            gt += torch.gt(a, thr, out=_like(scratch, "gt", a, torch.float32)).sum(1, keepdim=True).long()
         out.append(torch.cat([torch.zeros_like(gt), keep - gt], 1))
     return out
 
@@ -514,19 +511,22 @@ def dare_flat(tvs: Tensor, p: float, layout: FlatLayout, seed: int,
 # ----------------------------------------------------------------------------------------------
 # PCB-Merging (Du et al., NeurIPS 2024)
 # ----------------------------------------------------------------------------------------------
-def _clamp_abs(t: Tensor, lo: Tensor, hi: Tensor, out: Tensor | None = None) -> Tensor:
-    """clamp(|t|, lo, hi) as min(max(|t|, lo), hi) (the same bits; faster than ``clamp`` with tensor bounds),
-    into ``out`` when given."""
-    a = t.abs() if out is None else torch.abs(t, out=out)
+def _clamp_abs(t: Tensor, lo: Tensor, hi: Tensor, out: Tensor) -> Tensor:
+    """clamp(|t|, lo, hi) as min(max(|t|, lo), hi) into ``out`` (the same bits; faster than ``clamp``
+    with tensor bounds)."""
+    a = torch.abs(t, out=out)
     return torch.minimum(torch.maximum(a, lo, out=a), hi, out=a)
 
 
-def _like(scratch: Scratch | None, name: str, t: Tensor) -> Tensor | None:
-    """A contiguous buffer of ``t``'s shape from ``scratch`` (None without one: the caller allocates).
-    PCB's sweeps take their per-chunk temporaries from one :class:`~mergelib.task_vectors.Scratch`:
-    fresh blocks of a few MB per chunk were returned to the kernel by glibc and faulted in again on the
-    next chunk (450 K page faults, half of a merge's time, when a process runs PCB first)."""
-    return None if scratch is None else scratch.get(name, t.numel(), t.dtype, t.device).view(t.shape)
+def _like(scratch: Scratch | None, name: str, t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """A contiguous buffer of ``t``'s shape (and dtype, or ``dtype``) from ``scratch``, or a fresh one
+    without. The merges' per-chunk temporaries come from one :class:`~mergelib.task_vectors.Scratch`
+    per merge: fresh blocks of a few MB per chunk were returned to the kernel by glibc and faulted in
+    again on the next chunk (450 K page faults, half of a PCB merge's time, when a process runs PCB first)."""
+    dtype = t.dtype if dtype is None else dtype
+    if scratch is None:
+        return torch.empty(t.shape, dtype=dtype, device=t.device)
+    return scratch.get(name, t.numel(), dtype, t.device).view(t.shape)
 
 
 # torch.tanh returns its argument for every float32 |x| < 2**-12: tanh x = x - x**3/3 + ..., and the

@@ -28,7 +28,7 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from .competition import _check_matrix, _row_sum, check_finite
+from .competition import _check_matrix, _like, _row_sum, check_finite
 from .hparams import check_choice, check_flag, check_number
 from .task_vectors import FlatLayout, Scratch
 
@@ -182,8 +182,7 @@ def align_magnitudes(tvs_per_key: Mapping[str, Tensor] | Tensor, layout: FlatLay
 def _align_rows(x: Tensor, scratch: Scratch | None = None) -> Tensor:
     """Align the N rows of one tensor's ``N x numel`` task vectors in place (m_i = mean|row_i|);
     ``|x|`` goes into a ``scratch`` buffer where one is given (``x`` contiguous)."""
-    a = x.abs() if scratch is None else torch.abs(x, out=scratch.get("abs", x.numel(), x.dtype, x.device).view(x.shape))
-    return x.mul_(_align_factors(a.mean(1))[:, None])
+    return x.mul_(_align_factors(torch.abs(x, out=_like(scratch, "abs", x)).mean(1))[:, None])
 
 
 def fr_paper_coefficients(tvs: Tensor) -> Tensor:
