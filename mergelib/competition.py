@@ -349,7 +349,7 @@ def _ties_fused(tvs: Tensor, plan, budgets, trim_rule: str, sign_rule: str,
     """
     n, D = tvs.shape
     dev = tvs.device
-    out = torch.empty(D, dtype=tvs.dtype, device=dev)
+    out = empty_matrix((D,), dtype=tvs.dtype, device=dev)
     fix_zero = sign_rule == "mass" and majority is None
     zero = torch.empty(D, dtype=torch.bool, device=dev) if fix_zero else None
     cancel: list[tuple[Tensor, Tensor]] = []  # (columns, mean of the positive entries) where gamma = 0
@@ -710,8 +710,8 @@ def _pcb_official(src: Tensor | TaskVectorColumns, density: float, lams: Sequenc
         raise NonFiniteError("task vectors are not finite")
     q = torch.stack([kth_smallest(beta[i], q_k) for i in range(n)]).unsqueeze(1)  # step 5's threshold per row
     lam = torch.tensor(list(lams), dtype=src.dtype, device=dev).unsqueeze(1)
-    num = torch.zeros(D, dtype=src.dtype, device=dev)
-    den = torch.zeros_like(num)
+    num = empty_matrix((D,), dtype=src.dtype, device=dev).zero_()  # huge pages (task_vectors.HUGE_PAGE_BYTES)
+    den = empty_matrix((D,), dtype=src.dtype, device=dev).zero_()
     for c0, c1 in chunks:  # steps 5-6, tau' recomputed from tau
         x = read(c0, c1)
         _pcb_official_add(num[c0:c1], den[c0:c1], _pcb_official_tprime(x, lo, hi, scratch), beta[:, c0:c1], q,
@@ -758,8 +758,8 @@ def pcb_merge(tvs: Tensor, density: float = 0.05, mode: str = "official",
     if mode == "official":
         return _pcb_official(tvs, density, lams)
     q_k = _pcb_q_k(D, density)
-    num = torch.zeros_like(tvs[0])
-    den = torch.zeros_like(num)
+    num = empty_matrix((D,), dtype=tvs.dtype, device=tvs.device).zero_()
+    den = empty_matrix((D,), dtype=tvs.dtype, device=tvs.device).zero_()
     beta_all = _pcb_paper_inter(tvs)  # mode == "paper"
     intra = torch.empty_like(num)
     for i in range(n):

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .competition import _check_matrix, _like, _row_sum, check_finite
 from .hparams import check_choice, check_flag, check_number
-from .task_vectors import FlatLayout, Scratch
+from .task_vectors import FlatLayout, Scratch, empty_matrix
 
 __all__ = ["fr_mask", "fr_filter", "align_magnitudes", "fr_paper_coefficients", "fr_merge", "fr_tensor",
            "fr_filtered_keys", "fr_check_selection", "FRFilterWarning"]
@@ -237,7 +237,7 @@ def fr_check_selection(layout: FlatLayout, stacklevel: int = 2) -> list[str]:
 
 def fr_tensor(x: Tensor, key: str, shape: tuple[int, ...], ratio: float = 0.7, mode: str = "official",
               base: str = "min", align: str = "official", compat_official: bool = False,
-              compat_double_ring: bool = False, scratch: Scratch | None = None) -> Tensor:
+              compat_double_ring: bool = False, scratch: Scratch | None = None, out: Tensor | None = None) -> Tensor:
     """FR-Merging of one tensor: its ``N x numel`` contiguous float32 task vectors ``x`` (overwritten)
     -> its merged ``numel`` task vector, for ``align="official"`` or ``"none"`` (the per-tensor
     alignments; ``"paper"`` weighs the tasks over the whole model, see :func:`fr_merge`).
@@ -253,12 +253,13 @@ def fr_tensor(x: Tensor, key: str, shape: tuple[int, ...], ratio: float = 0.7, m
 
     :func:`fr_merge` runs this on each tensor of the flat matrix and :func:`mergelib.merge_files` on
     each tensor read from disk, so both give the same bits. ``scratch``: buffers reused from tensor to
-    tensor by the caller's loop (:class:`~mergelib.task_vectors.Scratch`; the same bits).
+    tensor by the caller's loop (:class:`~mergelib.task_vectors.Scratch`; the same bits). ``out``: a
+    contiguous ``numel`` float32 tensor to write the result into (:func:`fr_merge`'s merged vector).
     """
     x = _fr_filter_align(x, shape, ratio, mode, base, align, compat_double_ring, scratch)
-    if compat_official and "weight" not in key:
-        return x[0].clone()  # x may be the caller's scratch buffer, reused for the next tensor
-    return _row_sum(x)
+    if compat_official and "weight" not in key:  # x may be the caller's scratch buffer, reused for the next tensor
+        return x[0].clone() if out is None else out.copy_(x[0])
+    return _row_sum(x, out=out)
 
 
 # On the CPU, tensors of at least this many entries are filtered one task at a time, smaller ones (and
@@ -319,13 +320,13 @@ def fr_merge(tvs: Tensor, layout: FlatLayout, ratio: float = 0.7, mode: str = "o
     fr_check_selection(layout, stacklevel=2)
     segments = [(k, shape, s, e) for shape, (k, s, e) in zip(layout.shapes, layout.segments())]
     if align != "paper":
-        merged = torch.empty(D, dtype=torch.float32, device=tvs.device)
+        merged = empty_matrix((D,), device=tvs.device)  # huge pages (task_vectors.HUGE_PAGE_BYTES)
         scratch = Scratch()  # a tensor's N x numel copy, spectrum and |.|, reused from tensor to tensor
         scratch.reserve(n * max(e - s for _, _, s, e in segments), ("block", "abs"), device=tvs.device)
         for k, shape, s, e in segments:
             seg = scratch.get("block", n * (e - s), device=tvs.device).view(n, e - s).copy_(tvs[:, s:e])
-            merged[s:e] = fr_tensor(seg, k, shape, ratio, mode, base, align, compat_official, compat_double_ring,
-                                    scratch)
+            fr_tensor(seg, k, shape, ratio, mode, base, align, compat_official, compat_double_ring, scratch,
+                      out=merged[s:e])
         return merged
     x = tvs if inplace else tvs.clone()
     for k, shape, s, e in segments:

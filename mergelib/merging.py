@@ -28,7 +28,8 @@ from .competition import _pcb_official, _ties_fused, _trim_plan, all_finite as _
 from .fourier import _fr_options, fr_check_selection, fr_merge, fr_tensor
 from .hparams import HParam, HyperparameterError, check_number
 from .task_vectors import (FlatLayout, NonFiniteError, Scratch, TaskVectorColumns, _check_finite, _sub_into, as_named_list,
-                           detect_family, flatten, resolve_rules, select_keys, unflatten, validate_state_dicts)
+                           detect_family, empty_matrix, flatten, resolve_rules, select_keys, unflatten,
+                           validate_state_dicts)
 
 __all__ = ["merge", "METHODS", "REGISTRY", "MergeMethod", "method_table"]
 
@@ -98,9 +99,10 @@ class MergeMethod:
 # ----------------------------------------------------------------------------------------------
 def _weighted_sum(x: Tensor, lams: list[float] | None) -> Tensor:
     """sum_i lam_i x_i over the N rows (one read of x when all lam_i are equal)."""
+    out = empty_matrix((x.shape[1],), dtype=x.dtype, device=x.device)  # huge pages (HUGE_PAGE_BYTES)
     if lams is None:
-        return x.sum(0)
-    out = torch.zeros_like(x[0])
+        return torch.sum(x, 0, out=out)
+    out.zero_()
     for row, lam in zip(x, lams):
         out.add_(row, alpha=lam)
     return out

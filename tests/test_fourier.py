@@ -228,3 +228,16 @@ def test_buffers_reused_across_tensors_of_different_shapes_keep_the_bits():
         assert torch.equal(got[k].reshape(-1), want[s:e]), k
     ptrs = [t.data_ptr() for t in got.values()]
     assert len(set(ptrs)) == len(ptrs)
+
+
+def test_fr_tensor_writes_into_out_with_the_same_bits():
+    """fr_merge has fr_tensor write each tensor's result into its merged vector (``out``): the bits of
+    the returned tensor, for a summed weight and for a bias that takes task 1's row (compat_official)."""
+    from mergelib.fourier import fr_tensor
+
+    x = _randn(3, 40 * 30, seed=3) * 1e-2
+    for key, compat in (("w.weight", False), ("b.bias", True), ("b.bias", False)):
+        want = fr_tensor(x.clone(), key, (40, 30), compat_official=compat)
+        out = torch.full((40 * 30,), float("nan"))
+        got = fr_tensor(x.clone(), key, (40, 30), compat_official=compat, out=out)
+        assert got.data_ptr() == out.data_ptr() and torch.equal(out, want), (key, compat)
