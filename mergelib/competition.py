@@ -605,14 +605,24 @@ def _pcb_official_beta(t: Tensor, total: Tensor, n: int, lo: Tensor, hi: Tensor,
     return intra.mul_(inter) if out is None else torch.mul(intra, inter, out=out)
 
 
+def _pcb_lambdas(lams: Sequence[float], dtype: torch.dtype, device) -> Tensor | None:
+    """PCB's per-task coefficients as an ``N x 1`` column for :func:`_pcb_official_add`, or None when all
+    are 1 (the default: 1 * tau' = tau' exactly, so the product is skipped)."""
+    if all(v == 1.0 for v in lams):
+        return None
+    return torch.tensor(list(lams), dtype=dtype, device=device).unsqueeze(1)
+
+
 def _pcb_official_add(num: Tensor, den: Tensor, tprime: Tensor, beta: Tensor, q: Tensor, beta_max: Tensor,
-                      lam: Tensor) -> None:
+                      lam: Tensor | None) -> None:
     """Steps 5-6 of :func:`pcb_merge` for an ``N x C`` block of all tasks, elementwise given the rows'
-    thresholds ``q``, ``beta_max`` and ``lam`` (``N x 1``): s = minmax(max(beta, q)) (entries <= q
-    get 0); num += sum_i s_i * (lam_i * tau'_i), den += sum_i s_i, the rows added in order.
-    ``beta`` and ``tprime`` are overwritten."""
+    thresholds ``q``, ``beta_max`` and ``lam`` (``N x 1``; None: all 1, :func:`_pcb_lambdas`):
+    s = minmax(max(beta, q)) (entries <= q get 0); num += sum_i s_i * (lam_i * tau'_i),
+    den += sum_i s_i, the rows added in order. ``beta`` and ``tprime`` are overwritten."""
     s = torch.maximum(beta, q, out=beta).sub_(q).div_(_safe_den(beta_max - q))  # min is q, max beta_max
-    for row in tprime.mul_(lam).mul_(s):  # lam_i * tau'_i, then * s_i (1 * tau' = tau' exactly)
+    if lam is not None:
+        tprime.mul_(lam)  # lam_i * tau'_i
+    for row in tprime.mul_(s):  # then * s_i
         num.add_(row)
     for row in s:
         den.add_(row)
@@ -709,7 +719,7 @@ def _pcb_official(src: Tensor | TaskVectorColumns, density: float, lams: Sequenc
             all_finite(read(c0, c1)) for c0, c1 in chunks):
         raise NonFiniteError("task vectors are not finite")
     q = torch.stack([kth_smallest(beta[i], q_k) for i in range(n)]).unsqueeze(1)  # step 5's threshold per row
-    lam = torch.tensor(list(lams), dtype=src.dtype, device=dev).unsqueeze(1)
+    lam = _pcb_lambdas(lams, src.dtype, dev)
     num = empty_matrix((D,), dtype=src.dtype, device=dev).zero_()  # huge pages (task_vectors.HUGE_PAGE_BYTES)
     den = empty_matrix((D,), dtype=src.dtype, device=dev).zero_()
     for c0, c1 in chunks:  # steps 5-6, tau' recomputed from tau

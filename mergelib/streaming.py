@@ -863,7 +863,7 @@ def merge_files(pretrained: str | os.PathLike, finetuned: Sequence[str | os.Path
                 total = _comp._row_sum(x)
                 num, den = torch.zeros_like(total), torch.zeros_like(total)
                 lo, hi = pcb["clip"][:, 0:1], pcb["clip"][:, 1:2]
-                lam_col = torch.tensor(pcb["lams"], dtype=x.dtype)[:, None]
+                lam_col = _comp._pcb_lambdas(pcb["lams"], x.dtype, x.device)
                 for c0, c1 in _comp._column_chunks(n, x.shape[1], x.device):  # temporaries of a chunk
                     xc = x[:, c0:c1]
                     _comp._pcb_official_add(num[c0:c1], den[c0:c1], _comp._pcb_official_tprime(xc, lo, hi, scratch),
