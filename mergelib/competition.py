@@ -98,6 +98,17 @@ def _safe_den(den: Tensor) -> Tensor:
     return torch.where(den > 0, den, torch.full_like(den, float("inf")))
 
 
+def _like(scratch: Scratch | None, name: str, t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """A contiguous buffer of ``t``'s shape (and dtype, or ``dtype``) from ``scratch``, or a fresh one
+    without. The merges' per-chunk temporaries come from one :class:`~mergelib.task_vectors.Scratch`
+    per merge: fresh blocks of a few MB per chunk were returned to the kernel by glibc and faulted in
+    again on the next chunk (450 K page faults, half of a PCB merge's time, when a process runs PCB first)."""
+    dtype = t.dtype if dtype is None else dtype
+    if scratch is None:
+        return torch.empty(t.shape, dtype=dtype, device=t.device)
+    return scratch.get(name, t.numel(), dtype, t.device).view(t.shape)
+
+
 # ----------------------------------------------------------------------------------------------
 # TIES-Merging (Yadav et al., NeurIPS 2023)
 # ----------------------------------------------------------------------------------------------
@@ -516,17 +527,6 @@ def _clamp_abs(t: Tensor, lo: Tensor, hi: Tensor, out: Tensor) -> Tensor:
     with tensor bounds)."""
     a = torch.abs(t, out=out)
     return torch.minimum(torch.maximum(a, lo, out=a), hi, out=a)
-
-
-def _like(scratch: Scratch | None, name: str, t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """A contiguous buffer of ``t``'s shape (and dtype, or ``dtype``) from ``scratch``, or a fresh one
-    without. The merges' per-chunk temporaries come from one :class:`~mergelib.task_vectors.Scratch`
-    per merge: fresh blocks of a few MB per chunk were returned to the kernel by glibc and faulted in
-    again on the next chunk (450 K page faults, half of a PCB merge's time, when a process runs PCB first)."""
-    dtype = t.dtype if dtype is None else dtype
-    if scratch is None:
-        return torch.empty(t.shape, dtype=dtype, device=t.device)
-    return scratch.get(name, t.numel(), dtype, t.device).view(t.shape)
 
 
 # torch.tanh returns its argument for every float32 |x| < 2**-12: tanh x = x - x**3/3 + ..., and the
