@@ -8,6 +8,8 @@ read pass of the input, in the same process.
   comparison, ``torch.tanh`` of every entry), in cache-sized column chunks; the exact order statistics
   of every row (two ranks of |tau| for the clip values, one rank of the balancing scores for the drop
   threshold: ``mergelib.selection.kth_smallest``).
+* For scale: one eager elementwise operation (``abs``) of every entry, chunk by chunk into a buffer in
+  cache, as the merges' own operations run: each further operation a merge makes costs about that.
 * FR-Merging: the 2-D real FFT and its inverse of every task's matrix (one task at a time, as
   ``fr_merge`` filters matrices of 2**20 entries or more on the CPU).
 
@@ -63,6 +65,7 @@ def main(argv=None) -> list[dict]:
             _tanh_(torch.mul(x[:, c0:c1], x[:, c0:c1].sum(0), out=buf[:, : c1 - c0]))
 
     pieces = {
+        "(one eager elementwise op, abs, of every entry, for scale)": chunked(torch.abs),
         "(torch.tanh of every entry, for comparison)": chunked(torch.tanh),
         "PCB: tanh(tau * sum tau), column sums included": pcb_tanh,
         "PCB: exp of every entry": chunked(torch.exp),

@@ -325,7 +325,8 @@ def _fr_per_tensor(pretrained, models, keys: list[str], hp: Mapping) -> dict[str
 # Elements per step of the per-tensor sums (a step's temporaries, 3 MB of float32, stay in L2/L3). Each
 # step costs two torch calls per task, so short steps are dominated by the calls: task arithmetic on
 # the benchmark's 8 x 14.2M set took 135 / 88 / 71 / 68 / 77 ms with steps of 2**14 / 2**16 / 2**17 /
-# 2**18 / 2**20 entries (one thread; a read pass of the task vectors: 41 ms).
+# 2**18 / 2**20 entries (one thread; tvs.sum(0) into a fresh D vector: 41 ms, of which
+# about half is faulting that output in).
 _SUM_CHUNK = 1 << 18
 _SUM_ALIGN = 1024
 

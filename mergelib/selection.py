@@ -61,8 +61,9 @@ SAMPLE = 1 << 15     # sample size for the bracket
 # chunks pay for the calls and longer ones leave the caches: TIES with the global trim on the benchmark's
 # 8 x 14.2M set took 10.5-11.6x a read pass with 2**18, 9.8-9.9x with 2**19, 9.6-10.1x with 2**20 and
 # 10.9-11.4x with 2**21 (one thread, three interleaved rounds); TIES per tensor 15.8-17.5x with 2**19
-# against 18.0-18.7x with 2**18; PCB too noisy to rank (26.7-33.7x against 30.1-32.6x). The chunking
-# never changes a result (exact counts; column blocks on 1024-aligned bounds).
+# against 18.0-18.7x with 2**18; PCB too noisy to rank (26.7-33.7x against 30.1-32.6x). (Ratios to
+# bench_merge's read pass of then, tvs.sum(0), about 2.7x slower than a read.) The chunking never
+# changes a result (exact counts; column blocks on 1024-aligned bounds).
 CHUNK = 1 << 19
 NUMPY_CHUNK = 1 << 16  # the same for the NumPy counting pass (its buffers stay in L2)
 # A value in a bracket that makes up at least 1/TIE_SHARE of the sample is counted, not kept as a candidate
