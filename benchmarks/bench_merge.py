@@ -7,16 +7,21 @@ of width 768: qkv 2304x768, proj 768x768, fc1 3072x768, fc2 768x3072 (12 blocks 
 Every method is timed end to end from the ``N x D`` float32 task-vector matrix to the merged ``D``
 vector (inputs untouched, so the non-in-place code paths): median of ``--repeats`` runs after
 ``--warmup`` runs, with ``torch.cuda.synchronize()`` on GPU, every run right after a read pass.
-Columns: ms, GB/s of task-vector input read (N*D*4 bytes / time), the ratio to one read pass of the
-input (time of ``tvs.sum()``, every entry read once and nothing written: the memory-bandwidth
-baseline; the median of the read passes timed alternately with that method, so that drifting machine
-load cancels. Tables before 2026-12-01 used ``tvs.sum(0)``, which allocates its ``D`` output on every
-call: on the CPU half of its time was faulting that output in, so their ratios are about 2.7x too
-small; its row, and ``tvs.sum(0)`` into an output already mapped, are kept for comparison), and peak extra memory (CUDA: ``max_memory_allocated`` above the
-allocation before the call; CPU: peak RSS above the start, sampled every ~1 ms by a thread --
-approximate), and the minor page faults of a run (median; fresh memory faulted in page by page). A naive per-tensor TIES written like the widely used per-model/per-tensor
-implementations (stack, topk + scatter mask per task, sign election, disjoint mean) is included for
-comparison.
+Columns:
+
+* ms, and GB/s of task-vector input read (N*D*4 bytes / time);
+* the ratio to one read pass of the input: the time of ``tvs.sum()``, every entry read once and
+  nothing written (the memory-bandwidth baseline), the median of the read passes timed alternately
+  with that method, so that drifting machine load cancels. Tables before 2026-12-01 used
+  ``tvs.sum(0)``, which allocates its ``D`` output on every call; on the CPU half of its time was
+  faulting that output in, so their ratios are about 2.7x too small. Its row, and ``tvs.sum(0)`` into
+  an output already mapped, are kept for comparison;
+* peak extra memory (CUDA: ``max_memory_allocated`` above the allocation before the call; CPU: peak
+  RSS above the start, sampled every ~1 ms by a thread -- approximate);
+* the minor page faults of a run (median; fresh memory faulted in page by page).
+
+A naive per-tensor TIES written like the widely used per-model/per-tensor implementations (stack,
+topk + scatter mask per task, sign election, disjoint mean) is included for comparison.
 
     python benchmarks/bench_merge.py                     # auto: full on CUDA, 2 blocks on CPU
     python benchmarks/bench_merge.py --blocks 12 --json out.json --markdown out.md
