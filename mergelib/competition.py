@@ -644,10 +644,10 @@ def _minmax_(x: Tensor) -> Tensor:
 def _pcb_paper_inter(tvs: Tensor) -> Tensor:
     """inter_i = sum_j D * softmax(Norm(tau_i * tau_j)); each symmetric pair computed once, in one
     reused ``D`` buffer (a fresh product per pair faulted in 8 GB of pages per merge of the benchmark's
-    8 task vectors). N x D."""
-    n = tvs.shape[0]
-    inter = torch.zeros_like(tvs)
-    buf = torch.empty_like(tvs[0])
+    8 task vectors; both on huge pages, :func:`~mergelib.task_vectors.empty_matrix`). N x D."""
+    n, D = tvs.shape
+    inter = empty_matrix((n, D), dtype=tvs.dtype, device=tvs.device).zero_()
+    buf = empty_matrix((D,), dtype=tvs.dtype, device=tvs.device)
     for i in range(n):
         for j in range(i, n):
             s = _scaled_softmax_(_minmax_(torch.mul(tvs[i], tvs[j], out=buf)))
@@ -771,10 +771,13 @@ def pcb_merge(tvs: Tensor, density: float = 0.05, mode: str = "official",
     num = empty_matrix((D,), dtype=tvs.dtype, device=tvs.device).zero_()
     den = empty_matrix((D,), dtype=tvs.dtype, device=tvs.device).zero_()
     beta_all = _pcb_paper_inter(tvs)  # mode == "paper"
-    intra = torch.empty_like(num)
+    intra = empty_matrix((D,), dtype=tvs.dtype, device=tvs.device)
+    # m as a 0/1 mask in beta's dtype, in one reused buffer: a bool mask was promoted to a fresh float
+    # copy by every product (beta * 1.0 = beta and beta * 0.0 = beta * False: the same bits)
+    mask = empty_matrix((D,), dtype=tvs.dtype, device=tvs.device)
     for i in range(n):
         beta = beta_all[i].mul_(_pcb_paper_intra(tvs[i], n, out=intra))
-        beta.mul_(beta >= kth_smallest(beta, q_k))  # beta_hat = m * beta
+        beta.mul_(torch.ge(beta, kth_smallest(beta, q_k), out=mask))  # beta_hat = m * beta
         num.addcmul_(beta, tvs[i], value=lams[i])
         den.add_(beta)
-    return torch.where(den > 0, num / den, 0.0)
+    return num.div_(den).masked_fill_(den.gt(0).logical_not_(), 0.0)  # 0 where den is not > 0
