@@ -243,7 +243,13 @@ def merge(pretrained: Mapping[str, Tensor], finetuned: Sequence[Mapping[str, Ten
     models = [sd for _, sd in named]
     try:
         if spec.fn is _sum:  # average, task arithmetic: per tensor, no N x D matrix
-            deltas = _sum_per_tensor(pretrained, models, keys, lams, check=validate)
+            # the sums go into views of one D vector on huge pages: allocated per tensor, they were mapped
+            # and faulted in afresh whenever glibc had returned their memory to the kernel (13.8 K page
+            # faults per call on the benchmark's set, 75-79 ms against 63 ms)
+            layout = FlatLayout.from_shapes({k: tuple(pretrained[k].shape) for k in keys})
+            flat = empty_matrix((layout.D,), device=pretrained[keys[0]].device)
+            deltas = _sum_per_tensor(pretrained, models, keys, lams, check=validate, layout=layout,
+                                     into={k: flat[s:e] for k, s, e in layout.segments()})
         elif spec.fn is _fr and hp["align"] != "paper":  # per tensor, no N x D matrix
             deltas = _fr_per_tensor(pretrained, models, keys, hp)
         elif spec.fn is _ties and hp["trim_rule"] == "official" and pretrained[keys[0]].device.type == "cpu":
