@@ -205,13 +205,15 @@ def _exact_tie_budget(tvs: Tensor, plan) -> list[Tensor | None]:
     allowed = keep - #(|x| > thr)] (None where the segment has no threshold)."""
     out = []
     scratch = Scratch()  # a chunk's |x| and comparison, reused (fresh ones were faulted in every chunk)
+    n, D = tvs.shape
+    width = _column_chunks(n, D, tvs.device)[0][1]  # N x width blocks in cache (the counts are exact)
     for s, e, thr, keep in plan:
         if thr is None:
             out.append(None)
             continue
-        gt = torch.zeros(tvs.shape[0], 1, dtype=torch.int64, device=tvs.device)
-        for a0 in range(s, e, _select.CHUNK):
-            a1 = min(a0 + _select.CHUNK, e)
+        gt = torch.zeros(n, 1, dtype=torch.int64, device=tvs.device)
+        for a0 in range(s, e, width):
+            a1 = min(a0 + width, e)
             a = torch.abs(tvs[:, a0:a1], out=_like(scratch, "|x|", tvs[:, a0:a1]))
             # a float32 0/1 mask: its row sums are exact (fewer than 2**24 entries) and need no int64 copy
             gt += torch.gt(a, thr, out=_like(scratch, "gt", a, torch.float32)).sum(1, keepdim=True).long()
