@@ -241,3 +241,14 @@ def test_fr_tensor_writes_into_out_with_the_same_bits():
         out = torch.full((40 * 30,), float("nan"))
         got = fr_tensor(x.clone(), key, (40, 30), compat_official=compat, out=out)
         assert got.data_ptr() == out.data_ptr() and torch.equal(out, want), (key, compat)
+
+
+def test_paper_coefficients_contiguous_and_not():
+    """lambda_i = mean|v_i| / sum_j mean|v_j|: bit for bit the plain formula on a contiguous matrix (|v|
+    goes into a reused buffer there), and the same values on a transposed view."""
+    x = _randn(4, 3000, seed=5)
+    e = x.abs().mean(1)
+    assert torch.equal(fr_paper_coefficients(x), e / e.sum())
+    xt = x.t().contiguous().t()  # the same values, column-major
+    assert not xt.is_contiguous()
+    torch.testing.assert_close(fr_paper_coefficients(xt), e / e.sum())
