@@ -245,7 +245,7 @@ def test_fr_tensor_writes_into_out_with_the_same_bits():
 
 def test_paper_coefficients_contiguous_and_not():
     """lambda_i = mean|v_i| / sum_j mean|v_j|: bit for bit the plain formula on a contiguous matrix (|v|
-    goes into a reused buffer there), and the same values on a transposed view."""
+    goes into a huge-page buffer there), and the same values on a transposed view."""
     x = _randn(4, 3000, seed=5)
     e = x.abs().mean(1)
     assert torch.equal(fr_paper_coefficients(x), e / e.sum())
