@@ -25,7 +25,7 @@ from torch import Tensor
 
 from . import selection as _select
 from .hparams import check_choice, check_number
-from .task_vectors import FlatLayout, NonFiniteError, Scratch, TaskVectorColumns, empty_matrix
+from .task_vectors import FlatLayout, NonFiniteError, Scratch, TaskVectorColumns, empty_matrix, zeros_matrix
 
 __all__ = [
     "kth_smallest", "all_finite", "check_finite", "TRIM_RULES", "trim", "elect_sign", "disjoint_mean",
@@ -648,7 +648,7 @@ def _pcb_paper_inter(tvs: Tensor) -> Tensor:
     reused ``D`` buffer (a fresh product per pair faulted in 8 GB of pages per merge of the benchmark's
     8 task vectors; both on huge pages, :func:`~mergelib.task_vectors.empty_matrix`). N x D."""
     n, D = tvs.shape
-    inter = empty_matrix((n, D), dtype=tvs.dtype, device=tvs.device).zero_()
+    inter = zeros_matrix((n, D), dtype=tvs.dtype, device=tvs.device)
     buf = empty_matrix((D,), dtype=tvs.dtype, device=tvs.device)
     for i in range(n):
         for j in range(i, n):
@@ -722,8 +722,8 @@ def _pcb_official(src: Tensor | TaskVectorColumns, density: float, lams: Sequenc
         raise NonFiniteError("task vectors are not finite")
     q = torch.stack([kth_smallest(beta[i], q_k) for i in range(n)]).unsqueeze(1)  # step 5's threshold per row
     lam = _pcb_lambdas(lams, src.dtype, dev)
-    num = empty_matrix((D,), dtype=src.dtype, device=dev).zero_()  # huge pages (task_vectors.HUGE_PAGE_BYTES)
-    den = empty_matrix((D,), dtype=src.dtype, device=dev).zero_()
+    num = zeros_matrix((D,), dtype=src.dtype, device=dev)  # huge pages (task_vectors.HUGE_PAGE_BYTES)
+    den = zeros_matrix((D,), dtype=src.dtype, device=dev)
     for c0, c1 in chunks:  # steps 5-6, tau' recomputed from tau
         x = read(c0, c1)
         _pcb_official_add(num[c0:c1], den[c0:c1], _pcb_official_tprime(x, lo, hi, scratch), beta[:, c0:c1], q,
@@ -770,8 +770,8 @@ def pcb_merge(tvs: Tensor, density: float = 0.05, mode: str = "official",
     if mode == "official":
         return _pcb_official(tvs, density, lams)
     q_k = _pcb_q_k(D, density)
-    num = empty_matrix((D,), dtype=tvs.dtype, device=tvs.device).zero_()
-    den = empty_matrix((D,), dtype=tvs.dtype, device=tvs.device).zero_()
+    num = zeros_matrix((D,), dtype=tvs.dtype, device=tvs.device)
+    den = zeros_matrix((D,), dtype=tvs.dtype, device=tvs.device)
     beta_all = _pcb_paper_inter(tvs)  # mode == "paper"
     intra = empty_matrix((D,), dtype=tvs.dtype, device=tvs.device)
     # m as a 0/1 mask in beta's dtype, in one reused buffer: a bool mask was promoted to a fresh float

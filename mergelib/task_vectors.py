@@ -451,11 +451,27 @@ def empty_matrix(shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
     with 2 MiB pages on the course's CPU; benchmarks/results_cpu.md). The memory is returned to the
     system when the tensor is freed. Where huge pages are unavailable this is an ordinary mapping.
     """
+    out = _mapped(shape, dtype, device)
+    return torch.empty(shape, dtype=dtype, device=device) if out is None else out
+
+
+def zeros_matrix(shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> Tensor:
+    """``torch.zeros(shape)`` with :func:`empty_matrix`'s memory (an accumulator). A fresh anonymous
+    mapping is zero-filled by the kernel as it is faulted in, so a large CPU buffer is not written a
+    first time with zeros; a small or GPU one is ``torch.zeros``."""
+    out = _mapped(shape, dtype, device)
+    return torch.zeros(shape, dtype=dtype, device=device) if out is None else out
+
+
+def _mapped(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> Tensor | None:
+    """A tensor on a fresh anonymous mapping advised for huge pages (its memory reads as zeros), or
+    None below :data:`HUGE_PAGE_BYTES` and off the CPU."""
     device = torch.device(device)
     numel = math.prod(shape)
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
     if device.type != "cpu" or nbytes < HUGE_PAGE_BYTES:
-        return torch.empty(shape, dtype=dtype, device=device)
+        return None
     buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_HUGEPAGE"):
         try:

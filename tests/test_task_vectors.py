@@ -198,6 +198,23 @@ def test_empty_matrix_huge_pages_and_plain():
     assert small.shape == (3, 4) and small.is_contiguous()
 
 
+def test_zeros_matrix_reads_zeros_at_every_size():
+    """zeros_matrix is torch.zeros: on a fresh mapping (large, not written by us) and plain (small), in
+    any dtype, and a second large one after the first was written and freed is zeros again."""
+    from mergelib.task_vectors import HUGE_PAGE_BYTES, zeros_matrix
+
+    n = HUGE_PAGE_BYTES // 4 // 2 + 5
+    for dtype in (torch.float32, torch.float16):
+        big = zeros_matrix((2, n), dtype=dtype)
+        assert big.shape == (2, n) and big.dtype == dtype and big.is_contiguous()
+        assert int(torch.count_nonzero(big)) == 0
+        big.fill_(3.0)
+        del big
+        assert int(torch.count_nonzero(zeros_matrix((2, n), dtype=dtype))) == 0
+    small = zeros_matrix((3, 4), dtype=torch.float64)
+    assert torch.equal(small, torch.zeros(3, 4, dtype=torch.float64))
+
+
 def test_all_finite_with_a_sum_that_overflows():
     """A finite sum proves finiteness; a sum that overflows is checked again exactly."""
     from mergelib.competition import all_finite
