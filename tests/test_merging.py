@@ -1,10 +1,12 @@
 """merge() over state dicts (mergelib.merging)."""
+import math
+
 import pytest
 import torch
 
-from mergelib.competition import pcb_merge
+from mergelib.competition import dare_seed, pcb_merge
 from mergelib.hparams import HyperparameterError
-from mergelib.merging import METHODS, merge
+from mergelib.merging import METHODS, REGISTRY, merge
 from mergelib.models import ViT
 from mergelib.task_vectors import NonFiniteError, StateDictKeyError, StateDictShapeError, flatten
 
@@ -56,15 +58,32 @@ def test_identical_models_merge_to_themselves(vit):
     pre, fts = vit
     same = [fts[0]] * 3
     for method, scale, hp in [("average", None, {}), ("task_arithmetic", 1 / 3, {}),
-                              ("ties", 1.0, {"density": 1.0}), ("fr", 1 / 3, {"ratio": 10.0}),
-                              ("pcb", 1.0, {"density": 1.0})]:
+                              ("ties", 1.0, {"density": 1.0}), ("fr", 1 / 3, {"ratio": 10.0})]:
         out = merge(pre, same, method, scale=scale, rules=None, **hp)
         for k in pre:
-            if method == "pcb":  # tau' (clipped): equal to tau except at the clipped extremes
-                d = (out[k] - fts[0][k]).abs()
-                assert (d < 1e-6).float().mean() > 0.99
-            else:
-                _close(out[k], fts[0][k])
+            _close(out[k], fts[0][k])
+    # PCB gives tau' = sign(tau) * clamp(|tau|, lo, hi), lo and hi the order statistics of |tau| over the whole
+    # model at 0-based ranks int(D * 1e-4) and int(D * (1 - 1e-4) - 1). At density 1, q is beta's minimum, so
+    # the entry where beta is smallest (the smallest |tau|) gets weight 0 and stays theta_0, off by |tau| <= lo.
+    # Here D = 29152 and lo ~ 5e-7: only the 3 entries clipped at the top (|tau| > hi) differ from the
+    # fine-tuned model by 1e-6 or more, each by |tau| - hi.
+    out = merge(pre, same, "pcb", scale=1.0, rules=None, density=1.0)
+    keys = sorted(pre)
+    a = torch.cat([(fts[0][k] - pre[k]).reshape(-1) for k in keys]).abs()
+    D = a.numel()
+    lo, hi = a.kthvalue(int(D * 1e-4) + 1).values, a.kthvalue(int(D * (1 - 1e-4) - 1) + 1).values
+    assert lo < 1e-6
+    off, differ = 0, 0
+    for k in keys:
+        tau = fts[0][k] - pre[k]
+        ak = a[off:off + tau.numel()].view_as(tau)
+        off += tau.numel()
+        _close(out[k], pre[k] + torch.sign(tau) * ak.clamp(lo, hi))  # everywhere, to 1e-6
+        d = (out[k] - fts[0][k]).abs()
+        big = d >= 1e-6
+        assert (ak[big] > hi).all() and (d[big] <= ak[big] - hi + 1e-6).all(), k
+        differ += int(big.sum())
+    assert differ == D - (int(D * (1 - 1e-4) - 1) + 1) == 3  # the entries above hi, and no other
 
 
 def test_average_equals_task_arithmetic_and_lambda_zero(vit):
@@ -114,6 +133,73 @@ def test_dare_is_seeded_by_task_name_not_order(vit):
     k = "blocks.0.attn.qkv.weight"
     _close(a[k], b[k])
     assert not torch.allclose(a[k], c[k])
+
+
+def _dare_reference(pre, ft, task, p, seed):
+    """DARE of one fine-tuned model, from its documented definition (competition.dare, dare_seed):
+    tensor k keeps the entries where u >= p, u = torch.rand(numel) of a CPU generator seeded
+    dare_seed(seed, task, k); kept entries are rescaled by 1 / (1 - p). Returns {key: flat delta}."""
+    out = {}
+    for k in sorted(pre):
+        g = torch.Generator().manual_seed(dare_seed(seed, task, k))
+        keep = torch.rand(pre[k].numel(), generator=g) >= p
+        tau = (ft[k] - pre[k]).reshape(-1)
+        out[k] = torch.where(keep, tau / (1 - p), torch.zeros_like(tau))
+    return out
+
+
+@pytest.mark.parametrize("method", [m for m in ("dare_ta", "dare_ties") if m in REGISTRY])
+@pytest.mark.parametrize("p", [0.3, 0.9])
+def test_dare_one_task_drops_or_rescales_every_entry(vit, method, p):
+    """One fine-tuned model, lambda = 1 (dare_ties: density 1, so TIES keeps the single task as it is):
+    every merged entry is either theta_0 exactly (dropped) or theta_0 + tau / (1 - p) (kept and
+    rescaled), the kept entries are those of DARE's seeded mask, and about 1 - p of them are kept."""
+    pre, fts = vit
+    out = merge(pre, {"cars": fts[0]}, method, scale=1.0, rules=None, p=p, seed=5)
+    ref = _dare_reference(pre, fts[0], "cars", p, seed=5)
+    kept = total = 0
+    for k in pre:
+        o, base = out[k].reshape(-1), pre[k].reshape(-1)
+        tau = (fts[0][k] - pre[k]).reshape(-1)
+        dropped = o == base
+        rescaled = base + tau / (1 - p)
+        assert not torch.equal(rescaled[tau != 0], fts[0][k].reshape(-1)[tau != 0]), k  # the rescale shows
+        torch.testing.assert_close(o[~dropped], rescaled[~dropped], rtol=1e-6, atol=1e-7, msg=k)
+        assert torch.equal(~dropped, (ref[k] != 0) & (tau != 0)), k  # DARE's mask, entry for entry
+        kept += int((~dropped).sum())
+        total += o.numel()
+    sigma = math.sqrt(total * p * (1 - p))  # binomial: 29152 entries
+    assert abs(kept - total * (1 - p)) < 5 * sigma, (kept, total)
+
+
+def test_dare_two_tasks_equal_their_reference(vit):
+    """Two named tasks: dare_ta with per-task lambdas is sum_i lambda_i DARE(tau_i), each task masked
+    by its own name; dare_ties (density 1) is the TIES disjoint mean of the two DARE'd task vectors
+    (sign of the sum, zero sums taking the majority sign; the agreeing nonzero entries averaged),
+    computed here by hand over the whole model."""
+    pre, fts = vit
+    named = {"mnist": fts[1], "svhn": fts[2]}
+    p, seed, lams = 0.6, 2, [0.5, -1.5]
+    refs = [_dare_reference(pre, ft, name, p, seed) for name, ft in named.items()]
+    ta = merge(pre, named, "dare_ta", scale=lams, rules=None, p=p, seed=seed)
+    for k in pre:
+        want = pre[k] + (lams[0] * refs[0][k] + lams[1] * refs[1][k]).view_as(pre[k])
+        _close(ta[k], want)
+    if "dare_ties" not in REGISTRY:
+        return
+    keys = sorted(pre)
+    d = torch.stack([torch.cat([r[k] for k in keys]) for r in refs])  # 2 x D
+    gamma = torch.sign(d.sum(0))
+    gamma[gamma == 0] = torch.sign(gamma.sum())
+    agree = (torch.sign(d) == gamma) & (d != 0)
+    tau_m = (d * agree).sum(0) / agree.sum(0).clamp_min(1)
+    assert (agree.sum(0) == 1).any() and (agree.sum(0) == 2).any()  # both cases occur
+    ties = merge(pre, named, "dare_ties", scale=1.0, rules=None, p=p, seed=seed)
+    off = 0
+    for k in keys:
+        n = pre[k].numel()
+        _close(ties[k], pre[k] + tau_m[off:off + n].view_as(pre[k]))
+        off += n
 
 
 def test_low_precision_models_keep_dtype(vit):
