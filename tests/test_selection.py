@@ -103,6 +103,92 @@ def test_topk_mask():
 
 
 # ------------------------------------------------------------------------------------------------
+# kth_smallest_columns: a matrix read by column blocks
+# ------------------------------------------------------------------------------------------------
+class _Columns:
+    """An ``N x n`` matrix given by column blocks, the interface :func:`sel.kth_smallest_columns` reads
+    (that of ``task_vectors.TaskVectorColumns``); counts the rows built whole (short rows, a missed sample)."""
+
+    def __init__(self, x: torch.Tensor):
+        self.x, self.shape, self.dtype, self.device = x, tuple(x.shape), x.dtype, x.device
+        self.rows_built = 0
+
+    def block(self, c0, c1, out):
+        return out.copy_(self.x[:, c0:c1])
+
+    def gather(self, positions):
+        return self.x[:, positions]
+
+    def row(self, i):
+        self.rows_built += 1
+        return self.x[i].clone()
+
+
+def _column_rows(dtype, n=N_LONG):
+    """Six long rows: normal values; few distinct values (many ties); two thirds +0.0 and -0.0; 42 %
+    exact zeros of both signs among small values; every value twice (with both signs); one value."""
+    g = torch.Generator().manual_seed(4)
+    zeros = torch.randn(n, generator=g)
+    zeros[::3], zeros[1::3] = 0.0, -0.0
+    half = torch.randn(n // 2 + 1, generator=g)
+    twice = torch.cat([half, -half])[torch.randperm(2 * half.numel(), generator=g)][:n]
+    return torch.stack([torch.randn(n, generator=g), (torch.randn(n, generator=g) * 3).round(), zeros,
+                        _unchanged_weights(torch.float32, n=n, rows=1)[0], twice, torch.full((n,), 0.25)]).to(dtype)
+
+
+@pytest.mark.parametrize("chunk", [sel.CHUNK, 1 << 14])  # one column block / 23 blocks of 3072 columns
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_kth_smallest_columns_equals_kthvalue(monkeypatch, dtype, chunk):
+    """Rows longer than LONG_ROW, read by column blocks in one counting pass: bit for bit
+    torch.kthvalue of every row (of |x| where absolute), for several ranks at once and for one,
+    without building any row whole (the counting path, not the fallback)."""
+    monkeypatch.setattr(sel, "CHUNK", chunk)
+    x = _column_rows(dtype)
+    n = x.shape[1]
+    assert n >= sel.LONG_ROW
+    ks = [1, 2, n // 10, n // 3, n // 2, 2 * n // 3, n - n // 20, n - 1, n]
+    for absolute in (True, False):
+        xa = x.abs() if absolute else x
+        want = torch.stack([torch.kthvalue(xa, k, dim=1).values for k in ks], 1)
+        cols = _Columns(x)
+        got = sel.kth_smallest_columns(cols, ks, absolute=absolute)
+        assert got.shape == (6, len(ks)) and _bits(got, want), (dtype, absolute)
+        one = sel.kth_smallest_columns(cols, n // 3, absolute=absolute)
+        assert one.shape == (6, 1) and _bits(one, want[:, 3:4]), (dtype, absolute)
+        assert cols.rows_built == 0
+
+
+def test_kth_smallest_columns_fallback_short_rows_task_vectors_and_errors(monkeypatch):
+    """A sample that misses (forced) falls back to each row, exact and row by row; short rows go to
+    kthvalue; the task vectors of state dicts (TaskVectorColumns, several tensors) give the values of
+    their flat matrix; k out of [1, n] is refused."""
+    from mergelib.task_vectors import TaskVectorColumns, flatten
+
+    x = _column_rows(torch.float32)
+    n = x.shape[1]
+    ks = [1, 4321, n // 2, n]
+    want = torch.stack([torch.kthvalue(x.abs(), k, dim=1).values for k in ks], 1)
+    short = _Columns(x[:, : sel.LONG_ROW - 1])
+    assert _bits(sel.kth_smallest_columns(short, 77), torch.kthvalue(short.x.abs(), 77, dim=1, keepdim=True).values)
+    with monkeypatch.context() as m:
+        m.setattr(sel, "_sample_index", lambda n, m_, dev: torch.zeros(m_, dtype=torch.long))
+        cols = _Columns(x)
+        assert _bits(sel.kth_smallest_columns(cols, ks), want)
+        assert cols.rows_built > 0  # the fallback ran, and each row got its own values
+    g = torch.Generator().manual_seed(2)
+    pre = {"a.weight": torch.randn(300, 200, generator=g), "b.bias": torch.randn(7001, generator=g)}
+    fts = [{k: v + 1e-3 * torch.randn(v.shape, generator=g) for k, v in pre.items()} for _ in range(3)]
+    fts[1]["b.bias"] = pre["b.bias"].clone()  # a tensor left unchanged: exact zeros
+    tv, _ = flatten(fts, sorted(pre), subtract=pre)
+    ks = [1, 30_000, tv.shape[1] // 2, tv.shape[1]]
+    want = torch.stack([torch.kthvalue(tv.abs(), k, dim=1).values for k in ks], 1)
+    assert _bits(sel.kth_smallest_columns(TaskVectorColumns(fts, pre, sorted(pre)), ks), want)
+    for bad in (0, n + 1):
+        with pytest.raises(ValueError, match=f"k={bad} out of range \\[1, {n}\\]"):
+            sel.kth_smallest_columns(_Columns(x), [5, bad])
+
+
+# ------------------------------------------------------------------------------------------------
 # TIES trim rules
 # ------------------------------------------------------------------------------------------------
 def _layout_and_tvs(n=3, dtype=torch.float32, seed=0):
@@ -196,11 +282,29 @@ def test_ties_tensor_exact_matches_peft_bit_for_bit(sign_rule, peft_rule):
 
 def test_ties_merge_rules_validate():
     lay, x = _layout_and_tvs()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"trim_rule='paper' is not allowed: expected one of \('official', 'exact'\)"):
         ties_merge(x, 0.2, trim_rule="paper")
     a = ties_merge(x, 0.2, trim_rule="exact")
     b = ties_merge(x, 0.2)
     assert a.shape == b.shape == (lay.D,)
+    # ties at the threshold, by hand: density 0.4 of d = 5 is int(2) entries per row
+    t = torch.tensor([[4.0, 2.0, -2.0, 2.0, 1.0], [1.0, -3.0, 3.0, 3.0, 0.5]])
+    # official: threshold = the (5 - 2)-th smallest |x| (2 and 3), every entry >= it kept (4 and 3 entries)
+    assert trim(t, 0.4).tolist() == [[4, 2, -2, 2, 0], [0, -3, 3, 3, 0]]
+    # exact: the 2 largest |x| of each row, ties taken in index order
+    assert trim(t, 0.4, trim_rule="exact").tolist() == [[4, 2, 0, 0, 0], [0, -3, 3, 0, 0]]
+    # column sums 4, -1, 1, 5, 0 (official) / 4, -1, 3, 0, 0 (exact): the means of the agreeing entries
+    official, exact = [4.0, -3.0, 3.0, 2.5, 0.0], [4.0, -3.0, 3.0, 0.0, 0.0]
+    assert ties_merge(t, 0.4).tolist() == official
+    assert ties_merge(t, 0.4, trim_rule="exact").tolist() == exact
+    # the same matrix twice: per tensor, each copy is trimmed as above; globally (d = 10, 4 kept) the exact
+    # rule keeps row 0's two 4s and its first two 2s, all in the first copy
+    two = FlatLayout.from_shapes({"a": (5,), "b": (5,)})
+    tt = torch.cat([t, t], 1)
+    assert ties_merge(tt, 0.4, granularity="tensor", layout=two, trim_rule="exact").tolist() == exact * 2
+    assert ties_merge(tt, 0.4, granularity="tensor", layout=two).tolist() == official * 2
+    assert trim(tt, 0.4, trim_rule="exact").tolist() == [[4, 2, -2, 0, 0, 4, 0, 0, 0, 0],
+                                                         [0, -3, 3, 3, 0, 0, -3, 0, 0, 0]]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64, torch.bfloat16])
