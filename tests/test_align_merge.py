@@ -32,6 +32,10 @@ def test_reset_bn_stats_matches_an_independent_estimate():
     for h in hooks:
         h.remove()
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    momenta = {}  # momenta other than the default (some None) on the model that is reset: each restored as it was
+    for i, (n, m) in enumerate((n, m) for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)):
+        m.momentum = momenta[n] = 0.05 * (i + 1) if i % 3 else None
+    assert set(momenta) == set(bns) and len(momenta) > 3
     reset_bn_stats(model, data, num_batches=3)
     assert not model.training and all(not m.training for m in model.modules())
     sd = model.state_dict()
@@ -41,7 +45,7 @@ def test_reset_bn_stats_matches_an_independent_estimate():
         torch.testing.assert_close(sd[f"{name}.running_mean"], mean, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(sd[f"{name}.running_var"], var, rtol=1e-4, atol=1e-5)
         assert not torch.allclose(before[f"{name}.running_var"], var)
-        assert bns[name].momentum == 0.1 and dict(model.named_modules())[name].momentum == 0.1
+        assert dict(model.named_modules())[name].momentum == momenta[name], name
     for k in sd:  # weights are untouched
         if "running" not in k and "num_batches" not in k:
             assert torch.equal(sd[k], before[k])

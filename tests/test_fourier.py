@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from mergelib.fourier import align_magnitudes, fr_filter, fr_mask, fr_merge, fr_paper_coefficients
+from mergelib.merging import merge
 from mergelib.task_vectors import FlatLayout
 
 SHAPES = [(8, 8), (16, 16), (12, 36), (48, 16), (10, 6)]
@@ -252,3 +253,56 @@ def test_paper_coefficients_contiguous_and_not():
     xt = x.t().contiguous().t()  # the same values, column-major
     assert not xt.is_contiguous()
     torch.testing.assert_close(fr_paper_coefficients(xt), e / e.sum())
+
+
+FR_VARIANTS = [{}, {"mode": "paper"}, {"mode": "paper", "base": "max"}, {"base": "max"},
+               {"compat_double_ring": True}, {"mode": "paper", "align": "none"},
+               {"mode": "paper", "base": "max", "align": "paper"}, {"base": "max", "align": "paper"},
+               {"compat_double_ring": True, "compat_official": True},
+               {"mode": "paper", "align": "paper", "compat_official": True}]
+
+
+def test_merge_fr_variants_equal_their_computation_from_fr_filter():
+    """merge(..., "fr") for FR's modes, bases, alignments and quirks against FR's merged model built here
+    from fr_filter (checked above against ifft2(M . fft2)) following docs/methods.md section 6: every 2-D
+    task-vector matrix filtered, other tensors left as they are; align="official": each task's tensor
+    scaled to the largest task's mean |.|, then summed; "none": summed; "paper": sum_i lambda_i FR(tau_i),
+    lambda_i = E_i / sum_j E_j, E_i = mean |FR(tau_i)| over the whole model; compat_official: tensors
+    without "weight" in their key take task 1's (filtered, aligned) delta; theta = theta_0 + c tau_m.
+    Rectangular matrices, so that min and max differ, with min(H, W) // 10 = 1 (the double ring)."""
+    shapes = {"attn.weight": (12, 20), "mlp.weight": (30, 10), "attn.bias": (12,)}
+    g = torch.Generator().manual_seed(11)
+    pre = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    mags = [1.0, 3.0, 0.5]  # tasks of different magnitudes: the alignments matter
+    fts = [{k: v + 0.02 * a * torch.randn(v.shape, generator=g) for k, v in pre.items()} for a in mags]
+    for k in ("attn.weight", "mlp.weight"):  # task 1: a large DC component, which every filter here removes
+        fts[0][k] = fts[0][k] + 0.05
+    ratio, c = 0.4, 0.7
+    outs = []
+    for hp in FR_VARIANTS:
+        o = {"mode": "official", "base": "min", "align": "official", "compat_official": False,
+             "compat_double_ring": False} | hp
+        filt = {}
+        for k, s in shapes.items():
+            tau = torch.stack([ft[k] - pre[k] for ft in fts])
+            filt[k] = fr_filter(tau, ratio, o["mode"], o["base"], o["compat_double_ring"]) if len(s) == 2 else tau
+        if o["align"] == "paper":
+            e = torch.stack([torch.cat([filt[k][i].reshape(-1) for k in shapes]).abs().mean() for i in range(3)])
+            lam = e / e.sum()
+            merged = {k: sum(lam[i] * filt[k][i] for i in range(3)) for k in shapes}
+        else:
+            if o["align"] == "official":
+                for k in shapes:
+                    m = filt[k].reshape(3, -1).abs().mean(1)
+                    filt[k] = filt[k] * (m.max() / m).view(3, *[1] * len(shapes[k]))
+            merged = {k: filt[k].sum(0) for k in shapes}
+        if o["compat_official"]:
+            merged = {k: v if "weight" in k else filt[k][0] for k, v in merged.items()}
+        out = merge(pre, fts, "fr", scale=c, rules=None, ratio=ratio, **hp)
+        for k in shapes:
+            torch.testing.assert_close(out[k], pre[k] + c * merged[k], rtol=1e-5, atol=1e-6, msg=f"{hp} {k}")
+        outs.append(out)
+    for i in range(len(outs)):  # every option changes the result here (so each one was passed on)
+        for j in range(i):
+            assert any(not torch.allclose(outs[i][k], outs[j][k], rtol=1e-4, atol=1e-4) for k in shapes), \
+                (FR_VARIANTS[i], FR_VARIANTS[j])
