@@ -15,7 +15,7 @@ run, both also as a fraction of the total checkpoint bytes. The inputs are in th
 were just written) unless ``--cold``: then every input file is dropped from the cache
 (``posix_fadvise(DONTNEED)``) before each timed run, reads come from the disk.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_files.py --mb 250 --markdown benchmarks/results_files.md
+    OMP_NUM_THREADS=1 python benchmarks/bench_files.py --mb 250 --markdown /tmp/files.md   # --markdown overwrites its file
     OMP_NUM_THREADS=1 python benchmarks/bench_files.py --set /tmp/set5g --cold --methods task_arithmetic
 
 ``--set DIR`` runs on a set written before (by ``make_set``, e.g. ``peak_rss_files.py --make-mb``)

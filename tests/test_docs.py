@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "methods.md"
 NOTEBOOKS = sorted(p for p in (ROOT / "notebooks").glob("*.ipynb") if ".ipynb_checkpoints" not in p.parts)
 READMES = sorted({*ROOT.glob("README*.md"), *(p for p in ROOT.glob("*/README*.md")
-                                              if not p.relative_to(ROOT).parts[0].startswith("."))})
+                                              if not p.relative_to(ROOT).parts[0].startswith(".")),
+                  *(p for p in (ROOT / "docs").glob("*.md") if p != ROOT / "docs" / "methods.md")})
 
 # `docs/methods.md#anchor` (also `../docs/methods.md#anchor`) anywhere in the text
 ANCHOR_REF = re.compile(r"methods\.md#([^\s)\]>\"'`,;]+)")
@@ -143,3 +144,28 @@ def test_no_absolute_paths_in_notebook_sources(path):
     hits = [f"cell {i}: {s[max(0, m.start() - 40):m.end() + 30]!r}"
             for i, s in notebook_sources(path) for m in ABS_PATH.finditer(s)]
     assert not hits, "absolute paths in cell sources:\n" + "\n".join(hits)
+
+
+# `python -m mergelib.sweep run NOTEBOOK ... --grid NAME=...` / `-p NAME VALUE` and run_sweep([...], grid={...})
+SWEEP_CLI = re.compile(r"mergelib\.sweep run (\S+\.ipynb)((?:\\\n|[^\n])*)")
+SWEEP_API = re.compile(r"run_sweep\(\[\"([^\"]+\.ipynb)\"\][^)]*?(?:params=\{([^}]*)\})?[^)]*?grid=\{([^}]*)\}", re.S)
+
+
+def test_sweep_examples_use_parameters_the_notebooks_define():
+    """The README's sweep examples name only parameters that their notebook's `parameters` cell defines
+    (a sweep over an undefined one stops before it starts)."""
+    from mergelib.sweep import notebook_parameters
+
+    text = (ROOT / "README.md").read_text()
+    found = []
+    for m in SWEEP_CLI.finditer(text):
+        args = m.group(2).replace("\\\n", " ")
+        names = re.findall(r"--grid (\w+)=", args) + re.findall(r"-p (\w+) ", args)
+        found.append((m.group(1), names))
+    for m in SWEEP_API.finditer(text):
+        names = re.findall(r"\"(\w+)\":", (m.group(2) or "") + m.group(3))
+        found.append((m.group(1), names))
+    assert len(found) >= 3, found  # the CLI examples and the Python API one
+    for nb, names in found:
+        defined = notebook_parameters(ROOT / nb)
+        assert names and set(names) <= defined, (nb, sorted(set(names) - defined))
