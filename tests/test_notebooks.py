@@ -31,6 +31,23 @@ def test_notebook_structure(path):
         assert knob in params, f"parameters cell lacks {knob}"
 
 
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_papermill_sees_every_parameter(path):
+    """papermill's own inspection of the parameters cell (``papermill --help-notebook``, and its check of
+    ``-p NAME`` against the notebook) finds every name the cell assigns: a line it cannot parse (e.g. a
+    comment holding '=' or an apostrophe) hides that parameter and warns "Passed unknown parameter"."""
+    import ast
+
+    from papermill.translators import PythonTranslator
+
+    nb = json.loads(path.read_text())
+    src = "".join(next(c["source"] for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])))
+    assigned = {t.id for n in ast.parse(src).body if isinstance(n, ast.Assign) for t in n.targets
+                if isinstance(t, ast.Name)}
+    seen = {p.name for p in PythonTranslator.inspect({"source": src})}
+    assert assigned and seen == assigned, sorted(assigned - seen)
+
+
 def test_notebooks_are_in_normal_form():
     r = subprocess.run([sys.executable, str(ROOT / "tools" / "normalize_notebooks.py"), "--check",
                         *map(str, NOTEBOOKS)], capture_output=True, text=True)
