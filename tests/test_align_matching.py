@@ -247,3 +247,227 @@ def test_zipit_refuses_attention_heads():
     model = make_vit()
     with pytest.raises(NotImplementedError, match="head-aware groups"):
         zipit(model, model, _data((3, 8, 8), n_batches=1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Direct tests of the building blocks: solve_lap, similarity_matrix, weight_similarity
+# ----------------------------------------------------------------------------------------------
+def _brute_force_lap(c):
+    """Independent maximiser over all n! permutations: (best value, list of optimal permutations)."""
+    import itertools
+    n = c.shape[0]
+    vals = {p: sum(float(c[i, p[i]]) for i in range(n)) for p in itertools.permutations(range(n))}
+    best = max(vals.values())
+    return best, [list(p) for p, v in vals.items() if v == best]
+
+
+def _lap_value(c, p):
+    return float(c.double()[torch.arange(c.shape[0]), p].sum())
+
+
+def test_solve_lap_hand_3x3_maximises():
+    from mergelib.align import solve_lap
+    # by hand, sum_i C[i, p[i]] over the 6 permutations: [0,1,2] 6, [0,2,1] 11, [1,0,2] 5,
+    # [1,2,0] 9, [2,0,1] 7, [2,1,0] 6 -> max 11 at [0, 2, 1] (the minimiser would be [1, 0, 2], 5)
+    C = torch.tensor([[4.0, 1, 3], [2, 0, 5], [3, 2, 2]])
+    p, value = solve_lap(C)
+    assert p.dtype == torch.long and p.device.type == "cpu" and isinstance(value, float)
+    assert p.tolist() == [0, 2, 1] and value == 11.0
+    # the matrix is read in float64 whatever its dtype / device, and a graph is not a problem
+    p2, v2 = solve_lap(C.to(torch.float16).requires_grad_())
+    assert p2.tolist() == [0, 2, 1] and v2 == 11.0
+    p3, v3 = solve_lap(-C)  # maximising -C minimises C
+    assert p3.tolist() == [1, 0, 2] and v3 == -5.0
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 6])
+def test_solve_lap_matches_brute_force_on_small_random_matrices(n):
+    from mergelib.align import solve_lap
+    for seed in range(3):
+        C = torch.randn(n, n, generator=gen(100 + seed))
+        p, value = solve_lap(C)
+        best, optimal = _brute_force_lap(C.double())
+        assert p.tolist() in optimal
+        assert value == pytest.approx(best, abs=1e-12) and value == pytest.approx(_lap_value(C, p), abs=1e-12)
+
+
+@pytest.mark.parametrize("n", [7, 20, 64, 200])
+def test_solve_lap_matches_scipy_on_random_matrices(n):
+    import numpy as np
+    from scipy.optimize import linear_sum_assignment
+    from mergelib.align import solve_lap
+    C = torch.randn(n, n, generator=gen(n), dtype=torch.float64)
+    p, value = solve_lap(C)
+    assert sorted(p.tolist()) == list(range(n))  # a permutation
+    rows, cols = linear_sum_assignment(C.numpy(), maximize=True)
+    assert p.tolist() == cols.tolist()  # continuous random entries: the optimum is unique
+    assert value == pytest.approx(float(C.numpy()[rows, cols].sum()), abs=1e-9)
+    assert value == pytest.approx(_lap_value(C, p), abs=1e-9)
+    # it is the maximum, not the minimum: strictly above the minimising assignment
+    rmin, cmin = linear_sum_assignment(C.numpy(), maximize=False)
+    assert value > float(C.numpy()[rmin, cmin].sum()) + 1e-6
+    # no single swap of two assignments improves it (a necessary condition checked without scipy)
+    c = C.numpy()
+    pp = np.asarray(p)
+    i, j = np.triu_indices(n, 1)
+    gain = c[i, pp[j]] + c[j, pp[i]] - c[i, pp[i]] - c[j, pp[j]]
+    assert gain.size == 0 or gain.max() <= 1e-9
+
+
+@pytest.mark.parametrize("n", [1, 3, 5, 32])
+def test_solve_lap_ties_every_permutation_optimal(n):
+    from mergelib.align import solve_lap
+    C = torch.full((n, n), 0.75)
+    p, value = solve_lap(C)
+    assert sorted(p.tolist()) == list(range(n)) and value == pytest.approx(0.75 * n)
+    # partial ties: two identical rows - either order of their columns is optimal, the value is fixed
+    D = torch.tensor([[1.0, 2.0, 0.0], [1.0, 2.0, 0.0], [0.0, 0.0, 3.0]])
+    q, v = solve_lap(D)
+    best, optimal = _brute_force_lap(D.double())
+    assert q.tolist() in optimal and v == best == 6.0 and len(optimal) == 2
+
+
+def test_solve_lap_rejects_bad_input():
+    from mergelib.align import solve_lap
+    with pytest.raises(ValueError, match=r"square matrix, got shape \(3, 4\)"):
+        solve_lap(torch.zeros(3, 4))
+    with pytest.raises(ValueError, match=r"square matrix, got shape \(3,\)"):
+        solve_lap(torch.zeros(3))
+    with pytest.raises(ValueError, match=r"square matrix, got shape \(2, 2, 2\)"):
+        solve_lap(torch.zeros(2, 2, 2))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        C = torch.eye(3)
+        C[1, 2] = bad
+        with pytest.raises(ValueError, match="NaN or inf"):
+            solve_lap(C)
+
+
+def _moments(za, zb):
+    from mergelib.align.features import GroupMoments
+    m = GroupMoments(za.shape[1], torch.device("cpu"))
+    m.update(za, zb)
+    return m
+
+
+def test_similarity_matrix_pearson_and_cross_by_hand():
+    import numpy as np
+    from mergelib.align import similarity_matrix
+    # A0 = (1, 2, 3), A1 = (1, 0, 2); B0 = 2*A0 (corr 1 with A0), B1 = reversed A0 (corr -1 with A0)
+    za = torch.tensor([[1.0, 1.0], [2.0, 0.0], [3.0, 2.0]])
+    zb = torch.tensor([[2.0, 3.0], [4.0, 2.0], [6.0, 1.0]])
+    S = similarity_matrix([_moments(za, zb)])
+    assert S.shape == (4, 4) and S.dtype == torch.float64 and S.device.type == "cpu"
+    # hand: A1 centred (0, -1, 1), A0 centred (-1, 0, 1) -> corr = 1 / (sqrt 2 sqrt 2) = 0.5
+    hand = {(0, 0): 1.0, (0, 2): 1.0, (0, 3): -1.0, (2, 3): -1.0, (0, 1): 0.5, (1, 2): 0.5, (1, 3): -0.5}
+    for (i, j), v in hand.items():
+        assert float(S[i, j]) == pytest.approx(v, abs=1e-12) and float(S[j, i]) == pytest.approx(v, abs=1e-12)
+    z = torch.cat([za, zb], 1).double()
+    np.testing.assert_allclose(S.numpy(), np.corrcoef(z.numpy().T), atol=1e-12)
+    # cross: E[z z^T] = z^T z / count; e.g. E[A0 B0] = (2 + 8 + 18) / 3
+    X = similarity_matrix([_moments(za, zb)], method="cross")
+    assert float(X[0, 2]) == pytest.approx(28 / 3, abs=1e-12)
+    torch.testing.assert_close(X, z.T @ z / 3, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="method must be 'pearson' or 'cross', got 'cosine'"):
+        similarity_matrix([_moments(za, zb)], method="cosine")
+
+
+def test_similarity_matrix_batches_sites_and_unit_permutations():
+    import numpy as np
+    from mergelib.align import similarity_matrix
+    from mergelib.align.features import GroupMoments
+    g = gen(21)
+    n = 3
+    mix = torch.randn(2 * n, 2 * n, generator=g)
+    z1 = torch.randn(50, 2 * n, generator=g) @ mix + 0.3  # correlated units, nonzero mean
+    z2 = torch.randn(40, 2 * n, generator=g) @ mix.T - 1.0
+    ref1, ref2 = np.corrcoef(z1.double().numpy().T), np.corrcoef(z2.double().numpy().T)
+    # several batches accumulate like one: the moments of the concatenation
+    m = GroupMoments(n, torch.device("cpu"))
+    for chunk in z1.split(7):
+        m.update(chunk[:, :n], chunk[:, n:])
+    np.testing.assert_allclose(similarity_matrix([m]).numpy(), ref1, atol=1e-10)
+    # several observation sites: the mean of the per-site matrices (each site normalised on its own)
+    s12 = similarity_matrix([_moments(z1[:, :n], z1[:, n:]), _moments(z2[:, :n], z2[:, n:])])
+    np.testing.assert_allclose(s12.numpy(), (ref1 + ref2) / 2, atol=1e-10)
+    x12 = similarity_matrix([_moments(z1[:, :n], z1[:, n:]), _moments(z2[:, :n], z2[:, n:])], method="cross")
+    z1d, z2d = z1.double(), z2.double()
+    torch.testing.assert_close(x12, (z1d.T @ z1d / 50 + z2d.T @ z2d / 40) / 2, rtol=0, atol=1e-10)
+    # permuting the units of A and of B permutes rows and columns the same way
+    pa, pb = torch.tensor([2, 0, 1]), torch.tensor([1, 2, 0])
+    full = torch.cat([pa, n + pb])
+    for method in ("pearson", "cross"):
+        S = similarity_matrix([_moments(z1[:, :n], z1[:, n:])], method)
+        Sp = similarity_matrix([_moments(z1[:, :n][:, pa], z1[:, n:][:, pb])], method)
+        torch.testing.assert_close(Sp, S[full][:, full], rtol=0, atol=1e-12)
+        torch.testing.assert_close(S, S.T, rtol=0, atol=1e-12)  # symmetric
+    # Pearson is invariant to a positive affine change of one unit
+    za2 = z1[:, :n].clone()
+    za2[:, 1] = 4.0 * za2[:, 1] + 7.0
+    np.testing.assert_allclose(similarity_matrix([_moments(za2, z1[:, n:])]).numpy(), ref1, atol=1e-9)
+
+
+def _tiny_mlp_pair(hidden=(3,), seed=0):
+    torch.manual_seed(seed)
+    a = MLP(4, hidden, 2)
+    b = MLP(4, hidden, 2)
+    return a, b
+
+
+def test_weight_similarity_one_layer_by_hand():
+    import numpy as np
+    from mergelib.align import weight_similarity
+    a, b = _tiny_mlp_pair()
+    spec = permutation_spec(a)
+    sd_a, sd_b = a.state_dict(), b.state_dict()
+
+    def vecs(sd):  # unit j: its row of layers.0.weight, its bias and its input column of head.weight
+        return torch.cat([sd["layers.0.weight"], sd["layers.0.bias"][:, None], sd["head.weight"].T], 1).double()
+
+    V = torch.cat([vecs(sd_a), vecs(sd_b)]).numpy()  # (6, 4 + 1 + 2)
+    ident = {"layers.0": torch.arange(3)}
+    S = weight_similarity(spec, "layers.0", sd_a, sd_b, ident)
+    assert S.shape == (6, 6) and S.dtype == torch.float64
+    np.testing.assert_allclose(S.numpy(), np.corrcoef(V), atol=1e-6)  # Pearson of the unit vectors
+    Vn = V / np.linalg.norm(V, axis=1, keepdims=True)
+    np.testing.assert_allclose(weight_similarity(spec, "layers.0", sd_a, sd_b, ident, measure="cosine").numpy(),
+                               Vn @ Vn.T, atol=1e-6)
+    cross = weight_similarity(spec, "layers.0", sd_a, sd_b, ident, cross_only=True)
+    assert cross.shape == (3, 3)
+    np.testing.assert_allclose(cross.numpy(), np.corrcoef(V)[:3, 3:], atol=1e-6)
+    # the group's own entry in ``matches`` is ignored
+    other = weight_similarity(spec, "layers.0", sd_a, sd_b, {"layers.0": torch.tensor([2, 0, 1])})
+    torch.testing.assert_close(other, S, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="weight similarity must be 'pearson' or 'cosine', got 'l2'"):
+        weight_similarity(spec, "layers.0", sd_a, sd_b, ident, measure="l2")
+
+
+def test_weight_similarity_maps_neighbours_through_their_matches():
+    from mergelib.align import ZipMatch, weight_similarity
+    model = MLP(5, (6, 4), 3)
+    torch.manual_seed(3)
+    for p in model.parameters():
+        torch.nn.init.normal_(p)
+    spec = permutation_spec(model)
+    planted = random_permutation(spec, gen(4))
+    sd_a = model.state_dict()
+    sd_b = apply_permutation(spec, planted, sd_a)  # B's unit j = A's unit planted[j]
+    found = invert_permutation(planted)  # what a matcher returns: applied to B it gives A
+    g = "layers.1"  # its unit vectors read layers.0's axis of layers.1.weight: mapped by matches["layers.0"]
+    S = weight_similarity(spec, g, sd_a, sd_b, {"layers.0": found["layers.0"]}, cross_only=True)
+    # the group's own entry in ``matches`` is ignored
+    own = weight_similarity(spec, g, sd_a, sd_b, dict(found, **{g: torch.arange(4).flip(0)}), cross_only=True)
+    torch.testing.assert_close(own, S, rtol=0, atol=0)
+    n = spec.groups[g].size
+    copies = S[planted[g], torch.arange(n)]  # A's unit planted[j] and B's unit j are exact copies
+    torch.testing.assert_close(copies, torch.ones(n, dtype=torch.float64), rtol=0, atol=1e-6)
+    assert torch.equal(S.argmax(0), planted[g])
+    off = S.clone()
+    off[planted[g], torch.arange(n)] = -2.0
+    assert off.max() < 1 - 1e-3  # no other pair of units is identical
+    # with the wrong neighbour match the copies are no longer identical vectors
+    wrong = weight_similarity(spec, g, sd_a, sd_b, {"layers.0": torch.arange(6)}, cross_only=True)
+    assert max(float(wrong[int(planted[g][j]), j]) for j in range(n)) < 1 - 1e-3
+    # zip form: the 0/1 membership of ZipMatch.from_permutation gives the same matrix
+    zm = {k: ZipMatch.from_permutation(v) for k, v in found.items()}
+    Sz = weight_similarity(spec, g, sd_a, sd_b, zm, cross_only=True)
+    torch.testing.assert_close(Sz, S, rtol=0, atol=1e-6)

@@ -144,3 +144,83 @@ def test_mudsc_zip_variant_planted_and_unrelated():
     assert len(res.history) == 2
     with pytest.raises(ValueError, match="variant must be"):
         mudsc(model, other, data, variant="zipit")
+
+
+def _int_mlp(weights):
+    """MLP(3, (2,), 2) with the given small integer weights (exact in float32)."""
+    m = MLP(3, (2,), 2)
+    m.load_state_dict({k: torch.tensor(v, dtype=torch.float32) for k, v in weights.items()})
+    return m
+
+
+def test_zip_merge_state_dicts_hand_example():
+    from mergelib.align import ZipMatch, zip_merge_state_dicts
+    a = _int_mlp({"layers.0.weight": [[1, 2, 3], [4, 5, 6]], "layers.0.bias": [1, 2],
+                  "head.weight": [[1, 2], [3, 4]], "head.bias": [10, 20]})
+    b = _int_mlp({"layers.0.weight": [[7, 8, 9], [10, 11, 12]], "layers.0.bias": [3, 4],
+                  "head.weight": [[5, 6], [7, 8]], "head.bias": [30, 50]})
+    spec = permutation_spec(a)
+    # units [A0, A1, B0, B1]; merged feature 0 = {A0, A1, B1} (a within-model merge too), 1 = {B0}
+    m = ZipMatch.from_clusters([[0, 1, 3], [2]], 4)
+    # the documented matrices, written out: merge = 1/|cluster| on constituents, unmerge = 0/1
+    t = 1 / 3
+    assert torch.allclose(m.merge, torch.tensor([[t, 0], [t, 0], [0, 1], [t, 0]]))
+    assert torch.equal(m.unmerge, torch.tensor([[1.0, 0], [1, 0], [0, 1], [1, 0]]))
+    out = zip_merge_state_dicts(spec, a.state_dict(), b.state_dict(), {"layers.0": m})
+    # layers.0 ("out" axis 0): W* = M_A W_A + M_B W_B: row 0 = (A0 + A1 + B1) / 3, row 1 = B0
+    w0 = torch.tensor([[(1 + 4 + 10) / 3, (2 + 5 + 11) / 3, (3 + 6 + 12) / 3], [7.0, 8, 9]])
+    torch.testing.assert_close(out["layers.0.weight"], w0, rtol=0, atol=1e-6)
+    torch.testing.assert_close(out["layers.0.bias"], torch.tensor([(1 + 2 + 4) / 3, 3.0]), rtol=0, atol=1e-6)
+    # head ("in" axis 1, no grouped out axis): 1/2 (H_A U_A + H_B U_B), U_A = [[1,0],[1,0]], U_B = [[0,1],[1,0]]
+    # column 0 = (HA[:,0] + HA[:,1] + HB[:,1]) / 2, column 1 = HB[:,0] / 2
+    torch.testing.assert_close(out["head.weight"], torch.tensor([[(1 + 2 + 6) / 2, 5 / 2], [(3 + 4 + 8) / 2, 7 / 2]]),
+                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(out["head.bias"], torch.tensor([20.0, 35.0]), rtol=0, atol=0)  # plain average
+    assert set(out) == set(a.state_dict()) and all(v.dtype == torch.float32 for v in out.values())
+    # ``keys``: only those are merged, the rest is A's (cloned, not aliased)
+    part = zip_merge_state_dicts(spec, a.state_dict(), b.state_dict(), {"layers.0": m}, keys=["head.bias"])
+    assert torch.equal(part["head.bias"], out["head.bias"])
+    assert torch.equal(part["layers.0.weight"], a.state_dict()["layers.0.weight"])
+    assert part["layers.0.weight"].data_ptr() != a.state_dict()["layers.0.weight"].data_ptr()
+    # non-float tensors come from A
+    sd_a, sd_b = dict(a.state_dict(), step=torch.tensor(5)), dict(b.state_dict(), step=torch.tensor(9))
+    assert int(zip_merge_state_dicts(spec, sd_a, sd_b, {"layers.0": m})["step"]) == 5
+
+
+def test_zip_merge_state_dicts_two_layers_matrix_formula():
+    from mergelib.align import ZipMatch, zip_merge_state_dicts
+    g = gen(5)
+    a, b = MLP(4, (4, 4), 3), MLP(4, (4, 4), 3)
+    for model in (a, b):
+        for p in model.parameters():
+            p.data = torch.randn(p.shape, generator=g)
+    spec = permutation_spec(a)
+    m0 = ZipMatch.from_clusters([[0, 5], [1, 2], [3, 7], [4, 6]], 8)
+    m1 = ZipMatch.from_clusters([[0, 4, 5], [1], [2, 7], [3, 6]], 8)
+    out = zip_merge_state_dicts(spec, a.state_dict(), b.state_dict(), {"layers.0": m0, "layers.1": m1})
+
+    def MU(m):  # M^(i) (merged, n_i) and U^(i) (n_i, merged) from the (2n, n) matrices, by their definition
+        return [m.merge[i * 4:(i + 1) * 4].T for i in (0, 1)], [m.unmerge[i * 4:(i + 1) * 4] for i in (0, 1)]
+
+    (M0, U0), (M1, U1) = MU(m0), MU(m1)
+    sds = (a.state_dict(), b.state_dict())
+    exp = {
+        "layers.0.weight": sum(M0[i] @ sds[i]["layers.0.weight"] for i in (0, 1)),
+        "layers.0.bias": sum(M0[i] @ sds[i]["layers.0.bias"] for i in (0, 1)),
+        "layers.1.weight": sum(M1[i] @ sds[i]["layers.1.weight"] @ U0[i] for i in (0, 1)),
+        "layers.1.bias": sum(M1[i] @ sds[i]["layers.1.bias"] for i in (0, 1)),
+        "head.weight": sum(sds[i]["head.weight"] @ U1[i] for i in (0, 1)) / 2,
+        "head.bias": (sds[0]["head.bias"] + sds[1]["head.bias"]) / 2,
+    }
+    assert set(out) == set(exp)
+    for k, v in exp.items():
+        torch.testing.assert_close(out[k], v, rtol=1e-6, atol=1e-6, msg=k)
+    # the permutation special case: B = permuted A, matched by the inverse permutation -> A back
+    planted = random_permutation(spec, gen(6))
+    sd_b = apply_permutation(spec, planted, a.state_dict())
+    zm = {k: ZipMatch.from_permutation(torch.argsort(p)) for k, p in planted.items()}
+    back = zip_merge_state_dicts(spec, a.state_dict(), sd_b, zm)
+    for k, v in a.state_dict().items():
+        torch.testing.assert_close(back[k], v, rtol=0, atol=1e-6, msg=k)
+    with pytest.raises(KeyError, match="missing from the state dict"):
+        zip_merge_state_dicts(spec, {k: v for k, v in a.state_dict().items() if k != "head.bias"}, sd_b, zm)

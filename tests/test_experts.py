@@ -305,3 +305,208 @@ def test_expert_file_checksum_catches_a_flipped_byte(tmp_path):
               metadata={"mergelib_expert": __import__("json").dumps(e.config())})
     with pytest.raises(CorruptExpertError, match="carries no checksum"):
         load_expert(tmp_path / "old.safetensors")
+
+
+# ----------------------------------------------------------------------------------------------
+# topk_threshold (the threshold behind the experts' top-k masks)
+# ----------------------------------------------------------------------------------------------
+def _tied(shape, seed, dtype=torch.float32, levels=7):
+    """Random entries on few levels of both signs: many ties of x and of |x| (e.g. -3 and 3)."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(-levels, levels + 1, shape, generator=g) * 0.5).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_topk_threshold_equals_torch_topk_with_ties(dtype):
+    from mergelib.selection import topk_threshold
+    x = _tied((5, 4, 23), 31, dtype)
+    x[0, 0] = 1.5  # a row that is one value only
+    for dim in (-1, 0, 1):
+        n = x.shape[dim]
+        for keep in sorted({1, 2, n // 2, n - 1, n}):
+            for absolute in (True, False):
+                a = x.abs() if absolute else x
+                ref = torch.topk(a, keep, dim=dim).values.narrow(dim, keep - 1, 1).squeeze(dim)
+                got = topk_threshold(x, keep, dim=dim, absolute=absolute)
+                assert got.dtype == dtype and torch.equal(got, ref), (dim, keep, absolute)
+                assert torch.equal(got, torch.kthvalue(a, n - keep + 1, dim=dim).values)
+                kd = topk_threshold(x, keep, dim=dim, keepdim=True, absolute=absolute)
+                assert torch.equal(kd, ref.unsqueeze(dim))
+                # by definition: at least ``keep`` entries are >= it, fewer than ``keep`` are > it
+                assert bool(((a >= kd).sum(dim) >= keep).all()) and bool(((a > kd).sum(dim) < keep).all())
+    # absolute is the default: the 2nd largest |x| of (-3, 1, 2) is 2, of x itself 1
+    t = torch.tensor([-3.0, 1.0, 2.0])
+    assert float(topk_threshold(t, 2)) == 2.0 and float(topk_threshold(t, 2, absolute=False)) == 1.0
+    assert float(topk_threshold(torch.tensor([-2.0, 2.0, 1.0]), 2)) == 2.0  # a tie across signs
+
+
+def test_topk_threshold_long_tied_rows_and_errors():
+    from mergelib.selection import LONG_ROW, topk_threshold
+    n = LONG_ROW + 4321  # the sampled-bracket path
+    x = _tied((3, n), 32, levels=40)
+    x[1, : n // 2] = 0.0  # a heavy tie at zero (a DARE-dropped task vector)
+    x[2] = torch.randn(n, generator=torch.Generator().manual_seed(33))  # distinct values: rank errors show
+    zeros = int((x[1] == 0).sum())
+    # ranks inside the tie, on its last copy and just above it (keep = n - zeros + 1 / n - zeros)
+    for keep in (1, 17, n // 3, n // 2 + 5, n - zeros + 1, n - zeros, n - 1):
+        for absolute in (True, False):
+            a = x.abs() if absolute else x
+            ref = torch.topk(a, keep, dim=1).values[:, -1]
+            assert torch.equal(topk_threshold(x, keep, absolute=absolute), ref), (keep, absolute)
+    for bad in (0, 24, -1):
+        with pytest.raises(ValueError, match=r"out of range \[1, 23\]"):
+            topk_threshold(torch.ones(3, 23), bad)
+
+
+# ----------------------------------------------------------------------------------------------
+# Expert storage: save_expert / read_expert_file / load_expert
+# ----------------------------------------------------------------------------------------------
+def _bits(t):
+    """dtype, shape and raw bytes of a tensor (NaN payloads and -0.0 compared exactly)."""
+    t = t.detach().cpu().contiguous()
+    return t.dtype, tuple(t.shape), bytes(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def _odd_sparse_expert():
+    g = torch.Generator().manual_seed(41)
+    shapes = {"a.weight": (3, 5), "b.weight": (2, 300), "c.bias": (7,), "d.scalar": (), "e.conv": (2, 3, 4),
+              "f.flat": (4, 70000)}
+    layouts = {"f.flat": "flat"}
+    dtypes = {"a.weight": torch.float16, "b.weight": torch.bfloat16, "c.bias": torch.float64,
+              "d.scalar": torch.float32, "e.conv": torch.float32, "f.flat": torch.float32}
+    kk = {"a.weight": 2, "b.weight": 5, "c.bias": 3, "d.scalar": 1, "e.conv": 0, "f.flat": 6}
+    idx_dtypes = {"a.weight": torch.uint8, "b.weight": torch.int16, "c.bias": torch.uint8,
+                  "d.scalar": torch.uint8, "e.conv": torch.uint8, "f.flat": torch.int32}
+    values, indices = {}, {}
+    for k, shape in shapes.items():
+        rows, cols = (1, math.prod(shape)) if k in layouts else (math.prod(shape[:-1]), shape[-1] if shape else 1)
+        idx = torch.stack([torch.randperm(cols, generator=g)[:kk[k]].sort().values for _ in range(rows)])
+        indices[k] = idx.to(idx_dtypes[k])
+        values[k] = torch.randn(rows, kk[k], generator=g, dtype=torch.float64).to(dtypes[k])
+    # awkward bit patterns that a lossy or casting writer would change
+    values["c.bias"][0, 0] = -0.0
+    values["c.bias"][0, 1] = 5e-324  # float64 subnormal
+    values["a.weight"][0, 1] = float("nan")
+    values["a.weight"][1, 0] = float("-inf")
+    values["b.weight"][1, 4] = 1e-40  # bf16 subnormal
+    return SparseExpert(values, indices, shapes, mu=0.123456789, k=0.0625,
+                        meta={"task": "SVHN", "nested": {"a": [1, 2.5, None]}}, layouts=layouts)
+
+
+def test_storage_round_trip_is_bit_exact_for_sparse_and_low_rank(tmp_path):
+    from mergelib.experts.storage import read_expert_file, save_expert
+    e = _odd_sparse_expert()
+    path = save_expert(e, tmp_path / "deep" / "er" / "e.safetensors")
+    assert path == tmp_path / "deep" / "er" / "e.safetensors" and path.is_file()
+    assert sorted(p.name for p in path.parent.iterdir()) == ["e.safetensors"]
+    state, config = read_expert_file(path)
+    assert config == e.config() and set(state) == set(e.state_dict())
+    assert all(_bits(state[k]) == _bits(v) for k, v in e.state_dict().items())
+    back = load_expert(path)
+    assert type(back) is SparseExpert and back.shapes == e.shapes and back.layouts == e.layouts
+    assert (back.mu, back.k, back.meta) == (e.mu, e.k, e.meta)
+    for k in e.keys:
+        assert _bits(back.values[k]) == _bits(e.values[k]), k
+        assert _bits(back.indices[k]) == _bits(e.indices[k]), k
+    assert back.nbytes == e.nbytes
+    for k, v in e.to_dense().items():  # NaN-aware: the dense tensors agree bit for bit too
+        assert _bits(back.to_dense()[k]) == _bits(v)
+    assert SparseExpert.load(path).config() == e.config()
+    # a low-rank expert round-trips the same way, and saving again over a file replaces it
+    g = torch.Generator().manual_seed(42)
+    lr = LowRankExpert({"w": (torch.randn(6, 2, generator=g).to(torch.bfloat16),
+                              torch.randn(2, 12, generator=g).to(torch.bfloat16)),
+                        "v": (torch.randn(3, 1, generator=g, dtype=torch.float64),
+                              torch.randn(1, 4, generator=g, dtype=torch.float64))},
+                       {"w": (6, 3, 4), "v": (3, 4)}, meta={"loss_history": [1.5, 0.25], "ranks": {"w": 2}})
+    save_expert(lr, path)
+    back = load_expert(path)
+    assert type(back) is LowRankExpert and back.config() == lr.config() and back.ranks == {"w": 2, "v": 1}
+    assert all(_bits(back.state_dict()[k]) == _bits(v) for k, v in lr.state_dict().items())
+    assert sorted(p.name for p in path.parent.iterdir()) == ["e.safetensors"]
+
+
+def test_storage_errors_name_the_problem(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    from mergelib.experts import CorruptExpertError
+    from mergelib.experts.storage import expert_checksum, read_expert_file
+    e = extract_expert(_rand_sd(SHAPES, 43), 0.25, rescale=None)
+    good = e.save(tmp_path / "good.safetensors")
+    raw = good.read_bytes()
+    with pytest.raises(FileNotFoundError, match="expert file not found: .*missing.safetensors"):
+        load_expert(tmp_path / "missing.safetensors")
+    with pytest.raises(FileNotFoundError, match="expert file not found"):
+        load_expert(tmp_path)  # a folder is not a file
+    # truncated (mid-data, mid-header, empty) and garbage files: unreadable, named with the path
+    for name, data in {"half": raw[: len(raw) // 2], "last_byte": raw[:-1], "header": raw[:6], "empty": b"",
+                       "text": b"this is not a safetensors file at all"}.items():
+        bad = tmp_path / f"{name}.safetensors"
+        bad.write_bytes(data)
+        with pytest.raises(CorruptExpertError, match=rf"expert file .*{name}\.safetensors cannot be read"):
+            load_expert(bad)
+    # the config edited in place (mu 1.0 -> 7.0, still valid JSON of the same length): the checksum
+    # covers the config too
+    assert e.mu == 1.0 and raw.count(b'mu\\": 1.0') == 1
+    (tmp_path / "cfg.safetensors").write_bytes(raw.replace(b'mu\\": 1.0', b'mu\\": 7.0'))
+    with pytest.raises(CorruptExpertError, match="is damaged: SHA-256"):
+        read_expert_file(tmp_path / "cfg.safetensors")
+    # a safetensors file that is not an expert: wrong / no metadata key
+    state = e.state_dict()
+    save_file(state, tmp_path / "plain.safetensors")
+    with pytest.raises(ValueError, match="not a mergelib expert file .*'mergelib_expert'"):
+        load_expert(tmp_path / "plain.safetensors")
+    save_file(state, tmp_path / "other.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="not a mergelib expert file"):
+        load_expert(tmp_path / "other.safetensors")
+    # a consistent file (valid checksum) whose tensors lack a key the config names
+    config_json = json.dumps(e.config())
+    drop = {k: v for k, v in state.items() if k != "blocks.0.attn.qkv.bias::indices"}
+    save_file(drop, tmp_path / "drop.safetensors",
+              metadata={"mergelib_expert": config_json, "mergelib_sha256": expert_checksum(drop, config_json)})
+    with pytest.raises(ValueError, match="sparse expert state is missing 'blocks.0.attn.qkv.bias::indices'"):
+        load_expert(tmp_path / "drop.safetensors")
+    # an unknown kind, and a tensor renamed after saving (the checksum covers names)
+    cfg_x = json.dumps(dict(e.config(), kind="dense"))
+    save_file(state, tmp_path / "kind.safetensors",
+              metadata={"mergelib_expert": cfg_x, "mergelib_sha256": expert_checksum(state, cfg_x)})
+    with pytest.raises(ValueError, match="unknown expert kind 'dense'"):
+        load_expert(tmp_path / "kind.safetensors")
+    renamed = {("x" + k if k.endswith("bias::values") else k): v for k, v in state.items()}
+    save_file(renamed, tmp_path / "renamed.safetensors",
+              metadata={"mergelib_expert": config_json, "mergelib_sha256": expert_checksum(state, config_json)})
+    with pytest.raises(CorruptExpertError, match="is damaged"):
+        load_expert(tmp_path / "renamed.safetensors")
+    assert good.read_bytes() == raw  # reading never touched the good file
+
+
+def test_failed_save_leaves_no_partial_file_and_keeps_the_old_one(tmp_path, monkeypatch):
+    import safetensors.torch as st
+
+    from mergelib.experts.storage import save_expert
+    e = extract_expert(_rand_sd(SHAPES, 44), 0.25, rescale=None)
+    real_save = st.save_file
+
+    def dies_half_way(tensors, filename, metadata=None):
+        real_save(tensors, filename, metadata=metadata)  # bytes reach the (temporary) file ...
+        with open(filename, "r+b") as f:
+            f.truncate(100)
+        raise OSError(28, "No space left on device")  # ... then the disk fills up
+
+    monkeypatch.setattr(st, "save_file", dies_half_way)
+    target = tmp_path / "new" / "e.safetensors"
+    with pytest.raises(OSError, match="No space left"):
+        save_expert(e, target)
+    assert not target.exists() and list(target.parent.iterdir()) == []  # no partial file, no temporary
+    # over an existing expert: the old file stays complete and loadable
+    monkeypatch.setattr(st, "save_file", real_save)
+    old = extract_expert(_rand_sd(SHAPES, 45), 0.5, rescale=None)
+    save_expert(old, target)
+    before = target.read_bytes()
+    monkeypatch.setattr(st, "save_file", dies_half_way)
+    with pytest.raises(OSError, match="No space left"):
+        e.save(target)
+    assert target.read_bytes() == before and list(target.parent.iterdir()) == [target]
+    assert all(torch.equal(load_expert(target).to_dense()[k], old.to_dense()[k]) for k in old.keys)
