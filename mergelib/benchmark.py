@@ -41,7 +41,7 @@ from .utils import atomic_files, cache_lock, progress_bar
 __all__ = ["PROTOCOL_VERSION", "DEFAULT_BUDGET", "LogRange", "Choice", "TuneResult", "tune", "log_grid",
            "MethodResult", "Benchmark", "gap_recovery", "METHOD_SPACES"]
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3  # 3: the refinement bisects both sides of the best value (2 refined only below it)
 DEFAULT_BUDGET = 16
 
 
@@ -229,7 +229,11 @@ def tune(objective: Callable[[dict], float], space: Space, budget: int = DEFAULT
         if len(vals) < 2:
             vals = sorted({h["config"][k] for h in history})
         i = vals.index(b[k])
-        cands = [math.sqrt(b[k] * vals[j]) for j in (i - 1, i + 1) if 0 <= j < len(vals)]
+        # both neighbours, the wider log gap first: always trying the lower one first bisected the gap
+        # below the best value again and again and never looked above it
+        nbrs = sorted((j for j in (i - 1, i + 1) if 0 <= j < len(vals)),
+                      key=lambda j: -abs(math.log(vals[j] / b[k])))
+        cands = [math.sqrt(b[k] * vals[j]) for j in nbrs]
         did = False
         for c in cands:
             c = _round(c)

@@ -63,6 +63,19 @@ def test_two_dimensions_and_choices_share_the_budget():
     assert res.on_edge == {"scale": None, "density": None}
 
 
+def test_refinement_looks_on_both_sides_of_the_best_grid_value():
+    """An optimum between a grid value and the next one ABOVE it is found: the refinement bisects the
+    wider gap first (refining only below the best value would keep a grid value here)."""
+    for at in (1.6, 0.6):   # above / below the grid value 0.9487 of 0.3 .. 3 (three points)
+        def f(c, at=at):
+            return peak(at)(c) - (math.log(c["density"]) - math.log(0.2)) ** 2
+        space = {"scale": bm.LogRange(0.3, 3.0), "density": bm.LogRange(0.05, 0.5, max_value=1.0)}
+        res = bm.tune(f, space, budget=16)
+        assert res.best["scale"] == pytest.approx(at, rel=0.15), (at, [h["config"] for h in res.history])
+        scales = {h["config"]["scale"] for h in res.history}
+        assert min(scales) < res.best["scale"] < max(scales)  # bracketed on both sides
+
+
 def test_tune_is_deterministic_and_never_repeats_a_configuration():
     a = bm.tune(peak(0.3), {"scale": bm.LogRange(0.05, 1.0)}, budget=12)
     b = bm.tune(peak(0.3), {"scale": bm.LogRange(0.05, 1.0)}, budget=12)
