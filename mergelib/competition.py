@@ -646,7 +646,9 @@ def _minmax_(x: Tensor) -> Tensor:
 def _pcb_paper_inter(tvs: Tensor) -> Tensor:
     """inter_i = sum_j D * softmax(Norm(tau_i * tau_j)); each symmetric pair computed once, in one
     reused ``D`` buffer (a fresh product per pair faulted in 8 GB of pages per merge of the benchmark's
-    8 task vectors; both on huge pages, :func:`~mergelib.task_vectors.empty_matrix`). N x D."""
+    8 task vectors). Both on huge pages: the scores start from
+    :func:`~mergelib.task_vectors.zeros_matrix`, the product buffer from
+    :func:`~mergelib.task_vectors.empty_matrix`. N x D."""
     n, D = tvs.shape
     inter = zeros_matrix((n, D), dtype=tvs.dtype, device=tvs.device)
     buf = empty_matrix((D,), dtype=tvs.dtype, device=tvs.device)

@@ -9,6 +9,8 @@ from mergelib.competition import (dare, dare_flat, dare_seed, dare_state_dict, d
                                   kth_smallest, pcb_merge, pcb_scores, ties_merge, trim)
 from mergelib.task_vectors import FlatLayout
 
+from bits import same_bits_any_nan_payload
+
 
 def _randn(n, d, seed=0):
     return torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
@@ -216,23 +218,14 @@ def test_pcb_tanh_skip_gives_tanh_bits(shape, big):
     expect = x.clone().tanh_()
     out = _tanh_(x)
     assert out is x
-    assert _same_bits(out, expect)
+    assert same_bits_any_nan_payload(out, expect)
     assert out.isnan().any() == (big == "nan")
     if big == "none":
         assert torch.equal(out, x)
     for other in (x.double(), x.to(torch.bfloat16), x.t() if x.ndim == 2 else x[::2]):  # tanh_ as it is
         expect = other.clone().tanh_()
         got = _tanh_(other.clone())
-        assert got.dtype == other.dtype and _same_bits(got, expect), (other.dtype, other.is_contiguous())
-
-
-def _same_bits(a, b):
-    """The same bits, NaN payloads aside: NaN at the same places, every other entry bit for bit."""
-    if a.shape != b.shape or a.dtype != b.dtype or not torch.equal(a.isnan(), b.isnan()):
-        return False
-    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
-    keep = ~a.isnan()
-    return torch.equal(a[keep].view(ints), b[keep].view(ints))
+        assert got.dtype == other.dtype and same_bits_any_nan_payload(got, expect), (other.dtype, other.is_contiguous())
 
 
 def test_pcb_official_by_hand():

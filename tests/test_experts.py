@@ -12,6 +12,8 @@ from mergelib.experts import (Expert, LowRankExpert, SparseExpert, allocate_rank
 from mergelib.hparams import HyperparameterError
 from mergelib.models import ViT
 
+from bits import same_bytes
+
 
 def _rand_sd(shapes, seed, scale=1.0):
     g = torch.Generator().manual_seed(seed)
@@ -361,12 +363,6 @@ def test_topk_threshold_long_tied_rows_and_errors():
 # ----------------------------------------------------------------------------------------------
 # Expert storage: save_expert / read_expert_file / load_expert
 # ----------------------------------------------------------------------------------------------
-def _bits(t):
-    """dtype, shape and raw bytes of a tensor (NaN payloads and -0.0 compared exactly)."""
-    t = t.detach().cpu().contiguous()
-    return t.dtype, tuple(t.shape), bytes(t.reshape(-1).view(torch.uint8).numpy())
-
-
 def _odd_sparse_expert():
     g = torch.Generator().manual_seed(41)
     shapes = {"a.weight": (3, 5), "b.weight": (2, 300), "c.bias": (7,), "d.scalar": (), "e.conv": (2, 3, 4),
@@ -401,16 +397,16 @@ def test_storage_round_trip_is_bit_exact_for_sparse_and_low_rank(tmp_path):
     assert sorted(p.name for p in path.parent.iterdir()) == ["e.safetensors"]
     state, config = read_expert_file(path)
     assert config == e.config() and set(state) == set(e.state_dict())
-    assert all(_bits(state[k]) == _bits(v) for k, v in e.state_dict().items())
+    assert all(same_bytes(state[k], v) for k, v in e.state_dict().items())
     back = load_expert(path)
     assert type(back) is SparseExpert and back.shapes == e.shapes and back.layouts == e.layouts
     assert (back.mu, back.k, back.meta) == (e.mu, e.k, e.meta)
     for k in e.keys:
-        assert _bits(back.values[k]) == _bits(e.values[k]), k
-        assert _bits(back.indices[k]) == _bits(e.indices[k]), k
+        assert same_bytes(back.values[k], e.values[k]), k
+        assert same_bytes(back.indices[k], e.indices[k]), k
     assert back.nbytes == e.nbytes
     for k, v in e.to_dense().items():  # NaN-aware: the dense tensors agree bit for bit too
-        assert _bits(back.to_dense()[k]) == _bits(v)
+        assert same_bytes(back.to_dense()[k], v)
     assert SparseExpert.load(path).config() == e.config()
     # a low-rank expert round-trips the same way, and saving again over a file replaces it
     g = torch.Generator().manual_seed(42)
@@ -422,7 +418,7 @@ def test_storage_round_trip_is_bit_exact_for_sparse_and_low_rank(tmp_path):
     save_expert(lr, path)
     back = load_expert(path)
     assert type(back) is LowRankExpert and back.config() == lr.config() and back.ranks == {"w": 2, "v": 1}
-    assert all(_bits(back.state_dict()[k]) == _bits(v) for k, v in lr.state_dict().items())
+    assert all(same_bytes(back.state_dict()[k], v) for k, v in lr.state_dict().items())
     assert sorted(p.name for p in path.parent.iterdir()) == ["e.safetensors"]
 
 

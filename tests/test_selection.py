@@ -11,17 +11,9 @@ from mergelib import selection as sel
 from mergelib.competition import ties_merge, trim
 from mergelib.task_vectors import FlatLayout
 
+from bits import same_bits_any_zero_sign
+
 N_LONG = sel.LONG_ROW + 4321  # long enough for the bracket-and-count path
-
-
-def _bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Bit-for-bit equal, except that -0.0 and +0.0 count as equal (module docstring)."""
-    if a.dtype != b.dtype or a.shape != b.shape or not torch.equal(a, b):
-        return False
-    nz = a != 0
-    ia = a.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()])
-    ib = b.view(ia.dtype)
-    return torch.equal(ia[nz], ib[nz])
 
 
 def _rows(kind: str, dtype=torch.float32, n=N_LONG, rows=2, seed=0):
@@ -48,9 +40,9 @@ def test_kth_smallest_equals_kthvalue(kind, dtype):
     for k in (1, 2, n // 10, n // 2, n - n // 20, n - 1, n):
         want = torch.kthvalue(x, k, dim=1).values
         got = sel.kth_smallest(x, k, dim=1)
-        assert _bits(got, want), (kind, dtype, k)
+        assert same_bits_any_zero_sign(got, want), (kind, dtype, k)
         got_abs = sel.kth_smallest(x, k, dim=1, absolute=True)
-        assert _bits(got_abs, torch.kthvalue(x.abs(), k, dim=1).values), (kind, dtype, k, "abs")
+        assert same_bits_any_zero_sign(got_abs, torch.kthvalue(x.abs(), k, dim=1).values), (kind, dtype, k, "abs")
 
 
 def test_kth_smallest_many_ranks_keepdim_and_dims():
@@ -59,11 +51,11 @@ def test_kth_smallest_many_ranks_keepdim_and_dims():
     got = sel.kth_smallest(x, ks, dim=1)
     assert got.shape == (3, 3)
     for j, k in enumerate(ks):
-        assert _bits(got[:, j], torch.kthvalue(x, k, dim=1).values)
+        assert same_bits_any_zero_sign(got[:, j], torch.kthvalue(x, k, dim=1).values)
     kd = sel.kth_smallest(x, 5, dim=1, keepdim=True)
-    assert kd.shape == (3, 1) and _bits(kd, torch.kthvalue(x, 5, dim=1, keepdim=True).values)
+    assert kd.shape == (3, 1) and same_bits_any_zero_sign(kd, torch.kthvalue(x, 5, dim=1, keepdim=True).values)
     xt = x.T.contiguous()  # reduce over dim 0
-    assert _bits(sel.kth_smallest(xt, 9, dim=0), torch.kthvalue(xt, 9, dim=0).values)
+    assert same_bits_any_zero_sign(sel.kth_smallest(xt, 9, dim=0), torch.kthvalue(xt, 9, dim=0).values)
 
 
 def test_short_rows_single_elements_and_errors():
@@ -81,7 +73,7 @@ def test_bracket_fallback_is_exact(monkeypatch):
     x = _rows("normal", rows=1)
     monkeypatch.setattr(sel, "_sample_index", lambda n, m, dev: torch.zeros(m, dtype=torch.long))
     for k in (1, 1000, x.shape[1]):
-        assert _bits(sel.kth_smallest(x, k, dim=1), torch.kthvalue(x, k, dim=1).values)
+        assert same_bits_any_zero_sign(sel.kth_smallest(x, k, dim=1), torch.kthvalue(x, k, dim=1).values)
 
 
 def test_backend_switch():
@@ -90,7 +82,7 @@ def test_backend_switch():
         assert sel.get_backend() == "torch"
         a = sel.kth_smallest(x, 100, dim=1)
     assert sel.get_backend() == "auto"
-    assert _bits(a, sel.kth_smallest(x, 100, dim=1))
+    assert same_bits_any_zero_sign(a, sel.kth_smallest(x, 100, dim=1))
     with pytest.raises(ValueError):
         sel.set_backend("radix")
 
@@ -152,9 +144,9 @@ def test_kth_smallest_columns_equals_kthvalue(monkeypatch, dtype, chunk):
         want = torch.stack([torch.kthvalue(xa, k, dim=1).values for k in ks], 1)
         cols = _Columns(x)
         got = sel.kth_smallest_columns(cols, ks, absolute=absolute)
-        assert got.shape == (6, len(ks)) and _bits(got, want), (dtype, absolute)
+        assert got.shape == (6, len(ks)) and same_bits_any_zero_sign(got, want), (dtype, absolute)
         one = sel.kth_smallest_columns(cols, n // 3, absolute=absolute)
-        assert one.shape == (6, 1) and _bits(one, want[:, 3:4]), (dtype, absolute)
+        assert one.shape == (6, 1) and same_bits_any_zero_sign(one, want[:, 3:4]), (dtype, absolute)
         assert cols.rows_built == 0
 
 
@@ -169,11 +161,11 @@ def test_kth_smallest_columns_fallback_short_rows_task_vectors_and_errors(monkey
     ks = [1, 4321, n // 2, n]
     want = torch.stack([torch.kthvalue(x.abs(), k, dim=1).values for k in ks], 1)
     short = _Columns(x[:, : sel.LONG_ROW - 1])
-    assert _bits(sel.kth_smallest_columns(short, 77), torch.kthvalue(short.x.abs(), 77, dim=1, keepdim=True).values)
+    assert same_bits_any_zero_sign(sel.kth_smallest_columns(short, 77), torch.kthvalue(short.x.abs(), 77, dim=1, keepdim=True).values)
     with monkeypatch.context() as m:
         m.setattr(sel, "_sample_index", lambda n, m_, dev: torch.zeros(m_, dtype=torch.long))
         cols = _Columns(x)
-        assert _bits(sel.kth_smallest_columns(cols, ks), want)
+        assert same_bits_any_zero_sign(sel.kth_smallest_columns(cols, ks), want)
         assert cols.rows_built > 0  # the fallback ran, and each row got its own values
     g = torch.Generator().manual_seed(2)
     pre = {"a.weight": torch.randn(300, 200, generator=g), "b.bias": torch.randn(7001, generator=g)}
@@ -182,7 +174,7 @@ def test_kth_smallest_columns_fallback_short_rows_task_vectors_and_errors(monkey
     tv, _ = flatten(fts, sorted(pre), subtract=pre)
     ks = [1, 30_000, tv.shape[1] // 2, tv.shape[1]]
     want = torch.stack([torch.kthvalue(tv.abs(), k, dim=1).values for k in ks], 1)
-    assert _bits(sel.kth_smallest_columns(TaskVectorColumns(fts, pre, sorted(pre)), ks), want)
+    assert same_bits_any_zero_sign(sel.kth_smallest_columns(TaskVectorColumns(fts, pre, sorted(pre)), ks), want)
     for bad in (0, n + 1):
         with pytest.raises(ValueError, match=f"k={bad} out of range \\[1, {n}\\]"):
             sel.kth_smallest_columns(_Columns(x), [5, bad])
@@ -236,7 +228,7 @@ def test_exact_trim_is_a_stable_top_k_across_chunks(monkeypatch, dtype):
             top = np.lexsort((np.arange(a.shape[1]), -a[r]))[:k]  # by |x| descending, then by index
             want[r, top] = x[r, top]
         want = torch.where(want == 0, x * 0, want)  # a dropped entry is x * 0 (keeps the sign of zero)
-        assert _bits(got, want), density
+        assert same_bits_any_zero_sign(got, want), density
 
 
 def test_official_rule_keeps_ties_on_bf16_task_vectors():
@@ -277,7 +269,7 @@ def test_ties_tensor_exact_matches_peft_bit_for_bit(sign_rule, peft_rule):
         tvs = [ft[k] - pre[k] for ft in fts]
         ref = pm.ties(tvs, torch.ones(len(tvs)), 0.2, majority_sign_method=peft_rule)
         want = pre[k] + ref
-        assert _bits(merged[k], want), k
+        assert same_bits_any_zero_sign(merged[k], want), k
 
 
 def test_ties_merge_rules_validate():
@@ -319,9 +311,9 @@ def test_numpy_and_torch_counting_passes_agree(monkeypatch, kind, dtype):
     fast = sel.kth_smallest(x, ks, dim=1, absolute=True)
     monkeypatch.setattr(sel, "_numpy_pass_ok", lambda row: False)
     slow = sel.kth_smallest(x, ks, dim=1, absolute=True)
-    assert fast.dtype == slow.dtype == dtype and _bits(fast, slow)
+    assert fast.dtype == slow.dtype == dtype and same_bits_any_zero_sign(fast, slow)
     monkeypatch.setattr(sel, "_sample_index", lambda n, m, dev: torch.zeros(m, dtype=torch.long))
-    assert _bits(sel.kth_smallest(x, ks, dim=1, absolute=True), slow)
+    assert same_bits_any_zero_sign(sel.kth_smallest(x, ks, dim=1, absolute=True), slow)
 
 
 def test_counting_pass_dtypes():
@@ -363,7 +355,7 @@ def test_a_heavy_tie_in_the_bracket_is_counted_not_kept(monkeypatch, dtype, nump
         ks = sorted({min(max(k, 1), n) for k in ks})
         got = sel.kth_smallest(x, ks, dim=1, absolute=absolute)
         want = torch.stack([torch.kthvalue(x.abs() if absolute else x, k, dim=1).values for k in ks], 1)
-        assert _bits(got, want), (dtype, absolute)
+        assert same_bits_any_zero_sign(got, want), (dtype, absolute)
     tied = [c[0] for cands in kept for c in cands if isinstance(c[0], sel._Tied)]
     assert tied and all(float(t.value) == 0.0 and t.count > n // 4 and t.rest.numel() < n // 8 for t in tied)
 

@@ -19,6 +19,8 @@ import mergelib as ml
 import mergelib.merging
 from mergelib import streaming as st
 
+from bits import same_bytes
+
 SHAPES = {"blocks.0.attn.qkv.weight": (96, 32), "blocks.0.attn.qkv.bias": (96,), "blocks.0.mlp.fc1.weight": (64, 32),
           "blocks.1.attn.qkv.weight": (96, 32), "blocks.1.mlp.fc1.weight": (64, 32), "norm.weight": (32,),
           "embeddings.position_ids": None}
@@ -61,10 +63,6 @@ def _load_dir(d):
     return out
 
 
-def _same_bits(a, b):
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
-
-
 def _record_reads(monkeypatch) -> list[tuple[str, str]]:
     """(file stem, key) of every tensor read from a checkpoint from now on, in order."""
     reads = []
@@ -104,7 +102,7 @@ def test_streamed_equals_in_memory_bit_for_bit(tmp_path, monkeypatch, method, hp
     want = ml.merge(pre, fts, method, **hp)
     assert set(got) == set(want)
     for k in want:
-        assert _same_bits(got[k], want[k].contiguous()), (method, k)
+        assert same_bytes(got[k], want[k].contiguous()), (method, k)
     assert len(list(out.glob("*.safetensors"))) > 1  # sharded output
 
 
@@ -130,7 +128,7 @@ def test_model_wide_statistics_come_from_their_sample(tmp_path, monkeypatch, met
     assert passes and not fallbacks
     assert all((s is None) == (method == "dare_ties") for s in passes)  # dare_ties samples its blocks
     for k in want:
-        assert _same_bits(got[k], want[k].contiguous()), k
+        assert same_bytes(got[k], want[k].contiguous()), k
 
 
 def _ties_zero_sum_models(sign: int, dtype):
@@ -176,7 +174,7 @@ def test_the_majority_sign_is_known_after_the_write_pass(tmp_path, monkeypatch, 
             monkeypatch.setattr(st._Deferred, "note", lambda self, *a: setattr(self, "limit", 10) or real_note(self, *a))
         out = ml.merge_files(base, ftp, tmp_path / f"out{overflow}", "ties", quiet=True, **hp)
         got = _load_dir(out)
-        assert all(_same_bits(got[k], want[k].contiguous()) for k in want), (overflow, "bits")
+        assert all(same_bytes(got[k], want[k].contiguous()) for k in want), (overflow, "bits")
         rewrote = sign > 0 and overflow
         assert (patched == [] if sign < 0 or overflow else patched[0] > 0)
         if hp.get("granularity") == "tensor":  # one pass; two when it writes again
@@ -200,7 +198,7 @@ def test_fr_mixed_ranks_warning_and_no_2d_error(tmp_path):
         with pytest.warns(ml.FRFilterWarning):
             want = ml.merge(pre, fts, "fr", rules=None, **hp)
         got = _load_dir(out)
-        assert all(_same_bits(got[k], want[k]) for k in want)
+        assert all(same_bytes(got[k], want[k]) for k in want)
     with pytest.raises(ValueError, match="none of the 2 selected tensors is 2-D"):
         ml.merge(pre, fts, "fr", rules=None, include=["conv", "norm"])
     with pytest.raises(ValueError, match="none of the 2 selected tensors is 2-D"):
@@ -241,7 +239,7 @@ def test_pcb_ties_at_the_streamed_thresholds(tmp_path):
             assert q[i, 0].item() == srt[k - 1] and srt.count(srt[k - 1]) > 1
         out = ml.merge_files(base, ftp, tmp_path / f"out{density}", "pcb", density=density, rules=None, quiet=True)
         got, want = _load_dir(out), ml.merge(pre, fts, "pcb", density=density, rules=None)
-        assert all(_same_bits(got[k], want[k]) for k in want)
+        assert all(same_bytes(got[k], want[k]) for k in want)
 
 
 def test_missing_integer_buffer_taken_from_base_missing_float_is_error(tmp_path, capsys):
@@ -433,7 +431,7 @@ def test_cli(tmp_path, capsys):
     assert st.main(argv) == 0
     got = _load_dir(tmp_path / "cli")
     want = ml.merge(pre, fts, "ties", density=0.3, granularity="tensor")
-    assert all(_same_bits(got[k], want[k]) for k in want)
+    assert all(same_bytes(got[k], want[k]) for k in want)
     capsys.readouterr()
     assert st.main(argv) == 2 and "OutputExistsError" in capsys.readouterr().err
     # python -m mergelib.merge runs the module as __main__: same code, exit status 0
@@ -441,13 +439,13 @@ def test_cli(tmp_path, capsys):
     with mock.patch.object(sys, "argv", ["mergelib.merge", *argv]), pytest.raises(SystemExit) as e:
         runpy.run_module("mergelib.merge", run_name="__main__", alter_sys=True)
     assert e.value.code == 0
-    assert all(_same_bits(a, b) for a, b in zip(_load_dir(tmp_path / "cli").values(),
+    assert all(same_bytes(a, b) for a, b in zip(_load_dir(tmp_path / "cli").values(),
                                                  _load_dir(tmp_path / "cli2").values()))
     argv = [str(base), *map(str, ftp), "--out", str(tmp_path / "fr"), "--method", "fr", "--align", "none",
             "--compat-official", "true", "--quiet"]
     assert st.main(argv) == 0
     got, want = _load_dir(tmp_path / "fr"), ml.merge(pre, fts, "fr", align="none", compat_official=True)
-    assert all(_same_bits(got[k], want[k]) for k in want)
+    assert all(same_bytes(got[k], want[k]) for k in want)
     argv = [str(base), *map(str, ftp), "--out", str(tmp_path / "pcb"), "--method", "pcb", "--mode", "paper"]
     assert st.main(argv) == 2 and "StreamingNotSupportedError: pcb with mode='paper'" in capsys.readouterr().err
 
@@ -511,7 +509,7 @@ def test_exact_trim_streams_through_the_histogram_fallback_too(tmp_path, monkeyp
         if miss:
             monkeypatch.setattr(sel, "_brackets", lambda s, n, kk: [(s.max(), s.max(), s.max())] * len(kk))
         got = _load_dir(ml.merge_files(base, ftp, tmp_path / f"out{miss}", "ties", quiet=True, trim_rule="exact"))
-        assert all(_same_bits(got[k], want[k].contiguous()) for k in want), miss
+        assert all(same_bytes(got[k], want[k].contiguous()) for k in want), miss
 
 
 def test_stream_kth_bracket_full_of_ties_falls_back_with_bounded_memory(monkeypatch):
@@ -580,7 +578,7 @@ def test_every_pass_reads_each_input_tensor_once(tmp_path, monkeypatch, method, 
         assert (reads.count(("base", k)), reads.count(("ft0", k))) == (1, 0), k
     want = ml.merge(pre, fts, method, **hp)
     got = _load_dir(out)
-    assert all(_same_bits(got[k], want[k].contiguous()) for k in want)
+    assert all(same_bytes(got[k], want[k].contiguous()) for k in want)
 
 
 @pytest.mark.parametrize("absolute", [True, False])
