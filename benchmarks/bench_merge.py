@@ -172,11 +172,16 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--skip-merge", action="store_true", help="skip the public merge() rows")
     ap.add_argument("--kth", default="auto", choices=("auto", "torch"),
                     help="order statistics: 'auto' (mergelib.selection) or 'torch' (the old torch.kthvalue path)")
+    ap.add_argument("--kernels", default="auto", choices=("auto", "torch"),
+                    help="'auto': mergelib.kernels' fused loops where they apply (Numba); 'torch': the eager torch code")
     args = ap.parse_args(argv)
 
     if args.kth != "auto":
         from mergelib import selection  # absent before issue 13 (the old code always used kthvalue)
         selection.set_backend(args.kth)
+    if args.kernels != "auto":
+        from mergelib import kernels  # absent before issue 13's twelfth session
+        kernels._enabled = False
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
     blocks = (12 if device.type == "cuda" else 2) if args.blocks == "auto" else int(args.blocks)

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from .competition import _pcb_official, _ties_fused, _trim_plan, all_finite as _all_finite, dare_flat, pcb_merge, ties_merge
 from .fourier import _fr_options, fr_check_selection, fr_merge, fr_tensor
+from . import kernels
 from .hparams import HParam, HyperparameterError, check_number
 from .task_vectors import (FlatLayout, NonFiniteError, Scratch, TaskVectorColumns, _check_finite, _sub_into, as_named_list,
                            detect_family, empty_matrix, flatten, resolve_rules, select_keys, unflatten,
@@ -301,10 +302,36 @@ def _ties_columns(pretrained, models, keys: list[str], hp: Mapping) -> dict[str,
     multiplies every entry by 0 or 1, and NaN * 0 is NaN). Raises :class:`NonFiniteError`."""
     cols = TaskVectorColumns(models, pretrained, keys)
     plan = _trim_plan(cols, hp["density"], hp["granularity"], cols.layout, "official")
-    merged = _ties_fused(cols, plan, [None] * len(plan), "official", hp["sign_rule"])
+    tensors = [pretrained[k] for k in cols.layout.keys] + [m[k] for m in models for k in cols.layout.keys]
+    if hp["sign_rule"] == "mass" and kernels.available(*tensors):
+        merged = _ties_kernel(pretrained, models, cols.layout, plan)  # the same bits in one pass per entry
+    else:
+        merged = _ties_fused(cols, plan, [None] * len(plan), "official", hp["sign_rule"])
     if not _all_finite(merged):
         raise NonFiniteError("the TIES-merged task vector is not finite")
     return unflatten(merged, cols.layout)
+
+
+def _ties_kernel(pretrained, models, layout: FlatLayout, plan) -> Tensor:
+    """:func:`_ties_columns`'s sweep with :func:`mergelib.kernels.ties_sweep`, tensor by tensor from the
+    state dicts: the float operations of :func:`_ties_fused` (``"mass"`` rule, official trim), each entry
+    read once. ``plan``: :func:`_trim_plan`'s segments (the whole vector, or one per tensor of ``layout``)."""
+    out = empty_matrix((layout.D,), device=pretrained[layout.keys[0]].device)
+    zero = torch.empty(layout.D, dtype=torch.bool)
+    n = len(models)
+    segments = []  # (key, [start, end), the thresholds of the tensor's segment)
+    for k, s, e in layout.segments():
+        thr = next(t for a, b, t, _ in plan if a <= s and e <= b)
+        # no threshold (density 1): keep every entry; |x| >= 0 holds for every finite x, and x * 1 = x
+        thr = torch.zeros(n) if thr is None else thr.reshape(-1).float()
+        segments.append((k, s, e, thr))
+    votes = 0
+    for k, s, e, thr in segments:
+        votes += kernels.ties_sweep(out[s:e], zero[s:e], [m[k] for m in models], pretrained[k], thr)
+    if votes > 0:  # where the trimmed sum is 0, gamma takes the majority sign (+): the positive entries' mean
+        for k, s, e, thr in segments:
+            kernels.ties_majority_positive(out[s:e], zero[s:e], [m[k] for m in models], pretrained[k], thr)
+    return out
 
 
 def _fr_per_tensor(pretrained, models, keys: list[str], hp: Mapping) -> dict[str, Tensor]:
@@ -362,10 +389,18 @@ def _sum_per_tensor(pretrained, models, keys: list[str], lams, check: bool,
             continue
         p0 = pretrained[k].reshape(-1)
         dev = p0.device
+        head = min(numel, max(tail - off, 0))  # the entries before the last partial block
+        rows = [m[k] for m in models]
+        if lams is None and kernels.available(p0, *rows):  # the same adds in one pass per entry
+            acc = torch.empty(numel, dtype=torch.float32) if into is None else into[k]
+            kernels.sum_task_vectors(acc[:head], [r.reshape(-1)[:head] for r in rows], p0[:head])
+            acc[head:] = 0.0
+            out[k] = acc
+            continue
         acc = torch.zeros(numel, dtype=torch.float32, device=dev) if into is None else into[k].zero_()
         tmp = torch.empty(2, min(numel, _SUM_CHUNK), dtype=torch.float32, device=dev)  # t, base in float32
         step = _SUM_CHUNK if dev.type == "cpu" else max(numel, 1)
-        for a0 in range(0, min(numel, max(tail - off, 0)), step):
+        for a0 in range(0, head, step):
             a1 = min(a0 + step, numel, tail - off)
             t, base = tmp[:, : a1 - a0]
             base = p0[a0:a1] if p0.dtype == torch.float32 else base.copy_(p0[a0:a1])  # exact (as .float())
