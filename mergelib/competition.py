@@ -127,18 +127,18 @@ def _trim_plan(tvs: Tensor | TaskVectorColumns, density: float, granularity: str
     (exact, ``keep = 0``). Computed with :func:`mergelib.selection.kth_smallest` (|tau| is never
     materialised as an ``N x D`` copy). ``tvs`` may be a :class:`TaskVectorColumns` (the matrix as
     column blocks): the global threshold then comes from one counting pass over its blocks
-    (:func:`mergelib.selection.kth_smallest_columns`), a tensor's from that tensor's ``N x numel`` block.
+    (:func:`mergelib.selection.kth_smallest_columns`), a tensor's from a pass over that tensor's
+    columns (:meth:`~mergelib.task_vectors.TaskVectorColumns.columns_of`).
     """
     n, D = tvs.shape
     if granularity == "global":
-        segs = [(0, D)]
+        segs = [(None, 0, D)]
     else:
         if layout is None or layout.D != D:
             raise ValueError("granularity='tensor' needs the FlatLayout of tvs (layout.D == D)")
-        segs = [(s, e) for _, s, e in layout.segments()]
+        segs = layout.segments()
     plan = []
-    scratch = None  # one N x numel block for every tensor's selection (column blocks, per tensor)
-    for s, e in segs:
+    for key, s, e in segs:
         d = e - s
         keep = int(d * density)
         if trim_rule == "official":
@@ -151,12 +151,8 @@ def _trim_plan(tvs: Tensor | TaskVectorColumns, density: float, granularity: str
             thr = _select.kth_smallest(tvs[:, s:e], kth, dim=1, keepdim=True, absolute=True)
         elif (s, e) == (0, D):
             thr = _select.kth_smallest_columns(tvs, kth, absolute=True)
-        else:
-            if scratch is None:
-                scratch = Scratch()
-                scratch.reserve(n * max(b - a for a, b in segs), ["block"], tvs.dtype, tvs.device)
-            buf = scratch.get("block", n * d, tvs.dtype, tvs.device).view(n, d)
-            thr = _select.kth_smallest(tvs.block(s, e, buf), kth, dim=1, keepdim=True, absolute=True)
+        else:  # one tensor's columns
+            thr = _select.kth_smallest_columns(tvs.columns_of(key), kth, absolute=True)
         plan.append((s, e, thr, keep))
     return plan
 

@@ -35,7 +35,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["available", "enabled", "use", "sum_task_vectors", "ties_sweep", "ties_majority_positive"]
+__all__ = ["available", "enabled", "use", "sum_task_vectors", "ties_sweep", "ties_majority_positive",
+           "count_brackets"]
 
 _enabled = os.environ.get("MERGELIB_KERNELS", "auto").strip().lower() not in ("torch", "off", "0", "none")
 
@@ -90,16 +91,21 @@ def _compiled():
     jit = nb.njit(cache=True, nogil=True, boundscheck=False)
     zero32 = np.float32(0.0)
     one32 = np.float32(1.0)
+    inf32 = np.float32(np.inf)
 
     @jit
     def sum_tv(out, fts, base):
-        # out[j] = ((0 + (f_0[j] - b[j])) + (f_1[j] - b[j])) + ...: the adds of acc.zero_(); acc.add_(t_i)
+        # out[j] = ((0 + (f_0[j] - b[j])) + (f_1[j] - b[j])) + ...: the adds of acc.zero_(); acc.add_(t_i).
+        # Returns the number of non-finite sums (|NaN| < inf is false)
+        bad = 0
         for j in range(out.shape[0]):
             b = base[j]
             acc = zero32
             for f in fts:
                 acc += f[j] - b
             out[j] = acc
+            bad += not abs(acc) < inf32
+        return bad
 
     @jit
     def ties(out, zero, fts, base, thr):
@@ -108,8 +114,10 @@ def _compiled():
         #   tot = (0 + t_0) + t_1 + ...;  s = +1 if tot > 0 else -1
         #   out = ((0 + relu(t_0 s)) + relu(t_1 s) + ...) * s / max(#(t_i s > 0), 1)
         # relu keeps a NaN (as clamp_min does): a non-finite input reaches the result.
-        # Returns #(tot > 0) - #(tot < 0) (the majority-sign votes); zero[j] = (tot == 0).
+        # Returns #(tot > 0) - #(tot < 0) (the majority-sign votes) and the number of non-finite results
+        # (a NaN or inf input makes its column's result NaN or inf); zero[j] = (tot == 0).
         votes = 0
+        bad = 0
         for j in range(out.shape[0]):
             b = base[j]
             tot = zero32
@@ -132,8 +140,10 @@ def _compiled():
                 if a > zero32:
                     cnt += one32
                 num += zero32 if a < zero32 else a
-            out[j] = (num * s) / (cnt if cnt > one32 else one32)
-        return votes
+            v = (num * s) / (cnt if cnt > one32 else one32)
+            out[j] = v
+            bad += not abs(v) < inf32
+        return votes, bad
 
     @jit
     def ties_positive(out, zero, fts, base, thr):
@@ -151,29 +161,57 @@ def _compiled():
                     num += zero32 if t < zero32 else t
                 out[j] = num / (cnt if cnt > one32 else one32)
 
-    return {"sum": sum_tv, "ties": ties, "ties_positive": ties_positive}
+    @jit
+    def count(f, base, lo, hi, store):
+        # the counting pass of mergelib.selection over c = |f - base| for a bracket lo < hi: returns
+        # (#(c < lo), k) with the k entries in [lo, hi] in store[:k]. Branch-free: every c is written at
+        # store[k], and k moves on only if c is kept (store holds at least len(f) entries)
+        below, k = 0, 0
+        for j in range(f.shape[0]):
+            c = abs(f[j] - base[j])
+            below += c < lo
+            store[k] = c
+            k += (c >= lo) & (c <= hi)
+        return below, k
+
+    @jit
+    def count_tie(f, base, lo, hi, tie, store):
+        # the same with a tied value in the bracket, counted and not kept: (#(c < lo), #(c == tie), k)
+        below, points, k = 0, 0, 0
+        for j in range(f.shape[0]):
+            c = abs(f[j] - base[j])
+            below += c < lo
+            eq = c == tie
+            points += eq
+            store[k] = c
+            k += (c >= lo) & (c <= hi) & (not eq)
+        return below, points, k
+
+    return {"sum": sum_tv, "ties": ties, "ties_positive": ties_positive, "count": count, "count_tie": count_tie}
 
 
 # ----------------------------------------------------------------------------------------------
 # Public wrappers (one tensor at a time; the callers loop over a state dict's keys)
 # ----------------------------------------------------------------------------------------------
-def sum_task_vectors(out: Tensor, finetuned: Sequence[Tensor], base: Tensor) -> Tensor:
+def sum_task_vectors(out: Tensor, finetuned: Sequence[Tensor], base: Tensor) -> int:
     """``out = sum_i (finetuned_i - base)`` entry by entry, from zero, the tasks in order: the float
     operations (and bits) of ``out.zero_()`` then ``out.add_(f_i - base)`` for each task.
-    All tensors: contiguous float32 CPU tensors with ``base.numel()`` entries (:func:`available`)."""
-    _compiled()["sum"](_np(out), tuple(_np(f) for f in finetuned), _np(base))
-    return out
+    All tensors: contiguous float32 CPU tensors with ``base.numel()`` entries (:func:`available`).
+    Returns the number of non-finite sums (0: every sum is finite)."""
+    return int(_compiled()["sum"](_np(out), tuple(_np(f) for f in finetuned), _np(base)))
 
 
-def ties_sweep(out: Tensor, zero: Tensor, finetuned: Sequence[Tensor], base: Tensor, thr: Tensor) -> int:
+def ties_sweep(out: Tensor, zero: Tensor, finetuned: Sequence[Tensor], base: Tensor, thr: Tensor) -> tuple[int, int]:
     """TIES on one tensor from the state dicts (official trim, ``"mass"`` sign rule; the operations of
     :func:`mergelib.competition._ties_fused` with ``majority=None``): writes the merged task vector
     (the value for a negative majority sign where the trimmed sum is 0) into ``out`` and
-    ``zero = (trimmed sum == 0)``; returns ``#(sum > 0) - #(sum < 0)`` over the tensor's entries.
+    ``zero = (trimmed sum == 0)``; returns ``#(sum > 0) - #(sum < 0)`` over the tensor's entries and the
+    number of non-finite results (a NaN or inf in an input reaches its column's result).
     ``thr``: the ``N`` trim thresholds (float32). After all tensors, if the votes are positive, call
     :func:`ties_majority_positive` on each."""
-    return int(_compiled()["ties"](_np(out), zero.reshape(-1).numpy(), tuple(_np(f) for f in finetuned),
-                                   _np(base), thr.detach().reshape(-1).numpy()))
+    votes, bad = _compiled()["ties"](_np(out), zero.reshape(-1).numpy(), tuple(_np(f) for f in finetuned),
+                                     _np(base), thr.detach().reshape(-1).numpy())
+    return int(votes), int(bad)
 
 
 def ties_majority_positive(out: Tensor, zero: Tensor, finetuned: Sequence[Tensor], base: Tensor,
@@ -185,3 +223,39 @@ def ties_majority_positive(out: Tensor, zero: Tensor, finetuned: Sequence[Tensor
     return out
 
 
+
+
+_COUNT_STEP = 1 << 20  # entries per call of the counting kernel (its store: 4 MB, reused)
+
+
+def count_brackets(segments, brackets) -> list[list[tuple[int, int, np.ndarray]]]:
+    """The counting pass of :func:`mergelib.selection.kth_smallest_columns` (absolute values) over task
+    vectors given by state-dict tensors, one read of each entry per rank. ``segments``: ``(base,
+    [finetuned_i])`` per key in the flat order; ``brackets[i]``: row ``i``'s ``(lo, hi, tie)`` per rank
+    (:func:`mergelib.selection._brackets`, with ``lo < hi`` both given). Returns per row and rank
+    ``(#(|x| < lo), #(|x| == tie), the other |x| in [lo, hi])``, the counts and candidates of
+    :class:`mergelib.selection._NumpyCounter`."""
+    compiled = _compiled()
+    store = np.empty(min(_COUNT_STEP, max(b.numel() for b, _ in segments)), dtype=np.float32)
+    segs = [(_np(base), [_np(f) for f in fts]) for base, fts in segments]
+    out = []
+    for i, row in enumerate(brackets):
+        res = []
+        for lo, hi, tie in row:
+            lo, hi = np.float32(lo.item()), np.float32(hi.item())
+            below = points = 0
+            kept = []
+            for base, fts in segs:
+                f = fts[i]
+                for a0 in range(0, base.shape[0], _COUNT_STEP):
+                    a1 = min(a0 + _COUNT_STEP, base.shape[0])
+                    if tie is None:
+                        b, k = compiled["count"](f[a0:a1], base[a0:a1], lo, hi, store)
+                    else:
+                        b, p, k = compiled["count_tie"](f[a0:a1], base[a0:a1], lo, hi, np.float32(tie.item()), store)
+                        points += p
+                    below += b
+                    kept.append(store[:k].copy())
+            res.append((below, points, np.concatenate(kept)))
+        out.append(res)
+    return out

@@ -304,18 +304,20 @@ def _ties_columns(pretrained, models, keys: list[str], hp: Mapping) -> dict[str,
     plan = _trim_plan(cols, hp["density"], hp["granularity"], cols.layout, "official")
     tensors = [pretrained[k] for k in cols.layout.keys] + [m[k] for m in models for k in cols.layout.keys]
     if hp["sign_rule"] == "mass" and kernels.available(*tensors):
-        merged = _ties_kernel(pretrained, models, cols.layout, plan)  # the same bits in one pass per entry
+        merged, finite = _ties_kernel(pretrained, models, cols.layout, plan)  # the same bits, one pass per entry
     else:
         merged = _ties_fused(cols, plan, [None] * len(plan), "official", hp["sign_rule"])
-    if not _all_finite(merged):
+        finite = _all_finite(merged)
+    if not finite:
         raise NonFiniteError("the TIES-merged task vector is not finite")
     return unflatten(merged, cols.layout)
 
 
-def _ties_kernel(pretrained, models, layout: FlatLayout, plan) -> Tensor:
+def _ties_kernel(pretrained, models, layout: FlatLayout, plan) -> tuple[Tensor, bool]:
     """:func:`_ties_columns`'s sweep with :func:`mergelib.kernels.ties_sweep`, tensor by tensor from the
     state dicts: the float operations of :func:`_ties_fused` (``"mass"`` rule, official trim), each entry
-    read once. ``plan``: :func:`_trim_plan`'s segments (the whole vector, or one per tensor of ``layout``)."""
+    read once. ``plan``: :func:`_trim_plan`'s segments (the whole vector, or one per tensor of ``layout``).
+    Returns the merged task vector and whether it is finite (counted by the sweep)."""
     out = empty_matrix((layout.D,), device=pretrained[layout.keys[0]].device)
     zero = torch.empty(layout.D, dtype=torch.bool)
     n = len(models)
@@ -325,13 +327,15 @@ def _ties_kernel(pretrained, models, layout: FlatLayout, plan) -> Tensor:
         # no threshold (density 1): keep every entry; |x| >= 0 holds for every finite x, and x * 1 = x
         thr = torch.zeros(n) if thr is None else thr.reshape(-1).float()
         segments.append((k, s, e, thr))
-    votes = 0
+    votes = bad = 0
     for k, s, e, thr in segments:
-        votes += kernels.ties_sweep(out[s:e], zero[s:e], [m[k] for m in models], pretrained[k], thr)
+        v, b = kernels.ties_sweep(out[s:e], zero[s:e], [m[k] for m in models], pretrained[k], thr)
+        votes, bad = votes + v, bad + b
     if votes > 0:  # where the trimmed sum is 0, gamma takes the majority sign (+): the positive entries' mean
         for k, s, e, thr in segments:
             kernels.ties_majority_positive(out[s:e], zero[s:e], [m[k] for m in models], pretrained[k], thr)
-    return out
+    # the columns that change there have a trimmed sum of exactly 0, so finite entries: still finite
+    return out, bad == 0
 
 
 def _fr_per_tensor(pretrained, models, keys: list[str], hp: Mapping) -> dict[str, Tensor]:
@@ -384,6 +388,7 @@ def _sum_per_tensor(pretrained, models, keys: list[str], lams, check: bool,
     wanted = set(keys)
     tail = (D // _SUM_ALIGN) * _SUM_ALIGN if lams is None else D
     out = {}
+    checked = {}  # key -> the number of leading entries whose sums the kernel counted finite
     for k, off, numel in zip(layout.keys, layout.offsets, layout.numels):
         if k not in wanted:
             continue
@@ -393,7 +398,8 @@ def _sum_per_tensor(pretrained, models, keys: list[str], lams, check: bool,
         rows = [m[k] for m in models]
         if lams is None and kernels.available(p0, *rows):  # the same adds in one pass per entry
             acc = torch.empty(numel, dtype=torch.float32) if into is None else into[k]
-            kernels.sum_task_vectors(acc[:head], [r.reshape(-1)[:head] for r in rows], p0[:head])
+            if kernels.sum_task_vectors(acc[:head], [r.reshape(-1)[:head] for r in rows], p0[:head]) == 0:
+                checked[k] = head  # (the last partial block, if the tensor reaches it, is checked below)
             acc[head:] = 0.0
             out[k] = acc
             continue
@@ -429,6 +435,6 @@ def _sum_per_tensor(pretrained, models, keys: list[str], lams, check: bool,
                 out[k][s - off:] = block[s - tail:e - tail]
     if check:
         for k, acc in out.items():
-            if not _all_finite(acc):
+            if not _all_finite(acc[checked.get(k, 0):]):
                 raise NonFiniteError(f"the task-vector sum of {k!r} is not finite")
     return {k: v.view(pretrained[k].shape) for k, v in out.items()}

@@ -51,6 +51,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import kernels as _kernels
+
 __all__ = ["kth_smallest", "kth_smallest_columns", "topk_threshold", "topk_mask", "set_backend",
            "get_backend", "backend", "LONG_ROW", "SAMPLE", "CHUNK", "TIE_SHARE"]
 
@@ -208,6 +210,11 @@ def kth_smallest_columns(cols, k: int | Sequence[int], absolute: bool = True) ->
         return torch.stack([kth_smallest(cols.row(i), ks, absolute=absolute) for i in range(n_rows)])
     sample = cols.gather(_sample_index(n, min(SAMPLE, n), str(cols.device)))
     brackets = [_brackets(row.abs() if absolute else row, n, ks) for row in sample]
+    counted = _count_with_kernel(cols, brackets, absolute)
+    if counted is not None:  # the counts and candidates of the NumPy pass below, in one read per rank
+        return torch.stack([torch.stack(_finish(ks, below, cands, True,
+                                                lambda i=i: cols.row(i).abs() if absolute else cols.row(i)))
+                            for i, (below, cands) in enumerate(counted)]).to(cols.dtype)
     width = min(max(1024, (CHUNK // n_rows) // 1024 * 1024), n)
     buf = torch.empty(n_rows, width, dtype=cols.dtype, device=cols.device)
     blocks = (_as_numpy(cols.block(c0, min(c0 + width, n), buf[:, : min(c0 + width, n) - c0]))
@@ -219,6 +226,27 @@ def kth_smallest_columns(cols, k: int | Sequence[int], absolute: bool = True) ->
         rows.append(torch.stack(_finish(ks, below, cands, True,
                                         lambda i=i: cols.row(i).abs() if absolute else cols.row(i))))
     return torch.stack(rows).to(cols.dtype)
+
+
+def _count_with_kernel(cols, brackets, absolute: bool):
+    """The counting pass with :func:`mergelib.kernels.count_brackets`, reading the state dicts behind
+    ``cols`` (a :class:`~mergelib.task_vectors.TaskVectorColumns`) in place: per row ``(below, cands)``
+    as :meth:`_NumpyCounter.result` gives them. None where the kernel does not apply (no Numba, tensors
+    other than contiguous float32 on the CPU, signed values, a bracket open on one side or on one
+    value): the NumPy pass counts then."""
+    models, pretrained = getattr(cols, "models", None), getattr(cols, "pretrained", None)
+    if not absolute or models is None or pretrained is None or cols.dtype != torch.float32:
+        return None
+    keys = cols.layout.keys
+    if not _kernels.available(*(pretrained[k] for k in keys), *(md[k] for md in models for k in keys)):
+        return None
+    if any(lo is None or hi is None or bool(lo == hi) for row in brackets for lo, hi, _ in row):
+        return None
+    rows = _kernels.count_brackets([(pretrained[k], [md[k] for md in models]) for k in keys], brackets)
+    return [([below for below, _, _ in row],
+             [[torch.from_numpy(c)] if tie is None else [_Tied(torch.from_numpy(c), tie, points)]
+              for (_, points, c), (_, _, tie) in zip(row, brs)])
+            for row, brs in zip(rows, brackets)]
 
 
 _NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16)

@@ -608,6 +608,10 @@ class TaskVectorColumns:
             j += 1
         return out
 
+    def columns_of(self, key: str) -> "TaskVectorColumns":
+        """The columns of one tensor (``key``), as a :class:`TaskVectorColumns` of their own."""
+        return TaskVectorColumns(self.models, self.pretrained, [key], self.dtype)
+
     def row(self, i: int) -> Tensor:
         """Row ``i`` (``D`` entries, a new tensor)."""
         out = torch.empty(1, self.shape[1], dtype=self.dtype, device=self.device)

@@ -46,9 +46,12 @@ def _both(fn):
 def test_sum_task_vectors_hand_computed():
     base = torch.tensor([1.0, -2.0, 0.5, 0.0])
     fts = [torch.tensor([1.5, -2.0, 0.25, -0.0]), torch.tensor([0.0, -1.0, 0.5, 0.0])]
-    out = kernels.sum_task_vectors(torch.full((4,), 7.0), fts, base)
+    out = torch.full((4,), 7.0)
+    assert kernels.sum_task_vectors(out, fts, base) == 0  # no sum is NaN or inf
     # (0 + (1.5 - 1)) + (0 - 1) = -0.5; (0 + 0) + 1 = 1; (0 - 0.25) + 0 = -0.25; (0 + -0) + 0 = +0
     assert same_bytes(out, torch.tensor([-0.5, 1.0, -0.25, 0.0]))
+    fts[1][1], fts[0][2] = float("inf"), float("nan")
+    assert kernels.sum_task_vectors(out, fts, base) == 2
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 8, 9])
@@ -60,7 +63,9 @@ def test_sum_task_vectors_matches_the_torch_adds(n):
     ref = torch.zeros(10_007)
     for f in fts:
         ref.add_(f - base)
-    assert same_bytes(kernels.sum_task_vectors(torch.empty(10_007), fts, base), ref)
+    out = torch.empty(10_007)
+    assert kernels.sum_task_vectors(out, fts, base) == 0
+    assert same_bytes(out, ref)
 
 
 @pytest.mark.parametrize("method", ["task_arithmetic", "average"])
@@ -116,12 +121,17 @@ def test_ties_kernel_agrees_with_the_flat_function():
         assert same_bytes(merged[k].reshape(-1), (pre[k].reshape(-1) + flat[s:e]))
 
 
-@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
-def test_non_finite_input_still_named(method):
+@pytest.mark.parametrize("method", ["task_arithmetic", "average", "ties"])
+@pytest.mark.parametrize("where", [(3, 7), (63, 1099)])  # (63, 1099): in the last partial block of 1024
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_input_still_named(method, where, value):
     pre, fts = _set(SHAPES, 3, seed=3)
-    fts[1]["b.weight"][3, 7] = float("nan")
+    fts[1]["b.weight"][where] = value
     with pytest.raises(NonFiniteError, match="b.weight"):
         merge(pre, fts, method, rules=None)
+    if method == "ties":  # TIES checks its result even unvalidated (the sums skip the check then)
+        with pytest.raises(NonFiniteError, match="not finite"):
+            merge(pre, fts, method, rules=None, validate=False)
 
 
 def test_available_only_for_contiguous_float32_cpu_tensors():
@@ -166,3 +176,67 @@ def test_environment_switch():
         env = {**os.environ, "MERGELIB_KERNELS": value}
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         assert out.stdout.strip() == expected
+
+
+def _columns(n_rows, shapes, seed, zeros=0.0, dup=False):
+    from mergelib.task_vectors import TaskVectorColumns
+    g = torch.Generator().manual_seed(seed)
+    pre = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    fts = []
+    for i in range(n_rows):
+        ft = {}
+        for k, s in shapes.items():
+            d = torch.randn(s, generator=g) * 1e-2
+            if dup:  # few distinct magnitudes: long runs of tied values
+                d = (d * 300).round() / 300
+            d = d * (torch.rand(s, generator=g) >= zeros)  # exact zeros (an unchanged weight)
+            ft[k] = pre[k] + d
+        fts.append(ft)
+    return TaskVectorColumns(fts, pre, sorted(shapes))
+
+
+@pytest.mark.parametrize("zeros,dup", [(0.0, False), (0.45, False), (0.0, True), (0.3, True)])
+@pytest.mark.parametrize("ks", [[1], [77_000], [140_000], [3, 70_000, 139_999]])
+def test_kth_smallest_columns_same_values_with_and_without_kernel(zeros, dup, ks):
+    from mergelib.selection import kth_smallest_columns
+    cols = _columns(3, {"a": (300, 250), "b": (65_000,)}, seed=len(ks), zeros=zeros, dup=dup)  # rows of 140,000
+    fast, slow = _both(lambda: kth_smallest_columns(cols, ks))
+    x = torch.stack([cols.row(i) for i in range(3)]).abs()
+    ref = torch.stack([x.kthvalue(k, dim=1).values for k in ks], 1)
+    assert torch.equal(fast, ref) and torch.equal(slow, ref)  # values (the sign of a zero may differ)
+
+
+def test_count_brackets_matches_the_numpy_counter():
+    from mergelib.selection import _NumpyCounter, _brackets, _sample_index
+    # 5 % exact zeros: the bracket of rank 8,500 straddles their end, so zero is its tied value
+    cols = _columns(2, {"a": (400, 300), "b": (50_000,)}, seed=11, zeros=0.05)
+    n = cols.shape[1]
+    sample = cols.gather(_sample_index(n, 4096, "cpu")).abs()
+    brackets = [_brackets(row, n, [8_500, 120_000]) for row in sample]
+    assert all(lo is not None and hi is not None and lo < hi for row in brackets for lo, hi, _ in row)
+    assert all(row[0][2] == 0 and row[1][2] is None for row in brackets)  # both branches of the kernel
+    segments = [(cols.pretrained[k], [m[k] for m in cols.models]) for k in cols.layout.keys]
+    got = kernels.count_brackets(segments, brackets)
+    block = torch.stack([cols.row(i) for i in range(2)])
+    for i in range(2):
+        ctr = _NumpyCounter(brackets[i], block.numpy().dtype, n, absolute=True)
+        ctr.add(block[i].numpy())
+        below, cands = ctr.result()
+        for r in range(2):
+            b, points, c = got[i][r]
+            assert b == below[r]
+            ref = cands[r][0]
+            if brackets[i][r][2] is None:
+                assert points == 0 and torch.equal(torch.from_numpy(c), ref)
+            else:  # a tied value: counted, not kept
+                assert points == ref.count and torch.equal(torch.from_numpy(c), ref.rest)
+
+
+def test_per_tensor_ties_thresholds_from_each_tensors_columns():
+    pre, fts = _set({"a.weight": (300, 250), "b.weight": (500, 200), "c.bias": (77,)}, 4, seed=12, ties=True)
+    fast, slow = _both(lambda: merge(pre, fts, "ties", rules=None, granularity="tensor"))
+    assert all(same_bytes(fast[k], slow[k]) for k in pre)
+    x, layout = flatten(fts, sorted(pre), subtract=pre)
+    flat = ties_merge(x, 0.2, granularity="tensor", layout=layout)
+    for k, s, e in layout.segments():
+        assert same_bytes(fast[k].reshape(-1), pre[k].reshape(-1) + flat[s:e])
