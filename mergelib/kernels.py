@@ -9,10 +9,15 @@ one loop per method that makes the **same float32 operations in the same order**
 the results are the torch code's bit for bit; only the number of passes over memory changes.
 
 * :func:`sum_task_vectors`: ``sum_i (theta_i - theta_0)`` per entry, from zero, the tasks in order
-  (task arithmetic and averaging in :func:`mergelib.merge`).
-* :func:`ties_sweep`: TIES's trim, sign election and disjoint mean of one tensor from the state dicts,
-  given the trim thresholds (:func:`mergelib.competition._ties_fused` for the official trim and the
-  ``"mass"`` sign rule).
+  (task arithmetic and averaging in :func:`mergelib.merge`), and with ``scale`` the merged weights
+  ``theta_0 + lambda * sum`` in the same loop, rounded once as ``torch.add(..., alpha=lambda)`` does
+  where :func:`fused_add_matches_torch`.
+* :func:`ties_sweep` (and :func:`ties_majority_positive`): TIES's trim, sign election and disjoint
+  mean of one tensor from the state dicts, given the trim thresholds
+  (:func:`mergelib.competition._ties_fused` for the official trim and the ``"mass"`` sign rule).
+* :func:`count_brackets`: the counting pass of the exact order statistics
+  (:func:`mergelib.selection.kth_smallest_columns`: TIES's trim thresholds, PCB's clip values) over
+  ``|theta_i - theta_0|``, each entry read once per rank.
 
 They are an accelerator, not a second definition: the torch code in :mod:`mergelib.merging` and
 :mod:`mergelib.competition` is what the notebooks teach, and ``tests/test_kernels.py`` checks every
@@ -21,8 +26,9 @@ float32 contiguous tensors, kernels not switched off); otherwise the callers use
 ``MERGELIB_KERNELS=torch`` in the environment, or :func:`use` (``with kernels.use(False): ...``),
 switches them off, e.g. for ``benchmarks/bench_merge.py --kernels torch``.
 
-Compilation happens on first use (about a second per kernel and number of tasks) and is cached on
-disk next to this file when it is writable.
+The loops are in :mod:`mergelib._kernel_loops`, imported on first use (it imports Numba). Each
+compiles on its first call for a new number of tasks (about a second) and is cached on disk next to
+that file when it is writable, so later processes load it (a few tenths of a second).
 """
 from __future__ import annotations
 
@@ -35,8 +41,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["available", "enabled", "use", "sum_task_vectors", "ties_sweep", "ties_majority_positive",
-           "count_brackets"]
+__all__ = ["available", "enabled", "use", "sum_task_vectors", "fused_add_matches_torch", "ties_sweep",
+           "ties_majority_positive", "count_brackets"]
 
 _enabled = os.environ.get("MERGELIB_KERNELS", "auto").strip().lower() not in ("torch", "off", "0", "none")
 
@@ -80,128 +86,50 @@ def _np(t: Tensor) -> np.ndarray:
     return t.detach().reshape(-1).numpy()
 
 
-# ----------------------------------------------------------------------------------------------
-# The compiled loops. float32 constants are np.float32: a Python float literal would promote the
-# arithmetic to float64 and change the bits. The loops run over entries j on the outside, so that the
-# compiler vectorises them; the few task values of an entry stay in registers.
-# ----------------------------------------------------------------------------------------------
-@lru_cache(maxsize=None)
-def _compiled():
-    nb = _numba()
-    jit = nb.njit(cache=True, nogil=True, boundscheck=False)
-    zero32 = np.float32(0.0)
-    one32 = np.float32(1.0)
-    inf32 = np.float32(np.inf)
-
-    @jit
-    def sum_tv(out, fts, base):
-        # out[j] = ((0 + (f_0[j] - b[j])) + (f_1[j] - b[j])) + ...: the adds of acc.zero_(); acc.add_(t_i).
-        # Returns the number of non-finite sums (|NaN| < inf is false)
-        bad = 0
-        for j in range(out.shape[0]):
-            b = base[j]
-            acc = zero32
-            for f in fts:
-                acc += f[j] - b
-            out[j] = acc
-            bad += not abs(acc) < inf32
-        return bad
-
-    @jit
-    def ties(out, zero, fts, base, thr):
-        # per entry j, with x_i = f_i[j] - b[j]:
-        #   t_i = x_i * (|x_i| >= thr_i)                  the official trim (a 0/1 float mask: x * 0 = +-0)
-        #   tot = (0 + t_0) + t_1 + ...;  s = +1 if tot > 0 else -1
-        #   out = ((0 + relu(t_0 s)) + relu(t_1 s) + ...) * s / max(#(t_i s > 0), 1)
-        # relu keeps a NaN (as clamp_min does): a non-finite input reaches the result.
-        # Returns #(tot > 0) - #(tot < 0) (the majority-sign votes) and the number of non-finite results
-        # (a NaN or inf input makes its column's result NaN or inf); zero[j] = (tot == 0).
-        votes = 0
-        bad = 0
-        for j in range(out.shape[0]):
-            b = base[j]
-            tot = zero32
-            for i in range(len(fts)):
-                x = fts[i][j] - b
-                tot += x * (one32 if abs(x) >= thr[i] else zero32)
-            if tot > zero32:
-                votes += 1
-                s = one32
-            else:
-                if tot < zero32:
-                    votes -= 1
-                s = -one32
-            zero[j] = tot == zero32
-            num = zero32
-            cnt = zero32
-            for i in range(len(fts)):
-                x = fts[i][j] - b
-                a = (x * (one32 if abs(x) >= thr[i] else zero32)) * s
-                if a > zero32:
-                    cnt += one32
-                num += zero32 if a < zero32 else a
-            v = (num * s) / (cnt if cnt > one32 else one32)
-            out[j] = v
-            bad += not abs(v) < inf32
-        return votes, bad
-
-    @jit
-    def ties_positive(out, zero, fts, base, thr):
-        # where tot == 0 and the majority sign is +: the mean of the positive trimmed entries (+0.0 if none)
-        for j in range(out.shape[0]):
-            if zero[j]:
-                b = base[j]
-                num = zero32
-                cnt = zero32
-                for i in range(len(fts)):
-                    x = fts[i][j] - b
-                    t = x * (one32 if abs(x) >= thr[i] else zero32)
-                    if t > zero32:
-                        cnt += one32
-                    num += zero32 if t < zero32 else t
-                out[j] = num / (cnt if cnt > one32 else one32)
-
-    @jit
-    def count(f, base, lo, hi, store):
-        # the counting pass of mergelib.selection over c = |f - base| for a bracket lo < hi: returns
-        # (#(c < lo), k) with the k entries in [lo, hi] in store[:k]. Branch-free: every c is written at
-        # store[k], and k moves on only if c is kept (store holds at least len(f) entries)
-        below, k = 0, 0
-        for j in range(f.shape[0]):
-            c = abs(f[j] - base[j])
-            below += c < lo
-            store[k] = c
-            k += (c >= lo) & (c <= hi)
-        return below, k
-
-    @jit
-    def count_tie(f, base, lo, hi, tie, store):
-        # the same with a tied value in the bracket, counted and not kept: (#(c < lo), #(c == tie), k)
-        below, points, k = 0, 0, 0
-        for j in range(f.shape[0]):
-            c = abs(f[j] - base[j])
-            below += c < lo
-            eq = c == tie
-            points += eq
-            store[k] = c
-            k += (c >= lo) & (c <= hi) & (not eq)
-        return below, points, k
-
-    return {"sum": sum_tv, "ties": ties, "ties_positive": ties_positive, "count": count, "count_tie": count_tie}
+def _loops():
+    from . import _kernel_loops  # imports Numba (a module, so imported once)
+    return _kernel_loops
 
 
 # ----------------------------------------------------------------------------------------------
 # Public wrappers (one tensor at a time; the callers loop over a state dict's keys)
 # ----------------------------------------------------------------------------------------------
-def sum_task_vectors(out: Tensor, finetuned: Sequence[Tensor], base: Tensor) -> int:
+def sum_task_vectors(out: Tensor, finetuned: Sequence[Tensor], base: Tensor, scale: float | None = None) -> int:
     """``out = sum_i (finetuned_i - base)`` entry by entry, from zero, the tasks in order: the float
-    operations (and bits) of ``out.zero_()`` then ``out.add_(f_i - base)`` for each task.
-    All tensors: contiguous float32 CPU tensors with ``base.numel()`` entries (:func:`available`).
-    Returns the number of non-finite sums (0: every sum is finite)."""
-    return int(_compiled()["sum"](_np(out), tuple(_np(f) for f in finetuned), _np(base)))
+    operations (and bits) of ``out.zero_()`` then ``out.add_(f_i - base)`` for each task. With
+    ``scale``, ``out = base + scale * sum`` instead, as ``torch.add(base, sum, alpha=scale)`` computes it
+    (one fused multiply-add; only where :func:`fused_add_matches_torch`). All tensors: contiguous
+    float32 CPU tensors with ``base.numel()`` entries (:func:`available`). Returns the number of
+    non-finite sums (0: every sum is finite)."""
+    fts, b = tuple(_np(f) for f in finetuned), _np(base)
+    if scale is None:
+        return int(_loops().sum_task_vectors(_np(out), fts, b))
+    return int(_loops().sum_task_vectors_scaled(_np(out), fts, b, np.float32(scale)))
 
 
-def ties_sweep(out: Tensor, zero: Tensor, finetuned: Sequence[Tensor], base: Tensor, thr: Tensor) -> tuple[int, int]:
+@lru_cache(maxsize=None)
+def fused_add_matches_torch() -> bool:
+    """Whether ``torch.add(a, b, alpha=s)`` on float32 CPU tensors rounds once (``fma(b, s, a)``), as
+    ATen's vectorised kernels do on CPUs with FMA (AVX2, AVX-512), so that :func:`sum_task_vectors`
+    may fuse the final step of task arithmetic. Checked on 65,536 values, where ``a + s * b`` rounded
+    twice differs in about 3,000, through ATen's vectorised loop (one call), and on 4,095 of them
+    through its scalar loop (calls of 7 entries, shorter than a vector), so that every entry of a
+    tensor gets torch's bits."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(1 << 16, generator=g)
+    b = torch.randn(1 << 16, generator=g) * torch.logspace(-6, 0, 1 << 16)
+    f = (b + a).numpy()
+    out = torch.empty_like(a)
+    _loops().sum_task_vectors_scaled(out.numpy(), (f,), a.numpy(), np.float32(0.3))
+    sums = torch.from_numpy(f) - a  # the sums the kernel forms: 0 + (f - a)
+    vector = torch.add(a, sums, alpha=0.3)
+    scalar = torch.cat([torch.add(a[i:i + 7], sums[i:i + 7], alpha=0.3) for i in range(0, 4095, 7)])
+    return (torch.equal(out.view(torch.int32), vector.view(torch.int32))
+            and torch.equal(out[:4095].view(torch.int32), scalar.view(torch.int32)))
+
+
+def ties_sweep(out: Tensor, zero: Tensor, finetuned: Sequence[Tensor], base: Tensor,
+               thr: Tensor) -> tuple[int, int]:
     """TIES on one tensor from the state dicts (official trim, ``"mass"`` sign rule; the operations of
     :func:`mergelib.competition._ties_fused` with ``majority=None``): writes the merged task vector
     (the value for a negative majority sign where the trimmed sum is 0) into ``out`` and
@@ -209,7 +137,7 @@ def ties_sweep(out: Tensor, zero: Tensor, finetuned: Sequence[Tensor], base: Ten
     number of non-finite results (a NaN or inf in an input reaches its column's result).
     ``thr``: the ``N`` trim thresholds (float32). After all tensors, if the votes are positive, call
     :func:`ties_majority_positive` on each."""
-    votes, bad = _compiled()["ties"](_np(out), zero.reshape(-1).numpy(), tuple(_np(f) for f in finetuned),
+    votes, bad = _loops().ties_sweep(_np(out), zero.reshape(-1).numpy(), tuple(_np(f) for f in finetuned),
                                      _np(base), thr.detach().reshape(-1).numpy())
     return int(votes), int(bad)
 
@@ -218,11 +146,9 @@ def ties_majority_positive(out: Tensor, zero: Tensor, finetuned: Sequence[Tensor
                            thr: Tensor) -> Tensor:
     """Where ``zero`` (the trimmed sum is 0), the value for a positive majority sign: the mean of the
     positive trimmed entries, +0.0 where there are none."""
-    _compiled()["ties_positive"](_np(out), zero.reshape(-1).numpy(), tuple(_np(f) for f in finetuned),
-                                 _np(base), thr.detach().reshape(-1).numpy())
+    _loops().ties_majority_positive(_np(out), zero.reshape(-1).numpy(), tuple(_np(f) for f in finetuned),
+                                    _np(base), thr.detach().reshape(-1).numpy())
     return out
-
-
 
 
 _COUNT_STEP = 1 << 20  # entries per call of the counting kernel (its store: 4 MB, reused)
@@ -235,7 +161,7 @@ def count_brackets(segments, brackets) -> list[list[tuple[int, int, np.ndarray]]
     (:func:`mergelib.selection._brackets`, with ``lo < hi`` both given). Returns per row and rank
     ``(#(|x| < lo), #(|x| == tie), the other |x| in [lo, hi])``, the counts and candidates of
     :class:`mergelib.selection._NumpyCounter`."""
-    compiled = _compiled()
+    loops = _loops()
     store = np.empty(min(_COUNT_STEP, max(b.numel() for b, _ in segments)), dtype=np.float32)
     segs = [(_np(base), [_np(f) for f in fts]) for base, fts in segments]
     out = []
@@ -250,9 +176,10 @@ def count_brackets(segments, brackets) -> list[list[tuple[int, int, np.ndarray]]
                 for a0 in range(0, base.shape[0], _COUNT_STEP):
                     a1 = min(a0 + _COUNT_STEP, base.shape[0])
                     if tie is None:
-                        b, k = compiled["count"](f[a0:a1], base[a0:a1], lo, hi, store)
+                        b, k = loops.count_bracket(f[a0:a1], base[a0:a1], lo, hi, store)
                     else:
-                        b, p, k = compiled["count_tie"](f[a0:a1], base[a0:a1], lo, hi, np.float32(tie.item()), store)
+                        b, p, k = loops.count_bracket_tie(f[a0:a1], base[a0:a1], lo, hi, np.float32(tie.item()),
+                                                          store)
                         points += p
                     below += b
                     kept.append(store[:k].copy())

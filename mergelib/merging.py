@@ -249,8 +249,11 @@ def merge(pretrained: Mapping[str, Tensor], finetuned: Sequence[Mapping[str, Ten
             # faults per call on the benchmark's set, 75-79 ms against 63 ms)
             layout = FlatLayout.from_shapes({k: tuple(pretrained[k].shape) for k in keys})
             flat = empty_matrix((layout.D,), device=pretrained[keys[0]].device)
-            deltas = _sum_per_tensor(pretrained, models, keys, lams, check=validate, layout=layout,
-                                     into={k: flat[s:e] for k, s, e in layout.segments()})
+            merged = _sum_per_tensor(pretrained, models, keys, lams, check=validate, layout=layout,
+                                     into={k: flat[s:e] for k, s, e in layout.segments()}, scale=lam)
+            out = dict(pretrained)  # theta_0 + lambda * sum, in float32: back to each tensor's dtype
+            out.update((k, v.to(pretrained[k].dtype)) for k, v in merged.items())
+            return out
         elif spec.fn is _fr and hp["align"] != "paper":  # per tensor, no N x D matrix
             deltas = _fr_per_tensor(pretrained, models, keys, hp)
         elif spec.fn is _ties and hp["trim_rule"] == "official" and pretrained[keys[0]].device.type == "cpu":
@@ -369,7 +372,8 @@ _SUM_ALIGN = 1024
 
 
 def _sum_per_tensor(pretrained, models, keys: list[str], lams, check: bool,
-                    layout: FlatLayout | None = None, into: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+                    layout: FlatLayout | None = None, into: Mapping[str, Tensor] | None = None,
+                    scale: float | None = None) -> dict[str, Tensor]:
     """sum_i lam_i (theta_i - theta_0) per tensor in float32, chunk by chunk in cache: the same float
     operations (and bits) as ``flatten`` + :func:`_weighted_sum` on the ``N x D`` matrix, without it.
 
@@ -379,8 +383,10 @@ def _sum_per_tensor(pretrained, models, keys: list[str], lams, check: bool,
     blocks, ``x.sum(0)``'s vectorised reduction can differ in the last bit. :func:`merge` and
     :func:`mergelib.merge_files` both call this function, so they always agree with each other.
     ``into``: a flat float32 tensor per key to accumulate in (the streaming merge reuses one buffer;
-    fresh memory costs a page fault per 4 kB). Raises :class:`NonFiniteError` when a sum is NaN or
-    inf (every non-finite input makes it so).
+    fresh memory costs a page fault per 4 kB). ``scale``: return ``theta_0 + scale * sum`` in float32
+    instead, with the bits of ``torch.add(theta_0.float(), sum, alpha=scale)`` (:func:`merge`'s last
+    step), fused into the sum where :mod:`mergelib.kernels` can (no second pass over the sums).
+    Raises :class:`NonFiniteError` when a sum is NaN or inf (every non-finite input makes it so).
     """
     if layout is None:  # else: the layout of the whole merge (keys may be a subset of it)
         layout = FlatLayout.from_shapes({k: tuple(pretrained[k].shape) for k in keys})
@@ -389,6 +395,8 @@ def _sum_per_tensor(pretrained, models, keys: list[str], lams, check: bool,
     tail = (D // _SUM_ALIGN) * _SUM_ALIGN if lams is None else D
     out = {}
     checked = {}  # key -> the number of leading entries whose sums the kernel counted finite
+    fused = {}  # key -> the number of leading entries that already hold theta_0 + scale * sum
+    fuse = scale is not None and kernels.available() and kernels.fused_add_matches_torch()
     for k, off, numel in zip(layout.keys, layout.offsets, layout.numels):
         if k not in wanted:
             continue
@@ -398,8 +406,12 @@ def _sum_per_tensor(pretrained, models, keys: list[str], lams, check: bool,
         rows = [m[k] for m in models]
         if lams is None and kernels.available(p0, *rows):  # the same adds in one pass per entry
             acc = torch.empty(numel, dtype=torch.float32) if into is None else into[k]
-            if kernels.sum_task_vectors(acc[:head], [r.reshape(-1)[:head] for r in rows], p0[:head]) == 0:
-                checked[k] = head  # (the last partial block, if the tensor reaches it, is checked below)
+            bad = kernels.sum_task_vectors(acc[:head], [r.reshape(-1)[:head] for r in rows], p0[:head],
+                                           scale=scale if fuse else None)
+            if bad and check:
+                raise NonFiniteError(f"the task-vector sum of {k!r} is not finite")
+            checked[k] = head  # (the last partial block, if the tensor reaches it, is checked below)
+            fused[k] = head if fuse else 0
             acc[head:] = 0.0
             out[k] = acc
             continue
@@ -437,4 +449,8 @@ def _sum_per_tensor(pretrained, models, keys: list[str], lams, check: bool,
         for k, acc in out.items():
             if not _all_finite(acc[checked.get(k, 0):]):
                 raise NonFiniteError(f"the task-vector sum of {k!r} is not finite")
+    if scale is not None:  # theta_0 + scale * sum where the kernel has not written it yet
+        for k, acc in out.items():
+            rest = acc[fused.get(k, 0):]
+            torch.add(pretrained[k].reshape(-1)[fused.get(k, 0):].float(), rest, alpha=scale, out=rest)
     return {k: v.view(pretrained[k].shape) for k, v in out.items()}

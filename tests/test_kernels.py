@@ -240,3 +240,30 @@ def test_per_tensor_ties_thresholds_from_each_tensors_columns():
     flat = ties_merge(x, 0.2, granularity="tensor", layout=layout)
     for k, s, e in layout.segments():
         assert same_bytes(fast[k].reshape(-1), pre[k].reshape(-1) + flat[s:e])
+
+
+@pytest.mark.parametrize("scale", [0.3, 1.0, 0.0, -0.7, [0.2, 0.5, 1.1]])
+def test_task_arithmetic_last_step_same_bits(scale, monkeypatch):
+    """theta_0 + lambda * sum: fused into the kernel where torch.add rounds once (fused_add_matches_torch),
+    else torch.add after the sums; per-task lambdas take the torch code. The same bits either way."""
+    pre, fts = _set(SHAPES, 3, seed=13)
+    fast, slow = _both(lambda: merge(pre, fts, "task_arithmetic", scale=scale, rules=None))
+    assert all(same_bytes(fast[k], slow[k]) for k in pre)
+    monkeypatch.setattr(kernels, "fused_add_matches_torch", lambda: False)
+    unfused = merge(pre, fts, "task_arithmetic", scale=scale, rules=None)
+    assert all(same_bytes(unfused[k], slow[k]) for k in pre)
+
+
+def test_scaled_sum_is_one_rounding_of_base_plus_scale_times_sum():
+    base = torch.tensor([1.0, 3.0, -2.0])
+    f = [torch.tensor([1.0 + 2.0 ** -23, 3.5, -2.0])]
+    out = torch.empty(3)
+    assert kernels.sum_task_vectors(out, f, base, scale=0.5) == 0
+    # sums 2**-23, 0.5, 0: 1 + 2**-24 rounds (to even) to 1; 3 + 0.25; -2 + 0.5 * 0 = -2
+    assert same_bytes(out, torch.tensor([1.0, 3.25, -2.0]))
+    # one rounding, not two: sum 1 + 2**-23 times 1 - 2**-24 is 1 + 2**-24 - 2**-47, which alone would
+    # round to 1 (and -1 + 1 = 0); fused with the base -1 it leaves 2**-24 - 2**-47 exactly
+    out = torch.empty(1)
+    kernels.sum_task_vectors(out, [torch.tensor([2.0 ** -23])], torch.tensor([-1.0]), scale=1 - 2.0 ** -24)
+    assert out.item() == 2.0 ** -24 - 2.0 ** -47
+    assert isinstance(kernels.fused_add_matches_torch(), bool)

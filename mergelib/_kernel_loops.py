@@ -1,0 +1,149 @@
+"""The compiled loops of :mod:`mergelib.kernels` (imported only when a kernel runs: it imports Numba).
+
+Each loop makes the float32 operations of the torch code it replaces, in the same order, for every
+entry; see :mod:`mergelib.kernels` for what each one replaces and the tests that check the bits. The
+functions live at module level so that Numba's disk cache (``cache=True``) finds them again in the next
+process instead of compiling them anew.
+"""
+import numba
+import numpy as np
+from llvmlite import ir
+from numba.core import types
+from numba.extending import intrinsic
+
+jit = numba.njit(cache=True, nogil=True, boundscheck=False)
+zero32 = np.float32(0.0)
+one32 = np.float32(1.0)
+inf32 = np.float32(np.inf)
+
+
+@intrinsic
+def fma(typingctx, a, b, c):
+    """``fma(a, b, c)``: float32 ``a * b + c`` rounded once (LLVM's ``llvm.fma``), compiled inline."""
+    if not all(t == types.float32 for t in (a, b, c)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        f32 = ir.FloatType()
+        f = builder.module.declare_intrinsic("llvm.fma", [f32], ir.FunctionType(f32, [f32, f32, f32]))
+        return builder.call(f, args)
+    return types.float32(types.float32, types.float32, types.float32), codegen
+
+
+# The float32 constants are np.float32: a Python float literal would promote the arithmetic to
+# float64 and change the bits. The loops run over entries j on the outside, so that the compiler
+# vectorises them; the few task values of an entry stay in registers.
+
+
+@jit
+def sum_task_vectors(out, fts, base):
+    # out[j] = ((0 + (f_0[j] - b[j])) + (f_1[j] - b[j])) + ...: the adds of acc.zero_(); acc.add_(t_i).
+    # Returns the number of non-finite sums (|NaN| < inf is false)
+    bad = 0
+    for j in range(out.shape[0]):
+        b = base[j]
+        acc = zero32
+        for f in fts:
+            acc += f[j] - b
+        out[j] = acc
+        bad += not abs(acc) < inf32
+    return bad
+
+
+@jit
+def sum_task_vectors_scaled(out, fts, base, scale):
+    # out[j] = fma(sum_j, scale, b[j]): torch.add(b, sum, alpha=scale) on a CPU whose kernels fuse it
+    # (kernels.fused_add_matches_torch). Returns the number of non-finite sums, as sum_task_vectors
+    bad = 0
+    for j in range(out.shape[0]):
+        b = base[j]
+        acc = zero32
+        for f in fts:
+            acc += f[j] - b
+        out[j] = fma(acc, scale, b)
+        bad += not abs(acc) < inf32
+    return bad
+
+
+@jit
+def ties_sweep(out, zero, fts, base, thr):
+    # per entry j, with x_i = f_i[j] - b[j]:
+    #   t_i = x_i * (|x_i| >= thr_i)                  the official trim (a 0/1 float mask: x * 0 = +-0)
+    #   tot = (0 + t_0) + t_1 + ...;  s = +1 if tot > 0 else -1
+    #   out = ((0 + relu(t_0 s)) + relu(t_1 s) + ...) * s / max(#(t_i s > 0), 1)
+    # relu keeps a NaN (as clamp_min does): a non-finite input reaches the result.
+    # Returns #(tot > 0) - #(tot < 0) (the majority-sign votes) and the number of non-finite results
+    # (a NaN or inf input makes its column's result NaN or inf); zero[j] = (tot == 0).
+    votes = 0
+    bad = 0
+    for j in range(out.shape[0]):
+        b = base[j]
+        tot = zero32
+        for i in range(len(fts)):
+            x = fts[i][j] - b
+            tot += x * (one32 if abs(x) >= thr[i] else zero32)
+        if tot > zero32:
+            votes += 1
+            s = one32
+        else:
+            if tot < zero32:
+                votes -= 1
+            s = -one32
+        zero[j] = tot == zero32
+        num = zero32
+        cnt = zero32
+        for i in range(len(fts)):
+            x = fts[i][j] - b
+            a = (x * (one32 if abs(x) >= thr[i] else zero32)) * s
+            if a > zero32:
+                cnt += one32
+            num += zero32 if a < zero32 else a
+        v = (num * s) / (cnt if cnt > one32 else one32)
+        out[j] = v
+        bad += not abs(v) < inf32
+    return votes, bad
+
+
+@jit
+def ties_majority_positive(out, zero, fts, base, thr):
+    # where tot == 0 and the majority sign is +: the mean of the positive trimmed entries (+0.0 if none)
+    for j in range(out.shape[0]):
+        if zero[j]:
+            b = base[j]
+            num = zero32
+            cnt = zero32
+            for i in range(len(fts)):
+                x = fts[i][j] - b
+                t = x * (one32 if abs(x) >= thr[i] else zero32)
+                if t > zero32:
+                    cnt += one32
+                num += zero32 if t < zero32 else t
+            out[j] = num / (cnt if cnt > one32 else one32)
+
+
+@jit
+def count_bracket(f, base, lo, hi, store):
+    # the counting pass of mergelib.selection over c = |f - base| for a bracket lo < hi: returns
+    # (#(c < lo), k) with the k entries in [lo, hi] in store[:k]. Branch-free: every c is written at
+    # store[k], and k moves on only if c is kept (store holds at least len(f) entries)
+    below, k = 0, 0
+    for j in range(f.shape[0]):
+        c = abs(f[j] - base[j])
+        below += c < lo
+        store[k] = c
+        k += (c >= lo) & (c <= hi)
+    return below, k
+
+
+@jit
+def count_bracket_tie(f, base, lo, hi, tie, store):
+    # the same with a tied value in the bracket, counted and not kept: (#(c < lo), #(c == tie), k)
+    below, points, k = 0, 0, 0
+    for j in range(f.shape[0]):
+        c = abs(f[j] - base[j])
+        below += c < lo
+        eq = c == tie
+        points += eq
+        store[k] = c
+        k += (c >= lo) & (c <= hi) & (not eq)
+    return below, points, k
