@@ -36,31 +36,18 @@ def fma(typingctx, a, b, c):
 
 
 @jit
-def sum_task_vectors(out, fts, base):
-    # out[j] = ((0 + (f_0[j] - b[j])) + (f_1[j] - b[j])) + ...: the adds of acc.zero_(); acc.add_(t_i).
-    # Returns the number of non-finite sums (|NaN| < inf is false)
+def sum_task_vectors(out, fts, base, scale, final):
+    # acc = ((0 + (f_0[j] - b[j])) + (f_1[j] - b[j])) + ...: the adds of acc.zero_(); acc.add_(t_i).
+    # out[j] = acc, or with final, fma(acc, scale, b[j]): torch.add(b, acc, alpha=scale) on a CPU whose
+    # kernels fuse it (kernels.fused_add_matches_torch). Returns the number of non-finite sums
+    # (|NaN| < inf is false). final is the same for every j: the compiler takes the branch out of the loop
     bad = 0
     for j in range(out.shape[0]):
         b = base[j]
         acc = zero32
         for f in fts:
             acc += f[j] - b
-        out[j] = acc
-        bad += not abs(acc) < inf32
-    return bad
-
-
-@jit
-def sum_task_vectors_scaled(out, fts, base, scale):
-    # out[j] = fma(sum_j, scale, b[j]): torch.add(b, sum, alpha=scale) on a CPU whose kernels fuse it
-    # (kernels.fused_add_matches_torch). Returns the number of non-finite sums, as sum_task_vectors
-    bad = 0
-    for j in range(out.shape[0]):
-        b = base[j]
-        acc = zero32
-        for f in fts:
-            acc += f[j] - b
-        out[j] = fma(acc, scale, b)
+        out[j] = fma(acc, scale, b) if final else acc
         bad += not abs(acc) < inf32
     return bad
 

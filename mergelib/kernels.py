@@ -101,10 +101,8 @@ def sum_task_vectors(out: Tensor, finetuned: Sequence[Tensor], base: Tensor, sca
     (one fused multiply-add; only where :func:`fused_add_matches_torch`). All tensors: contiguous
     float32 CPU tensors with ``base.numel()`` entries (:func:`available`). Returns the number of
     non-finite sums (0: every sum is finite)."""
-    fts, b = tuple(_np(f) for f in finetuned), _np(base)
-    if scale is None:
-        return int(_loops().sum_task_vectors(_np(out), fts, b))
-    return int(_loops().sum_task_vectors_scaled(_np(out), fts, b, np.float32(scale)))
+    return int(_loops().sum_task_vectors(_np(out), tuple(_np(f) for f in finetuned), _np(base),
+                                         np.float32(0.0 if scale is None else scale), scale is not None))
 
 
 @lru_cache(maxsize=None)
@@ -120,7 +118,7 @@ def fused_add_matches_torch() -> bool:
     b = torch.randn(1 << 16, generator=g) * torch.logspace(-6, 0, 1 << 16)
     f = (b + a).numpy()
     out = torch.empty_like(a)
-    _loops().sum_task_vectors_scaled(out.numpy(), (f,), a.numpy(), np.float32(0.3))
+    _loops().sum_task_vectors(out.numpy(), (f,), a.numpy(), np.float32(0.3), True)
     sums = torch.from_numpy(f) - a  # the sums the kernel forms: 0 + (f - a)
     vector = torch.add(a, sums, alpha=0.3)
     scalar = torch.cat([torch.add(a[i:i + 7], sums[i:i + 7], alpha=0.3) for i in range(0, 4095, 7)])
