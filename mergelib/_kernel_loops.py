@@ -53,14 +53,15 @@ def sum_task_vectors(out, fts, base, scale, final):
 
 
 @jit
-def ties_sweep(out, zero, fts, base, thr):
+def ties_sweep(out, zero, fts, base, thr, scale, final):
     # per entry j, with x_i = f_i[j] - b[j]:
     #   t_i = x_i * (|x_i| >= thr_i)                  the official trim (a 0/1 float mask: x * 0 = +-0)
     #   tot = (0 + t_0) + t_1 + ...;  s = +1 if tot > 0 else -1
     #   out = ((0 + relu(t_0 s)) + relu(t_1 s) + ...) * s / max(#(t_i s > 0), 1)
     # relu keeps a NaN (as clamp_min does): a non-finite input reaches the result.
-    # Returns #(tot > 0) - #(tot < 0) (the majority-sign votes) and the number of non-finite results
-    # (a NaN or inf input makes its column's result NaN or inf); zero[j] = (tot == 0).
+    # With final, out = fma(out, scale, b[j]) (as sum_task_vectors). Returns #(tot > 0) - #(tot < 0) (the
+    # majority-sign votes) and the number of non-finite results (a NaN or inf input makes its column's
+    # result NaN or inf); zero[j] = (tot == 0).
     votes = 0
     bad = 0
     for j in range(out.shape[0]):
@@ -86,14 +87,15 @@ def ties_sweep(out, zero, fts, base, thr):
                 cnt += one32
             num += zero32 if a < zero32 else a
         v = (num * s) / (cnt if cnt > one32 else one32)
-        out[j] = v
+        out[j] = fma(v, scale, b) if final else v
         bad += not abs(v) < inf32
     return votes, bad
 
 
 @jit
-def ties_majority_positive(out, zero, fts, base, thr):
-    # where tot == 0 and the majority sign is +: the mean of the positive trimmed entries (+0.0 if none)
+def ties_majority_positive(out, zero, fts, base, thr, scale, final):
+    # where tot == 0 and the majority sign is +: the mean of the positive trimmed entries (+0.0 if none);
+    # with final, fma(mean, scale, b[j])
     for j in range(out.shape[0]):
         if zero[j]:
             b = base[j]
@@ -105,7 +107,8 @@ def ties_majority_positive(out, zero, fts, base, thr):
                 if t > zero32:
                     cnt += one32
                 num += zero32 if t < zero32 else t
-            out[j] = num / (cnt if cnt > one32 else one32)
+            v = num / (cnt if cnt > one32 else one32)
+            out[j] = fma(v, scale, b) if final else v
 
 
 @jit

@@ -91,6 +91,11 @@ def _loops():
     return _kernel_loops
 
 
+def _scale(scale: float | None) -> tuple[np.float32, bool]:
+    """The loops' ``(scale, final)`` arguments: write ``base + scale * value`` (fused) or the value."""
+    return np.float32(0.0 if scale is None else scale), scale is not None
+
+
 # ----------------------------------------------------------------------------------------------
 # Public wrappers (one tensor at a time; the callers loop over a state dict's keys)
 # ----------------------------------------------------------------------------------------------
@@ -101,8 +106,7 @@ def sum_task_vectors(out: Tensor, finetuned: Sequence[Tensor], base: Tensor, sca
     (one fused multiply-add; only where :func:`fused_add_matches_torch`). All tensors: contiguous
     float32 CPU tensors with ``base.numel()`` entries (:func:`available`). Returns the number of
     non-finite sums (0: every sum is finite)."""
-    return int(_loops().sum_task_vectors(_np(out), tuple(_np(f) for f in finetuned), _np(base),
-                                         np.float32(0.0 if scale is None else scale), scale is not None))
+    return int(_loops().sum_task_vectors(_np(out), tuple(_np(f) for f in finetuned), _np(base), *_scale(scale)))
 
 
 @lru_cache(maxsize=None)
@@ -126,26 +130,27 @@ def fused_add_matches_torch() -> bool:
             and torch.equal(out[:4095].view(torch.int32), scalar.view(torch.int32)))
 
 
-def ties_sweep(out: Tensor, zero: Tensor, finetuned: Sequence[Tensor], base: Tensor,
-               thr: Tensor) -> tuple[int, int]:
+def ties_sweep(out: Tensor, zero: Tensor, finetuned: Sequence[Tensor], base: Tensor, thr: Tensor,
+               scale: float | None = None) -> tuple[int, int]:
     """TIES on one tensor from the state dicts (official trim, ``"mass"`` sign rule; the operations of
     :func:`mergelib.competition._ties_fused` with ``majority=None``): writes the merged task vector
     (the value for a negative majority sign where the trimmed sum is 0) into ``out`` and
     ``zero = (trimmed sum == 0)``; returns ``#(sum > 0) - #(sum < 0)`` over the tensor's entries and the
     number of non-finite results (a NaN or inf in an input reaches its column's result).
-    ``thr``: the ``N`` trim thresholds (float32). After all tensors, if the votes are positive, call
-    :func:`ties_majority_positive` on each."""
+    ``thr``: the ``N`` trim thresholds (float32). With ``scale``, ``out = base + scale * merged`` instead
+    (as :func:`sum_task_vectors`). After all tensors, if the votes are positive, call
+    :func:`ties_majority_positive` on each, with the same ``scale``."""
     votes, bad = _loops().ties_sweep(_np(out), zero.reshape(-1).numpy(), tuple(_np(f) for f in finetuned),
-                                     _np(base), thr.detach().reshape(-1).numpy())
+                                     _np(base), thr.detach().reshape(-1).numpy(), *_scale(scale))
     return int(votes), int(bad)
 
 
 def ties_majority_positive(out: Tensor, zero: Tensor, finetuned: Sequence[Tensor], base: Tensor,
-                           thr: Tensor) -> Tensor:
+                           thr: Tensor, scale: float | None = None) -> Tensor:
     """Where ``zero`` (the trimmed sum is 0), the value for a positive majority sign: the mean of the
-    positive trimmed entries, +0.0 where there are none."""
+    positive trimmed entries, +0.0 where there are none (``base + scale *`` that with ``scale``)."""
     _loops().ties_majority_positive(_np(out), zero.reshape(-1).numpy(), tuple(_np(f) for f in finetuned),
-                                    _np(base), thr.detach().reshape(-1).numpy())
+                                    _np(base), thr.detach().reshape(-1).numpy(), *_scale(scale))
     return out
 
 

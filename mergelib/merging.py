@@ -251,13 +251,12 @@ def merge(pretrained: Mapping[str, Tensor], finetuned: Sequence[Mapping[str, Ten
             flat = empty_matrix((layout.D,), device=pretrained[keys[0]].device)
             merged = _sum_per_tensor(pretrained, models, keys, lams, check=validate, layout=layout,
                                      into={k: flat[s:e] for k, s, e in layout.segments()}, scale=lam)
-            out = dict(pretrained)  # theta_0 + lambda * sum, in float32: back to each tensor's dtype
-            out.update((k, v.to(pretrained[k].dtype)) for k, v in merged.items())
-            return out
+            return _with_merged(pretrained, merged)
         elif spec.fn is _fr and hp["align"] != "paper":  # per tensor, no N x D matrix
             deltas = _fr_per_tensor(pretrained, models, keys, hp)
         elif spec.fn is _ties and hp["trim_rule"] == "official" and pretrained[keys[0]].device.type == "cpu":
-            deltas = _ties_columns(pretrained, models, keys, hp)  # column blocks, no N x D matrix
+            # column blocks, no N x D matrix; theta_0 + lambda * tau_m
+            return _with_merged(pretrained, _ties_columns(pretrained, models, keys, hp, lam))
         elif spec.fn is _pcb and hp["mode"] == "official" and pretrained[keys[0]].device.type == "cpu":
             cols = TaskVectorColumns(models, pretrained, keys)  # column blocks: no N x D task-vector copy
             deltas = unflatten(_pcb_official(cols, hp["density"], lams or [1.0] * len(models)), cols.layout)
@@ -279,6 +278,14 @@ def merge(pretrained: Mapping[str, Tensor], finetuned: Sequence[Mapping[str, Ten
     return out
 
 
+def _with_merged(pretrained: Mapping[str, Tensor], merged: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``pretrained`` with the ``merged`` float32 tensors (``theta_0 + lambda * tau_m``, computed by the
+    caller) in place of theirs, each converted back to the pretrained tensor's dtype."""
+    out = dict(pretrained)
+    out.update((k, v.to(pretrained[k].dtype)) for k, v in merged.items())
+    return out
+
+
 def _selected_keys(spec: MergeMethod, pretrained: Mapping[str, Tensor], rules, include, exclude) -> list[str]:
     """The sorted keys that take part (``rules``/``include``/``exclude`` as in :func:`merge`)."""
     if rules == "auto":
@@ -297,30 +304,41 @@ def _selected_keys(spec: MergeMethod, pretrained: Mapping[str, Tensor], rules, i
     return keys
 
 
-def _ties_columns(pretrained, models, keys: list[str], hp: Mapping) -> dict[str, Tensor]:
+def _ties_columns(pretrained, models, keys: list[str], hp: Mapping, scale: float) -> dict[str, Tensor]:
     """TIES with the official trim on the CPU, read as column blocks of the task vectors
     (:class:`~mergelib.task_vectors.TaskVectorColumns`): one counting pass for the thresholds, one
     fused trim-elect-average pass, no ``N x D`` matrix. The same bits as ``flatten`` + ``ties_merge``.
     Finiteness is checked on the merged vector: a NaN or inf in any task vector reaches it (the trim
-    multiplies every entry by 0 or 1, and NaN * 0 is NaN). Raises :class:`NonFiniteError`."""
+    multiplies every entry by 0 or 1, and NaN * 0 is NaN). Raises :class:`NonFiniteError`.
+
+    Returns ``theta_0 + scale * tau_m`` per tensor in float32, with the bits of ``torch.add(theta_0.float(),
+    tau_m, alpha=scale)`` (:func:`merge`'s last step; fused into the sweep where :mod:`mergelib.kernels`
+    runs it and :func:`~mergelib.kernels.fused_add_matches_torch`)."""
     cols = TaskVectorColumns(models, pretrained, keys)
     plan = _trim_plan(cols, hp["density"], hp["granularity"], cols.layout, "official")
     tensors = [pretrained[k] for k in cols.layout.keys] + [m[k] for m in models for k in cols.layout.keys]
+    fused = False
     if hp["sign_rule"] == "mass" and kernels.available(*tensors):
-        merged, finite = _ties_kernel(pretrained, models, cols.layout, plan)  # the same bits, one pass per entry
+        fused = kernels.fused_add_matches_torch()
+        merged, finite = _ties_kernel(pretrained, models, cols.layout, plan, scale if fused else None)
     else:
         merged = _ties_fused(cols, plan, [None] * len(plan), "official", hp["sign_rule"])
         finite = _all_finite(merged)
     if not finite:
         raise NonFiniteError("the TIES-merged task vector is not finite")
-    return unflatten(merged, cols.layout)
+    out = unflatten(merged, cols.layout)
+    if not fused:
+        for k, t in out.items():
+            torch.add(pretrained[k].float(), t, alpha=scale, out=t)
+    return out
 
 
-def _ties_kernel(pretrained, models, layout: FlatLayout, plan) -> tuple[Tensor, bool]:
+def _ties_kernel(pretrained, models, layout: FlatLayout, plan, scale: float | None) -> tuple[Tensor, bool]:
     """:func:`_ties_columns`'s sweep with :func:`mergelib.kernels.ties_sweep`, tensor by tensor from the
     state dicts: the float operations of :func:`_ties_fused` (``"mass"`` rule, official trim), each entry
     read once. ``plan``: :func:`_trim_plan`'s segments (the whole vector, or one per tensor of ``layout``).
-    Returns the merged task vector and whether it is finite (counted by the sweep)."""
+    Returns the merged task vector (``theta_0 + scale * tau_m`` with ``scale``, fused) and whether it is
+    finite (counted by the sweep)."""
     out = empty_matrix((layout.D,), device=pretrained[layout.keys[0]].device)
     zero = torch.empty(layout.D, dtype=torch.bool)
     n = len(models)
@@ -332,11 +350,11 @@ def _ties_kernel(pretrained, models, layout: FlatLayout, plan) -> tuple[Tensor, 
         segments.append((k, s, e, thr))
     votes = bad = 0
     for k, s, e, thr in segments:
-        v, b = kernels.ties_sweep(out[s:e], zero[s:e], [m[k] for m in models], pretrained[k], thr)
+        v, b = kernels.ties_sweep(out[s:e], zero[s:e], [m[k] for m in models], pretrained[k], thr, scale)
         votes, bad = votes + v, bad + b
     if votes > 0:  # where the trimmed sum is 0, gamma takes the majority sign (+): the positive entries' mean
         for k, s, e, thr in segments:
-            kernels.ties_majority_positive(out[s:e], zero[s:e], [m[k] for m in models], pretrained[k], thr)
+            kernels.ties_majority_positive(out[s:e], zero[s:e], [m[k] for m in models], pretrained[k], thr, scale)
     # the columns that change there have a trimmed sum of exactly 0, so finite entries: still finite
     return out, bad == 0
 

@@ -88,15 +88,17 @@ def test_merge_ties_same_bits_with_and_without_kernels(seed, ties, hp):
     assert all(same_bytes(fast[k], slow[k]) for k in pre)
 
 
-def _cancelling_set(majority: float):
+def _cancelling_set(majority: float, base_scale: float = 0.0):
     """Two tasks whose trimmed entries cancel in some columns (sum exactly 0, both signs present), with
-    the other columns' votes set by ``majority`` (+1 or -1): both branches of the zero-sum rule."""
+    the other columns' votes set by ``majority`` (+1 or -1): both branches of the zero-sum rule.
+    ``base_scale``: the base weights are multiples of 2**-10 up to about that (so base + t is exact)."""
     n_col = 70_000  # a long row: merge() takes the column path
-    base = torch.zeros(n_col)
+    g = torch.Generator().manual_seed(0)
+    base = (torch.randn(n_col, generator=g) * base_scale * 1024).round() / 1024
     t1 = torch.full((n_col,), 0.5 * majority)
     t2 = torch.full((n_col,), 0.25 * majority)
-    t1[:100], t2[:100] = 0.75, -0.75  # cancelling columns
-    t1[100:200], t2[100:200] = 0.0, 0.0  # all-zero columns
+    t1[:2000], t2[:2000] = 0.75, -0.75  # cancelling columns
+    t1[2000:2100], t2[2000:2100] = 0.0, 0.0  # all-zero columns
     return {"w": base}, [{"w": base + t1}, {"w": base + t2}]
 
 
@@ -107,9 +109,9 @@ def test_ties_kernel_zero_sum_columns_take_the_majority_sign(majority):
     assert same_bytes(fast["w"], slow["w"])
     w = fast["w"]
     # gamma = majority where the sum is 0: the mean of that sign's entries (+-0.75), and 0 where all are 0
-    assert torch.all(w[:100] == 0.75 * majority)
-    assert torch.all(w[100:200] == 0.0)
-    assert torch.all(w[200:] == 0.375 * majority)  # (0.5 + 0.25) / 2
+    assert torch.all(w[:2000] == 0.75 * majority)
+    assert torch.all(w[2000:2100] == 0.0)
+    assert torch.all(w[2100:] == 0.375 * majority)  # (0.5 + 0.25) / 2
 
 
 def test_ties_kernel_agrees_with_the_flat_function():
@@ -242,15 +244,26 @@ def test_per_tensor_ties_thresholds_from_each_tensors_columns():
         assert same_bytes(fast[k].reshape(-1), pre[k].reshape(-1) + flat[s:e])
 
 
-@pytest.mark.parametrize("scale", [0.3, 1.0, 0.0, -0.7, [0.2, 0.5, 1.1]])
-def test_task_arithmetic_last_step_same_bits(scale, monkeypatch):
-    """theta_0 + lambda * sum: fused into the kernel where torch.add rounds once (fused_add_matches_torch),
-    else torch.add after the sums; per-task lambdas take the torch code. The same bits either way."""
-    pre, fts = _set(SHAPES, 3, seed=13)
-    fast, slow = _both(lambda: merge(pre, fts, "task_arithmetic", scale=scale, rules=None))
+@pytest.mark.parametrize("method,scale", [("task_arithmetic", 0.3), ("task_arithmetic", 1.0), ("task_arithmetic", 0.0),
+                                          ("task_arithmetic", -0.7), ("task_arithmetic", [0.2, 0.5, 1.1]),
+                                          ("ties", 1.0), ("ties", 0.45), ("ties", -0.3)])
+@pytest.mark.parametrize("majority", [1.0, -1.0])
+def test_last_step_same_bits(method, scale, majority, monkeypatch):
+    """theta_0 + lambda * tau_m: fused into the kernel where torch.add rounds once (fused_add_matches_torch),
+    else torch.add after it; per-task lambdas take the torch code. The same bits either way (TIES with
+    both majority signs: its zero-sum columns are rewritten after the sweep)."""
+    pre, fts = _cancelling_set(majority, base_scale=3.0)
+    more_pre, more_fts = _set(SHAPES, 2, seed=13)
+    pre.update(more_pre)
+    for ft, more in zip(fts, more_fts):
+        ft.update(more)
+    if isinstance(scale, list):
+        scale = scale[:2]
+    hp = {"density": 0.7} if method == "ties" else {}
+    fast, slow = _both(lambda: merge(pre, fts, method, scale=scale, rules=None, **hp))
     assert all(same_bytes(fast[k], slow[k]) for k in pre)
     monkeypatch.setattr(kernels, "fused_add_matches_torch", lambda: False)
-    unfused = merge(pre, fts, "task_arithmetic", scale=scale, rules=None)
+    unfused = merge(pre, fts, method, scale=scale, rules=None, **hp)
     assert all(same_bytes(unfused[k], slow[k]) for k in pre)
 
 
