@@ -30,9 +30,26 @@ def fma(typingctx, a, b, c):
     return types.float32(types.float32, types.float32, types.float32), codegen
 
 
+@intrinsic
+def widen(typingctx, x):
+    """An entry as float32: a float32 as it is; a bfloat16, read as its uint16 bits, as the float32 with
+    those 16 high bits and 16 zero bits (exactly ``Tensor.float()`` of a bf16 tensor)."""
+    if x == types.float32:
+        def codegen(context, builder, signature, args):
+            return args[0]
+    elif x == types.uint16:
+        def codegen(context, builder, signature, args):
+            bits = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
+            return builder.bitcast(bits, ir.FloatType())
+    else:
+        return None
+    return types.float32(x), codegen
+
+
 # The float32 constants are np.float32: a Python float literal would promote the arithmetic to
 # float64 and change the bits. The loops run over entries j on the outside, so that the compiler
-# vectorises them; the few task values of an entry stay in registers.
+# vectorises them; the few task values of an entry stay in registers. Inputs are float32 arrays or bf16
+# tensors' bits as uint16 arrays (widen); the arithmetic is float32 either way, as in the torch code.
 
 
 @jit
@@ -43,10 +60,10 @@ def sum_task_vectors(out, fts, base, scale, final):
     # (|NaN| < inf is false). final is the same for every j: the compiler takes the branch out of the loop
     bad = 0
     for j in range(out.shape[0]):
-        b = base[j]
+        b = widen(base[j])
         acc = zero32
         for f in fts:
-            acc += f[j] - b
+            acc += widen(f[j]) - b
         out[j] = fma(acc, scale, b) if final else acc
         bad += not abs(acc) < inf32
     return bad
@@ -65,10 +82,10 @@ def ties_sweep(out, zero, fts, base, thr, scale, final):
     votes = 0
     bad = 0
     for j in range(out.shape[0]):
-        b = base[j]
+        b = widen(base[j])
         tot = zero32
         for i in range(len(fts)):
-            x = fts[i][j] - b
+            x = widen(fts[i][j]) - b
             tot += x * (one32 if abs(x) >= thr[i] else zero32)
         if tot > zero32:
             votes += 1
@@ -81,7 +98,7 @@ def ties_sweep(out, zero, fts, base, thr, scale, final):
         num = zero32
         cnt = zero32
         for i in range(len(fts)):
-            x = fts[i][j] - b
+            x = widen(fts[i][j]) - b
             a = (x * (one32 if abs(x) >= thr[i] else zero32)) * s
             if a > zero32:
                 cnt += one32
@@ -98,11 +115,11 @@ def ties_majority_positive(out, zero, fts, base, thr, scale, final):
     # with final, fma(mean, scale, b[j])
     for j in range(out.shape[0]):
         if zero[j]:
-            b = base[j]
+            b = widen(base[j])
             num = zero32
             cnt = zero32
             for i in range(len(fts)):
-                x = fts[i][j] - b
+                x = widen(fts[i][j]) - b
                 t = x * (one32 if abs(x) >= thr[i] else zero32)
                 if t > zero32:
                     cnt += one32
@@ -118,7 +135,7 @@ def count_bracket(f, base, lo, hi, store):
     # store[k], and k moves on only if c is kept (store holds at least len(f) entries)
     below, k = 0, 0
     for j in range(f.shape[0]):
-        c = abs(f[j] - base[j])
+        c = abs(widen(f[j]) - widen(base[j]))
         below += c < lo
         store[k] = c
         k += (c >= lo) & (c <= hi)
@@ -130,7 +147,7 @@ def count_bracket_tie(f, base, lo, hi, tie, store):
     # the same with a tied value in the bracket, counted and not kept: (#(c < lo), #(c == tie), k)
     below, points, k = 0, 0, 0
     for j in range(f.shape[0]):
-        c = abs(f[j] - base[j])
+        c = abs(widen(f[j]) - widen(base[j]))
         below += c < lo
         eq = c == tie
         points += eq

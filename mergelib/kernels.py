@@ -21,8 +21,9 @@ the results are the torch code's bit for bit; only the number of passes over mem
 
 They are an accelerator, not a second definition: the torch code in :mod:`mergelib.merging` and
 :mod:`mergelib.competition` is what the notebooks teach, and ``tests/test_kernels.py`` checks every
-kernel against it bit for bit. :func:`available` says whether a kernel can run (Numba installed, CPU
-float32 contiguous tensors, kernels not switched off); otherwise the callers use the torch code.
+kernel against it bit for bit. :func:`available` says whether a kernel can run (Numba installed,
+contiguous float32 or bf16 CPU tensors, kernels not switched off); otherwise the callers use the torch
+code (float16 checkpoints, CUDA, per-task lambdas of the sums, TIES's other rules).
 ``MERGELIB_KERNELS=torch`` in the environment, or :func:`use` (``with kernels.use(False): ...``),
 switches them off, e.g. for ``benchmarks/bench_merge.py --kernels torch``.
 
@@ -73,17 +74,24 @@ def _numba():
     return numba
 
 
+_INPUT_DTYPES = (torch.float32, torch.bfloat16)
+
+
 def available(*tensors: Tensor) -> bool:
-    """True when the kernels are on, Numba is installed and every tensor is a contiguous float32 CPU
-    tensor that needs no gradient (the kernels read them as NumPy arrays in place)."""
-    if not _enabled or _numba() is None:
-        return False
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() and not t.requires_grad
+    """True when the kernels are on, Numba is installed and the tensors are contiguous CPU tensors of
+    one dtype, float32 or bfloat16, that need no gradient (the kernels read them as NumPy arrays in
+    place; bf16 as its uint16 bits, widened exactly to float32 as ``Tensor.float()`` does: the torch code
+    computes in float32 too)."""
+    if not _enabled or _numba() is None or len({t.dtype for t in tensors}) > 1:
+        return False  # (one dtype: the loops take the task tensors as one tuple of arrays of one type)
+    return all(t.device.type == "cpu" and t.dtype in _INPUT_DTYPES and t.is_contiguous() and not t.requires_grad
                for t in tensors)
 
 
 def _np(t: Tensor) -> np.ndarray:
-    return t.detach().reshape(-1).numpy()
+    """``t`` flat as a NumPy array in place: float32 as it is, bf16 as its bits (uint16)."""
+    t = t.detach().reshape(-1)
+    return t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
 
 
 def _loops():
@@ -103,9 +111,9 @@ def sum_task_vectors(out: Tensor, finetuned: Sequence[Tensor], base: Tensor, sca
     """``out = sum_i (finetuned_i - base)`` entry by entry, from zero, the tasks in order: the float
     operations (and bits) of ``out.zero_()`` then ``out.add_(f_i - base)`` for each task. With
     ``scale``, ``out = base + scale * sum`` instead, as ``torch.add(base, sum, alpha=scale)`` computes it
-    (one fused multiply-add; only where :func:`fused_add_matches_torch`). All tensors: contiguous
-    float32 CPU tensors with ``base.numel()`` entries (:func:`available`). Returns the number of
-    non-finite sums (0: every sum is finite)."""
+    (one fused multiply-add; only where :func:`fused_add_matches_torch`). ``out``: a contiguous float32
+    CPU tensor; the others: contiguous float32 or bf16 CPU tensors of one dtype (:func:`available`), all
+    with ``base.numel()`` entries. Returns the number of non-finite sums (0: every sum is finite)."""
     return int(_loops().sum_task_vectors(_np(out), tuple(_np(f) for f in finetuned), _np(base), *_scale(scale)))
 
 

@@ -414,7 +414,6 @@ def _sum_per_tensor(pretrained, models, keys: list[str], lams, check: bool,
     out = {}
     checked = {}  # key -> the number of leading entries whose sums the kernel counted finite
     fused = {}  # key -> the number of leading entries that already hold theta_0 + scale * sum
-    fuse = scale is not None and kernels.available() and kernels.fused_add_matches_torch()
     for k, off, numel in zip(layout.keys, layout.offsets, layout.numels):
         if k not in wanted:
             continue
@@ -423,6 +422,7 @@ def _sum_per_tensor(pretrained, models, keys: list[str], lams, check: bool,
         head = min(numel, max(tail - off, 0))  # the entries before the last partial block
         rows = [m[k] for m in models]
         if lams is None and kernels.available(p0, *rows):  # the same adds in one pass per entry
+            fuse = scale is not None and kernels.fused_add_matches_torch()
             acc = torch.empty(numel, dtype=torch.float32) if into is None else into[k]
             bad = kernels.sum_task_vectors(acc[:head], [r.reshape(-1)[:head] for r in rows], p0[:head],
                                            scale=scale if fuse else None)

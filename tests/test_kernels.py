@@ -16,7 +16,7 @@ from bits import same_bytes
 pytest.importorskip("numba")  # the kernels are optional; without Numba the torch code runs (tested below)
 
 
-def _set(shapes, n, seed, ties=False, scale=1e-3):
+def _set(shapes, n, seed, ties=False, scale=1e-3, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     pre = {k: torch.randn(s, generator=g) * 0.02 for k, s in shapes.items()}
     fts = []
@@ -28,6 +28,9 @@ def _set(shapes, n, seed, ties=False, scale=1e-3):
                 d = (d * 1e4).round() / 1e4 * (torch.rand(s, generator=g) > 0.3)
             ft[k] = pre[k] + d
         fts.append(ft)
+    if dtype != torch.float32:
+        pre = {k: v.to(dtype) for k, v in pre.items()}
+        fts = [{k: v.to(dtype) for k, v in ft.items()} for ft in fts]
     return pre, fts
 
 
@@ -68,10 +71,11 @@ def test_sum_task_vectors_matches_the_torch_adds(n):
     assert same_bytes(out, ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("method", ["task_arithmetic", "average"])
 @pytest.mark.parametrize("n", [2, 5])
-def test_merge_sums_same_bits_with_and_without_kernels(method, n):
-    pre, fts = _set(SHAPES, n, seed=n)
+def test_merge_sums_same_bits_with_and_without_kernels(method, n, dtype):
+    pre, fts = _set(SHAPES, n, seed=n, dtype=dtype)
     fast, slow = _both(lambda: merge(pre, fts, method, rules=None))
     assert all(same_bytes(fast[k], slow[k]) for k in pre)
     direct = _sum_per_tensor(pre, fts, sorted(pre), None, check=False)
@@ -79,11 +83,13 @@ def test_merge_sums_same_bits_with_and_without_kernels(method, n):
         assert all(same_bytes(direct[k], _sum_per_tensor(pre, fts, sorted(pre), None, check=False)[k]) for k in pre)
 
 
-@pytest.mark.parametrize("seed,ties", [(0, False), (1, True), (2, True)])
+@pytest.mark.parametrize("seed,ties,dtype", [(0, False, torch.float32), (1, True, torch.float32),
+                                             (2, True, torch.float32), (3, False, torch.bfloat16),
+                                             (4, True, torch.bfloat16)])
 @pytest.mark.parametrize("hp", [{}, {"granularity": "tensor"}, {"density": 0.5}, {"density": 1.0},
                                 {"density": 0.01}])
-def test_merge_ties_same_bits_with_and_without_kernels(seed, ties, hp):
-    pre, fts = _set(SHAPES, 5, seed=seed, ties=ties)
+def test_merge_ties_same_bits_with_and_without_kernels(seed, ties, dtype, hp):
+    pre, fts = _set(SHAPES, 5, seed=seed, ties=ties, dtype=dtype)
     fast, slow = _both(lambda: merge(pre, fts, "ties", rules=None, **hp))
     assert all(same_bytes(fast[k], slow[k]) for k in pre)
 
@@ -136,11 +142,12 @@ def test_non_finite_input_still_named(method, where, value):
             merge(pre, fts, method, rules=None, validate=False)
 
 
-def test_available_only_for_contiguous_float32_cpu_tensors():
+def test_available_only_for_contiguous_float32_or_bf16_cpu_tensors_of_one_dtype():
     x = torch.zeros(4, 6)
-    assert kernels.available(x)
+    assert kernels.available(x) and kernels.available(x.to(torch.bfloat16))
     assert not kernels.available(x.t())  # not contiguous
-    assert not kernels.available(x.to(torch.bfloat16))
+    assert not kernels.available(x, x.to(torch.bfloat16))  # two dtypes
+    assert not kernels.available(x.half())
     assert not kernels.available(x.double())
     assert not kernels.available(x.requires_grad_())
     with kernels.use(False):
@@ -148,13 +155,21 @@ def test_available_only_for_contiguous_float32_cpu_tensors():
     assert kernels.available(torch.zeros(3))
 
 
+def test_bf16_widened_exactly():
+    base = torch.tensor([1.0, -3.5, 2.0 ** -130, 0.0]).to(torch.bfloat16)  # 2**-130: a bf16 subnormal
+    fts = [torch.tensor([1.5, -3.25, 0.0, -0.0]).to(torch.bfloat16)]
+    out = torch.empty(4)
+    assert kernels.sum_task_vectors(out, fts, base) == 0
+    assert same_bytes(out, (fts[0].float() - base.float()) + 0.0)  # (0 + (f - b)), -0.0 included
+
+
 def test_other_dtypes_take_the_torch_code(monkeypatch):
     pre, fts = _set(SHAPES, 3, seed=4)
-    pre16 = {k: v.to(torch.bfloat16) for k, v in pre.items()}
-    fts16 = [{k: v.to(torch.bfloat16) for k, v in ft.items()} for ft in fts]
+    pre16 = {k: v.half() for k, v in pre.items()}
+    fts16 = [{k: v.half() for k, v in ft.items()} for ft in fts]
 
     def fail(*a, **k):
-        raise AssertionError("a kernel ran on bf16 tensors")
+        raise AssertionError("a kernel ran on float16 tensors")
 
     monkeypatch.setattr(kernels, "sum_task_vectors", fail)
     monkeypatch.setattr(kernels, "ties_sweep", fail)
@@ -180,7 +195,7 @@ def test_environment_switch():
         assert out.stdout.strip() == expected
 
 
-def _columns(n_rows, shapes, seed, zeros=0.0, dup=False):
+def _columns(n_rows, shapes, seed, zeros=0.0, dup=False, dtype=torch.float32):
     from mergelib.task_vectors import TaskVectorColumns
     g = torch.Generator().manual_seed(seed)
     pre = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
@@ -192,16 +207,19 @@ def _columns(n_rows, shapes, seed, zeros=0.0, dup=False):
             if dup:  # few distinct magnitudes: long runs of tied values
                 d = (d * 300).round() / 300
             d = d * (torch.rand(s, generator=g) >= zeros)  # exact zeros (an unchanged weight)
-            ft[k] = pre[k] + d
+            ft[k] = (pre[k] + d).to(dtype)
         fts.append(ft)
-    return TaskVectorColumns(fts, pre, sorted(shapes))
+    return TaskVectorColumns(fts, {k: v.to(dtype) for k, v in pre.items()}, sorted(shapes))
 
 
-@pytest.mark.parametrize("zeros,dup", [(0.0, False), (0.45, False), (0.0, True), (0.3, True)])
+@pytest.mark.parametrize("zeros,dup,dtype", [(0.0, False, torch.float32), (0.45, False, torch.float32),
+                                             (0.0, True, torch.float32), (0.3, True, torch.float32),
+                                             (0.0, False, torch.bfloat16), (0.3, False, torch.bfloat16)])
 @pytest.mark.parametrize("ks", [[1], [77_000], [140_000], [3, 70_000, 139_999]])
-def test_kth_smallest_columns_same_values_with_and_without_kernel(zeros, dup, ks):
+def test_kth_smallest_columns_same_values_with_and_without_kernel(zeros, dup, dtype, ks):
     from mergelib.selection import kth_smallest_columns
-    cols = _columns(3, {"a": (300, 250), "b": (65_000,)}, seed=len(ks), zeros=zeros, dup=dup)  # rows of 140,000
+    cols = _columns(3, {"a": (300, 250), "b": (65_000,)}, seed=len(ks), zeros=zeros, dup=dup,
+                    dtype=dtype)  # rows of 140,000 (float32 task vectors of bf16 weights for bf16)
     fast, slow = _both(lambda: kth_smallest_columns(cols, ks))
     x = torch.stack([cols.row(i) for i in range(3)]).abs()
     ref = torch.stack([x.kthvalue(k, dim=1).values for k in ks], 1)
