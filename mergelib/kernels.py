@@ -162,38 +162,51 @@ def ties_majority_positive(out: Tensor, zero: Tensor, finetuned: Sequence[Tensor
     return out
 
 
-_COUNT_STEP = 1 << 20  # entries per call of the counting kernel (its store: 4 MB, reused)
+_COUNT_STEP = 1 << 20  # entries per call of the counting kernel
 
 
-def count_brackets(segments, brackets) -> list[list[tuple[int, int, np.ndarray]]]:
+def count_brackets(segments, brackets, limit: int | None = None):
     """The counting pass of :func:`mergelib.selection.kth_smallest_columns` (absolute values) over task
-    vectors given by state-dict tensors, one read of each entry per rank. ``segments``: ``(base,
-    [finetuned_i])`` per key in the flat order; ``brackets[i]``: row ``i``'s ``(lo, hi, tie)`` per rank
-    (:func:`mergelib.selection._brackets`, with ``lo < hi`` both given). Returns per row and rank
-    ``(#(|x| < lo), #(|x| == tie), the other |x| in [lo, hi])``, the counts and candidates of
-    :class:`mergelib.selection._NumpyCounter`."""
+    vectors given by state-dict tensors, one read of each entry per rank. ``segments``: an iterable of
+    ``(base, [finetuned_i])`` per key in the flat order, each taken once (a generator may read them from
+    disk one key at a time: :func:`mergelib.merge_files`); ``brackets[i]``: row ``i``'s ``(lo, hi, tie)``
+    per rank (:func:`mergelib.selection._brackets`, both ends given; ``lo == hi`` only with ``tie == lo``:
+    its entries are counted, none kept). Returns per row and
+    rank ``(#(|x| < lo), #(|x| == tie), the other |x| in [lo, hi])``, the counts and candidates of
+    :class:`mergelib.selection._NumpyCounter`; None as soon as a row and rank holds more than ``limit``
+    candidates (a row of few distinct values: the caller counts another way).
+
+    The loop writes every entry at the end of its rank's candidates and moves on past it only if it
+    is kept, so each rank's candidates grow in one buffer with room for a whole call after them
+    (doubled when full): each candidate is copied once, by the loop."""
     loops = _loops()
-    store = np.empty(min(_COUNT_STEP, max(b.numel() for b, _ in segments)), dtype=np.float32)
-    segs = [(_np(base), [_np(f) for f in fts]) for base, fts in segments]
-    out = []
-    for i, row in enumerate(brackets):
-        res = []
-        for lo, hi, tie in row:
-            lo, hi = np.float32(lo.item()), np.float32(hi.item())
-            below = points = 0
-            kept = []
-            for base, fts in segs:
-                f = fts[i]
+    bounds = [[(np.float32(lo.item()), np.float32(hi.item()), None if tie is None else np.float32(tie.item()))
+               for lo, hi, tie in row] for row in brackets]
+    below = [[0] * len(row) for row in bounds]
+    points = [[0] * len(row) for row in bounds]
+    kept = [[0] * len(row) for row in bounds]
+    store = [[np.empty(0, dtype=np.float32) for _ in row] for row in bounds]
+    for base, fts in segments:
+        base = _np(base)
+        for i, row in enumerate(bounds):
+            f = _np(fts[i])
+            for j, (lo, hi, tie) in enumerate(row):
                 for a0 in range(0, base.shape[0], _COUNT_STEP):
                     a1 = min(a0 + _COUNT_STEP, base.shape[0])
+                    k0 = kept[i][j]
+                    if store[i][j].shape[0] < k0 + (a1 - a0):  # room for every entry of the call
+                        grown = np.empty(max(2 * store[i][j].shape[0], k0 + (a1 - a0)), dtype=np.float32)
+                        grown[:k0] = store[i][j][:k0]
+                        store[i][j] = grown
+                    dest = store[i][j][k0:]
                     if tie is None:
-                        b, k = loops.count_bracket(f[a0:a1], base[a0:a1], lo, hi, store)
+                        b, k = loops.count_bracket(f[a0:a1], base[a0:a1], lo, hi, dest)
                     else:
-                        b, p, k = loops.count_bracket_tie(f[a0:a1], base[a0:a1], lo, hi, np.float32(tie.item()),
-                                                          store)
-                        points += p
-                    below += b
-                    kept.append(store[:k].copy())
-            res.append((below, points, np.concatenate(kept)))
-        out.append(res)
-    return out
+                        b, p, k = loops.count_bracket_tie(f[a0:a1], base[a0:a1], lo, hi, tie, dest)
+                        points[i][j] += int(p)
+                    below[i][j] += int(b)
+                    kept[i][j] = k0 + int(k)
+                    if limit is not None and kept[i][j] > limit:
+                        return None
+    return [[(below[i][j], points[i][j], store[i][j][:kept[i][j]]) for j in range(len(row))]
+            for i, row in enumerate(bounds)]

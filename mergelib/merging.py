@@ -316,9 +316,8 @@ def _ties_columns(pretrained, models, keys: list[str], hp: Mapping, scale: float
     runs it and :func:`~mergelib.kernels.fused_add_matches_torch`)."""
     cols = TaskVectorColumns(models, pretrained, keys)
     plan = _trim_plan(cols, hp["density"], hp["granularity"], cols.layout, "official")
-    tensors = [pretrained[k] for k in cols.layout.keys] + [m[k] for m in models for k in cols.layout.keys]
     fused = False
-    if hp["sign_rule"] == "mass" and kernels.available(*tensors):
+    if hp["sign_rule"] == "mass" and kernels.available(*cols.tensors()):
         fused = kernels.fused_add_matches_torch()
         merged, finite = _ties_kernel(pretrained, models, cols.layout, plan, scale if fused else None)
     else:

@@ -232,17 +232,29 @@ def _count_with_kernel(cols, brackets, absolute: bool):
     """The counting pass with :func:`mergelib.kernels.count_brackets`, reading the state dicts behind
     ``cols`` (a :class:`~mergelib.task_vectors.TaskVectorColumns`) in place: per row ``(below, cands)``
     as :meth:`_NumpyCounter.result` gives them. None where the kernel does not apply (no Numba, tensors
-    other than contiguous float32 on the CPU, signed values, a bracket open on one side or on one
-    value): the NumPy pass counts then."""
-    models, pretrained = getattr(cols, "models", None), getattr(cols, "pretrained", None)
-    if not absolute or models is None or pretrained is None or cols.dtype != torch.float32:
+    other than contiguous float32 or bf16 on the CPU, signed values, a bracket open on one side:
+    :func:`kernel_brackets`): the NumPy pass counts then."""
+    if not absolute or not hasattr(cols, "tensors") or cols.dtype != torch.float32:
+        return None
+    if not _kernels.available(*cols.tensors()) or not kernel_brackets(brackets):
         return None
     keys = cols.layout.keys
-    if not _kernels.available(*(pretrained[k] for k in keys), *(md[k] for md in models for k in keys)):
-        return None
-    if any(lo is None or hi is None or bool(lo == hi) for row in brackets for lo, hi, _ in row):
-        return None
-    rows = _kernels.count_brackets([(pretrained[k], [md[k] for md in models]) for k in keys], brackets)
+    return kernel_counts(_kernels.count_brackets(((cols.pretrained[k], [md[k] for md in cols.models]) for k in keys),
+                                                 brackets), brackets)
+
+
+def kernel_brackets(brackets) -> bool:
+    """Whether :func:`mergelib.kernels.count_brackets` can count these brackets (per row, per rank):
+    each closed on both sides; a bracket on one value (``lo == hi``, heavy ties such as the few distinct
+    magnitudes of bf16 task vectors) only with that value as its tie (:func:`_brackets` sets it), whose
+    entries are counted and none kept, as :class:`_NumpyCounter` does."""
+    return not any(lo is None or hi is None or (bool(lo == hi) and tie is None) for row in brackets
+                   for lo, hi, tie in row)
+
+
+def kernel_counts(rows, brackets) -> list[tuple[list[int], list]]:
+    """:func:`mergelib.kernels.count_brackets`'s result as :meth:`_NumpyCounter.result` gives it, per row
+    ``(below, cands)`` (for :func:`_finish`)."""
     return [([below for below, _, _ in row],
              [[torch.from_numpy(c)] if tie is None else [_Tied(torch.from_numpy(c), tie, points)]
               for (_, points, c), (_, _, tie) in zip(row, brs)])

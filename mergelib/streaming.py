@@ -35,6 +35,14 @@ Two settings cannot stream and raise :class:`StreamingNotSupportedError`: ``pcb`
 ``align="paper"`` (its coefficients are float means over the whole model): the rounding of such a
 sum depends on its order, so partial sums per tensor would not give the same bits.
 
+**Compiled loops.** Where :mod:`mergelib.kernels` runs (Numba installed, float32 or bf16 checkpoints),
+TIES reads each key's inputs in place, with no float32 task vectors built: the counting pass of the
+global thresholds (both trim rules) is :func:`mergelib.kernels.count_brackets`, and with the official
+trim and the mass sign rule the write pass is :func:`mergelib.kernels.ties_sweep` (the per-tensor
+thresholds counted from the tensor's inputs the same way), the entries a positive majority sign would
+change computed by :func:`mergelib.kernels.ties_majority_positive`. The same float operations as the
+torch code, so the same bits (``MERGELIB_KERNELS=torch`` switches them off).
+
 **Same result as in memory.** For every supported method the tensors written are bit for bit those
 of ``mergelib.merge(pretrained, finetuned, method, **hparams)`` on the loaded state dicts.
 
@@ -63,11 +71,12 @@ import torch
 from torch import Tensor
 
 from . import competition as _comp
+from . import kernels
 from . import selection as _sel
 from .fourier import _fr_options, fr_check_selection, fr_tensor
 from .merging import METHODS, REGISTRY, _selected_keys, _sum, _sum_per_tensor
 from .task_vectors import (FlatLayout, NonFiniteError, Scratch, StateDictDtypeError, StateDictKeyError,
-                           StateDictShapeError, _sub_into)
+                           StateDictShapeError, TaskVectorColumns, _sub_into)
 
 __all__ = ["merge_files", "Checkpoint", "CheckpointError", "CheckpointKeyError", "CheckpointShapeError",
            "CheckpointDtypeError", "CorruptCheckpointError", "OutputExistsError", "DiskFullError",
@@ -488,7 +497,7 @@ _SAMPLE_RATE = 1 / 256  # the fraction of every block sampled on the first pass 
 
 
 def _stream_kth(blocks_fn, n: int, ks: Sequence[Sequence[int]], absolute: bool = True, samples_fn=None,
-                count_above: bool = False):
+                count_above: bool = False, count_fn=None):
     """Exact k-th smallest values of every row over all blocks (of |x| if ``absolute``): ``ks[r]``
     holds the 1-based ranks wanted in row r (the same number for every row); returns ``N x m``
     float32, the values :func:`mergelib.selection.kth_smallest` gives on the concatenated rows.
@@ -508,6 +517,11 @@ def _stream_kth(blocks_fn, n: int, ks: Sequence[Sequence[int]], absolute: bool =
     the inputs at those positions only (the first pass then skips building the float32 blocks). The
     sample only brackets the ranks and the counting pass finds the exact values, so a sample that
     differed from the blocks in some bits would cost time (a fallback), never correctness.
+
+    ``count_fn(brackets, limit)``: optional, the counting pass another way (the compiled loop of
+    :func:`mergelib.kernels.count_brackets`, reading the inputs in place): per row ``(below, cands)`` as
+    :meth:`mergelib.selection._NumpyCounter.result` gives them, or None where it does not apply or a
+    bracket holds more than ``limit`` candidates (the NumPy pass then counts).
 
     ``count_above``: also return, as ``(values, above)``, the number of entries of each row greater
     than each value (``N x m`` int64; of |x| if ``absolute``), from the same counts: the entries below
@@ -535,14 +549,16 @@ def _stream_kth(blocks_fn, n: int, ks: Sequence[Sequence[int]], absolute: bool =
     sample = store[:, :used].contiguous()
     brackets = [_sel._brackets(sample[r], D, ks[r]) for r in range(n)]
     limit = max(D // 16, 1 << 16)  # a bracket holds ~2 % of a row, unless the row is mostly ties
-    counters = _sel._count_blocks((x.numpy() for x in blocks_fn()), brackets, sample.numpy().dtype,
-                                  _sel.NUMPY_CHUNK, absolute, limit)
+    counted = None if count_fn is None else count_fn(brackets, limit)
+    if counted is None:
+        counters = _sel._count_blocks((x.numpy() for x in blocks_fn()), brackets, sample.numpy().dtype,
+                                      _sel.NUMPY_CHUNK, absolute, limit)
+        counted = None if any(ctr.overflow for ctr in counters) else [ctr.result() for ctr in counters]
     out, above = [], []
     try:
-        if any(ctr.overflow for ctr in counters):
+        if counted is None:
             raise _Missed()
-        for r, ctr in enumerate(counters):
-            below, cands = ctr.result()
+        for r, (below, cands) in enumerate(counted):
             vals = _sel._finish(ks[r], below, cands, True, _missed)
             out.append(torch.stack(vals))
             if count_above:  # D - #(x < lo) - #(lo <= x <= value)
@@ -585,11 +601,12 @@ def _stream_kth_hist(blocks_fn, n: int, ks: Sequence[Sequence[int]], absolute: b
     return _flip(key.to(torch.int32)).view(torch.float32)
 
 
-def _stream_thresholds(blocks_fn, n: int, ks: list[int], samples_fn=None, count_above: bool = False):
+def _stream_thresholds(blocks_fn, n: int, ks: list[int], samples_fn=None, count_above: bool = False,
+                       count_fn=None):
     """Exact k-th smallest |tau| of every row (``ks[r]``, 1-based) over all blocks: ``N x 1``, two passes
-    (with ``count_above``: and #(|tau| > it) per row, see :func:`_stream_kth`)."""
+    (with ``count_above``: and #(|tau| > it) per row; ``count_fn``: see :func:`_stream_kth`)."""
     return _stream_kth(blocks_fn, n, [[k] for k in ks], absolute=True, samples_fn=samples_fn,
-                       count_above=count_above)
+                       count_above=count_above, count_fn=count_fn)
 
 
 class _Deferred:
@@ -643,6 +660,23 @@ class _Deferred:
             full = flat.clone()
             full[at] = alt
             now, then = torch.add(base, flat, alpha=lam)[at], torch.add(base, full, alpha=lam)[at]
+        self._keep(key, at, now, then, dtype)
+
+    def note_merged(self, key: str, written: Tensor, positive: Tensor, votes: int, dtype: torch.dtype) -> None:
+        """:meth:`note` for the compiled sweep (:func:`mergelib.kernels.ties_sweep`), which gives the merged
+        tensor itself: ``written`` (float32, for a negative majority sign) and ``positive`` (the same for
+        a positive one, :func:`mergelib.kernels.ties_majority_positive`); keeps the entries whose bits in
+        ``dtype`` differ (only entries that differ in float32 can)."""
+        self.votes += float(votes)
+        if self.overflow:
+            return
+        w, p = written.reshape(-1), positive.reshape(-1)
+        at = (w.view(torch.int32) != p.view(torch.int32)).nonzero().squeeze(1)
+        self._keep(key, at, w[at], p[at], dtype)
+
+    def _keep(self, key: str, at: Tensor, now: Tensor, then: Tensor, dtype: torch.dtype) -> None:
+        """Keep the positions ``at`` where ``now`` and ``then`` (float32) differ in ``dtype``, with the
+        bits of ``then``; past ``limit`` kept entries, none (``overflow``)."""
         ints = self._INT[torch.empty((), dtype=dtype).element_size()]
         now_bits, alt_bits = now.to(dtype).view(ints), then.to(dtype).view(ints)
         differ = now_bits != alt_bits
@@ -773,6 +807,26 @@ def merge_files(pretrained: str | os.PathLike, finetuned: Sequence[str | os.Path
             return ((math.prod(base.shape(k)), lambda pos, k=k: take(k, pos))
                     for k in _progress(src.over(keys), len(keys), desc + " (sample)", quiet))
 
+        # TIES read by the compiled loops of mergelib.kernels, each key's inputs in place (no float32
+        # blocks): the counting pass of the global thresholds, and the write pass for the official trim
+        # and the mass sign rule where torch's last step rounds once (kernels.fused_add_matches_torch)
+        count_kernel = method == "ties" and all(
+            kernels.available(*(torch.empty(0, dtype=base.dtype(k)) for _ in range(2))) for k in keys)
+        sweep_kernel = (count_kernel and hp["trim_rule"] == "official" and hp["sign_rule"] == "mass"
+                        and kernels.fused_add_matches_torch())
+
+        def kernel_count(desc: str):
+            """The ``count_fn`` of :func:`_stream_kth` with :func:`mergelib.kernels.count_brackets` over
+            the inputs of every key, read in place (the task vectors, not a function of them)."""
+            def count(brackets, limit):
+                if not _sel.kernel_brackets(brackets):
+                    return None
+                segs = ((src.get(0, k), [src.get(i, k) for i in range(1, len(fts) + 1)])
+                        for k in _progress(src.over(keys), len(keys), desc, quiet))
+                rows = kernels.count_brackets(segs, brackets, limit)
+                return None if rows is None else _sel.kernel_counts(rows, brackets)
+            return count
+
         if method == "fr":
             fr_check_selection(layout, stacklevel=2)
         pcb = None
@@ -814,7 +868,8 @@ def merge_files(pretrained: str | os.PathLike, finetuned: Sequence[str | os.Path
                 if kth is not None:
                     got = _stream_thresholds(lambda: blocks("statistics"), n, [kth] * n,
                                              None if method == "dare_ties" else lambda: samples("statistics"),
-                                             count_above=trim_rule == "exact")
+                                             count_above=trim_rule == "exact",
+                                             count_fn=kernel_count("statistics") if count_kernel else None)
                     thr, gt = got if trim_rule == "exact" else (got, None)
                 if trim_rule == "exact" and thr is not None:
                     if gt is None:  # the histogram fallback answered: one more pass counts
@@ -837,10 +892,37 @@ def merge_files(pretrained: str | os.PathLike, finetuned: Sequence[str | os.Path
         deferred = _Deferred(max([math.prod(base.shape(k)) for k in keys], default=0)) \
             if is_ties and state["majority"] is None else None
 
+        def ties_swept(k: str, pre: Tensor) -> Tensor:
+            """Tensor k of TIES (official trim, mass sign rule) with :func:`mergelib.kernels.ties_sweep`
+            from the inputs in place: ``theta_0 + lam * tau_m`` in float32, the bits of the block path of
+            :func:`merged_tensor` (and of :func:`mergelib.merge`). A negative majority sign is written and
+            a positive one's entries are kept for the patch (:meth:`_Deferred.note_merged`), as there."""
+            fts_k = [src.get(i, k) for i in range(1, len(fts) + 1)]
+            t_k = thr
+            if not glob_ties:  # the tensor's own thresholds, counted from its inputs (kernels.count_brackets)
+                cols = TaskVectorColumns([{k: f} for f in fts_k], {k: pre}, [k])
+                t_k = _comp._trim_plan(cols, hp["density"], "tensor", cols.layout, "official")[0][2]
+            t_k = torch.zeros(len(fts)) if t_k is None else t_k.reshape(-1).float()  # None: keep all
+            out = scratch.get("ties merged", pre.numel()).view(pre.shape)
+            zero = scratch.get("ties zero", pre.numel(), torch.bool)
+            votes, bad = kernels.ties_sweep(out, zero, fts_k, pre, t_k, lam)
+            if bad and not _comp.all_finite(block(k, pre)):  # (else base + lam * tau_m overflowed, as torch's)
+                raise NonFiniteError(f"task vectors of {k!r} are not finite")
+            if state["majority"] is not None:  # the sign is known (+: the pass after an overflow)
+                if state["majority"] > 0:
+                    kernels.ties_majority_positive(out, zero, fts_k, pre, t_k, lam)
+                return out
+            positive = scratch.get("ties positive", pre.numel()).view(pre.shape).copy_(out)
+            kernels.ties_majority_positive(positive, zero, fts_k, pre, t_k, lam)
+            deferred.note_merged(k, out, positive, votes, pre.dtype)
+            return out
+
         def merged_tensor(k: str) -> Tensor:
             pre, votes = src.get(0, k), None
             if k not in selected:
                 return pre
+            if sweep_kernel:
+                return ties_swept(k, pre)
             if spec.fn is _sum:
                 ftk = [{k: src.get(i, k)} for i in range(1, len(fts) + 1)]
                 extra = {}

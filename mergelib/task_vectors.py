@@ -591,6 +591,10 @@ class TaskVectorColumns:
         self._bases = [pretrained[k].reshape(-1) for k in self.layout.keys]
         self._rows = [[m[k].reshape(-1) for k in self.layout.keys] for m in self.models]
 
+    def tensors(self) -> list[Tensor]:
+        """The state-dict tensors the columns are computed from: the base's, then each model's."""
+        return [self.pretrained[k] for k in self.layout.keys] + [m[k] for m in self.models for k in self.layout.keys]
+
     def block(self, c0: int, c1: int, out: Tensor, rows: Sequence[int] | None = None) -> Tensor:
         """Columns ``[c0, c1)`` of every row (or of ``rows``) written into ``out``
         (``len(rows) x (c1 - c0)``), which is returned."""

@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -250,6 +251,45 @@ def test_count_brackets_matches_the_numpy_counter():
                 assert points == 0 and torch.equal(torch.from_numpy(c), ref)
             else:  # a tied value: counted, not kept
                 assert points == ref.count and torch.equal(torch.from_numpy(c), ref.rest)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_count_brackets_on_one_value_in_small_steps_and_past_a_limit(monkeypatch, dtype):
+    """A bracket on one value (lo == hi == tie: the few magnitudes of bf16 task vectors) is counted and
+    nothing kept, as the NumPy counter does; calls of 1,000 entries grow each rank's buffer many times
+    over three segments given by a generator, each taken once; past ``limit`` candidates: None."""
+    from mergelib.selection import _NumpyCounter, kernel_brackets
+    cols = _columns(2, {"a": (40, 300), "b": (5_000,), "c": (77,)}, seed=14, dup=True, dtype=dtype)
+    block = torch.stack([cols.row(i) for i in range(2)]).abs()
+    vals = [torch.unique(block[i]) for i in range(2)]
+    # per row: a bracket on one value, a wide bracket with that value as its tie, one without a tie
+    brackets = [[(v[1], v[1], v[1]), (v[1], v[len(v) // 2], v[1]), (v[2], v[len(v) // 2], None)] for v in vals]
+    assert kernel_brackets(brackets) and not kernel_brackets([[(vals[0][3], vals[0][3], None)]])
+    monkeypatch.setattr(kernels, "_COUNT_STEP", 1000)
+    taken = []
+
+    def segments():
+        for k in cols.layout.keys:
+            taken.append(k)
+            yield cols.pretrained[k], [m[k] for m in cols.models]
+    got = kernels.count_brackets(segments(), brackets)
+    assert taken == list(cols.layout.keys)
+    for i in range(2):
+        ctr = _NumpyCounter(brackets[i], np.dtype(np.float32), block.shape[1], absolute=False)
+        ctr.add(block[i].numpy())
+        below, cands = ctr.result()
+        for r in range(3):
+            b, points, c = got[i][r]
+            ref = cands[r][0]
+            assert b == below[r]
+            if r == 2:
+                assert points == 0 and torch.equal(torch.from_numpy(c), ref)
+            else:
+                assert points == ref.count > 0 and torch.equal(torch.from_numpy(c), ref.rest)
+        assert got[i][0][2].size == 0 and got[i][1][2].size > 1000  # grown past one call
+    most = max(got[i][r][2].size for i in range(2) for r in range(3))
+    assert kernels.count_brackets(segments(), brackets, limit=most) is not None
+    assert kernels.count_brackets(segments(), brackets, limit=most - 1) is None
 
 
 def test_per_tensor_ties_thresholds_from_each_tensors_columns():

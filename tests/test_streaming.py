@@ -123,10 +123,16 @@ def test_model_wide_statistics_come_from_their_sample(tmp_path, monkeypatch, met
     monkeypatch.setattr(st, "_stream_kth_hist", lambda *a, **k: fallbacks.append(1) or real(*a, **k))
     real_kth = st._stream_kth
     monkeypatch.setattr(st, "_stream_kth", lambda *a, **k: passes.append(k.get("samples_fn")) or real_kth(*a, **k))
+    counted, real_count = [], st.kernels.count_brackets
+    monkeypatch.setattr(st.kernels, "count_brackets", lambda *a: counted.append(1) or real_count(*a))
     got = _load_dir(ml.merge_files(base, ftp, tmp_path / "out", method, quiet=True, **hp))
+    monkeypatch.undo()
     want = ml.merge(pre, fts, method, **hp)
     assert passes and not fallbacks
     assert all((s is None) == (method == "dare_ties") for s in passes)  # dare_ties samples its blocks
+    # TIES's thresholds are counted by the compiled loop from the inputs (PCB's clip ranks lie outside
+    # the sample's closed brackets; dare_ties counts its DARE-dropped blocks): both trim rules
+    assert bool(counted) == (method == "ties" and ml.kernels.available(torch.empty(0)))
     for k in want:
         assert same_bytes(got[k], want[k].contiguous()), k
 
@@ -151,30 +157,37 @@ def _ties_zero_sum_models(sign: int, dtype):
     return pre, fts
 
 
+@pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("sign", [1, -1])
-@pytest.mark.parametrize("hp", [{}, {"granularity": "tensor"}, {"trim_rule": "exact"},
-                                {"granularity": "tensor", "trim_rule": "exact", "scale": 0.7}])
-def test_the_majority_sign_is_known_after_the_write_pass(tmp_path, monkeypatch, dtype, sign, hp):
+@pytest.mark.parametrize("hp", [{}, {"granularity": "tensor"}, {"granularity": "tensor", "scale": 0.7},
+                                {"trim_rule": "exact"}, {"granularity": "tensor", "trim_rule": "exact", "scale": 0.7}])
+def test_the_majority_sign_is_known_after_the_write_pass(tmp_path, monkeypatch, compiled, dtype, sign, hp):
     """TIES's mass sign rule gives zero-sum columns the majority sign of the whole model, known only when
     every tensor is merged: the streamed merge writes as for a negative majority, then patches the
     entries a positive one changes (cancelling entries; trimmed zeros over a base of +-0) or, past its
     limit of kept entries, writes the merge again. On inputs full of both, either way: the bits of
-    merge(), and the per-tensor trim reads every input tensor once (one pass) unless it writes again."""
+    merge(), and the per-tensor trim reads every input tensor once (one pass) unless it writes again.
+    ``compiled``: the official trim's write pass with mergelib.kernels (its sweep and its positive-majority
+    values) or with the torch code."""
     pre, fts = _ties_zero_sum_models(sign, dtype)
     base, ftp = _write(tmp_path, pre, fts)
     want = ml.merge(pre, fts, "ties", **hp)
     delta = {k: want[k].float() - pre[k].float() for k in want}
     assert sum(int((v == 0).sum()) for v in delta.values()) > 1000  # zero-sum columns everywhere
+    official = hp.get("trim_rule", "official") == "official"
     for overflow in (False, True):
-        patched, reads = [], _record_reads(monkeypatch)
-        real_patch, real_note = st._Deferred.patch, st._Deferred.note
+        patched, reads, sweeps = [], _record_reads(monkeypatch), []
+        real_patch, real_keep, real_sweep = st._Deferred.patch, st._Deferred._keep, st.kernels.ties_sweep
         monkeypatch.setattr(st._Deferred, "patch", lambda self, *a: patched.append(len(self.entries)) or real_patch(self, *a))
+        monkeypatch.setattr(st.kernels, "ties_sweep", lambda *a: sweeps.append(1) or real_sweep(*a))
         if overflow:
-            monkeypatch.setattr(st._Deferred, "note", lambda self, *a: setattr(self, "limit", 10) or real_note(self, *a))
-        out = ml.merge_files(base, ftp, tmp_path / f"out{overflow}", "ties", quiet=True, **hp)
+            monkeypatch.setattr(st._Deferred, "_keep", lambda self, *a: setattr(self, "limit", 10) or real_keep(self, *a))
+        with ml.kernels.use(compiled):
+            out = ml.merge_files(base, ftp, tmp_path / f"out{overflow}", "ties", quiet=True, **hp)
         got = _load_dir(out)
         assert all(same_bytes(got[k], want[k].contiguous()) for k in want), (overflow, "bits")
+        assert bool(sweeps) == (compiled and official and ml.kernels.available(torch.empty(0)))
         rewrote = sign > 0 and overflow
         assert (patched == [] if sign < 0 or overflow else patched[0] > 0)
         if hp.get("granularity") == "tensor":  # one pass; two when it writes again
