@@ -12,6 +12,7 @@ from numba.core import types
 from numba.extending import intrinsic
 
 jit = numba.njit(cache=True, nogil=True, boundscheck=False)
+inline = numba.njit(inline="always")  # a helper of the loops, inlined into them by Numba (not a call)
 zero32 = np.float32(0.0)
 one32 = np.float32(1.0)
 inf32 = np.float32(np.inf)
@@ -69,41 +70,67 @@ def sum_task_vectors(out, fts, base, scale, final):
     return bad
 
 
+@inline
+def trimmed(x, thr):
+    # TIES's official trim of one entry: x * (|x| >= thr) as a 0/1 float mask (x * 0 = +-0)
+    return x * (one32 if abs(x) >= thr else zero32)
+
+
+@inline
+def relu(a):
+    # clamp_min(a, 0): keeps a NaN (NaN < 0 is false), so a non-finite input reaches the result
+    return zero32 if a < zero32 else a
+
+
+@inline
+def trimmed_sum(fts, j, b, thr):
+    # tot = (0 + t_0) + t_1 + ... with t_i = trimmed(f_i[j] - b, thr_i)
+    tot = zero32
+    for i in range(len(fts)):
+        tot += trimmed(widen(fts[i][j]) - b, thr[i])
+    return tot
+
+
+@inline
+def disjoint_mean(fts, j, b, thr, s):
+    # ((0 + relu(t_0 s)) + relu(t_1 s) + ...) * s / max(#(t_i s > 0), 1): the entries that agree with the
+    # sign s, averaged (s = +1: t * 1 = t exactly, so the positive entries' mean num / max(cnt, 1))
+    num = zero32
+    cnt = zero32
+    for i in range(len(fts)):
+        a = trimmed(widen(fts[i][j]) - b, thr[i]) * s
+        if a > zero32:
+            cnt += one32
+        num += relu(a)
+    return (num * s) / (cnt if cnt > one32 else one32)
+
+
+@inline
+def elected(tot):
+    # s = +1 if tot > 0 else -1, and this entry's majority-sign vote (+1, -1, or 0 where tot == 0)
+    if tot > zero32:
+        return one32, 1
+    return -one32, -1 if tot < zero32 else 0
+
+
+# TIES per entry j, with x_i = f_i[j] - b[j]: t_i = trimmed(x_i, thr_i), tot = trimmed_sum, s = elected(tot),
+# out = disjoint_mean(s), or with final fma(out, scale, b[j]) (as sum_task_vectors). The sweeps return
+# #(tot > 0) - #(tot < 0) (the majority-sign votes) and the number of non-finite results (a NaN or inf
+# input makes its column's result NaN or inf), and set zero[j] = (tot == 0): where the majority sign
+# turns out +, those entries take ties_majority_positive's value.
+
+
 @jit
 def ties_sweep(out, zero, fts, base, thr, scale, final):
-    # per entry j, with x_i = f_i[j] - b[j]:
-    #   t_i = x_i * (|x_i| >= thr_i)                  the official trim (a 0/1 float mask: x * 0 = +-0)
-    #   tot = (0 + t_0) + t_1 + ...;  s = +1 if tot > 0 else -1
-    #   out = ((0 + relu(t_0 s)) + relu(t_1 s) + ...) * s / max(#(t_i s > 0), 1)
-    # relu keeps a NaN (as clamp_min does): a non-finite input reaches the result.
-    # With final, out = fma(out, scale, b[j]) (as sum_task_vectors). Returns #(tot > 0) - #(tot < 0) (the
-    # majority-sign votes) and the number of non-finite results (a NaN or inf input makes its column's
-    # result NaN or inf); zero[j] = (tot == 0).
     votes = 0
     bad = 0
     for j in range(out.shape[0]):
         b = widen(base[j])
-        tot = zero32
-        for i in range(len(fts)):
-            x = widen(fts[i][j]) - b
-            tot += x * (one32 if abs(x) >= thr[i] else zero32)
-        if tot > zero32:
-            votes += 1
-            s = one32
-        else:
-            if tot < zero32:
-                votes -= 1
-            s = -one32
+        tot = trimmed_sum(fts, j, b, thr)
+        s, vote = elected(tot)
+        votes += vote
         zero[j] = tot == zero32
-        num = zero32
-        cnt = zero32
-        for i in range(len(fts)):
-            x = widen(fts[i][j]) - b
-            a = (x * (one32 if abs(x) >= thr[i] else zero32)) * s
-            if a > zero32:
-                cnt += one32
-            num += zero32 if a < zero32 else a
-        v = (num * s) / (cnt if cnt > one32 else one32)
+        v = disjoint_mean(fts, j, b, thr, s)
         out[j] = fma(v, scale, b) if final else v
         bad += not abs(v) < inf32
     return votes, bad
@@ -116,15 +143,7 @@ def ties_majority_positive(out, zero, fts, base, thr, scale, final):
     for j in range(out.shape[0]):
         if zero[j]:
             b = widen(base[j])
-            num = zero32
-            cnt = zero32
-            for i in range(len(fts)):
-                x = widen(fts[i][j]) - b
-                t = x * (one32 if abs(x) >= thr[i] else zero32)
-                if t > zero32:
-                    cnt += one32
-                num += zero32 if t < zero32 else t
-            v = num / (cnt if cnt > one32 else one32)
+            v = disjoint_mean(fts, j, b, thr, one32)
             out[j] = fma(v, scale, b) if final else v
 
 
@@ -154,3 +173,15 @@ def count_bracket_tie(f, base, lo, hi, tie, store):
         store[k] = c
         k += (c >= lo) & (c <= hi) & (not eq)
     return below, points, k
+
+
+@jit
+def count_point(f, base, v):
+    # a bracket on one value v (lo == hi == tie): (#(c < v), #(c == v)) over c = |f - base|, nothing kept
+    # (no store, so the loop vectorises)
+    below, points = 0, 0
+    for j in range(f.shape[0]):
+        c = abs(widen(f[j]) - widen(base[j]))
+        below += c < v
+        points += c == v
+    return below, points

@@ -16,7 +16,8 @@ the results are the torch code's bit for bit; only the number of passes over mem
   mean of one tensor from the state dicts, given the trim thresholds
   (:func:`mergelib.competition._ties_fused` for the official trim and the ``"mass"`` sign rule).
 * :func:`count_brackets`: the counting pass of the exact order statistics
-  (:func:`mergelib.selection.kth_smallest_columns`: TIES's trim thresholds, PCB's clip values) over
+  (:func:`mergelib.selection.kth_smallest_columns`: TIES's trim thresholds, PCB's clip values; the
+  global TIES thresholds of :func:`mergelib.merge_files`, from the files key by key) over
   ``|theta_i - theta_0|``, each entry read once per rank.
 
 They are an accelerator, not a second definition: the torch code in :mod:`mergelib.merging` and
@@ -165,16 +166,14 @@ def ties_majority_positive(out: Tensor, zero: Tensor, finetuned: Sequence[Tensor
 _COUNT_STEP = 1 << 20  # entries per call of the counting kernel
 
 
-def count_brackets(segments, brackets, limit: int | None = None):
+def count_brackets(segments, brackets) -> list[list[tuple[int, int, np.ndarray]]]:
     """The counting pass of :func:`mergelib.selection.kth_smallest_columns` (absolute values) over task
     vectors given by state-dict tensors, one read of each entry per rank. ``segments``: an iterable of
-    ``(base, [finetuned_i])`` per key in the flat order, each taken once (a generator may read them from
-    disk one key at a time: :func:`mergelib.merge_files`); ``brackets[i]``: row ``i``'s ``(lo, hi, tie)``
-    per rank (:func:`mergelib.selection._brackets`, both ends given; ``lo == hi`` only with ``tie == lo``:
-    its entries are counted, none kept). Returns per row and
-    rank ``(#(|x| < lo), #(|x| == tie), the other |x| in [lo, hi])``, the counts and candidates of
-    :class:`mergelib.selection._NumpyCounter`; None as soon as a row and rank holds more than ``limit``
-    candidates (a row of few distinct values: the caller counts another way).
+    ``(base, [finetuned_i])`` per key in the flat order, each taken once (a generator is fine);
+    ``brackets[i]``: row ``i``'s ``(lo, hi, tie)`` per rank (:func:`mergelib.selection._brackets`, both
+    ends given; ``lo == hi`` only with ``tie == lo``: a bracket on one value, whose entries are counted
+    and none kept). Returns per row and rank ``(#(|x| < lo), #(|x| == tie), the other |x| in [lo, hi])``,
+    the counts and candidates of :class:`mergelib.selection._NumpyCounter`.
 
     The loop writes every entry at the end of its rank's candidates and moves on past it only if it
     is kept, so each rank's candidates grow in one buffer with room for a whole call after them
@@ -191,6 +190,11 @@ def count_brackets(segments, brackets, limit: int | None = None):
         for i, row in enumerate(bounds):
             f = _np(fts[i])
             for j, (lo, hi, tie) in enumerate(row):
+                if lo == hi:  # one value: counted, nothing kept
+                    b, p = loops.count_point(f, base, lo)
+                    below[i][j] += int(b)
+                    points[i][j] += int(p)
+                    continue
                 for a0 in range(0, base.shape[0], _COUNT_STEP):
                     a1 = min(a0 + _COUNT_STEP, base.shape[0])
                     k0 = kept[i][j]
@@ -206,7 +210,5 @@ def count_brackets(segments, brackets, limit: int | None = None):
                         points[i][j] += int(p)
                     below[i][j] += int(b)
                     kept[i][j] = k0 + int(k)
-                    if limit is not None and kept[i][j] > limit:
-                        return None
     return [[(below[i][j], points[i][j], store[i][j][:kept[i][j]]) for j in range(len(row))]
             for i, row in enumerate(bounds)]

@@ -36,12 +36,13 @@ Two settings cannot stream and raise :class:`StreamingNotSupportedError`: ``pcb`
 sum depends on its order, so partial sums per tensor would not give the same bits.
 
 **Compiled loops.** Where :mod:`mergelib.kernels` runs (Numba installed, float32 or bf16 checkpoints),
-TIES reads each key's inputs in place, with no float32 task vectors built: the counting pass of the
-global thresholds (both trim rules) is :func:`mergelib.kernels.count_brackets`, and with the official
-trim and the mass sign rule the write pass is :func:`mergelib.kernels.ties_sweep` (the per-tensor
-thresholds counted from the tensor's inputs the same way), the entries a positive majority sign would
-change computed by :func:`mergelib.kernels.ties_majority_positive`. The same float operations as the
-torch code, so the same bits (``MERGELIB_KERNELS=torch`` switches them off).
+TIES's write pass with the official trim and the mass sign rule is :func:`mergelib.kernels.ties_sweep`
+over each key's inputs read in place, with no float32 task vectors built (the per-tensor trim's
+thresholds are counted from the tensor's inputs as :func:`mergelib.merge` counts them); the entries a
+positive majority sign would change come from :func:`mergelib.kernels.ties_majority_positive`. The same
+float operations as the torch code, so the same bits (``MERGELIB_KERNELS=torch`` switches them off).
+The global thresholds' counting pass keeps the NumPy counter: on bf16 checkpoints it measured faster
+than the compiled counting loop (``benchmarks/results_files.md``).
 
 **Same result as in memory.** For every supported method the tensors written are bit for bit those
 of ``mergelib.merge(pretrained, finetuned, method, **hparams)`` on the loaded state dicts.
@@ -497,7 +498,7 @@ _SAMPLE_RATE = 1 / 256  # the fraction of every block sampled on the first pass 
 
 
 def _stream_kth(blocks_fn, n: int, ks: Sequence[Sequence[int]], absolute: bool = True, samples_fn=None,
-                count_above: bool = False, count_fn=None):
+                count_above: bool = False):
     """Exact k-th smallest values of every row over all blocks (of |x| if ``absolute``): ``ks[r]``
     holds the 1-based ranks wanted in row r (the same number for every row); returns ``N x m``
     float32, the values :func:`mergelib.selection.kth_smallest` gives on the concatenated rows.
@@ -517,11 +518,6 @@ def _stream_kth(blocks_fn, n: int, ks: Sequence[Sequence[int]], absolute: bool =
     the inputs at those positions only (the first pass then skips building the float32 blocks). The
     sample only brackets the ranks and the counting pass finds the exact values, so a sample that
     differed from the blocks in some bits would cost time (a fallback), never correctness.
-
-    ``count_fn(brackets, limit)``: optional, the counting pass another way (the compiled loop of
-    :func:`mergelib.kernels.count_brackets`, reading the inputs in place): per row ``(below, cands)`` as
-    :meth:`mergelib.selection._NumpyCounter.result` gives them, or None where it does not apply or a
-    bracket holds more than ``limit`` candidates (the NumPy pass then counts).
 
     ``count_above``: also return, as ``(values, above)``, the number of entries of each row greater
     than each value (``N x m`` int64; of |x| if ``absolute``), from the same counts: the entries below
@@ -549,16 +545,14 @@ def _stream_kth(blocks_fn, n: int, ks: Sequence[Sequence[int]], absolute: bool =
     sample = store[:, :used].contiguous()
     brackets = [_sel._brackets(sample[r], D, ks[r]) for r in range(n)]
     limit = max(D // 16, 1 << 16)  # a bracket holds ~2 % of a row, unless the row is mostly ties
-    counted = None if count_fn is None else count_fn(brackets, limit)
-    if counted is None:
-        counters = _sel._count_blocks((x.numpy() for x in blocks_fn()), brackets, sample.numpy().dtype,
-                                      _sel.NUMPY_CHUNK, absolute, limit)
-        counted = None if any(ctr.overflow for ctr in counters) else [ctr.result() for ctr in counters]
+    counters = _sel._count_blocks((x.numpy() for x in blocks_fn()), brackets, sample.numpy().dtype,
+                                  _sel.NUMPY_CHUNK, absolute, limit)
     out, above = [], []
     try:
-        if counted is None:
+        if any(ctr.overflow for ctr in counters):
             raise _Missed()
-        for r, (below, cands) in enumerate(counted):
+        for r, ctr in enumerate(counters):
+            below, cands = ctr.result()
             vals = _sel._finish(ks[r], below, cands, True, _missed)
             out.append(torch.stack(vals))
             if count_above:  # D - #(x < lo) - #(lo <= x <= value)
@@ -601,12 +595,11 @@ def _stream_kth_hist(blocks_fn, n: int, ks: Sequence[Sequence[int]], absolute: b
     return _flip(key.to(torch.int32)).view(torch.float32)
 
 
-def _stream_thresholds(blocks_fn, n: int, ks: list[int], samples_fn=None, count_above: bool = False,
-                       count_fn=None):
+def _stream_thresholds(blocks_fn, n: int, ks: list[int], samples_fn=None, count_above: bool = False):
     """Exact k-th smallest |tau| of every row (``ks[r]``, 1-based) over all blocks: ``N x 1``, two passes
-    (with ``count_above``: and #(|tau| > it) per row; ``count_fn``: see :func:`_stream_kth`)."""
+    (with ``count_above``: and #(|tau| > it) per row, see :func:`_stream_kth`)."""
     return _stream_kth(blocks_fn, n, [[k] for k in ks], absolute=True, samples_fn=samples_fn,
-                       count_above=count_above, count_fn=count_fn)
+                       count_above=count_above)
 
 
 class _Deferred:
@@ -807,25 +800,13 @@ def merge_files(pretrained: str | os.PathLike, finetuned: Sequence[str | os.Path
             return ((math.prod(base.shape(k)), lambda pos, k=k: take(k, pos))
                     for k in _progress(src.over(keys), len(keys), desc + " (sample)", quiet))
 
-        # TIES read by the compiled loops of mergelib.kernels, each key's inputs in place (no float32
-        # blocks): the counting pass of the global thresholds, and the write pass for the official trim
-        # and the mass sign rule where torch's last step rounds once (kernels.fused_add_matches_torch)
-        count_kernel = method == "ties" and all(
-            kernels.available(*(torch.empty(0, dtype=base.dtype(k)) for _ in range(2))) for k in keys)
-        sweep_kernel = (count_kernel and hp["trim_rule"] == "official" and hp["sign_rule"] == "mass"
+        # TIES's write pass by the compiled loop of mergelib.kernels, each key's inputs read in place (no
+        # float32 blocks), for the official trim and the mass sign rule where torch's last step rounds
+        # once (kernels.fused_add_matches_torch)
+        sweep_kernel = (method == "ties" and hp["trim_rule"] == "official" and hp["sign_rule"] == "mass"
+                        and all(kernels.available(*(torch.empty(0, dtype=base.dtype(k)) for _ in range(2)))
+                                for k in keys)
                         and kernels.fused_add_matches_torch())
-
-        def kernel_count(desc: str):
-            """The ``count_fn`` of :func:`_stream_kth` with :func:`mergelib.kernels.count_brackets` over
-            the inputs of every key, read in place (the task vectors, not a function of them)."""
-            def count(brackets, limit):
-                if not _sel.kernel_brackets(brackets):
-                    return None
-                segs = ((src.get(0, k), [src.get(i, k) for i in range(1, len(fts) + 1)])
-                        for k in _progress(src.over(keys), len(keys), desc, quiet))
-                rows = kernels.count_brackets(segs, brackets, limit)
-                return None if rows is None else _sel.kernel_counts(rows, brackets)
-            return count
 
         if method == "fr":
             fr_check_selection(layout, stacklevel=2)
@@ -868,8 +849,7 @@ def merge_files(pretrained: str | os.PathLike, finetuned: Sequence[str | os.Path
                 if kth is not None:
                     got = _stream_thresholds(lambda: blocks("statistics"), n, [kth] * n,
                                              None if method == "dare_ties" else lambda: samples("statistics"),
-                                             count_above=trim_rule == "exact",
-                                             count_fn=kernel_count("statistics") if count_kernel else None)
+                                             count_above=trim_rule == "exact")
                     thr, gt = got if trim_rule == "exact" else (got, None)
                 if trim_rule == "exact" and thr is not None:
                     if gt is None:  # the histogram fallback answered: one more pass counts
