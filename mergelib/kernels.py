@@ -16,8 +16,7 @@ the results are the torch code's bit for bit; only the number of passes over mem
   mean of one tensor from the state dicts, given the trim thresholds
   (:func:`mergelib.competition._ties_fused` for the official trim and the ``"mass"`` sign rule).
 * :func:`count_brackets`: the counting pass of the exact order statistics
-  (:func:`mergelib.selection.kth_smallest_columns`: TIES's trim thresholds, PCB's clip values; the
-  global TIES thresholds of :func:`mergelib.merge_files`, from the files key by key) over
+  (:func:`mergelib.selection.kth_smallest_columns`: TIES's trim thresholds, PCB's clip values) over
   ``|theta_i - theta_0|``, each entry read once per rank.
 
 They are an accelerator, not a second definition: the torch code in :mod:`mergelib.merging` and

@@ -804,8 +804,7 @@ def merge_files(pretrained: str | os.PathLike, finetuned: Sequence[str | os.Path
         # float32 blocks), for the official trim and the mass sign rule where torch's last step rounds
         # once (kernels.fused_add_matches_torch)
         sweep_kernel = (method == "ties" and hp["trim_rule"] == "official" and hp["sign_rule"] == "mass"
-                        and all(kernels.available(*(torch.empty(0, dtype=base.dtype(k)) for _ in range(2)))
-                                for k in keys)
+                        and all(kernels.available(torch.empty(0, dtype=base.dtype(k))) for k in keys)
                         and kernels.fused_add_matches_torch())
 
         if method == "fr":

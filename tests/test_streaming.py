@@ -151,11 +151,11 @@ def _ties_zero_sum_models(sign: int, dtype):
     return pre, fts
 
 
-@pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("sign", [1, -1])
-@pytest.mark.parametrize("hp", [{}, {"granularity": "tensor"}, {"granularity": "tensor", "scale": 0.7},
-                                {"trim_rule": "exact"}, {"granularity": "tensor", "trim_rule": "exact", "scale": 0.7}])
+@pytest.mark.parametrize("hp,compiled", [  # the exact rule has no compiled sweep: once
+    *[(hp, c) for hp in ({}, {"granularity": "tensor"}, {"granularity": "tensor", "scale": 0.7}) for c in (True, False)],
+    ({"trim_rule": "exact"}, True), ({"granularity": "tensor", "trim_rule": "exact", "scale": 0.7}, True)])
 def test_the_majority_sign_is_known_after_the_write_pass(tmp_path, monkeypatch, compiled, dtype, sign, hp):
     """TIES's mass sign rule gives zero-sum columns the majority sign of the whole model, known only when
     every tensor is merged: the streamed merge writes as for a negative majority, then patches the
@@ -314,6 +314,28 @@ def test_disk_full_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(st.DiskFullError):
         ml.merge_files(base, ftp, tmp_path / "out", "ties", quiet=True, shard_bytes=10_000)
     assert calls["thread"].startswith("mergelib-write")  # raised in the writer thread, reported by the merge
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+    assert all(p.read_bytes() == b for p, b in before.items())
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.parametrize("method,hp", [("ties", {}), ("ties", {"granularity": "tensor"}), ("task_arithmetic", {}),
+                                       ("pcb", {}), ("fr", {})])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_task_vectors_are_an_error_with_nothing_written(tmp_path, compiled, method, hp, bad):
+    """A NaN or inf weight in one fine-tune: merge_files raises NonFiniteError as merge() does (with the
+    compiled TIES sweep, which counts the non-finite results, and with the torch code), and leaves no
+    output, no temporary directory and the inputs as they were."""
+    pre, fts = _models(n=2)
+    fts[1]["blocks.1.mlp.fc1.weight"][3, 5] = bad
+    base, ftp = _write(tmp_path, pre, fts)
+    before = {p: p.read_bytes() for p in [base, *ftp]}
+    with ml.kernels.use(compiled):
+        with pytest.raises(ml.NonFiniteError):
+            ml.merge(pre, fts, method, **hp)
+        with pytest.raises(ml.NonFiniteError):
+            ml.merge_files(base, ftp, tmp_path / "out", method, quiet=True, **hp)
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
     assert all(p.read_bytes() == b for p, b in before.items())
