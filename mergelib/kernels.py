@@ -42,8 +42,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["available", "enabled", "use", "sum_task_vectors", "fused_add_matches_torch", "ties_sweep",
-           "ties_majority_positive", "count_brackets"]
+__all__ = ["available", "enabled", "use", "sum_task_vectors", "fused_add_matches_torch", "ties_thresholds",
+           "ties_sweep", "ties_majority_positive", "count_brackets"]
 
 _enabled = os.environ.get("MERGELIB_KERNELS", "auto").strip().lower() not in ("torch", "off", "0", "none")
 
@@ -138,25 +138,36 @@ def fused_add_matches_torch() -> bool:
             and torch.equal(out[:4095].view(torch.int32), scalar.view(torch.int32)))
 
 
+def ties_thresholds(thr: Tensor | None, n: int) -> Tensor:
+    """The sweeps' ``thr`` from a trim plan's thresholds of ``n`` task vectors (one per task, float32).
+    ``None`` (density 1: keep every entry) gives zeros: ``|x| >= 0`` holds for every finite ``x``, and
+    the kept entry is ``x * 1 = x``."""
+    return torch.zeros(n) if thr is None else thr.reshape(-1).float()
+
+
 def ties_sweep(out: Tensor, zero: Tensor, finetuned: Sequence[Tensor], base: Tensor, thr: Tensor,
-               scale: float | None = None) -> tuple[int, int]:
+               scale: float | None = None) -> tuple[int, int, int]:
     """TIES on one tensor from the state dicts (official trim, ``"mass"`` sign rule; the operations of
     :func:`mergelib.competition._ties_fused` with ``majority=None``): writes the merged task vector
-    (the value for a negative majority sign where the trimmed sum is 0) into ``out`` and
-    ``zero = (trimmed sum == 0)``; returns ``#(sum > 0) - #(sum < 0)`` over the tensor's entries and the
-    number of non-finite results (a NaN or inf in an input reaches its column's result).
+    (the value for a negative majority sign where the trimmed sum is 0) into ``out``, and marks in
+    ``zero`` the entries whose bits a positive majority sign may change: where the trimmed sum is 0 and
+    the entries cancel, or the written ``+-0`` shows its sign (written as it is, or added to a base of
+    ``+-0``); see :mod:`mergelib._kernel_loops`. Returns ``#(sum > 0) - #(sum < 0)`` over the tensor's
+    entries, the number of non-finite results (a NaN or inf in an input reaches its column's result)
+    and the number of marked entries.
     ``thr``: the ``N`` trim thresholds (float32). With ``scale``, ``out = base + scale * merged`` instead
     (as :func:`sum_task_vectors`). After all tensors, if the votes are positive, call
     :func:`ties_majority_positive` on each, with the same ``scale``."""
-    votes, bad = _loops().ties_sweep(_np(out), zero.reshape(-1).numpy(), tuple(_np(f) for f in finetuned),
-                                     _np(base), thr.detach().reshape(-1).numpy(), *_scale(scale))
-    return int(votes), int(bad)
+    votes, bad, marked = _loops().ties_sweep(_np(out), zero.reshape(-1).numpy(), tuple(_np(f) for f in finetuned),
+                                             _np(base), thr.detach().reshape(-1).numpy(), *_scale(scale))
+    return int(votes), int(bad), int(marked)
 
 
 def ties_majority_positive(out: Tensor, zero: Tensor, finetuned: Sequence[Tensor], base: Tensor,
                            thr: Tensor, scale: float | None = None) -> Tensor:
-    """Where ``zero`` (the trimmed sum is 0), the value for a positive majority sign: the mean of the
-    positive trimmed entries, +0.0 where there are none (``base + scale *`` that with ``scale``)."""
+    """Where ``zero`` (:func:`ties_sweep`'s marks), the value for a positive majority sign: the mean of
+    the positive trimmed entries, +0.0 where there are none (``base + scale *`` that with ``scale``).
+    Every entry is independent of the others: the loop may run on entries gathered from a tensor."""
     _loops().ties_majority_positive(_np(out), zero.reshape(-1).numpy(), tuple(_np(f) for f in finetuned),
                                     _np(base), thr.detach().reshape(-1).numpy(), *_scale(scale))
     return out

@@ -344,15 +344,16 @@ def _ties_kernel(pretrained, models, layout: FlatLayout, plan, scale: float | No
     segments = []  # (key, [start, end), the thresholds of the tensor's segment)
     for k, s, e in layout.segments():
         thr = next(t for a, b, t, _ in plan if a <= s and e <= b)
-        # no threshold (density 1): keep every entry; |x| >= 0 holds for every finite x, and x * 1 = x
-        thr = torch.zeros(n) if thr is None else thr.reshape(-1).float()
-        segments.append((k, s, e, thr))
+        segments.append((k, s, e, kernels.ties_thresholds(thr, n)))
     votes = bad = 0
+    marked = []  # the segments with entries that a positive majority sign may change
     for k, s, e, thr in segments:
-        v, b = kernels.ties_sweep(out[s:e], zero[s:e], [m[k] for m in models], pretrained[k], thr, scale)
+        v, b, n_marked = kernels.ties_sweep(out[s:e], zero[s:e], [m[k] for m in models], pretrained[k], thr, scale)
         votes, bad = votes + v, bad + b
+        if n_marked:
+            marked.append((k, s, e, thr))
     if votes > 0:  # where the trimmed sum is 0, gamma takes the majority sign (+): the positive entries' mean
-        for k, s, e, thr in segments:
+        for k, s, e, thr in marked:
             kernels.ties_majority_positive(out[s:e], zero[s:e], [m[k] for m in models], pretrained[k], thr, scale)
     # the columns that change there have a trimmed sum of exactly 0, so finite entries: still finite
     return out, bad == 0

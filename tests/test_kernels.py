@@ -121,6 +121,31 @@ def test_ties_kernel_zero_sum_columns_take_the_majority_sign(majority):
     assert torch.all(w[2100:] == 0.375 * majority)  # (0.5 + 0.25) / 2
 
 
+@pytest.mark.parametrize("majority", [1.0, -1.0])
+def test_ties_sweep_written_as_it_is_marks_every_zero_sum_column(majority):
+    """Without ``scale`` the sweep writes the task vector itself, whose zero-sum columns of trimmed zeros
+    are -0.0 for a negative majority and +0.0 for a positive one over any base: the sweep marks them
+    (and the cancelling ones), and sweep + majority values give ties_merge's bits. With ``scale``, a
+    column of zeros over a nonzero base is written the same either way: not marked."""
+    pre, fts = _cancelling_set(majority, base_scale=1.0)
+    assert not bool((pre["w"][2000:2100] == 0).any())  # the all-zero columns lie over nonzero bases
+    x = torch.stack([f["w"] - pre["w"] for f in fts])
+    fs = [f["w"] for f in fts]
+    thr = kernels.ties_thresholds(None, 2)  # density 1: keep every entry
+    assert same_bytes(thr, torch.zeros(2))
+    n = x.shape[1]
+    for scale in (None, 1.0):
+        out, zero = torch.empty(n), torch.empty(n, dtype=torch.bool)
+        votes, bad, marked = kernels.ties_sweep(out, zero, fs, pre["w"], thr, scale)
+        assert bad == 0 and (votes > 0) == (majority > 0) and marked == int(zero.sum())
+        assert bool(zero[:2000].all()) and not bool(zero[2100:].any())
+        assert bool(zero[2000:2100].all()) == (scale is None)
+        if votes > 0:
+            kernels.ties_majority_positive(out, zero, fs, pre["w"], thr, scale)
+        want = ties_merge(x, 1.0)
+        assert same_bytes(out, want if scale is None else torch.add(pre["w"], want, alpha=scale))
+
+
 def test_ties_kernel_agrees_with_the_flat_function():
     pre, fts = _set(SHAPES, 4, seed=7)
     x, layout = flatten(fts, sorted(pre), subtract=pre)
