@@ -47,23 +47,35 @@ def pytest_collectstart(collector):
         collector.skip_compare += ("stderr",)
 
 
-def _schedule_rank(item) -> int:
+# The browser tests of these notebooks, longest first (a fresh-clone `.ci/run` with a per-test timeline, 2
+# cores: 85, 55, 51, 45, 38, 37, 34 and 30 s): they are the last units, so the longest go while the other
+# worker still has work, and the run does not end on one worker with a long unit left.
+_BROWSER_LONGEST_FIRST = ("06_reproduction", "07_real_checkpoints", "05_permutation_alignment",
+                          "02_parameter_competition", "01_task_vectors", "00_model_zoo", "04_lightweight_experts",
+                          "03_fourier_merging")
+
+
+def _schedule_rank(item) -> tuple[int, int]:
     """Order in which ``make test``'s workers (pytest-xdist, ``--dist loadfile``) pick up the files.
 
     Notebook 00 builds the ViT zoo that notebooks 01-04 and 06 load, so it starts first; the
     notebooks that train or load their own models (05 alignment, 07 real checkpoints) and the unit
     tests keep the other worker busy meanwhile; the zoo notebooks follow, then the tests that execute
-    notebook cells on the zoo (explorers in Python and in the browser, lab copies). (A notebook that starts
-    before its models exist waits on the cache lock, ``mergelib.utils.cache_lock``, so any order is
+    notebook cells on the zoo (explorers in the browser, longest first; in Python; lab copies). (A notebook that
+    starts before its models exist waits on the cache lock, ``mergelib.utils.cache_lock``, so any order is
     correct; this one keeps both cores busy.)
     """
     path = str(item.fspath)
-    if os.path.basename(path) in ("test_explorers.py", "test_lab.py", "test_browser_explorers.py"):
-        return 4        # they run notebook cells on the zoo: after the notebooks that build it
+    name = os.path.basename(path)
+    if name == "test_browser_explorers.py":
+        stem = getattr(item, "callspec", None) and os.path.splitext(str(item.callspec.params.get("path", "")))[0]
+        stem = os.path.basename(stem or "")
+        return 4, _BROWSER_LONGEST_FIRST.index(stem) if stem in _BROWSER_LONGEST_FIRST else len(_BROWSER_LONGEST_FIRST)
+    if name in ("test_explorers.py", "test_lab.py"):
+        return 4, len(_BROWSER_LONGEST_FIRST) + 1   # they run notebook cells on the zoo: after the notebooks
     if not path.endswith(".ipynb"):
-        return 2
-    stem = os.path.basename(path)[:2]
-    return {"00": 0, "05": 1, "07": 1}.get(stem, 3)
+        return 2, 0
+    return {"00": 0, "05": 1, "07": 1}.get(name[:2], 3), 0
 
 
 def _work_unit(nodeid: str) -> str:

@@ -23,3 +23,26 @@ def test_other_dist_modes_keep_xdist_scheduler():
             return "load" if name == "dist" else None
 
     assert root_conftest.pytest_xdist_make_scheduler(Config(), None) is None
+
+
+def test_the_browser_tests_come_last_longest_first_and_name_every_notebook():
+    from types import SimpleNamespace
+
+    notebooks = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    assert sorted(root_conftest._BROWSER_LONGEST_FIRST) == notebooks
+
+    def item(path, nb=None):
+        it = SimpleNamespace(fspath=path)
+        if nb is not None:
+            it.callspec = SimpleNamespace(params={"path": Path("/x/notebooks") / f"{nb}.ipynb"})
+        return it
+
+    rank = root_conftest._schedule_rank
+    browser = "tests/browser/test_browser_explorers.py"
+    ranks = [rank(item(browser, nb)) for nb in root_conftest._BROWSER_LONGEST_FIRST]
+    assert ranks == sorted(ranks) and len(set(ranks)) == len(ranks)
+    assert rank(item(browser, "06_reproduction")) < rank(item(browser, "03_fourier_merging"))
+    last_notebook = max(rank(item(f"notebooks/{nb}.ipynb")) for nb in notebooks)
+    assert rank(item("notebooks/00_model_zoo.ipynb")) == min(rank(item(f"notebooks/{nb}.ipynb")) for nb in notebooks)
+    assert last_notebook < min(ranks) and max(ranks) < rank(item("tests/test_lab.py"))
+    assert rank(item("tests/test_merging.py")) < last_notebook

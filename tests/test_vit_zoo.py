@@ -82,9 +82,9 @@ def test_tiny_vit_zoo_recipe(tmp_path, data_root):
 
 
 def test_backbone_variants_differ_only_in_pretraining():
-    v = mzoo.vit_backbone_variants("quick")
     base = mzoo.VIT_PROFILES["quick"]
     steps = base["pretrain"]["steps"]
+    v = mzoo.vit_backbone_variants("quick", fractions=(3, 10))  # any order: weakest first
     assert list(v) == ["1/10 of the pretraining", "1/3 of the pretraining", "whole pretraining (the zoo)"]
     assert v["whole pretraining (the zoo)"] == base
     for cfg in v.values():
@@ -92,6 +92,18 @@ def test_backbone_variants_differ_only_in_pretraining():
         assert {k: x for k, x in cfg["pretrain"].items() if k != "stop_at"} == base["pretrain"]  # same schedule
     assert [c["pretrain"].get("stop_at") for c in v.values()] == [steps // 10, steps // 3, None]
     assert "stop_at" not in base["pretrain"] and base is not v["whole pretraining (the zoo)"]  # copies, not aliases
+
+
+def test_backbone_variants_default_to_the_profiles_fractions_which_the_zoo_caches():
+    for profile, fractions in mzoo.BACKBONE_VARIANT_FRACTIONS.items():
+        assert set(fractions) <= set(mzoo.EARLY_PRETRAIN_FRACTIONS), "a default variant the zoo does not cache"
+        steps = mzoo.VIT_PROFILES[profile]["pretrain"]["steps"]
+        v = mzoo.vit_backbone_variants(profile)
+        assert [c["pretrain"].get("stop_at") for c in v.values()] == sorted(steps // f for f in fractions) + [None]
+    assert list(mzoo.vit_backbone_variants("quick")) == ["1/10 of the pretraining", "whole pretraining (the zoo)"]
+    for bad in ([1], [0], [2.5], [True]):
+        with pytest.raises(ValueError, match="integers > 1"):
+            mzoo.vit_backbone_variants("quick", bad)
 
 
 def _pretrain_entries(root):
