@@ -49,7 +49,10 @@ def pytest_collectstart(collector):
 
 # The browser tests of these notebooks, longest first (a fresh-clone `.ci/run` with a per-test timeline, 2
 # cores: 85, 55, 51, 45, 38, 37, 34 and 30 s): they are the last units, so the longest go while the other
-# worker still has work, and the run does not end on one worker with a long unit left.
+# worker still has work, and the run does not end on one worker with a long unit left. (Measured on a
+# fresh clone: the workers ended 54 s apart, but notebook 06's browser test started while notebook 06 still
+# ran on the other worker, and took 168 s instead of 85: it waits for, or computes, what the notebook has
+# not cached yet. Its notebook is the last to start, so its browser test may belong after the others.)
 _BROWSER_LONGEST_FIRST = ("06_reproduction", "07_real_checkpoints", "05_permutation_alignment",
                           "02_parameter_competition", "01_task_vectors", "00_model_zoo", "04_lightweight_experts",
                           "03_fourier_merging")
