@@ -1,6 +1,7 @@
 """Repository-wide pytest configuration (unit tests and nbval on the notebooks)."""
 import functools
 import os
+from pathlib import Path
 
 import pytest
 
@@ -48,14 +49,13 @@ def pytest_collectstart(collector):
 
 
 # The browser tests of these notebooks, longest first (a fresh-clone `.ci/run` with a per-test timeline, 2
-# cores: 85, 55, 51, 45, 38, 37, 34 and 30 s): they are the last units, so the longest go while the other
-# worker still has work, and the run does not end on one worker with a long unit left. (Measured on a
-# fresh clone: the workers ended 54 s apart, but notebook 06's browser test started while notebook 06 still
-# ran on the other worker, and took 168 s instead of 85: it waits for, or computes, what the notebook has
-# not cached yet. Its notebook is the last to start, so its browser test may belong after the others.)
-_BROWSER_LONGEST_FIRST = ("06_reproduction", "07_real_checkpoints", "05_permutation_alignment",
-                          "02_parameter_competition", "01_task_vectors", "00_model_zoo", "04_lightweight_experts",
-                          "03_fourier_merging")
+# cores: 55, 51, 45, 38, 37, 34 and 30 s): they are the last units, so the longest go while the other worker
+# still has work, and the run does not end on one worker with a long unit left. Notebook 06's (85 s) comes
+# last all the same: its notebook is the last to start, and a fresh-clone run that put its browser test
+# first started it beside notebook 06 itself, where it computed what the notebook had not cached yet and
+# took 168 s instead of 85.
+_BROWSER_ORDER = ("07_real_checkpoints", "05_permutation_alignment", "02_parameter_competition", "01_task_vectors",
+                  "00_model_zoo", "04_lightweight_experts", "03_fourier_merging", "06_reproduction")
 
 
 def _schedule_rank(item) -> tuple[int, int]:
@@ -64,18 +64,17 @@ def _schedule_rank(item) -> tuple[int, int]:
     Notebook 00 builds the ViT zoo that notebooks 01-04 and 06 load, so it starts first; the
     notebooks that train or load their own models (05 alignment, 07 real checkpoints) and the unit
     tests keep the other worker busy meanwhile; the zoo notebooks follow, then the tests that execute
-    notebook cells on the zoo (explorers in the browser, longest first; in Python; lab copies). (A notebook that
+    notebook cells on the zoo (explorers in the browser, in ``_BROWSER_ORDER``; in Python; lab copies). (A notebook that
     starts before its models exist waits on the cache lock, ``mergelib.utils.cache_lock``, so any order is
     correct; this one keeps both cores busy.)
     """
     path = str(item.fspath)
     name = os.path.basename(path)
     if name == "test_browser_explorers.py":
-        stem = getattr(item, "callspec", None) and os.path.splitext(str(item.callspec.params.get("path", "")))[0]
-        stem = os.path.basename(stem or "")
-        return 4, _BROWSER_LONGEST_FIRST.index(stem) if stem in _BROWSER_LONGEST_FIRST else len(_BROWSER_LONGEST_FIRST)
+        stem = Path(item.callspec.params["path"]).stem if hasattr(item, "callspec") else ""
+        return 4, _BROWSER_ORDER.index(stem) if stem in _BROWSER_ORDER else len(_BROWSER_ORDER)
     if name in ("test_explorers.py", "test_lab.py"):
-        return 4, len(_BROWSER_LONGEST_FIRST) + 1   # they run notebook cells on the zoo: after the notebooks
+        return 4, len(_BROWSER_ORDER) + 1   # they run notebook cells on the zoo: after the notebooks
     if not path.endswith(".ipynb"):
         return 2, 0
     return {"00": 0, "05": 1, "07": 1}.get(name[:2], 3), 0
