@@ -48,3 +48,48 @@ def test_the_browser_tests_come_last_in_their_order_and_name_every_notebook():
     assert rank(item("notebooks/00_model_zoo.ipynb")) == min(rank(item(f"notebooks/{nb}.ipynb")) for nb in notebooks)
     assert last_notebook < min(ranks) and max(ranks) < rank(item("tests/test_lab.py"))
     assert rank(item("tests/test_merging.py")) < last_notebook
+
+
+def _timeline():
+    spec = importlib.util.spec_from_file_location("ci_timeline", Path(__file__).resolve().parents[1] / "tools" / "ci_timeline.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_the_timeline_plugin_writes_a_line_per_test_on_the_worker_only(tmp_path, monkeypatch):
+    import json
+
+    tl = _timeline()
+    log = tmp_path / "t.jsonl"
+    monkeypatch.setenv("CI_TIMELINE_LOG", str(log))
+    monkeypatch.setenv("PYTEST_XDIST_TESTRUNUID", "x")
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
+    tl.pytest_runtest_logstart("a.py::t", None)
+    tl.pytest_runtest_logfinish("a.py::t", None)          # the controller: no line
+    assert not log.exists()
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw1")
+    tl.pytest_runtest_logstart("a.py::t", None)
+    tl.pytest_runtest_logfinish("a.py::t", None)
+    tl.pytest_runtest_logfinish("never-started", None)    # no start recorded: ignored
+    (row,) = [json.loads(line) for line in log.read_text().splitlines()]
+    assert row["id"] == "a.py::t" and row["worker"] == "gw1" and row["end"] >= row["start"]
+
+
+def test_the_timeline_summary_per_work_unit():
+    import pytest
+
+    tl = _timeline()
+    b = "tests/browser/test_browser_explorers.py::test_explorer_in_the_browser"
+    rows = [{"id": "notebooks/00_model_zoo.ipynb::Cell 0", "worker": "gw0", "start": 100.0, "end": 101.0},
+            {"id": "notebooks/00_model_zoo.ipynb::Cell 1", "worker": "gw0", "start": 101.0, "end": 150.0},
+            {"id": "tests/test_x.py::a", "worker": "gw1", "start": 100.5, "end": 110.0},
+            {"id": f"{b}[01.ipynb]", "worker": "gw1", "start": 110.0, "end": 130.0},
+            {"id": f"{b}[02.ipynb]", "worker": "gw1", "start": 130.0, "end": 131.0}]
+    units, busy, length = tl.summarise(rows)
+    assert [(u["unit"], u["tests"]) for u in units] == [("notebooks/00_model_zoo.ipynb", 2), ("tests/test_x.py", 1),
+                                                        (f"{b}[01.ipynb]", 1), (f"{b}[02.ipynb]", 1)]
+    assert units[0]["start"] == 0 and units[0]["duration"] == 50 and units[2]["start"] == 10
+    assert busy == {"gw0": 50, "gw1": 30.5} and length == 50
+    with pytest.raises(ValueError, match="empty"):
+        tl.summarise([])
