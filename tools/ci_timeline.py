@@ -47,10 +47,15 @@ def pytest_runtest_logfinish(nodeid, location):
         f.write(line + "\n")
 
 
-def work_unit(nodeid: str) -> str:
-    """A notebook, a test module, or one browser test (``conftest._work_unit``'s units)."""
-    path = nodeid.split("::", 1)[0]
-    return nodeid if path.endswith("test_browser_explorers.py") else path
+def _work_unit():
+    """The repository's ``conftest._work_unit``: the unit a worker takes at once under ``make test`` (a
+    notebook, a test module, one browser test), so that the summary groups as the scheduler does."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_root_conftest", Path(__file__).resolve().parents[1] / "conftest.py")
+    conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conftest)
+    return conftest._work_unit
 
 
 def summarise(rows: list[dict]) -> tuple[list[dict], dict[str, float], float]:
@@ -59,11 +64,12 @@ def summarise(rows: list[dict]) -> tuple[list[dict], dict[str, float], float]:
     if not rows:
         raise ValueError("the timeline is empty: was the plugin loaded (-p ci_timeline) and the log path right?")
     t0 = min(r["start"] for r in rows)
+    work_unit = _work_unit()
     units: dict[tuple[str, str], dict] = {}
     for r in rows:
-        u = units.setdefault((work_unit(r["id"]), r["worker"]),
-                             {"unit": work_unit(r["id"]), "worker": r["worker"], "start": r["start"], "end": r["end"],
-                              "tests": 0})
+        unit = work_unit(r["id"])
+        u = units.setdefault((unit, r["worker"]),
+                             {"unit": unit, "worker": r["worker"], "start": r["start"], "end": r["end"], "tests": 0})
         u["start"], u["end"], u["tests"] = min(u["start"], r["start"]), max(u["end"], r["end"]), u["tests"] + 1
     out = sorted(units.values(), key=lambda u: u["start"])
     busy: dict[str, float] = defaultdict(float)
