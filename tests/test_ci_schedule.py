@@ -59,21 +59,34 @@ def _timeline():
 
 def test_the_timeline_plugin_writes_a_line_per_test_on_the_worker_only(tmp_path, monkeypatch):
     import json
+    from types import SimpleNamespace
 
     tl = _timeline()
     log = tmp_path / "t.jsonl"
     monkeypatch.setenv("CI_TIMELINE_LOG", str(log))
-    monkeypatch.setenv("PYTEST_XDIST_TESTRUNUID", "x")
-    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
+
+    def config(dist, worker=False):
+        c = SimpleNamespace(getoption=lambda name, default=None: dist if name == "dist" else default)
+        if worker:
+            c.workerinput = {"workerid": "gw1"}
+        return c
+
+    tl.pytest_configure(config("loadfile"))               # the xdist controller: no line
     tl.pytest_runtest_logstart("a.py::t", None)
-    tl.pytest_runtest_logfinish("a.py::t", None)          # the controller: no line
+    tl.pytest_runtest_logfinish("a.py::t", None)
     assert not log.exists()
     monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw1")
+    tl.pytest_configure(config("loadfile", worker=True))  # a worker
     tl.pytest_runtest_logstart("a.py::t", None)
     tl.pytest_runtest_logfinish("a.py::t", None)
     tl.pytest_runtest_logfinish("never-started", None)    # no start recorded: ignored
-    (row,) = [json.loads(line) for line in log.read_text().splitlines()]
-    assert row["id"] == "a.py::t" and row["worker"] == "gw1" and row["end"] >= row["start"]
+    monkeypatch.delenv("PYTEST_XDIST_WORKER")
+    tl.pytest_configure(config("no"))                     # a run without xdist
+    tl.pytest_runtest_logstart("b.py::t", None)
+    tl.pytest_runtest_logfinish("b.py::t", None)
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(r["id"], r["worker"]) for r in rows] == [("a.py::t", "gw1"), ("b.py::t", "main")]
+    assert all(r["end"] >= r["start"] for r in rows)
 
 
 def test_the_timeline_summary_per_work_unit():

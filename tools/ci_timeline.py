@@ -22,6 +22,14 @@ from collections import defaultdict
 from pathlib import Path
 
 _started: dict[str, float] = {}
+_controller = False
+
+
+def pytest_configure(config):
+    # under pytest-xdist the controller is told of every worker's tests too: only the process that ran a
+    # test writes its line
+    global _controller
+    _controller = not hasattr(config, "workerinput") and config.getoption("dist", "no") != "no"
 
 
 def _log_path() -> Path:
@@ -33,11 +41,8 @@ def pytest_runtest_logstart(nodeid, location):
 
 
 def pytest_runtest_logfinish(nodeid, location):
-    # under xdist the controller sees every test too: only the process that ran it writes its line
-    if "PYTEST_XDIST_TESTRUNUID" in os.environ and "PYTEST_XDIST_WORKER" not in os.environ:
-        return
     start = _started.pop(nodeid, None)
-    if start is None:
+    if start is None or _controller:
         return
     path = _log_path()
     path.parent.mkdir(parents=True, exist_ok=True)
