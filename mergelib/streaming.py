@@ -6,8 +6,8 @@ see :class:`Checkpoint`), so the resident memory is a few tensors, not the model
 sharded safetensors checkpoint with its ``model.safetensors.index.json``; every tensor keeps its dtype
 (the merge computes in float32, as :func:`mergelib.merge` does) and is written straight to its shard
 as soon as it is merged. File I/O overlaps the computation: a background thread writes the last merged
-tensor (:class:`_ShardWriter`) and, for the per-tensor sums, another reads the next key's tensors
-(:class:`_ReadAhead`).
+tensor (:class:`_ShardWriter`), another flushes a finished shard to disk (``fsync``) while the next one
+is merged, and, for the per-tensor sums, another reads the next key's tensors (:class:`_ReadAhead`).
 
 **Passes.** Per-tensor methods (``average``, ``task_arithmetic``, ``dare_ta``, and ``ties``/``dare_ties``
 with ``granularity="tensor"``) need one pass over the inputs. TIES's mass sign rule gives the columns
@@ -393,11 +393,25 @@ class _ShardWriter:
         buf.copy_(t.detach().reshape(-1))  # converted as t.to("cpu", dt) would
         self.pending = self.pool.submit(self._write, memoryview(buf.view(torch.uint8).numpy()))
 
-    def close(self) -> None:
+    def close(self, syncer: ThreadPoolExecutor | None = None) -> Future | None:
+        """Finish the file: wait for the last write, free the buffers, then ``fsync`` and close it. With
+        ``syncer``, the ``fsync`` runs on that executor, overlapping whatever the caller does next (the
+        next shard's merge); the returned future raises its error. On an error here (the last write's),
+        call :meth:`abort`; once the ``fsync`` is submitted, the file belongs to it."""
         self._wait()
         self.f.flush()
-        os.fsync(self.f.fileno())
-        self.abort()
+        self.bufs = []
+        self.pool.shutdown(wait=True)
+        if syncer is None:
+            self._sync()
+            return None
+        return syncer.submit(self._sync)
+
+    def _sync(self) -> None:
+        try:
+            os.fsync(self.f.fileno())
+        finally:
+            self.f.close()
 
     def abort(self) -> None:
         """Let the write in flight finish (its error is not raised: an error is already being handled),
@@ -966,17 +980,24 @@ def merge_files(pretrained: str | os.PathLike, finetuned: Sequence[str | os.Path
             """The write pass: every shard into ``tmp``; returns key -> (shard file, offset of its bytes)."""
             where = {}
             it = iter(_progress(src.over(all_keys, base_only=set(all_keys) - selected), len(all_keys), desc, quiet))
-            for i, shard_keys in enumerate(shards):
-                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                w = _ShardWriter(tmp / fname, shard_keys, meta)
-                try:
-                    for k in shard_keys:
-                        next(it)
-                        w.add(k, merged_tensor(k))
-                        where[k] = (fname, w.starts[k])
-                    w.close()
-                finally:
-                    w.abort()
+            # a finished shard is flushed to disk (fsync) in the background while the next one is merged;
+            # leaving the `with` waits for every fsync, also on an error, before tmp is patched or removed
+            with ThreadPoolExecutor(1, thread_name_prefix="mergelib-sync") as syncer:
+                synced = []
+                for i, shard_keys in enumerate(shards):
+                    fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                    w = _ShardWriter(tmp / fname, shard_keys, meta)
+                    try:
+                        for k in shard_keys:
+                            next(it)
+                            w.add(k, merged_tensor(k))
+                            where[k] = (fname, w.starts[k])
+                        synced.append(w.close(syncer))
+                    except BaseException:
+                        w.abort()
+                        raise
+            for fut in synced:
+                fut.result()  # a failed fsync (a full disk) is the merge's error
             return where
 
         try:

@@ -4,6 +4,7 @@ import errno
 import gc
 import importlib
 import json
+import os
 import re
 import runpy
 import subprocess
@@ -314,6 +315,39 @@ def test_disk_full_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(st.DiskFullError):
         ml.merge_files(base, ftp, tmp_path / "out", "ties", quiet=True, shard_bytes=10_000)
     assert calls["thread"].startswith("mergelib-write")  # raised in the writer thread, reported by the merge
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+    assert all(p.read_bytes() == b for p, b in before.items())
+
+
+def test_a_failed_fsync_in_the_background_is_the_merges_error(tmp_path, monkeypatch):
+    """A finished shard is flushed to disk in a background thread while the next one is merged: a full
+    disk reported by its fsync (as delayed allocation can) is the merge's DiskFullError, with no output,
+    no temporary directory and the inputs untouched; without the failure the same merge succeeds and
+    fsyncs every shard in that thread."""
+    pre, fts = _models(n=2)
+    base, ftp = _write(tmp_path, pre, fts)
+    before = {p: p.read_bytes() for p in [base, *ftp]}
+    real, threads = os.fsync, []
+
+    def recorded(fd):
+        threads.append(threading.current_thread().name)
+        real(fd)
+
+    monkeypatch.setattr(st.os, "fsync", recorded)
+    out = ml.merge_files(base, ftp, tmp_path / "ok", "ties", quiet=True, shard_bytes=10_000)
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) > 2
+    assert sum(t.startswith("mergelib-sync") for t in threads) == len(shards)
+
+    def failing(fd):
+        if threading.current_thread().name.startswith("mergelib-sync"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd)
+
+    monkeypatch.setattr(st.os, "fsync", failing)
+    with pytest.raises(st.DiskFullError):
+        ml.merge_files(base, ftp, tmp_path / "out", "ties", quiet=True, shard_bytes=10_000)
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
     assert all(p.read_bytes() == b for p, b in before.items())
