@@ -672,3 +672,58 @@ def test_stream_kth_counts_the_zeros_of_unchanged_weights(monkeypatch, absolute)
     assert torch.equal(vals, want)
     w = whole.abs() if absolute else whole
     assert torch.equal(above, (w[:, None, :] > want[:, :, None]).sum(2))
+
+
+def test_the_shard_writer_queues_tensors_in_its_ring_without_overwriting_one_in_flight(tmp_path, monkeypatch):
+    """Tensors wait in the writer's ring (twice the largest tensor's bytes) while a slow thread writes the
+    earlier ones: many small ones behind a large one, the ring wrapping around, dtypes of 2, 4 and 8 bytes
+    at odd byte counts (each placed at an aligned offset), an empty tensor. The file holds every tensor's
+    bytes, converted to its dtype, as safetensors reads them; the caller's tensors may be reused at once."""
+    g = torch.Generator().manual_seed(3)
+    sizes = [1000, 3, 5, 1, 0, 777, 2, 1000, 999, 7, 11, 13, 500, 1000, 1, 3]
+    dtypes = [torch.bfloat16, torch.float32, torch.int64, torch.float16]
+    keys = [f"t{i:02d}" for i in range(len(sizes))]
+    meta = {k: ((n,), dtypes[i % 4]) for i, (k, n) in enumerate(zip(keys, sizes))}
+    want = {k: (torch.randn(n, generator=g) * 100).to(dt) for k, ((n,), dt) in meta.items()}
+    real, in_flight = st._ShardWriter._write, []
+
+    def slow(self, data):
+        in_flight.append(len(self.pending))
+        threading.Event().wait(0.002)
+        real(self, data)
+
+    monkeypatch.setattr(st._ShardWriter, "_write", slow)
+    w = st._ShardWriter(tmp_path / "s.safetensors", keys, meta)
+    assert w.ring.numel() == 2 * 1000 * 4  # twice the largest tensor (1,000 float32)
+    scratch = torch.empty(1000)
+    for k in keys:
+        src = scratch[:want[k].numel()]
+        src.copy_(want[k].float())  # float32, as a merge hands its tensors over
+        w.add(k, src)
+        src.fill_(float("nan"))  # reused by the caller at once
+    w.close()
+    got = load_file(tmp_path / "s.safetensors")
+    assert set(got) == set(keys)
+    for k in keys:
+        assert got[k].dtype == want[k].dtype and same_bytes(got[k], want[k]), k
+    assert max(in_flight) >= 2  # writes did queue behind one another
+
+
+def test_the_shard_writer_reports_a_failed_write_that_was_queued(tmp_path, monkeypatch):
+    """A write that fails while later tensors wait behind it is the error of a later add() or of close()."""
+    meta = {f"t{i}": ((10,), torch.float32) for i in range(6)}
+    real = st._ShardWriter._write
+
+    def failing(self, data):
+        if len(data) == 40 and getattr(self, "_n", 0) == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self._n = getattr(self, "_n", 0) + (len(data) == 40)
+        real(self, data)
+
+    monkeypatch.setattr(st._ShardWriter, "_write", failing)
+    w = st._ShardWriter(tmp_path / "s.safetensors", list(meta), meta)
+    with pytest.raises(OSError, match="No space"):
+        for k in meta:
+            w.add(k, torch.ones(10))
+        w.close()
+    w.abort()
