@@ -6,8 +6,10 @@ fc1 / fc2 matrices of width ``--width``, plus biases and norms, and an integer `
 the fine-tunes as Hugging Face sharded checkpoints (``model.safetensors.index.json``).
 
 In one process, interleaved so that the ratios hold under load: a read pass (every tensor of every
-input read once with the same reader as the merge, :class:`mergelib.streaming.Checkpoint`), then each
-method, then the read pass again, ...; median wall time per row. Columns: wall time, GB/s of
+input read once with the same reader as the merge, :class:`mergelib.streaming.Checkpoint`), a write
+pass (a fresh file of the base's size, the size of a merge's output, written from one buffer and
+flushed with ``fsync``: what writing the output costs on this disk, a floor of every merge next to
+the read), then each method, then the read pass again, ...; median wall time per row. Columns: wall time, GB/s of
 checkpoint input (total input bytes / time; the multi-pass methods read the inputs several times),
 the ratio to the read pass, the peak resident set of the process during the run (VmHWM, reset before
 each run through ``/proc/self/clear_refs``; Linux) and its growth above the resident set before the
@@ -109,6 +111,19 @@ def read_pass(base: Path, fts: list[Path]) -> int:
     return total
 
 
+def write_pass(out: Path, nbytes: int, chunk: int = 1 << 26) -> int:
+    """Write ``nbytes`` (a merge's output: the base's size) into a fresh file from one reused buffer,
+    ``fsync`` it and remove it: the floor of writing a merge's output on this disk, next to the read."""
+    buf = memoryview(bytearray(chunk))
+    with open(out, "wb") as f:
+        left = nbytes
+        while left > 0:
+            left -= f.write(buf[:min(chunk, left)])
+        os.fsync(f.fileno())
+    out.unlink()
+    return nbytes
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=4, help="fine-tuned checkpoints")
@@ -156,7 +171,7 @@ def main() -> None:
             dt = time.perf_counter() - t
             return dt, _status("VmHWM"), _status("VmHWM") - rss0
 
-        rows = {"read all inputs once": []}
+        rows = {"read all inputs once": [], "write one output (the base's bytes, fsync)": []}
         wanted = set(dict(METHODS)) if args.methods == "all" else {m.strip() for m in args.methods.split(",")}
         unknown = wanted - set(dict(METHODS))
         if unknown:
@@ -166,6 +181,9 @@ def main() -> None:
             for (name, res) in list(rows.items()):
                 if name == "read all inputs once":
                     res.append(run(lambda: read_pass(base, fts)))
+                    continue
+                if name.startswith("write one output"):
+                    res.append(run(lambda: write_pass(root / "write_pass.bin", base.stat().st_size)))
                     continue
                 m, hp = next((m, hp) for m, hp in METHODS if (f"{m} {hp}" if hp else m) == name)
                 out = root / "out"
@@ -183,10 +201,12 @@ def main() -> None:
                  f"median of {args.repeats} interleaved runs; load average {load[0]:.1f} / {load[1]:.1f} / "
                  f"{load[2]:.1f} (1/5/15 min) at the end"
                  f"{'' if args.set else f'; writing the set took {t_write:.1f} s'}.",
-                 "", "| run | wall s | GB/s (input bytes / time) | x read pass | peak RSS GB | x total bytes "
+                 "", "| run | wall s | GB/s (input bytes / time; the write: its bytes) | x read pass | peak RSS GB "
+                 "| x total bytes "
                  "| peak RSS growth GB | x total bytes |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for k, (t, peak, grow) in med.items():
-            lines.append(f"| {k} | {t:.2f} | {total / t / 1e9:.2f} | {t / t_read:.2f} | {peak / 1e9:.2f} | "
+            nbytes = base.stat().st_size if k.startswith("write") else total
+            lines.append(f"| {k} | {t:.2f} | {nbytes / t / 1e9:.2f} | {t / t_read:.2f} | {peak / 1e9:.2f} | "
                          f"{peak / total:.2f} | {grow / 1e9:.3f} | {grow / total:.3f} |")
         if not can_peak:
             lines.append("\n(peak RSS could not be reset: the peak columns are the process's peak so far)")
