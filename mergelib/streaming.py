@@ -6,8 +6,9 @@ see :class:`Checkpoint`), so the resident memory is a few tensors, not the model
 sharded safetensors checkpoint with its ``model.safetensors.index.json``; every tensor keeps its dtype
 (the merge computes in float32, as :func:`mergelib.merge` does) and is written straight to its shard
 as soon as it is merged. File I/O overlaps the computation: a background thread writes the merged
-tensors, queued in a ring buffer (:class:`_ShardWriter`), another flushes a finished shard to disk (``fsync``) while the next one
-is merged, and, for the per-tensor sums, another reads the next key's tensors (:class:`_ReadAhead`).
+tensors, queued in a ring buffer (:class:`_ShardWriter`), another flushes a finished shard to disk
+(``fsync``) while the next one is merged, and, for the per-tensor sums, another reads the next key's
+tensors (:class:`_ReadAhead`).
 
 **Passes.** Per-tensor methods (``average``, ``task_arithmetic``, ``dare_ta``, and ``ties``/``dare_ties``
 with ``granularity="tensor"``) need one pass over the inputs. TIES's mass sign rule gives the columns
