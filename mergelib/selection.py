@@ -136,12 +136,13 @@ def _brackets(sample: Tensor, n: int, ks: Sequence[int]) -> list[tuple[Tensor | 
         p = k / n
         margin = 5.0 * math.sqrt(m * p * (1 - p)) + 16
         lo_i, hi_i = math.floor(p * m - margin), math.ceil(p * m + margin)
-        lo, hi = (s[lo_i] if lo_i >= 0 else None), (s[hi_i] if hi_i < m else None)
+        # clones, not views: a view would keep the whole sorted sample alive for as long as the bracket
+        lo, hi = (s[lo_i].clone() if lo_i >= 0 else None), (s[hi_i].clone() if hi_i < m else None)
         if lo is not None and lo == hi:
             tie = lo
         else:  # the most repeated value of the bracket's part of the sample, if it is frequent in the sample
             vals, counts = torch.unique_consecutive(s[max(lo_i, 0): min(hi_i, m - 1) + 1], return_counts=True)
-            v = vals[counts.argmax()].reshape(1)
+            v = vals[counts.argmax()].reshape(1).clone()
             copies = int(torch.searchsorted(s, v, right=True) - torch.searchsorted(s, v))
             tie = v[0] if copies * TIE_SHARE >= m else None
         out.append((lo, hi, tie))

@@ -578,10 +578,11 @@ def _stream_kth(blocks_fn, n: int, ks: Sequence[Sequence[int]], absolute: bool =
             part.abs_()
         used += pos.numel()
         D += numel
-    sample = store[:, :used].contiguous()
-    brackets = [_sel._brackets(sample[r], D, ks[r]) for r in range(n)]
+    brackets = [_sel._brackets(store[r, :used], D, ks[r]) for r in range(n)]
+    dtype = store.numpy().dtype
+    del store  # the sample is not needed on the counting pass (the brackets hold values, not views)
     limit = max(D // 16, 1 << 16)  # a bracket holds ~2 % of a row, unless the row is mostly ties
-    counters = _sel._count_blocks((x.numpy() for x in blocks_fn()), brackets, sample.numpy().dtype,
+    counters = _sel._count_blocks((x.numpy() for x in blocks_fn()), brackets, dtype,
                                   _sel.NUMPY_CHUNK, absolute, limit)
     out, above = [], []
     try:

@@ -372,3 +372,17 @@ def test_brackets_pick_a_tie_only_when_it_is_frequent():
     assert lo == hi == tie == 0
     lo, hi, tie = sel._brackets(torch.zeros(4096), 1 << 20, [7])[0]  # open below, its end tied
     assert lo is None and hi == tie == 0
+
+
+def test_brackets_hold_their_values_not_the_sorted_sample():
+    """The brackets outlive the sample on a streamed counting pass: their bounds and tied values are
+    values of their own (a view would keep the whole sorted sample in memory during the pass)."""
+    g = torch.Generator().manual_seed(0)
+    sample = torch.cat([torch.rand(50_000, generator=g), torch.zeros(30_000)])  # heavy ties: a tied value
+    got = sel._brackets(sample, 10 * sample.numel(), [100_000, 300_000, 400_000, 790_000])
+    for lo, hi, tie in got:
+        for v in (lo, hi, tie):
+            if v is not None:
+                assert v.untyped_storage().nbytes() == v.element_size()
+    assert got[0][0] == got[0][1] == got[0][2] == 0  # a bracket on the zeros alone
+    assert got[1][0] < got[1][1] and got[1][2] == 0  # the zeros inside a wider bracket
