@@ -366,6 +366,7 @@ class _ShardWriter:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
         self.starts = {k: 8 + len(raw) + h["data_offsets"][0] for k, h in header.items() if k != "__metadata__"}
+        self.nbytes = {k: h["data_offsets"][1] - h["data_offsets"][0] for k, h in header.items() if k != "__metadata__"}
         self.expected = list(keys)
         self.meta = meta
         self.f = open(path, "wb")
@@ -400,9 +401,7 @@ class _ShardWriter:
         if not self.expected or self.expected[0] != key:
             raise RuntimeError(f"internal error: tensor {key!r} written out of order")
         self.expected.pop(0)
-        shape, dt = self.meta[key]
-        n = math.prod(shape)
-        nb = n * torch.empty((), dtype=dt).element_size()
+        dt, nb = self.meta[key][1], self.nbytes[key]
         if nb == 0:
             return
         at = self._room(nb)
