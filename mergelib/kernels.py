@@ -14,7 +14,8 @@ the results are the torch code's bit for bit; only the number of passes over mem
   where :func:`fused_add_matches_torch`.
 * :func:`ties_sweep` (and :func:`ties_majority_positive`): TIES's trim, sign election and disjoint
   mean of one tensor from the state dicts, given the trim thresholds
-  (:func:`mergelib.competition._ties_fused` for the official trim and the ``"mass"`` sign rule).
+  (:func:`mergelib.competition._ties_fused` for the ``"mass"`` sign rule), with the official trim or the
+  exact one (:class:`ExactTrim`, :func:`exact_trim`: which ties at the threshold are kept).
 * :func:`count_brackets`: the counting pass of the exact order statistics
   (:func:`mergelib.selection.kth_smallest_columns`: TIES's trim thresholds, PCB's clip values) over
   ``|theta_i - theta_0|``, each entry read once per rank.
@@ -43,7 +44,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["available", "enabled", "use", "sum_task_vectors", "fused_add_matches_torch", "ties_thresholds",
-           "ties_sweep", "ties_majority_positive", "count_brackets"]
+           "ExactTrim", "count_above", "exact_trim", "ties_sweep", "ties_majority_positive", "count_brackets"]
 
 _enabled = os.environ.get("MERGELIB_KERNELS", "auto").strip().lower() not in ("torch", "off", "0", "none")
 
@@ -139,15 +140,89 @@ def fused_add_matches_torch() -> bool:
 
 
 def ties_thresholds(thr: Tensor | None, n: int) -> Tensor:
-    """The sweeps' ``thr`` from a trim plan's thresholds of ``n`` task vectors (one per task, float32).
-    ``None`` (density 1: keep every entry) gives zeros: ``|x| >= 0`` holds for every finite ``x``, and
-    the kept entry is ``x * 1 = x``."""
+    """The sweeps' ``thr`` from a trim plan's thresholds of ``n`` task vectors (one per task, float32), for
+    the official trim. ``None`` (density 1: keep every entry) gives zeros: ``|x| >= 0`` holds for every
+    finite ``x``, and the kept entry is ``x * 1 = x``."""
     return torch.zeros(n) if thr is None else thr.reshape(-1).float()
 
 
-def ties_sweep(out: Tensor, zero: Tensor, finetuned: Sequence[Tensor], base: Tensor, thr: Tensor,
+class ExactTrim:
+    """TIES's exact trim (``trim_rule="exact"``) of one trim segment (a tensor, or the whole model for
+    the global trim), for :func:`ties_sweep` and :func:`ties_majority_positive` in place of the official
+    trim's thresholds: ``thr`` (``N`` float32, the ``keep``-th largest |x| of each row) and the tie
+    budget. Every ``|x| > thr[i]`` is kept, and of the ties ``|x| == thr[i]`` the first ``need[i] = keep -
+    #(|x| > thr[i])`` in flat order, as the torch code keeps them (:func:`mergelib.competition.trim`).
+    The sweeps count the ties as they go, tensor by tensor in the segment's order: ``taken[i]`` so far,
+    and ``cut[i]``, the flat position of the last tie kept once the budget ran out (``NO_CUT`` until
+    then, -1 when no tie is kept); ``offset``, the flat position of the next tensor to sweep in the
+    segment (:func:`ties_sweep` advances it). Made by :func:`exact_trim`."""
+
+    NO_CUT = np.iinfo(np.int64).max
+
+    def __init__(self, thr: Tensor, need):
+        self.thr = thr.detach().reshape(-1).float().contiguous()
+        self.thr_np = self.thr.numpy()
+        # |x| >= the next float32 above thr: the ties dropped (NaN thresholds, "keep none", stay NaN)
+        self.thr_next = np.nextafter(self.thr_np, np.float32(np.inf)).astype(np.float32)
+        self.need = np.array(need.numpy() if isinstance(need, Tensor) else need, dtype=np.int64).reshape(-1)
+        self.taken = np.zeros_like(self.need)
+        self.cut = np.where(self.need > 0, self.NO_CUT, -1).astype(np.int64)
+        self.offset = 0
+
+    def parts(self, finetuned: Sequence[np.ndarray], base: np.ndarray) -> list[tuple[int, int, np.ndarray]]:
+        """Take the ties of the segment's next tensor (its inputs as the loops read them) and advance
+        ``offset`` past it; returns its parts ``(j0, j1, thresholds)``: entries ``[j0, j1)`` keep or drop
+        each row's ties as the thresholds ``thr`` or ``thr_next`` say (split after each cut inside it)."""
+        loops, m = _loops(), base.shape[0]
+        ends = [m]
+        for i, f in enumerate(finetuned):
+            if self.taken[i] < self.need[i]:
+                self.taken[i], at = loops.take_ties(f, base, self.thr_np[i], self.taken[i], self.need[i])
+                if at >= 0:
+                    self.cut[i] = self.offset + at
+                    ends.append(at + 1)
+        out, j0 = [], 0
+        for j1 in sorted(set(ends)):
+            if j1 > j0:
+                out.append((j0, j1, np.where(self.offset + j0 <= self.cut, self.thr_np, self.thr_next)))
+            j0 = j1
+        self.offset += m
+        return out
+
+    def fresh(self) -> "ExactTrim":
+        """The same trim before any tensor is swept (for a second pass over the segment)."""
+        return ExactTrim(self.thr, self.need)
+
+
+def count_above(segments, thr: Tensor) -> np.ndarray:
+    """``#(|f_i - base| > thr_i)`` per row ``i`` over the tensors of a segment, given as ``(base,
+    [finetuned_i])`` (an int64 array; a NaN entry counts as above: it is neither below nor equal)."""
+    loops = _loops()
+    t = thr.detach().reshape(-1).float().numpy()
+    above = np.zeros(t.shape[0], dtype=np.int64)
+    for base, fts in segments:
+        b = _np(base)
+        for i, f in enumerate(fts):
+            below, points = loops.count_point(_np(f), b, t[i])
+            above[i] += b.shape[0] - int(below) - int(points)
+    return above
+
+
+def exact_trim(thr: Tensor | None, keep: int, d: int, n: int, segments) -> ExactTrim:
+    """The :class:`ExactTrim` of a segment of ``d`` entries per row (``n`` rows; its tensors ``segments``
+    as for :func:`count_above`, which counts the entries above the thresholds) from a trim plan's entry
+    ``(thr, keep)`` (:func:`mergelib.competition._trim_plan`: the ``keep``-th largest |x| per row, None
+    where every entry or none is kept). Every entry: threshold ``-inf`` (``|x| >= -inf``: all but NaN,
+    which then stays NaN); none: NaN (``|x| >= NaN`` never holds: every ``x * 0``, so a NaN or inf input
+    still reaches the result)."""
+    if thr is None:
+        return ExactTrim(torch.full((n,), -np.inf if keep >= d else np.nan), np.zeros(n))
+    return ExactTrim(thr, keep - count_above(segments, thr))
+
+
+def ties_sweep(out: Tensor, zero: Tensor, finetuned: Sequence[Tensor], base: Tensor, thr: Tensor | ExactTrim,
                scale: float | None = None) -> tuple[int, int, int]:
-    """TIES on one tensor from the state dicts (official trim, ``"mass"`` sign rule; the operations of
+    """TIES on one tensor from the state dicts (``"mass"`` sign rule; the operations of
     :func:`mergelib.competition._ties_fused` with ``majority=None``): writes the merged task vector
     (the value for a negative majority sign where the trimmed sum is 0) into ``out``, and marks in
     ``zero`` the entries whose bits a positive majority sign may change: where the trimmed sum is 0 and
@@ -155,21 +230,40 @@ def ties_sweep(out: Tensor, zero: Tensor, finetuned: Sequence[Tensor], base: Ten
     ``+-0``); see :mod:`mergelib._kernel_loops`. Returns ``#(sum > 0) - #(sum < 0)`` over the tensor's
     entries, the number of non-finite results (a NaN or inf in an input reaches its column's result)
     and the number of marked entries.
-    ``thr``: the ``N`` trim thresholds (float32). With ``scale``, ``out = base + scale * merged`` instead
-    (as :func:`sum_task_vectors`). After all tensors, if the votes are positive, call
-    :func:`ties_majority_positive` on each, with the same ``scale``."""
-    votes, bad, marked = _loops().ties_sweep(_np(out), zero.reshape(-1).numpy(), tuple(_np(f) for f in finetuned),
-                                             _np(base), thr.detach().reshape(-1).numpy(), *_scale(scale))
-    return int(votes), int(bad), int(marked)
+    ``thr``: the ``N`` trim thresholds of the official trim (float32), or the segment's
+    :class:`ExactTrim` for the exact one (its tie budget taken from, and advanced past, this tensor).
+    With ``scale``, ``out = base + scale * merged`` instead (as :func:`sum_task_vectors`). After all
+    tensors, if the votes are positive, call :func:`ties_majority_positive` on each, with the same
+    ``scale``."""
+    o, z, fts, b = _np(out), zero.reshape(-1).numpy(), tuple(_np(f) for f in finetuned), _np(base)
+    if not isinstance(thr, ExactTrim):
+        votes, bad, marked = _loops().ties_sweep(o, z, fts, b, thr.detach().reshape(-1).numpy(), *_scale(scale))
+        return int(votes), int(bad), int(marked)
+    votes = bad = marked = 0
+    for j0, j1, t in thr.parts(fts, b):
+        v, nb, mk = _loops().ties_sweep(o[j0:j1], z[j0:j1], tuple(f[j0:j1] for f in fts), b[j0:j1], t, *_scale(scale))
+        votes, bad, marked = votes + int(v), bad + int(nb), marked + int(mk)
+    return votes, bad, marked
+
+
+_NO_POSITIONS = np.empty(0, dtype=np.int64)
 
 
 def ties_majority_positive(out: Tensor, zero: Tensor, finetuned: Sequence[Tensor], base: Tensor,
-                           thr: Tensor, scale: float | None = None) -> Tensor:
+                           thr: Tensor | ExactTrim, scale: float | None = None, at: int | Tensor = 0) -> Tensor:
     """Where ``zero`` (:func:`ties_sweep`'s marks), the value for a positive majority sign: the mean of
     the positive trimmed entries, +0.0 where there are none (``base + scale *`` that with ``scale``).
-    Every entry is independent of the others: the loop may run on entries gathered from a tensor."""
-    _loops().ties_majority_positive(_np(out), zero.reshape(-1).numpy(), tuple(_np(f) for f in finetuned),
-                                    _np(base), thr.detach().reshape(-1).numpy(), *_scale(scale))
+    Every entry is independent of the others: the loop may run on entries gathered from a tensor.
+    ``thr`` as for :func:`ties_sweep` (an :class:`ExactTrim` after the sweep of its whole segment); for
+    the exact trim, ``at`` is the flat position in the segment of the tensor's first entry (its
+    ``offset`` before its sweep), or of every entry (an int64 tensor, for gathered entries)."""
+    args = _np(out), zero.reshape(-1).numpy(), tuple(_np(f) for f in finetuned), _np(base)
+    if isinstance(thr, ExactTrim):
+        offset, positions = (at, _NO_POSITIONS) if isinstance(at, int) else (0, at.reshape(-1).numpy())
+        _loops().ties_majority_positive_exact(*args, thr.thr_np, thr.thr_next, thr.cut, offset, positions,
+                                              *_scale(scale))
+    else:
+        _loops().ties_majority_positive(*args, thr.detach().reshape(-1).numpy(), *_scale(scale))
     return out
 
 

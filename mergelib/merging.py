@@ -254,7 +254,7 @@ def merge(pretrained: Mapping[str, Tensor], finetuned: Sequence[Mapping[str, Ten
             return _with_merged(pretrained, merged)
         elif spec.fn is _fr and hp["align"] != "paper":  # per tensor, no N x D matrix
             deltas = _fr_per_tensor(pretrained, models, keys, hp)
-        elif spec.fn is _ties and hp["trim_rule"] == "official" and pretrained[keys[0]].device.type == "cpu":
+        elif spec.fn is _ties and _ties_by_columns(pretrained, models, keys, hp):
             # column blocks, no N x D matrix; theta_0 + lambda * tau_m
             return _with_merged(pretrained, _ties_columns(pretrained, models, keys, hp, lam))
         elif spec.fn is _pcb and hp["mode"] == "official" and pretrained[keys[0]].device.type == "cpu":
@@ -304,10 +304,23 @@ def _selected_keys(spec: MergeMethod, pretrained: Mapping[str, Tensor], rules, i
     return keys
 
 
+def _ties_by_columns(pretrained, models, keys: list[str], hp: Mapping) -> bool:
+    """Whether :func:`merge` runs TIES by :func:`_ties_columns`: on the CPU with the official trim, or
+    with the exact trim where the compiled sweep runs it (``"mass"`` sign rule, :mod:`mergelib.kernels`
+    available); otherwise from the ``N x D`` matrix."""
+    if pretrained[keys[0]].device.type != "cpu":
+        return False
+    if hp["trim_rule"] == "official":
+        return True
+    return hp["sign_rule"] == "mass" and kernels.available(*[pretrained[k] for k in keys],
+                                                           *[m[k] for m in models for k in keys])
+
+
 def _ties_columns(pretrained, models, keys: list[str], hp: Mapping, scale: float) -> dict[str, Tensor]:
-    """TIES with the official trim on the CPU, read as column blocks of the task vectors
-    (:class:`~mergelib.task_vectors.TaskVectorColumns`): one counting pass for the thresholds, one
-    fused trim-elect-average pass, no ``N x D`` matrix. The same bits as ``flatten`` + ``ties_merge``.
+    """TIES on the CPU (:func:`_ties_by_columns`), read as column blocks of the task vectors
+    (:class:`~mergelib.task_vectors.TaskVectorColumns`): one counting pass for the thresholds (and for
+    the exact trim one count of the entries above them), one fused trim-elect-average pass, no ``N x D``
+    matrix. The same bits as ``flatten`` + ``ties_merge``.
     Finiteness is checked on the merged vector: a NaN or inf in any task vector reaches it (the trim
     multiplies every entry by 0 or 1, and NaN * 0 is NaN). Raises :class:`NonFiniteError`.
 
@@ -315,12 +328,13 @@ def _ties_columns(pretrained, models, keys: list[str], hp: Mapping, scale: float
     tau_m, alpha=scale)`` (:func:`merge`'s last step; fused into the sweep where :mod:`mergelib.kernels`
     runs it and :func:`~mergelib.kernels.fused_add_matches_torch`)."""
     cols = TaskVectorColumns(models, pretrained, keys)
-    plan = _trim_plan(cols, hp["density"], hp["granularity"], cols.layout, "official")
+    plan = _trim_plan(cols, hp["density"], hp["granularity"], cols.layout, hp["trim_rule"])
     fused = False
     if hp["sign_rule"] == "mass" and kernels.available(*cols.tensors()):
         fused = kernels.fused_add_matches_torch()
-        merged, finite = _ties_kernel(pretrained, models, cols.layout, plan, scale if fused else None)
-    else:
+        merged, finite = _ties_kernel(pretrained, models, cols.layout, plan, scale if fused else None,
+                                      hp["trim_rule"])
+    else:  # (the official trim: _ties_by_columns)
         merged = _ties_fused(cols, plan, [None] * len(plan), "official", hp["sign_rule"])
         finite = _all_finite(merged)
     if not finite:
@@ -332,29 +346,35 @@ def _ties_columns(pretrained, models, keys: list[str], hp: Mapping, scale: float
     return out
 
 
-def _ties_kernel(pretrained, models, layout: FlatLayout, plan, scale: float | None) -> tuple[Tensor, bool]:
+def _ties_kernel(pretrained, models, layout: FlatLayout, plan, scale: float | None,
+                 trim_rule: str = "official") -> tuple[Tensor, bool]:
     """:func:`_ties_columns`'s sweep with :func:`mergelib.kernels.ties_sweep`, tensor by tensor from the
-    state dicts: the float operations of :func:`_ties_fused` (``"mass"`` rule, official trim), each entry
-    read once. ``plan``: :func:`_trim_plan`'s segments (the whole vector, or one per tensor of ``layout``).
-    Returns the merged task vector (``theta_0 + scale * tau_m`` with ``scale``, fused) and whether it is
-    finite (counted by the sweep)."""
+    state dicts: the float operations of :func:`_ties_fused` (``"mass"`` rule), each entry read once.
+    ``plan``: :func:`_trim_plan`'s segments (the whole vector, or one per tensor of ``layout``); with the
+    exact trim, each segment's thresholds and tie budget are a :class:`~mergelib.kernels.ExactTrim`
+    (:func:`mergelib.kernels.exact_trim`: one more count over the segment). Returns the merged task vector
+    (``theta_0 + scale * tau_m`` with ``scale``, fused) and whether it is finite (counted by the sweep)."""
     out = empty_matrix((layout.D,), device=pretrained[layout.keys[0]].device)
     zero = torch.empty(layout.D, dtype=torch.bool)
     n = len(models)
-    segments = []  # (key, [start, end), the thresholds of the tensor's segment)
+    trims = [kernels.ties_thresholds(thr, n) if trim_rule == "official" else  # per plan segment
+             kernels.exact_trim(thr, keep, e - s, n, ((pretrained[k], [m[k] for m in models])
+                                                       for k, a, b in layout.segments() if s <= a and b <= e))
+             for s, e, thr, keep in plan]
+    segments = []  # (key, [start, end), the trim of the tensor's segment, the tensor's offset in it)
     for k, s, e in layout.segments():
-        thr = next(t for a, b, t, _ in plan if a <= s and e <= b)
-        segments.append((k, s, e, kernels.ties_thresholds(thr, n)))
+        i = next(i for i, (a, b, _, _) in enumerate(plan) if a <= s and e <= b)
+        segments.append((k, s, e, trims[i], s - plan[i][0]))
     votes = bad = 0
     marked = []  # the segments with entries that a positive majority sign may change
-    for k, s, e, thr in segments:
+    for k, s, e, thr, at in segments:
         v, b, n_marked = kernels.ties_sweep(out[s:e], zero[s:e], [m[k] for m in models], pretrained[k], thr, scale)
         votes, bad = votes + v, bad + b
         if n_marked:
-            marked.append((k, s, e, thr))
+            marked.append((k, s, e, thr, at))
     if votes > 0:  # where the trimmed sum is 0, gamma takes the majority sign (+): the positive entries' mean
-        for k, s, e, thr in marked:
-            kernels.ties_majority_positive(out[s:e], zero[s:e], [m[k] for m in models], pretrained[k], thr, scale)
+        for k, s, e, thr, at in marked:
+            kernels.ties_majority_positive(out[s:e], zero[s:e], [m[k] for m in models], pretrained[k], thr, scale, at)
     # the columns that change there have a trimmed sum of exactly 0, so finite entries: still finite
     return out, bad == 0
 

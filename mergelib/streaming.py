@@ -37,9 +37,10 @@ Two settings cannot stream and raise :class:`StreamingNotSupportedError`: ``pcb`
 sum depends on its order, so partial sums per tensor would not give the same bits.
 
 **Compiled loops.** Where :mod:`mergelib.kernels` runs (Numba installed, float32 or bf16 checkpoints),
-TIES's write pass with the official trim and the mass sign rule is :func:`mergelib.kernels.ties_sweep`
+TIES's write pass with the mass sign rule (either trim rule) is :func:`mergelib.kernels.ties_sweep`
 over each key's inputs read in place, with no float32 task vectors built (the per-tensor trim's
-thresholds are counted from the tensor's inputs as :func:`mergelib.merge` counts them); the entries a
+thresholds are counted from the tensor's inputs as :func:`mergelib.merge` counts them; the exact trim's
+ties at the threshold are taken in flat order as the sweep goes, :class:`mergelib.kernels.ExactTrim`); the entries a
 positive majority sign may change are those the sweep marks (few: where the entries cancel, or over a
 base of +-0), and their values come from :func:`mergelib.kernels.ties_majority_positive` on those
 entries gathered. The same
@@ -835,9 +836,9 @@ def merge_files(pretrained: str | os.PathLike, finetuned: Sequence[str | os.Path
                     for k in _progress(src.over(keys), len(keys), desc + " (sample)", quiet))
 
         # TIES's write pass by the compiled loop of mergelib.kernels, each key's inputs read in place (no
-        # float32 blocks), for the official trim and the mass sign rule where torch's last step rounds
-        # once (kernels.fused_add_matches_torch)
-        sweep_kernel = (method == "ties" and hp["trim_rule"] == "official" and hp["sign_rule"] == "mass"
+        # float32 blocks), for the mass sign rule where torch's last step rounds once
+        # (kernels.fused_add_matches_torch)
+        sweep_kernel = (method == "ties" and hp["sign_rule"] == "mass"
                         and all(kernels.available(torch.empty(0, dtype=base.dtype(k))) for k in keys)
                         and kernels.fused_add_matches_torch())
 
@@ -902,21 +903,28 @@ def merge_files(pretrained: str | os.PathLike, finetuned: Sequence[str | os.Path
             # the mass sign rule's model-wide majority sign is counted on the write pass (see _Deferred)
             state = {"plan": plan, "budget": budget, "budget0": None if budget is None else budget.clone(),
                      "majority": None if hp["sign_rule"] == "mass" else 1, "trim_rule": trim_rule}
+            if sweep_kernel and glob_ties and trim_rule == "exact":  # the compiled sweep's thresholds and ties
+                state["exact"] = (kernels.exact_trim(None, keep, D, n, ()) if thr is None
+                                  else kernels.ExactTrim(thr, budget[:, 1]))
         deferred = _Deferred(max([math.prod(base.shape(k)) for k in keys], default=0)) \
             if is_ties and state["majority"] is None else None
 
         def ties_swept(k: str, pre: Tensor) -> Tensor:
-            """Tensor k of TIES (official trim, mass sign rule) with :func:`mergelib.kernels.ties_sweep`
-            from the inputs in place: ``theta_0 + lam * tau_m`` in float32, the bits of the block path of
-            :func:`merged_tensor` (and of :func:`mergelib.merge`). A negative majority sign is written and
-            a positive one's entries are kept for the patch (:meth:`_Deferred.note_merged`), as there:
-            only the entries the sweep marks can differ, so only they are gathered and computed again."""
+            """Tensor k of TIES (mass sign rule) with :func:`mergelib.kernels.ties_sweep` from the inputs in
+            place: ``theta_0 + lam * tau_m`` in float32, the bits of the block path of :func:`merged_tensor`
+            (and of :func:`mergelib.merge`). A negative majority sign is written and a positive one's
+            entries are kept for the patch (:meth:`_Deferred.note_merged`), as there: only the entries the
+            sweep marks can differ, so only they are gathered and computed again."""
             fts_k = [src.get(i, k) for i in range(1, len(fts) + 1)]
-            t_k = thr
-            if not glob_ties:  # the tensor's own thresholds, counted from its inputs (kernels.count_brackets)
+            exact = hp["trim_rule"] == "exact"
+            if glob_ties:
+                t_k = state["exact"] if exact else kernels.ties_thresholds(thr, len(fts))
+            else:  # the tensor's own thresholds, counted from its inputs (kernels.count_brackets)
                 cols = TaskVectorColumns([{k: f} for f in fts_k], {k: pre}, [k])
-                t_k = _comp._trim_plan(cols, hp["density"], "tensor", cols.layout, "official")[0][2]
-            t_k = kernels.ties_thresholds(t_k, len(fts))
+                _, _, t_k, keep_k = _comp._trim_plan(cols, hp["density"], "tensor", cols.layout, hp["trim_rule"])[0]
+                t_k = (kernels.exact_trim(t_k, keep_k, pre.numel(), len(fts), [(pre, fts_k)]) if exact
+                       else kernels.ties_thresholds(t_k, len(fts)))
+            offset = t_k.offset if exact else 0  # the flat position of the tensor in its trim segment
             out = scratch.get("ties merged", pre.numel()).view(pre.shape)
             zero = scratch.get("ties zero", pre.numel(), torch.bool)
             votes, bad, marked = kernels.ties_sweep(out, zero, fts_k, pre, t_k, lam)
@@ -924,13 +932,14 @@ def merge_files(pretrained: str | os.PathLike, finetuned: Sequence[str | os.Path
                 raise NonFiniteError(f"task vectors of {k!r} are not finite")
             if state["majority"] is not None:  # the sign is known (+: the pass after an overflow)
                 if state["majority"] > 0 and marked:
-                    kernels.ties_majority_positive(out, zero, fts_k, pre, t_k, lam)
+                    kernels.ties_majority_positive(out, zero, fts_k, pre, t_k, lam, at=offset)
                 return out
             # the marked positions (NumPy's flatnonzero: about ten times torch's nonzero on a CPU thread)
             at = torch.from_numpy(np.flatnonzero(zero.numpy())) if marked else zero.new_empty(0, dtype=torch.long)
             now = out.reshape(-1)[at]
             then = kernels.ties_majority_positive(now.clone(), torch.ones(at.numel(), dtype=torch.bool),
-                                                  [f.reshape(-1)[at] for f in fts_k], pre.reshape(-1)[at], t_k, lam)
+                                                  [f.reshape(-1)[at] for f in fts_k], pre.reshape(-1)[at], t_k, lam,
+                                                  at=at + offset)
             deferred.note_merged(k, at, now, then, votes, pre.dtype)
             return out
 
@@ -1024,6 +1033,8 @@ def merge_files(pretrained: str | os.PathLike, finetuned: Sequence[str | os.Path
             if deferred is not None and deferred.votes > 0:  # positive majority sign: not the one written
                 if deferred.overflow:  # too many entries to patch: the write pass again, the sign known
                     state.update(majority=1, budget=state["budget0"])
+                    if "exact" in state:  # the ties counted again, from the first tensor
+                        state["exact"] = state["exact"].fresh()
                     where = write_all(f"merging ({method}), majority sign +")
                 else:
                     deferred.patch(tmp, where, meta)

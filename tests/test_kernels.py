@@ -88,7 +88,10 @@ def test_merge_sums_same_bits_with_and_without_kernels(method, n, dtype):
                                              (2, True, torch.float32), (3, False, torch.bfloat16),
                                              (4, True, torch.bfloat16)])
 @pytest.mark.parametrize("hp", [{}, {"granularity": "tensor"}, {"density": 0.5}, {"density": 1.0},
-                                {"density": 0.01}])
+                                {"density": 0.01}, {"trim_rule": "exact"}, {"trim_rule": "exact", "density": 0.5},
+                                {"trim_rule": "exact", "granularity": "tensor"},
+                                {"trim_rule": "exact", "granularity": "tensor", "density": 0.01},
+                                {"trim_rule": "exact", "density": 1.0}])
 def test_merge_ties_same_bits_with_and_without_kernels(seed, ties, dtype, hp):
     pre, fts = _set(SHAPES, 5, seed=seed, ties=ties, dtype=dtype)
     fast, slow = _both(lambda: merge(pre, fts, "ties", rules=None, **hp))
@@ -166,6 +169,100 @@ def test_non_finite_input_still_named(method, where, value):
     if method == "ties":  # TIES checks its result even unvalidated (the sums skip the check then)
         with pytest.raises(NonFiniteError, match="not finite"):
             merge(pre, fts, method, rules=None, validate=False)
+
+
+@pytest.mark.parametrize("granularity,want_a,want_b", [
+    # global, keep int(7 * 0.6) = 4: |x| = 3, 1, 2, 2 | 2, 2, 0.5; thr 2, one above it, so 3 of the 4 ties
+    # in flat order: positions 2, 3 and 4 (the second tensor's first entry); its -2 is dropped
+    ("global", [4.0, 1.0, 3.0, 3.0], [3.0, 1.0, 1.0]),
+    # per tensor: a keeps int(2.4) = 2 (3 and its first 2), b keeps int(1.8) = 1 (its first 2)
+    ("tensor", [4.0, 1.0, 3.0, 1.0], [3.0, 1.0, 1.0])])
+def test_exact_trim_hand_computed(granularity, want_a, want_b):
+    """One task: TIES returns its trimmed task vector (every entry agrees with its own sign), here over
+    a base of ones. The ties at the threshold are kept lowest flat position first, across tensors."""
+    pre = {"a": torch.ones(4), "b": torch.ones(3)}
+    ft = {"a": torch.tensor([4.0, 2.0, 3.0, 3.0]), "b": torch.tensor([3.0, -1.0, 1.5])}
+    fast, slow = _both(lambda: merge(pre, [ft], "ties", rules=None, scale=1.0, density=0.6, trim_rule="exact",
+                                     granularity=granularity))
+    assert same_bytes(fast["a"], torch.tensor(want_a)) and same_bytes(fast["b"], torch.tensor(want_b))
+    assert all(same_bytes(fast[k], slow[k]) for k in pre)
+
+
+def _few_magnitudes(n: int, shapes, seed: int, dtype=torch.float32, zero=True):
+    """Task vectors of a few magnitudes (multiples of 2**-8 up to 4 * 2**-8, with or without zeros; each
+    row with its own mix), over a base of zeros: the trim threshold has ties all through every row."""
+    g = torch.Generator().manual_seed(seed)
+    pre = {k: torch.zeros(s, dtype=dtype) for k, s in shapes.items()}
+    fts = []
+    for i in range(n):
+        ft = {}
+        for k, s in shapes.items():
+            mag = torch.randint(0 if zero else 1, 5, s, generator=g).float()
+            mag = torch.where(torch.rand(s, generator=g) < 0.1 * (i + 1), mag.clamp_max(2), mag)
+            sign = torch.where(torch.rand(s, generator=g) < 0.5, -1.0, 1.0)
+            ft[k] = (mag * sign / 256).to(dtype)
+        fts.append(ft)
+    return pre, fts
+
+
+_TIE_SHAPES = {"a.weight": (3, 5000), "b.weight": (40000,), "c.weight": (7, 999)}
+
+
+def _record_parts(monkeypatch):
+    """Spy on kernels.ExactTrim.parts: the lengths of the parts of each tensor the sweep split."""
+    seen, real = [], kernels.ExactTrim.parts
+
+    def spy(self, f, b):
+        parts = real(self, f, b)
+        seen.append([j1 - j0 for j0, j1, _ in parts])
+        return parts
+    monkeypatch.setattr(kernels.ExactTrim, "parts", spy)
+    return seen
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("granularity", ["global", "tensor"])
+def test_exact_trim_ties_through_blocks_and_tensors(monkeypatch, dtype, granularity):
+    """The exact trim's ties, taken by the compiled sweep block by block (kernels.ExactTrim): on rows of
+    a few magnitudes each row's budget runs out at its own place, past the first blocks, and one tensor
+    holds several rows' cuts (split in several parts). The bits of the torch code, and for one task the
+    entries a stable sort keeps (the keep largest |x|, lowest index first among equals)."""
+    pre, fts = _few_magnitudes(4, _TIE_SHAPES, seed=5, dtype=dtype)
+    seen = _record_parts(monkeypatch)
+    hp = dict(rules=None, density=0.3, trim_rule="exact", granularity=granularity)
+    fast, slow = _both(lambda: merge(pre, fts, "ties", **hp))
+    assert all(same_bytes(fast[k], slow[k]) for k in pre)
+    assert max(len(p) for p in seen) >= 3  # a tensor split by two rows' cuts or more
+    cuts = [sum(p[:i + 1]) for p in seen for i in range(len(p) - 1)]  # where the parts end inside tensors
+    assert max(cuts) > kernels._loops().TIE_BLOCK  # a cut past the first block
+    # one task, magnitudes 1-4 (no zeros): the kept entries are the nonzero ones of base + 1 * t
+    pre, fts = _few_magnitudes(1, _TIE_SHAPES, seed=6, zero=False)
+    got = merge(pre, fts, "ties", scale=1.0, **hp)
+    keys = sorted(pre)
+    segs = [keys] if granularity == "global" else [[k] for k in keys]
+    for seg in segs:
+        x = torch.cat([fts[0][k].reshape(-1) for k in seg])
+        keep = int(x.numel() * 0.3)
+        order = torch.sort(x.abs(), descending=True, stable=True).indices
+        want = torch.zeros(x.numel(), dtype=torch.bool)
+        want[order[:keep]] = True
+        assert torch.equal(torch.cat([got[k].reshape(-1) for k in seg]) != 0, want)
+
+
+@pytest.mark.parametrize("key,where,density", [("b.weight", (63, 1099), 0.2), ("c.bias", (5,), 0.2),
+                                                ("c.bias", (5,), 0.01)])  # c.bias at 0.01 keeps none of its 77
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("granularity", ["global", "tensor"])
+def test_exact_trim_non_finite_input_named(key, where, density, value, granularity):
+    """A NaN or inf reaches the compiled sweep's result whether the exact trim keeps its entry or not
+    (x * 0 is NaN), also where a tensor keeps no entry at all (threshold NaN: nothing is >= it)."""
+    pre, fts = _set(SHAPES, 3, seed=3)
+    fts[2][key][where] = value
+    hp = dict(rules=None, trim_rule="exact", granularity=granularity, density=density)
+    with pytest.raises(NonFiniteError, match=key.replace(".", r"\.")):
+        merge(pre, fts, "ties", **hp)
+    with pytest.raises(NonFiniteError, match="not finite"):
+        merge(pre, fts, "ties", validate=False, **hp)
 
 
 def test_available_only_for_contiguous_float32_or_bf16_cpu_tensors_of_one_dtype():

@@ -154,23 +154,22 @@ def _ties_zero_sum_models(sign: int, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("sign", [1, -1])
-@pytest.mark.parametrize("hp,compiled", [  # the exact rule has no compiled sweep: once
-    *[(hp, c) for hp in ({}, {"granularity": "tensor"}, {"granularity": "tensor", "scale": 0.7}) for c in (True, False)],
-    ({"trim_rule": "exact"}, True), ({"granularity": "tensor", "trim_rule": "exact", "scale": 0.7}, True)])
+@pytest.mark.parametrize("hp,compiled", [
+    (hp, c) for hp in ({}, {"granularity": "tensor"}, {"granularity": "tensor", "scale": 0.7}, {"trim_rule": "exact"},
+                       {"granularity": "tensor", "trim_rule": "exact", "scale": 0.7}) for c in (True, False)])
 def test_the_majority_sign_is_known_after_the_write_pass(tmp_path, monkeypatch, compiled, dtype, sign, hp):
     """TIES's mass sign rule gives zero-sum columns the majority sign of the whole model, known only when
     every tensor is merged: the streamed merge writes as for a negative majority, then patches the
     entries a positive one changes (cancelling entries; trimmed zeros over a base of +-0) or, past its
     limit of kept entries, writes the merge again. On inputs full of both, either way: the bits of
     merge(), and the per-tensor trim reads every input tensor once (one pass) unless it writes again.
-    ``compiled``: the official trim's write pass with mergelib.kernels (its sweep and its positive-majority
-    values) or with the torch code."""
+    ``compiled``: the write pass with mergelib.kernels (its sweep and its positive-majority values; for
+    the exact trim also its ties at the threshold, taken as the sweep goes) or with the torch code."""
     pre, fts = _ties_zero_sum_models(sign, dtype)
     base, ftp = _write(tmp_path, pre, fts)
     want = ml.merge(pre, fts, "ties", **hp)
     delta = {k: want[k].float() - pre[k].float() for k in want}
     assert sum(int((v == 0).sum()) for v in delta.values()) > 1000  # zero-sum columns everywhere
-    official = hp.get("trim_rule", "official") == "official"
     for overflow in (False, True):
         patched, reads, sweeps = [], _record_reads(monkeypatch), []
         real_patch, real_keep, real_sweep = st._Deferred.patch, st._Deferred._keep, st.kernels.ties_sweep
@@ -182,7 +181,7 @@ def test_the_majority_sign_is_known_after_the_write_pass(tmp_path, monkeypatch, 
             out = ml.merge_files(base, ftp, tmp_path / f"out{overflow}", "ties", quiet=True, **hp)
         got = _load_dir(out)
         assert all(same_bytes(got[k], want[k].contiguous()) for k in want), (overflow, "bits")
-        assert bool(sweeps) == (compiled and official and ml.kernels.available(torch.empty(0)))
+        assert bool(sweeps) == (compiled and ml.kernels.available(torch.empty(0)))
         rewrote = sign > 0 and overflow
         assert (patched == [] if sign < 0 or overflow else patched[0] > 0)
         if hp.get("granularity") == "tensor":  # one pass; two when it writes again
