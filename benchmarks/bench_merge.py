@@ -21,7 +21,9 @@ Columns:
 * the minor page faults of a run (median; fresh memory faulted in page by page).
 
 A naive per-tensor TIES written like the widely used per-model/per-tensor implementations (stack,
-topk + scatter mask per task, sign election, disjoint mean) is included for comparison.
+topk + scatter mask per task, sign election, disjoint mean) is included for comparison, and, where peft
+is installed, peft's own ``ties`` tensor by tensor from the state dicts (the result of the row
+``merge(): TIES per tensor, trim_rule=exact``; ``--skip-naive`` skips both references).
 
     python benchmarks/bench_merge.py                     # auto: full on CUDA, 2 blocks on CPU
     python benchmarks/bench_merge.py --blocks 12 --json out.json --markdown out.md
@@ -77,6 +79,31 @@ def naive_ties_per_tensor(task_dicts: list[dict[str, torch.Tensor]], density: fl
         num = (trimmed * agree).sum(0)
         out[key] = num / agree.sum(0).clamp(min=1)
     return out
+
+
+def peft_merge_utils():
+    """``peft.utils.merge_utils`` loaded from its file (it imports only torch; importing the peft package
+    would import transformers), or None when peft is not installed."""
+    import importlib.util
+    import pathlib
+    spec = importlib.util.find_spec("peft")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = pathlib.Path(list(spec.submodule_search_locations)[0]) / "utils" / "merge_utils.py"
+    mod_spec = importlib.util.spec_from_file_location("_peft_merge_utils", path)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    return mod
+
+
+def peft_ties_per_tensor(pm, pretrained: dict[str, torch.Tensor], finetuned: list[dict[str, torch.Tensor]],
+                         density: float) -> dict[str, torch.Tensor]:
+    """peft's ``ties`` (exactly ``int(density * numel)`` entries per task tensor, the ``"total"`` sign
+    rule) on every tensor's task vectors, added to the base: what ``merge(..., "ties", scale=1.0,
+    granularity="tensor", trim_rule="exact")`` computes (tests/test_selection.py checks the bits)."""
+    ones = torch.ones(len(finetuned), device=next(iter(pretrained.values())).device)
+    return {k: p + pm.ties([ft[k] - p for ft in finetuned], ones, density, majority_sign_method="total")
+            for k, p in pretrained.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,10 +246,15 @@ def main(argv=None) -> list[dict]:
                                 ("TIES global (k=20%)", "ties", {}),
                                 ("TIES global, trim_rule=exact (k=20%)", "ties", {"trim_rule": "exact"}),
                                 ("TIES per tensor (k=20%)", "ties", {"granularity": "tensor"}),
+                                ("TIES per tensor, trim_rule=exact (k=20%; peft's ties)", "ties",
+                                 {"granularity": "tensor", "trim_rule": "exact"}),
                                 ("DARE-TA (p=0.9)", "dare_ta", {}),
                                 ("PCB official (r=0.05)", "pcb", {}),
                                 ("FR official (r=0.7, align)", "fr", {})):
             methods[f"merge(): {label}"] = (lambda meth=meth, hp=hp: merge(pre, fts, meth, rules=None, **hp))
+        pm = None if args.skip_naive else peft_merge_utils()
+        if pm is not None:  # the same merge by peft's merge utilities, tensor by tensor (a reference)
+            methods["peft's ties per tensor (reference; k=20%)"] = lambda: peft_ties_per_tensor(pm, pre, fts, 0.2)
     if args.methods != "all":
         wanted = [m.strip() for m in args.methods.split(",")]
         methods = {k: v for k, v in methods.items() if k.startswith("read pass") or any(w in k for w in wanted)}

@@ -272,6 +272,25 @@ def test_ties_tensor_exact_matches_peft_bit_for_bit(sign_rule, peft_rule):
         assert same_bits_any_zero_sign(merged[k], want), k
 
 
+def test_benchmark_peft_row_is_the_exact_per_tensor_merge():
+    """benchmarks/bench_merge.py times peft's ties tensor by tensor as the reference of the row
+    ``merge(): TIES per tensor, trim_rule=exact``: it must compute that merge. (Where the threshold is
+    tied, peft's ``topk`` picks among the tied entries in an order torch leaves unspecified and mergelib
+    takes them lowest index first, docs/methods.md; Gaussian task vectors have no such ties.)"""
+    _peft_merge_utils()  # skips without peft
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_merge.py"
+    spec = importlib.util.spec_from_file_location("_bench_merge", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    g = torch.Generator().manual_seed(4)
+    shapes = {"a.weight": (64, 80), "b.weight": (5000,)}
+    pre = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    fts = [{k: v + torch.randn(v.shape, generator=g) * 0.01 for k, v in pre.items()} for _ in range(3)]
+    theirs = bench.peft_ties_per_tensor(bench.peft_merge_utils(), pre, fts, 0.2)
+    ours = ml.merge(pre, fts, "ties", scale=1.0, rules=None, density=0.2, granularity="tensor", trim_rule="exact")
+    assert all(same_bits_any_zero_sign(ours[k], theirs[k]) for k in shapes)
+
+
 def test_ties_merge_rules_validate():
     lay, x = _layout_and_tvs()
     with pytest.raises(ValueError, match=r"trim_rule='paper' is not allowed: expected one of \('official', 'exact'\)"):
