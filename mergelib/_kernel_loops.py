@@ -129,13 +129,12 @@ def elected(tot):
 # the columns sum to 0 (all their entries trimmed), and only a few of them cancel.
 
 
-@inline
-def sweep(out, zero, fts, base, thr, j0, j1, scale, final):
-    # entries [j0, j1) of a tensor: (votes, non-finite results, marked entries)
+@jit
+def ties_sweep(out, zero, fts, base, thr, scale, final):
     votes = 0
     bad = 0
     marked = 0
-    for j in range(j0, j1):
+    for j in range(out.shape[0]):
         b = widen(base[j])
         tot = trimmed_sum(fts, j, b, thr)
         s, vote = elected(tot)
@@ -147,11 +146,6 @@ def sweep(out, zero, fts, base, thr, j0, j1, scale, final):
         out[j] = fma(v, scale, b) if final else v
         bad += not abs(v) < inf32
     return votes, bad, marked
-
-
-@jit
-def ties_sweep(out, zero, fts, base, thr, scale, final):
-    return sweep(out, zero, fts, base, thr, 0, out.shape[0], scale, final)
 
 
 @jit
@@ -171,12 +165,11 @@ def ties_majority_positive(out, zero, fts, base, thr, scale, final):
 # Keeping a tie or not is the official trim with one of two thresholds: |x| >= thr_i keeps the ties,
 # |x| >= thr_next_i (the next float32 above thr_i) drops them (|x| > thr_i for every |x| but NaN, which
 # neither keeps). Row i keeps the ties at flat positions g <= cut_i of the segment: cut_i is the position
-# of its need_i-th tie (NO_CUT while the budget lasts). take_ties finds it, tensor by tensor; the tensor
-# is then swept by ties_sweep in parts, split after each cut inside it (at most N + 1 parts), each part
-# with the thresholds that keep or drop every row's ties there (kernels.ExactTrim).
+# of its need_i-th tie (ExactTrim.NO_CUT while the budget lasts). take_ties finds it, tensor by tensor;
+# the tensor is then swept by ties_sweep in parts, split after each cut inside it (at most N + 1 parts),
+# each part with the thresholds that keep or drop every row's ties there (kernels.ExactTrim).
 
-NO_CUT = np.iinfo(np.int64).max
-TIE_BLOCK = 4096
+TIE_BLOCK = 4096  # entries per block of take_ties' vectorised count
 
 
 @jit
