@@ -23,6 +23,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from . import kernels as _kernels
 from . import selection as _select
 from .hparams import check_choice, check_number
 from .task_vectors import FlatLayout, NonFiniteError, Scratch, TaskVectorColumns, empty_matrix, zeros_matrix
@@ -708,20 +709,44 @@ def _pcb_official(src: Tensor | TaskVectorColumns, density: float, lams: Sequenc
     beta_max = torch.full((n, 1), -math.inf, dtype=src.dtype, device=dev)
     sums = torch.zeros((), dtype=torch.float64, device=dev)  # sum of the column sums: finite iff tau is
     scratch = Scratch()  # the chunks' temporaries (_like)
+    # compiled sweeps from the state dicts (mergelib.kernels: the same float operations, exp and tanh torch's
+    # on the same N x C blocks as below, so the same bits)
+    fused = columns and _kernels.available(*src.tensors())
+    nonfinite = 0  # column sums that are not finite (fused)
+    if fused:
+        lo_np, hi_np, clip_span = _kernels.f32(lo), _kernels.f32(hi), _kernels.f32(_safe_den(hi - lo))
     for c0, c1 in chunks:
-        x = read(c0, c1)
-        total = _row_sum(x, out=scratch.get("pcb total", c1 - c0, src.dtype, dev))  # rows in order: the same
-        if columns:                                                                # bits tensor by tensor
-            sums += total.sum(dtype=torch.float64)
-        b = _pcb_official_beta(x, total, n, lo, hi, out=beta[:, c0:c1], scratch=scratch)
+        if fused:  # intra's exp argument and inter's tanh argument in one loop, then torch's exp and tanh
+            z = scratch.get("pcb |t|", n * (c1 - c0), src.dtype, dev).view(n, c1 - c0)
+            p = scratch.get("pcb inter", n * (c1 - c0), src.dtype, dev).view(n, c1 - c0)
+            big = 0
+            for col, base, fts in src.pieces(c0, c1):
+                bad, nb = _kernels.pcb_scores(z, p, col, fts, base, lo_np, hi_np, clip_span)
+                nonfinite += bad
+                big += nb
+            b = torch.mul(z.exp_(), _tanh_(p) if big else p, out=beta[:, c0:c1])
+        else:
+            x = read(c0, c1)
+            total = _row_sum(x, out=scratch.get("pcb total", c1 - c0, src.dtype, dev))  # rows in order: the
+            if columns:                                                                # same bits tensor by tensor
+                sums += total.sum(dtype=torch.float64)
+            b = _pcb_official_beta(x, total, n, lo, hi, out=beta[:, c0:c1], scratch=scratch)
         torch.maximum(beta_max, b.amax(1, keepdim=True), out=beta_max)
-    if columns and not math.isfinite(float(sums)) and not all(
+    if columns and (nonfinite or not math.isfinite(float(sums))) and not all(
             all_finite(read(c0, c1)) for c0, c1 in chunks):
         raise NonFiniteError("task vectors are not finite")
     q = torch.stack([kth_smallest(beta[i], q_k) for i in range(n)]).unsqueeze(1)  # step 5's threshold per row
     lam = _pcb_lambdas(lams, src.dtype, dev)
     num = zeros_matrix((D,), dtype=src.dtype, device=dev)  # huge pages (task_vectors.HUGE_PAGE_BYTES)
     den = zeros_matrix((D,), dtype=src.dtype, device=dev)
+    if fused:  # steps 5-6 tensor by tensor, tau' recomputed from the state dicts
+        qs, span = _kernels.f32(q), _kernels.f32(_safe_den(beta_max - q))
+        lam_np = None if lam is None else _kernels.f32(lam)
+        for col, base, fts in src.pieces(0, D):
+            c1 = col + base.shape[0]
+            _kernels.pcb_weighted_sum(num[col:c1], den[col:c1], beta[:, col:c1], fts, base, lo_np, hi_np, qs, span,
+                                      lam_np)
+        return num.div_(den.clamp_min_(1e-12))
     for c0, c1 in chunks:  # steps 5-6, tau' recomputed from tau
         x = read(c0, c1)
         _pcb_official_add(num[c0:c1], den[c0:c1], _pcb_official_tprime(x, lo, hi, scratch), beta[:, c0:c1], q,

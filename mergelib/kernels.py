@@ -16,6 +16,10 @@ the results are the torch code's bit for bit; only the number of passes over mem
   mean of one tensor from the state dicts, given the trim thresholds
   (:func:`mergelib.competition._ties_fused` for the ``"mass"`` sign rule), with the official trim or the
   exact one (:class:`ExactTrim`, :func:`exact_trim`: which ties at the threshold are kept).
+* :func:`pcb_scores` and :func:`pcb_weighted_sum`: PCB's two sweeps (official code) from the state dicts,
+  around torch's ``exp`` and ``tanh`` (:func:`mergelib.competition._pcb_official`): the arguments of
+  ``exp`` and ``tanh`` in one loop, then, given the balancing scores and their row thresholds, the
+  weighted sums of the clipped task vectors.
 * :func:`count_brackets`: the counting pass of the exact order statistics
   (:func:`mergelib.selection.kth_smallest_columns`: TIES's trim thresholds, PCB's clip values) over
   ``|theta_i - theta_0|``, each entry read once per rank.
@@ -44,7 +48,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["available", "enabled", "use", "sum_task_vectors", "fused_add_matches_torch", "ties_thresholds",
-           "ExactTrim", "count_above", "exact_trim", "ties_sweep", "ties_majority_positive", "count_brackets"]
+           "ExactTrim", "count_above", "exact_trim", "ties_sweep", "ties_majority_positive", "pcb_scores",
+           "pcb_weighted_sum", "count_brackets"]
 
 _enabled = os.environ.get("MERGELIB_KERNELS", "auto").strip().lower() not in ("torch", "off", "0", "none")
 
@@ -265,6 +270,44 @@ def ties_majority_positive(out: Tensor, zero: Tensor, finetuned: Sequence[Tensor
     else:
         _loops().ties_majority_positive(*args, thr.detach().reshape(-1).numpy(), *_scale(scale))
     return out
+
+
+def pcb_scores(z: Tensor, p: Tensor, col: int, finetuned: Sequence[Tensor], base: Tensor, lo: np.ndarray,
+               hi: np.ndarray, span: np.ndarray) -> tuple[int, int]:
+    """PCB's steps 1-3 (official code, :func:`mergelib.competition._pcb_official_row`) up to ``exp`` and
+    ``tanh``, for one tensor's entries ``j``, written at columns ``col + j`` of the ``N x C`` float32 blocks
+    ``z`` and ``p`` (C-contiguous): with ``x_i = finetuned_i - base`` and ``tot`` the sum of the ``x_i``
+    (rows in order, from zero), ``z = N * ((clamp(|x_i|, lo_i, hi_i) - lo_i) / span_i) ** 2`` (intra is
+    ``exp(z)``) and ``p = x_i * tot`` (inter is ``tanh(p)``); ``lo``, ``hi``, ``span`` (``hi - lo``, inf
+    where 0): ``N`` float32 (:func:`f32`). Returns the number of non-finite ``tot`` (0: every input entry is
+    finite) and the number of entries of ``p`` with ``|p| >= 2**-12`` (or NaN), where ``tanh(p)`` may
+    differ from ``p`` (:data:`mergelib.competition.TANH_IDENTITY_BELOW`)."""
+    m = base.numel()
+    bad, big = _loops().pcb_scores(tuple(r[col:col + m].numpy() for r in z), tuple(r[col:col + m].numpy() for r in p),
+                                   tuple(_np(f) for f in finetuned), _np(base), lo, hi, span,
+                                   np.float32(len(finetuned)))
+    return int(bad), int(big)
+
+
+def pcb_weighted_sum(num: Tensor, den: Tensor, beta: Tensor, finetuned: Sequence[Tensor], base: Tensor,
+                     lo: np.ndarray, hi: np.ndarray, q: np.ndarray, span: np.ndarray, lam: np.ndarray | None) -> None:
+    """PCB's steps 5-6 (official code, :func:`mergelib.competition._pcb_official_add`) for one tensor's
+    entries: adds ``sum_i s_i * lam_i * tau'_i`` to ``num`` and ``sum_i s_i`` to ``den`` (the tasks in
+    order), with ``s_i = (max(beta_i, q_i) - q_i) / span_i`` (``span``: ``max_i - q_i``, inf where 0) and
+    ``tau'_i = sign(x_i) * clamp(|x_i|, lo_i, hi_i)``, ``x_i = finetuned_i - base``. ``beta``: the tensor's
+    ``N x numel`` columns of the balancing scores (rows contiguous); ``lo``, ``hi``, ``q``, ``span``, and
+    ``lam`` (the per-task coefficients, or None: all 1, :func:`mergelib.competition._pcb_lambdas`): ``N``
+    float32 (:func:`f32`)."""
+    scaled = lam is not None
+    _loops().pcb_weighted_sum(num.numpy(), den.numpy(), tuple(r.numpy() for r in beta),
+                              tuple(_np(f) for f in finetuned), _np(base), lo, hi, q, span,
+                              lam if scaled else np.ones(len(finetuned), dtype=np.float32), scaled)
+
+
+def f32(t: Tensor) -> np.ndarray:
+    """A vector of ``N`` values (any shape, e.g. ``N x 1``) as a contiguous float32 NumPy array, for the
+    PCB loops' per-task arguments."""
+    return t.detach().reshape(-1).float().contiguous().numpy()
 
 
 _COUNT_STEP = 1 << 20  # entries per call of the counting kernel

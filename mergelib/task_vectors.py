@@ -599,15 +599,23 @@ class TaskVectorColumns:
         """Columns ``[c0, c1)`` of every row (or of ``rows``) written into ``out``
         (``len(rows) x (c1 - c0)``), which is returned."""
         rows = range(self.shape[0]) if rows is None else rows
+        for col, base, pieces in self.pieces(c0, c1):
+            for r, i in enumerate(rows):
+                _sub_into(pieces[i], base, out[r, col:col + base.shape[0]])
+        return out
+
+    def pieces(self, c0: int, c1: int) -> list[tuple[int, Tensor, list[Tensor]]]:
+        """Columns ``[c0, c1)`` as the state-dict tensors hold them: per tensor they span, ``(col, base,
+        finetuned)``, its flat slices (views) of the base and of every model, starting at column ``c0 + col``."""
+        out = []
         j = bisect.bisect_right(self._offsets, c0) - 1
         a0 = c0
         while a0 < c1:
             off = self._offsets[j]
             a1 = min(c1, off + self.layout.numels[j])
             if a1 > a0:
-                base = self._bases[j][a0 - off:a1 - off]
-                for r, i in enumerate(rows):
-                    _sub_into(self._rows[i][j][a0 - off:a1 - off], base, out[r, a0 - c0:a1 - c0])
+                out.append((a0 - c0, self._bases[j][a0 - off:a1 - off],
+                            [row[j][a0 - off:a1 - off] for row in self._rows]))
                 a0 = a1
             j += 1
         return out

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mergelib import kernels
-from mergelib.competition import ties_merge
+from mergelib.competition import pcb_merge, ties_merge
 from mergelib.merging import _sum_per_tensor, merge
 from mergelib.task_vectors import NonFiniteError, flatten
 
@@ -158,7 +158,7 @@ def test_ties_kernel_agrees_with_the_flat_function():
         assert same_bytes(merged[k].reshape(-1), (pre[k].reshape(-1) + flat[s:e]))
 
 
-@pytest.mark.parametrize("method", ["task_arithmetic", "average", "ties"])
+@pytest.mark.parametrize("method", ["task_arithmetic", "average", "ties", "pcb"])
 @pytest.mark.parametrize("where", [(3, 7), (63, 1099)])  # (63, 1099): in the last partial block of 1024
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_non_finite_input_still_named(method, where, value):
@@ -166,7 +166,7 @@ def test_non_finite_input_still_named(method, where, value):
     fts[1]["b.weight"][where] = value
     with pytest.raises(NonFiniteError, match="b.weight"):
         merge(pre, fts, method, rules=None)
-    if method == "ties":  # TIES checks its result even unvalidated (the sums skip the check then)
+    if method in ("ties", "pcb"):  # TIES and PCB check the task vectors even unvalidated (the sums do not)
         with pytest.raises(NonFiniteError, match="not finite"):
             merge(pre, fts, method, rules=None, validate=False)
 
@@ -457,3 +457,76 @@ def test_scaled_sum_is_one_rounding_of_base_plus_scale_times_sum():
     kernels.sum_task_vectors(out, [torch.tensor([2.0 ** -23])], torch.tensor([-1.0]), scale=1 - 2.0 ** -24)
     assert out.item() == 2.0 ** -24 - 2.0 ** -47
     assert isinstance(kernels.fused_add_matches_torch(), bool)
+
+
+# ----------------------------------------------------------------------------------------------
+# PCB (official code): the two sweeps around torch's exp and tanh
+# ----------------------------------------------------------------------------------------------
+def test_pcb_scores_hand_computed():
+    # x_0 = (0.5, -1), x_1 = (0.25, 2): tot = (0.75, 1); clip [0.5, 1] and [0.25, 2] (spans 0.5, 1.75)
+    base = torch.zeros(2)
+    fts = [torch.tensor([0.5, -1.0]), torch.tensor([0.25, 2.0])]
+    lo, hi = np.array([0.5, 0.25], np.float32), np.array([1.0, 2.0], np.float32)
+    z, p = torch.full((2, 3), 7.0), torch.full((2, 3), 7.0)
+    bad, big = kernels.pcb_scores(z, p, 1, fts, base, lo, hi, hi - lo)  # columns 1 and 2 of the blocks
+    assert (bad, big) == (0, 4)  # every |p| >= 2**-12
+    # z = 2 * ((clamp(|x|) - lo) / span)^2: task 0 (0.5 - 0.5) / 0.5 = 0, (1 - 0.5) / 0.5 = 1; task 1: 0, 1
+    assert same_bytes(z, torch.tensor([[7.0, 0.0, 2.0], [7.0, 0.0, 2.0]]))
+    assert same_bytes(p, torch.tensor([[7.0, 0.375, -1.0], [7.0, 0.1875, 2.0]]))  # x_i * tot
+    fts[1][1] = float("nan")
+    assert kernels.pcb_scores(z, p, 0, [f * 1e-3 for f in fts], base, lo, hi, hi - lo) == (1, 2)  # NaN: big
+
+
+@pytest.mark.parametrize("lam,want", [(None, [0.5, 2.0]), (np.array([2.0, -1.0], np.float32), [1.0, -2.0])])
+def test_pcb_weighted_sum_hand_computed(lam, want):
+    base = torch.zeros(2)
+    fts = [torch.tensor([0.5, -1.0]), torch.tensor([0.25, 2.0])]
+    lo, hi = np.array([0.5, 0.25], np.float32), np.array([1.0, 2.0], np.float32)
+    beta = torch.tensor([[3.0, 1.0], [2.0, 5.0]])
+    q, span = np.array([1.0, 2.0], np.float32), np.array([2.0, 3.0], np.float32)  # max - q: 3 - 1, 5 - 2
+    num, den = torch.zeros(2), torch.zeros(2)
+    kernels.pcb_weighted_sum(num, den, beta, fts, base, lo, hi, q, span, lam)
+    # s_0 = ((3 - 1) / 2, 0), s_1 = (0, (5 - 2) / 3); tau' = sign(x) clamp(|x|) = (0.5, -1) and (0.25, 2)
+    assert same_bytes(num, torch.tensor(want))  # (0.5 * 1 + 0.25 * 0, -1 * 0 + 2 * 1), times lam where given
+    assert same_bytes(den, torch.tensor([1.0, 1.0]))
+
+
+def _spy_pcb_scores(monkeypatch):
+    """Record the (bad, big) of every kernels.pcb_scores call."""
+    seen, real = [], kernels.pcb_scores
+
+    def spy(*a):
+        seen.append(real(*a))
+        return seen[-1]
+    monkeypatch.setattr(kernels, "pcb_scores", spy)
+    return seen
+
+
+@pytest.mark.parametrize("seed,ties,tv_scale,dtype", [(0, False, 1e-3, torch.float32), (1, True, 1e-3, torch.float32),
+                                                      (2, False, "mixed", torch.float32), (3, False, 0.3, torch.float32),
+                                                      (4, False, "mixed", torch.bfloat16), (5, True, 0.3, torch.bfloat16)])
+@pytest.mark.parametrize("hp", [{}, {"density": 0.3}, {"density": 1.0}, {"scale": [0.5, 1.0, -2.0, 1.5, 0.25]}])
+def test_merge_pcb_same_bits_with_and_without_kernels(monkeypatch, seed, ties, tv_scale, dtype, hp):
+    """Through merge(): ties and zeros, bf16, per-task lambdas, densities up to 1, and products tau_i * sum_j
+    tau_j at or above 2**-12 in every tensor (0.3), in one tensor only ("mixed"), or in a few entries (1e-3)."""
+    pre, fts = _set(SHAPES, 5, seed=seed, ties=ties, scale=1e-4 if tv_scale == "mixed" else tv_scale, dtype=dtype)
+    if tv_scale == "mixed":  # b.weight's task vectors 300x larger: its products reach tanh's range
+        for ft in fts:
+            ft["b.weight"] = pre["b.weight"] + 300 * (ft["b.weight"].float() - pre["b.weight"].float()).to(dtype)
+    seen = _spy_pcb_scores(monkeypatch)
+    fast, slow = _both(lambda: merge(pre, fts, "pcb", rules=None, **hp))
+    assert all(same_bytes(fast[k], slow[k]) for k in pre)
+    assert seen and all(bad == 0 for bad, _ in seen)  # the compiled sweep ran; every column sum finite
+    if tv_scale == "mixed":
+        assert any(big for _, big in seen) and not all(big for _, big in seen)
+    elif tv_scale == 0.3:
+        assert all(big for _, big in seen)
+
+
+def test_pcb_kernel_agrees_with_the_flat_function():
+    pre, fts = _set(SHAPES, 8, seed=9, scale=3e-3)  # 8 tasks: four column chunks of 65,536
+    x, layout = flatten(fts, sorted(pre), subtract=pre)
+    flat = pcb_merge(x, 0.1, lambdas=[1.0, 0.5, 2.0, 1.0, 1.0, 0.25, 1.0, 3.0])
+    merged = merge(pre, fts, "pcb", rules=None, density=0.1, scale=[1.0, 0.5, 2.0, 1.0, 1.0, 0.25, 1.0, 3.0])
+    for k, s, e in layout.segments():  # merge()'s last step: theta_0 + 1.0 * tau_m
+        assert same_bytes(merged[k].reshape(-1), torch.add(pre[k].reshape(-1), flat[s:e], alpha=1.0))
