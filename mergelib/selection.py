@@ -19,9 +19,11 @@ CPU or ``torch.topk`` on CUDA, which are fast there):
    with overwhelming probability.
 2. *Exact count.* One pass over the row, in cache-sized chunks (every chunk is read from memory once;
    the comparisons run on it while it is in cache): ``c = #{x < lo}`` and the candidates
-   ``{lo <= x <= hi}`` (about 2 % of the row). On the CPU this pass runs in NumPy (float32, float64,
-   float16 rows), whose masks, counts and extraction are several times faster than torch's on one
-   core; elsewhere (CUDA, bf16) in torch. A bracket on one value (``lo == hi``: heavy ties, such as
+   ``{lo <= x <= hi}`` (about 2 % of the row). On the CPU this pass runs compiled where it can
+   (:func:`mergelib.kernels.count_brackets`: float32 and bf16 rows, and task vectors read from the state
+   dicts in place), else in NumPy (float64 and float16 rows, bf16 in float32 chunks, or without Numba),
+   whose masks, counts and extraction are several times faster than torch's on one core; on CUDA in
+   torch. A bracket on one value (``lo == hi``: heavy ties, such as
    the zeros of a DARE-dropped task vector) is only counted. Likewise a value that makes up at least
    ``1/TIE_SHARE`` of the sample and lies in the bracket (the exact zeros of a task vector whose
    fine-tune left many weights unchanged, such as embedding rows of unseen tokens) is counted, not
@@ -181,7 +183,10 @@ def _select_row(row: Tensor, ks: Sequence[int], absolute: bool) -> list[Tensor]:
     s = row[_sample_index(n, min(SAMPLE, n), str(row.device))]
     brackets = _brackets(s.abs() if absolute else s, n, ks)
     numpy_pass = _numpy_pass_ok(row)
-    if numpy_pass:  # 1 x CHUNK blocks of the row (views; bf16 converted to float32 one block at a time)
+    if numpy_pass and _kernels.available(row) and kernel_brackets([brackets]):  # compiled, in place
+        below, cands = kernel_counts(_kernels.count_brackets([(0.0 if absolute else None, [row])], [brackets]),
+                                     [brackets])[0]
+    elif numpy_pass:  # 1 x CHUNK blocks of the row (views; bf16 converted to float32 one block at a time)
         blocks = (_as_numpy(row[a0:a1])[None] for a0, a1 in _chunks(n, row.device))
         below, cands = _count_blocks(blocks, [brackets], _numpy_dtype(row.dtype), min(NUMPY_CHUNK, n),
                                      absolute)[0].result()
@@ -233,8 +238,8 @@ def _count_with_kernel(cols, brackets, absolute: bool):
     """The counting pass with :func:`mergelib.kernels.count_brackets`, reading the state dicts behind
     ``cols`` (a :class:`~mergelib.task_vectors.TaskVectorColumns`) in place: per row ``(below, cands)``
     as :meth:`_NumpyCounter.result` gives them. None where the kernel does not apply (no Numba, tensors
-    other than contiguous float32 or bf16 on the CPU, signed values, a bracket open on one side:
-    :func:`kernel_brackets`): the NumPy pass counts then."""
+    other than contiguous float32 or bf16 on the CPU, signed values, a bracket on one value without it as
+    its tie: :func:`kernel_brackets`): the NumPy pass counts then."""
     if not absolute or not hasattr(cols, "tensors") or cols.dtype != torch.float32:
         return None
     if not _kernels.available(*cols.tensors()) or not kernel_brackets(brackets):
@@ -245,11 +250,11 @@ def _count_with_kernel(cols, brackets, absolute: bool):
 
 
 def kernel_brackets(brackets) -> bool:
-    """Whether :func:`mergelib.kernels.count_brackets` can count these brackets (per row, per rank):
-    each closed on both sides; a bracket on one value (``lo == hi``, heavy ties such as the few distinct
-    magnitudes of bf16 task vectors) only with that value as its tie (:func:`_brackets` sets it), whose
+    """Whether :func:`mergelib.kernels.count_brackets` can count these brackets (per row, per rank): any
+    bracket (open on a side or not) but one on one value (``lo == hi``, heavy ties such as the few distinct
+    magnitudes of bf16 task vectors) without that value as its tie (:func:`_brackets` sets it), whose
     entries are counted and none kept, as :class:`_NumpyCounter` does."""
-    return not any(lo is None or hi is None or (bool(lo == hi) and tie is None) for row in brackets
+    return not any(lo is not None and hi is not None and bool(lo == hi) and tie is None for row in brackets
                    for lo, hi, tie in row)
 
 

@@ -375,6 +375,61 @@ def test_count_brackets_matches_the_numpy_counter():
                 assert points == ref.count and torch.equal(torch.from_numpy(c), ref.rest)
 
 
+@pytest.mark.parametrize("form", ["task vectors", "signed row", "magnitudes"])
+@pytest.mark.parametrize("share", [0.0005, 0.01, 0.05, 0.4])
+@pytest.mark.parametrize("side", ["closed", "open below", "open above"])
+def test_sparse_count_matches_the_branch_free_store(form, share, side):
+    """count_sparse (blocks without a candidate skipped) gives count_bracket's counts and candidates, in
+    the same order, for the three kinds of values (|f - base|, a signed row, |row|), brackets holding a
+    few entries to 40 % of them, open on either side (-inf, inf), with NaN, inf and -0.0 entries."""
+    loops = kernels._loops()
+    g = torch.Generator().manual_seed(int(share * 1e4))
+    m = 100_003  # not a multiple of the block
+    base = torch.randn(m, generator=g)
+    f = base + torch.randn(m, generator=g) * 1e-2
+    f[[5, 70_000]], f[[9, 99_999]], f[17] = float("nan"), float("inf"), -0.0
+    b = {"task vectors": base.numpy(), "signed row": None, "magnitudes": np.float32(0.0)}[form]
+    c = {"task vectors": (f - base).abs(), "signed row": f, "magnitudes": f.abs()}[form]
+    srt = c[torch.isfinite(c)].sort().values
+    lo_i = int(m * 0.3)
+    lo, hi = srt[lo_i].numpy(), srt[lo_i + int(share * m)].numpy()
+    if side == "open below":
+        lo = np.float32(-np.inf)
+    elif side == "open above":
+        lo, hi = srt[-int(share * m) - 1].numpy(), np.float32(np.inf)
+    s1, s2 = np.empty(m, np.float32), np.empty(m, np.float32)
+    below1, k1 = loops.count_bracket(f.numpy(), b, lo, hi, s1)
+    below2, k2 = loops.count_sparse(f.numpy(), b, lo, hi, s2)
+    assert (below1, k1) == (below2, k2) and k1 > 0 and np.array_equal(s1[:k1].view(np.int32), s2[:k2].view(np.int32))
+    assert below1 == int((c < float(lo)).sum())  # a NaN is below nothing and in no bracket
+    assert k1 == int(((c >= float(lo)) & (c <= float(hi))).sum())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("absolute", [False, True])
+@pytest.mark.parametrize("ks", [[1], [2, 140_000], [14], [139_990], [70_000], [7_000, 133_000]])
+def test_kth_smallest_of_rows_same_values_with_and_without_kernel(monkeypatch, dtype, absolute, ks):
+    """Rows (PCB's drop threshold of beta, signed; the flat merges' |tau|): the compiled count, sparse or
+    not, against NumPy's and torch.kthvalue, on rows with exact zeros, -0.0, ties and both signs, at the
+    extreme ranks (brackets open on one side) and inside."""
+    from mergelib.selection import kth_smallest
+    g = torch.Generator().manual_seed(len(ks))
+    x = (torch.randn(2, 140_000, generator=g) * 300).round() / 300  # ties
+    x[:, :20_000] = 0.0
+    x[:, 20_000:21_000] = -0.0
+    x = x[:, torch.randperm(140_000, generator=g)].to(dtype)
+    counted = []
+    real = kernels.count_brackets
+    monkeypatch.setattr(kernels, "count_brackets", lambda *a: counted.append(1) or real(*a))
+    fast, slow = _both(lambda: kth_smallest(x, ks, absolute=absolute))
+    ref = torch.stack([(x.abs() if absolute else x).kthvalue(k, dim=1).values for k in ks], -1)
+    assert counted and torch.equal(fast, ref) and torch.equal(slow, ref)
+    monkeypatch.setattr(kernels, "SPARSE_SHARE", 1.0)  # every call sparse
+    assert torch.equal(kth_smallest(x, ks, absolute=absolute), ref)
+    monkeypatch.setattr(kernels, "SPARSE_SHARE", -1.0)  # none
+    assert torch.equal(kth_smallest(x, ks, absolute=absolute), ref)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_count_brackets_on_one_value_and_in_small_steps(monkeypatch, dtype):
     """A bracket on one value (lo == hi == tie: the few magnitudes of bf16 task vectors) is counted and
