@@ -315,9 +315,10 @@ def f32(t: Tensor) -> np.ndarray:
 _COUNT_STEP = 1 << 20  # entries per call of the counting kernel
 # A call counts a bracket with the sparse loop (count_sparse) where at most this share of the first
 # SPARSE_PROBE entries of the call lie in it, else with the branch-free store (count_bracket): the sparse loop
-# takes 0.2 ns per entry at 0.1 % (the tails of PCB's clip values), 0.6-0.9 at 1.3 % (PCB's drop threshold)
-# and 0.8-1.8 at 2.3 % (TIES's trim at density 0.2), the store 0.8-1.4 at any share.
-SPARSE_SHARE = 1 / 64
+# takes 0.2 ns per entry at 0.1 % (the tails of PCB's clip values), 0.6-1.2 at 1.3-1.4 % (PCB's drop
+# threshold on the benchmark's beta: 1.16 against the store's 0.85) and 0.8-1.8 at 2.3 % (TIES's trim at
+# density 0.2), the store 0.8-1.4 at any share.
+SPARSE_SHARE = 1 / 256
 SPARSE_PROBE = 4096
 
 
