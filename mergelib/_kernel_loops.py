@@ -375,6 +375,21 @@ def pcb_scores(zs, ps, fts, base, lo, hi, span, nf):
 
 
 @jit
+def blocks_reaching(x, t, width, flags):
+    # flags[b]: whether x[b * width:(b + 1) * width] holds an entry with not |x| < t (NaN included): the blocks
+    # where competition._tanh_ applies tanh (a vectorised count per block). Returns the number flagged
+    flagged = 0
+    for b in range(flags.shape[0]):
+        xb = x[b * width:(b + 1) * width]
+        c = 0
+        for j in range(xb.shape[0]):
+            c += not abs(xb[j]) < t
+        flags[b] = c > 0
+        flagged += c > 0
+    return flagged
+
+
+@jit
 def pcb_weighted_sum(num, den, betas, fts, base, lo, hi, q, span, lam, scaled):
     # steps 5-6 (competition._pcb_official_add with competition._pcb_official_tprime's tau'): with
     # s_i = (max(beta_i[j], q_i) - q_i) / span_i (span_i = max_i - q_i, inf where 0) and

@@ -541,18 +541,22 @@ _TANH_BLOCK = 1024
 def _tanh_(x: Tensor) -> Tensor:
     """``x.tanh_()`` with the same bits, skipping the blocks of ``_TANH_BLOCK`` entries whose values all lie
     in (-2**-12, 2**-12) (float32 on the CPU; anything else takes ``tanh_`` whole; a block holding a NaN
-    takes it too)."""
+    takes it too). The blocks to take come from one compiled pass where :mod:`mergelib.kernels` runs
+    (:func:`~mergelib.kernels.blocks_reaching`), else from torch's ``aminmax``."""
     if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous() or x.numel() < _TANH_BLOCK:
         return x.tanh_()
     flat = x.view(-1)
     whole = flat.numel() - flat.numel() % _TANH_BLOCK
     flat[whole:].tanh_()
     blocks = flat[:whole].view(-1, _TANH_BLOCK)
-    lo, hi = torch.aminmax(blocks)
-    if -TANH_IDENTITY_BELOW < lo.item() and hi.item() < TANH_IDENTITY_BELOW:
-        return x  # the common case: no entry of the tensor reaches the threshold
-    lo, hi = torch.aminmax(blocks, dim=1)
-    need = torch.logical_and(hi < TANH_IDENTITY_BELOW, lo > -TANH_IDENTITY_BELOW).logical_not_().nonzero().view(-1)
+    if _kernels.available(blocks):  # the blocks to take, in one compiled pass
+        need = _kernels.blocks_reaching(blocks, TANH_IDENTITY_BELOW)
+    else:
+        lo, hi = torch.aminmax(blocks)
+        if -TANH_IDENTITY_BELOW < lo.item() and hi.item() < TANH_IDENTITY_BELOW:
+            return x  # the common case: no entry of the tensor reaches the threshold
+        lo, hi = torch.aminmax(blocks, dim=1)
+        need = torch.logical_and(hi < TANH_IDENTITY_BELOW, lo > -TANH_IDENTITY_BELOW).logical_not_().nonzero().view(-1)
     if 2 * need.numel() > blocks.shape[0]:
         blocks.tanh_()
     elif need.numel():

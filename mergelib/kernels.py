@@ -51,7 +51,7 @@ from torch import Tensor
 
 __all__ = ["available", "enabled", "use", "sum_task_vectors", "fused_add_matches_torch", "ties_thresholds",
            "ExactTrim", "count_above", "exact_trim", "ties_sweep", "ties_majority_positive", "pcb_scores",
-           "pcb_weighted_sum", "count_brackets"]
+           "pcb_weighted_sum", "blocks_reaching", "count_brackets"]
 
 _enabled = os.environ.get("MERGELIB_KERNELS", "auto").strip().lower() not in ("torch", "off", "0", "none")
 
@@ -304,6 +304,15 @@ def pcb_weighted_sum(num: Tensor, den: Tensor, beta: Tensor, finetuned: Sequence
     _loops().pcb_weighted_sum(num.numpy(), den.numpy(), tuple(r.numpy() for r in beta),
                               tuple(_np(f) for f in finetuned), _np(base), lo, hi, q, span,
                               lam if scaled else np.ones(len(finetuned), dtype=np.float32), scaled)
+
+
+def blocks_reaching(blocks: Tensor, t: float) -> Tensor:
+    """The rows of ``blocks`` (``B x w``, contiguous float32) that hold an entry with ``|x| >= t`` or NaN, as
+    an int64 index tensor: one vectorised pass (torch's ``aminmax`` along the rows took 0.7 s of a streamed
+    PCB's 8.7 s on a set whose cross terms reach ``tanh``'s range)."""
+    flags = np.empty(blocks.shape[0], dtype=np.bool_)
+    _loops().blocks_reaching(blocks.reshape(-1).numpy(), np.float32(t), blocks.shape[1], flags)
+    return torch.from_numpy(np.flatnonzero(flags))
 
 
 def f32(t: Tensor) -> np.ndarray:

@@ -585,3 +585,21 @@ def test_pcb_kernel_agrees_with_the_flat_function():
     merged = merge(pre, fts, "pcb", rules=None, density=0.1, scale=[1.0, 0.5, 2.0, 1.0, 1.0, 0.25, 1.0, 3.0])
     for k, s, e in layout.segments():  # merge()'s last step: theta_0 + 1.0 * tau_m
         assert same_bytes(merged[k].reshape(-1), torch.add(pre[k].reshape(-1), flat[s:e], alpha=1.0))
+
+
+def test_blocks_reaching_tanh_range_as_the_torch_rule():
+    """kernels.blocks_reaching flags the blocks _tanh_ must take: any |x| >= 2**-12 (both signs, the
+    threshold itself), NaN, inf; and _tanh_ gives tanh's bits with the flags from either side."""
+    from mergelib.competition import TANH_IDENTITY_BELOW, _tanh_
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(64, 1024, generator=g) * 3e-5
+    x[3, 7], x[9, 1023], x[20, 0], x[33, 500] = 2.0 ** -12, -(2.0 ** -12), float("nan"), float("-inf")
+    x[40, 9] = float(np.nextafter(np.float32(2.0 ** -12), np.float32(0)))  # just below: not flagged
+    x[50:53] *= 100.0
+    got = kernels.blocks_reaching(x, TANH_IDENTITY_BELOW)
+    lo, hi = torch.aminmax(x, dim=1)
+    ref = torch.logical_and(hi < TANH_IDENTITY_BELOW, lo > -TANH_IDENTITY_BELOW).logical_not_().nonzero().view(-1)
+    assert torch.equal(got, ref) and got.tolist() == [3, 9, 20, 33, 50, 51, 52]
+    fast, slow = _both(lambda: _tanh_(x.clone().view(-1)))
+    expect = x.clone().tanh_().view(-1)
+    assert same_bytes(fast[~expect.isnan()], expect[~expect.isnan()]) and same_bytes(fast, slow)
