@@ -845,27 +845,48 @@ def merge_files(pretrained: str | os.PathLike, finetuned: Sequence[str | os.Path
         if method == "fr":
             fr_check_selection(layout, stacklevel=2)
         pcb = None
+        # PCB's sweeps by the compiled loops of mergelib.kernels, each key's inputs read in place (no float32
+        # blocks; exp and tanh torch's on the same N x C chunks as the torch code, so the same bits)
+        pcb_kernel = method == "pcb" and all(kernels.available(torch.empty(0, dtype=base.dtype(k))) for k in keys)
         if method == "pcb":  # the row statistics of pcb_merge (official): clip values, then q and max of beta
             n = len(fts)
             clip = _stream_kth(lambda: blocks("statistics |tau|"), n, [_comp._pcb_official_ks(layout.D)] * n,
                                samples_fn=lambda: samples("statistics |tau|"))
+            clip_np = [kernels.f32(clip[:, 0]), kernels.f32(clip[:, 1]), kernels.f32(_comp._safe_den(clip[:, 1] - clip[:, 0]))]
 
             beta_max = torch.full((n,), -math.inf)
 
-            def betas(k: str, x: Tensor) -> Tensor:  # also the row max of beta (the same on both passes)
-                total = _comp._row_sum(x, out=scratch.get("pcb column sums", x.shape[1]))
-                b = scratch.get("pcb beta", x.numel()).view(x.shape)  # counted before the next tensor comes
-                for c0, c1 in _comp._column_chunks(n, x.shape[1], x.device):  # temporaries of a chunk, not the tensor
-                    _comp._pcb_official_beta(x[:, c0:c1], total[c0:c1], n, clip[:, 0:1], clip[:, 1:2], out=b[:, c0:c1],
-                                             scratch=scratch)
+            def betas(k: str, x: Tensor | None) -> Tensor:  # also the row max of beta (the same on both passes)
+                b = scratch.get("pcb beta", n * math.prod(base.shape(k))).view(n, -1)  # counted before the next
+                if x is None:  # pcb_kernel                                               # tensor comes
+                    pre, fts_k = src.get(0, k).reshape(-1), [src.get(i, k).reshape(-1) for i in range(1, n + 1)]
+                    for c0, c1 in _comp._column_chunks(n, b.shape[1], b.device):
+                        fused_beta(k, pre, fts_k, c0, c1, b[:, c0:c1])
+                else:
+                    total = _comp._row_sum(x, out=scratch.get("pcb column sums", x.shape[1]))
+                    for c0, c1 in _comp._column_chunks(n, x.shape[1], x.device):  # temporaries of a chunk, not the
+                        _comp._pcb_official_beta(x[:, c0:c1], total[c0:c1], n, clip[:, 0:1], clip[:, 1:2],  # tensor
+                                                 out=b[:, c0:c1], scratch=scratch)
                 torch.maximum(beta_max, b.amax(1), out=beta_max)
                 return b
+
+            def fused_beta(k: str, pre: Tensor, fts_k: list[Tensor], c0: int, c1: int, out: Tensor) -> Tensor:
+                """beta of columns [c0, c1) of tensor k (flat inputs ``pre``, ``fts_k``) into ``out`` (N x
+                (c1 - c0)) by kernels.pcb_scores, then torch's exp and tanh, as _pcb_official_beta computes it."""
+                z = scratch.get("pcb |t|", n * (c1 - c0)).view(n, c1 - c0)
+                p = scratch.get("pcb inter", n * (c1 - c0)).view(n, c1 - c0)
+                bad, big = kernels.pcb_scores(z, p, 0, [f[c0:c1] for f in fts_k], pre[c0:c1], *clip_np)
+                if bad:
+                    block(k)  # raises NonFiniteError where an input is not finite (else a column sum overflowed)
+                return torch.mul(z.exp_(), _comp._tanh_(p) if big else p, out=out)
 
             def sampled_betas(x: Tensor) -> Tensor:  # beta of the sampled columns (their max is not needed)
                 return _comp._pcb_official_beta(x, _comp._row_sum(x), n, clip[:, 0:1], clip[:, 1:2])
 
-            q = _stream_kth(lambda: blocks("statistics beta", betas), n,
-                            [[_comp._pcb_q_k(layout.D, hp["density"])]] * n, absolute=False,
+            beta_blocks = ((lambda: (betas(k, None) for k in _progress(src.over(keys), len(keys), "statistics beta",
+                                                                         quiet))) if pcb_kernel
+                           else lambda: blocks("statistics beta", betas))
+            q = _stream_kth(beta_blocks, n, [[_comp._pcb_q_k(layout.D, hp["density"])]] * n, absolute=False,
                             samples_fn=lambda: samples("statistics beta", sampled_betas))
             pcb = {"clip": clip, "q": q[:, 0], "max": beta_max, "lams": [1.0] * n if lams is None else lams}
 
@@ -965,6 +986,18 @@ def merge_files(pretrained: str | os.PathLike, finetuned: Sequence[str | os.Path
                                         into={k: scratch.get("sum", pre.numel())})[k]
             elif method == "fr":
                 delta = fr_tensor(block(k, pre), k, tuple(pre.shape), **hp, scratch=scratch).view(pre.shape)
+            elif method == "pcb" and pcb_kernel:  # beta again by chunks, then the weighted sums (compiled)
+                n, numel = len(fts), pre.numel()
+                flat, fts_k = pre.reshape(-1), [src.get(i, k).reshape(-1) for i in range(1, n + 1)]
+                num, den = torch.zeros(numel), torch.zeros(numel)
+                lam_col = _comp._pcb_lambdas(pcb["lams"], torch.float32, "cpu")
+                q_np, span = kernels.f32(pcb["q"]), kernels.f32(_comp._safe_den(pcb["max"] - pcb["q"]))
+                for c0, c1 in _comp._column_chunks(n, numel, pre.device):
+                    b = fused_beta(k, flat, fts_k, c0, c1, scratch.get("pcb beta", n * (c1 - c0)).view(n, c1 - c0))
+                    kernels.pcb_weighted_sum(num[c0:c1], den[c0:c1], b, [f[c0:c1] for f in fts_k], flat[c0:c1],
+                                             clip_np[0], clip_np[1], q_np, span,
+                                             None if lam_col is None else kernels.f32(lam_col))
+                delta = num.div_(den.clamp_min_(1e-12)).view(pre.shape)
             elif method == "pcb":
                 x = block(k, pre)
                 n = x.shape[0]

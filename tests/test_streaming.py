@@ -352,6 +352,29 @@ def test_a_failed_fsync_in_the_background_is_the_merges_error(tmp_path, monkeypa
     assert all(p.read_bytes() == b for p, b in before.items())
 
 
+@pytest.mark.parametrize("dtype,hp", [(torch.float32, {}), (torch.float32, {"scale": [0.5, 2.0, -1.0]}),
+                                      (torch.bfloat16, {"density": 0.3}), (torch.float32, {"density": 1.0})])
+def test_streamed_pcb_compiled_sweeps_same_bits_as_the_torch_code(tmp_path, monkeypatch, dtype, hp):
+    """merge_files's PCB through kernels.pcb_scores / pcb_weighted_sum (the statistics pass's beta and the
+    write pass) and through the torch code give the same bytes, on task vectors whose cross terms reach
+    tanh's range in some chunks and not in others."""
+    pre, fts = _models(dtype=dtype)
+    for ft in fts:  # one tensor's cross terms below 2**-12 (tanh skipped), the others' partly above
+        ft["norm.weight"] = (pre["norm.weight"].float() + 1e-3 * (ft["norm.weight"].float() - pre["norm.weight"].float())
+                             ).to(dtype)
+    base, ftp = _write(tmp_path, pre, fts)
+    calls = []
+    real = ml.kernels.pcb_scores
+    monkeypatch.setattr(ml.kernels, "pcb_scores", lambda *a: calls.append(real(*a)) or calls[-1])
+    fast = _load_dir(ml.merge_files(base, ftp, tmp_path / "fast", "pcb", quiet=True, **hp))
+    with ml.kernels.use(False):
+        slow = _load_dir(ml.merge_files(base, ftp, tmp_path / "slow", "pcb", quiet=True, **hp))
+    assert set(fast) == set(slow) and all(same_bytes(fast[k], slow[k]) for k in fast)
+    # both passes compiled, one call per floating-point tensor each; every column sum finite
+    assert len(calls) == 2 * sum(v.is_floating_point() for v in pre.values()) and all(bad == 0 for bad, _ in calls)
+    assert any(big for _, big in calls) and not all(big for _, big in calls)
+
+
 @pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("method,hp", [("ties", {}), ("ties", {"granularity": "tensor"}), ("task_arithmetic", {}),
                                        ("pcb", {}), ("fr", {})])
