@@ -852,7 +852,8 @@ def merge_files(pretrained: str | os.PathLike, finetuned: Sequence[str | os.Path
             n = len(fts)
             clip = _stream_kth(lambda: blocks("statistics |tau|"), n, [_comp._pcb_official_ks(layout.D)] * n,
                                samples_fn=lambda: samples("statistics |tau|"))
-            clip_np = [kernels.f32(clip[:, 0]), kernels.f32(clip[:, 1]), kernels.f32(_comp._safe_den(clip[:, 1] - clip[:, 0]))]
+            clip_np = [kernels.f32(clip[:, 0]), kernels.f32(clip[:, 1]),  # lo, hi, hi - lo (inf where 0)
+                       kernels.f32(_comp._safe_den(clip[:, 1] - clip[:, 0]))]
 
             beta_max = torch.full((n,), -math.inf)
 
