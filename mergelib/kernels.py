@@ -23,8 +23,7 @@ the results are the torch code's bit for bit; only the number of passes over mem
 * :func:`count_brackets`: the counting pass of the exact order statistics
   (:func:`mergelib.selection.kth_smallest_columns`: TIES's trim thresholds, PCB's clip values, over
   ``|theta_i - theta_0|``; :func:`mergelib.selection.kth_smallest` of CPU rows: PCB's drop threshold), each
-  entry read once per rank; brackets that hold few entries (the tails of PCB's clip values) skip the
-  blocks without a candidate.
+  entry read once per rank.
 
 They are an accelerator, not a second definition: the torch code in :mod:`mergelib.merging` and
 :mod:`mergelib.competition` is what the notebooks teach, and ``tests/test_kernels.py`` checks every
@@ -322,20 +321,6 @@ def f32(t: Tensor) -> np.ndarray:
 
 
 _COUNT_STEP = 1 << 20  # entries per call of the counting kernel
-# A call counts a bracket with the sparse loop (count_sparse) where at most this share of the first
-# SPARSE_PROBE entries of the call lie in it, else with the branch-free store (count_bracket): the sparse loop
-# takes 0.2 ns per entry at 0.1 % (the tails of PCB's clip values), 0.6-1.2 at 1.3-1.4 % (PCB's drop
-# threshold on the benchmark's beta: 1.16 against the store's 0.85) and 0.8-1.8 at 2.3 % (TIES's trim at
-# density 0.2), the store 0.8-1.4 at any share.
-SPARSE_SHARE = 1 / 256
-SPARSE_PROBE = 4096
-
-
-def part(base, a0: int, a1: int):
-    """``base[a0:a1]`` of an array base; a number or None as it is."""
-    return base[a0:a1] if isinstance(base, np.ndarray) else base
-
-
 def count_brackets(segments, brackets) -> list[list[tuple[int, int, np.ndarray]]]:
     """The counting pass of the exact order statistics (:func:`mergelib.selection.kth_smallest_columns`
     and :func:`~mergelib.selection.kth_smallest` on CPU rows), one read of each entry per rank.
@@ -347,8 +332,9 @@ def count_brackets(segments, brackets) -> list[list[tuple[int, int, np.ndarray]]
     counted and none kept). Returns per row and rank ``(#(c < lo), #(c == tie), the other c in [lo, hi])``,
     the counts and candidates of :class:`mergelib.selection._NumpyCounter` (a NaN is in no bracket here).
 
-    The loops write the candidates at the end of their rank's buffer, which has room for a whole call
-    after them (doubled when full): each candidate is copied once, by the loop."""
+    The loop writes the candidates at the end of their rank's buffer, which has room for a whole call
+    after them (doubled when full): each candidate is copied once, by the loop (16 at a time, with a
+    compress store: :func:`mergelib._kernel_loops.compress16`)."""
     loops = _loops()
     bounds = [[(np.float32(-np.inf if lo is None else lo.item()), np.float32(np.inf if hi is None else hi.item()),
                 None if tie is None else np.float32(tie.item())) for lo, hi, tie in row] for row in brackets]
@@ -374,14 +360,9 @@ def count_brackets(segments, brackets) -> list[list[tuple[int, int, np.ndarray]]
                         grown[:k0] = store[i][j][:k0]
                         store[i][j] = grown
                     dest = store[i][j][k0:]
-                    b_part = part(base, a0, a1)
-                    if tie is not None:
-                        b, p, k = loops.count_bracket_tie(f[a0:a1], b_part, lo, hi, tie, dest)
-                        points[i][j] += int(p)
-                    else:
-                        w = min(SPARSE_PROBE, a1 - a0)
-                        sparse = loops.count_in(f[a0:a0 + w], part(b_part, 0, w), lo, hi) <= SPARSE_SHARE * w
-                        b, k = (loops.count_sparse if sparse else loops.count_bracket)(f[a0:a1], b_part, lo, hi, dest)
+                    b, p, k = loops.count_bracket(f[a0:a1], base[a0:a1] if isinstance(base, np.ndarray) else base,
+                                                  lo, hi, tie, dest)
+                    points[i][j] += int(p)
                     below[i][j] += int(b)
                     kept[i][j] = k0 + int(k)
     return [[(below[i][j], points[i][j], store[i][j][:kept[i][j]]) for j in range(len(row))]

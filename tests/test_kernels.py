@@ -376,42 +376,50 @@ def test_count_brackets_matches_the_numpy_counter():
 
 
 @pytest.mark.parametrize("form", ["task vectors", "signed row", "magnitudes"])
-@pytest.mark.parametrize("share", [0.0005, 0.01, 0.05, 0.4])
-@pytest.mark.parametrize("side", ["closed", "open below", "open above"])
-def test_sparse_count_matches_the_branch_free_store(form, share, side):
-    """count_sparse (blocks without a candidate skipped) gives count_bracket's counts and candidates, in
-    the same order, for the three kinds of values (|f - base|, a signed row, |row|), brackets holding a
-    few entries to 40 % of them, open on either side (-inf, inf), with NaN, inf and -0.0 entries."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("share", [0.0005, 0.05, 0.4])
+@pytest.mark.parametrize("side", ["closed", "open below", "open above", "tie"])
+def test_count_bracket_against_its_definition(form, dtype, share, side):
+    """The counting loop (16 entries at a time with a compress store, the last few one by one) against
+    NumPy's masks: #(c < lo), #(c == tie), and the c in [lo, hi] but the tie in their order, for the
+    three kinds of values (|f - base|, a signed row, |row|), float32 and bf16 inputs, brackets holding a
+    few entries to 40 % of them, open on either side (-inf, inf), with NaN, inf, -0.0 and a length that
+    is not a multiple of 16."""
     loops = kernels._loops()
     g = torch.Generator().manual_seed(int(share * 1e4))
-    m = 100_003  # not a multiple of the block
-    base = torch.randn(m, generator=g)
-    f = base + torch.randn(m, generator=g) * 1e-2
-    f[[5, 70_000]], f[[9, 99_999]], f[17] = float("nan"), float("inf"), -0.0
-    b = {"task vectors": base.numpy(), "signed row": None, "magnitudes": np.float32(0.0)}[form]
-    c = {"task vectors": (f - base).abs(), "signed row": f, "magnitudes": f.abs()}[form]
+    m = 100_003
+    base = torch.randn(m, generator=g).to(dtype)
+    f = (base.float() + torch.randn(m, generator=g) * 1e-2).to(dtype)
+    f[[5, 70_000]], f[[9, 99_999]], f[17], f[100_002] = float("nan"), float("inf"), -0.0, float("-inf")
+    if side == "tie":  # a value repeated in the bracket
+        f[::7] = base[::7] + 0.5 if form == "task vectors" else 0.5
+    b = {"task vectors": kernels._np(base), "signed row": None, "magnitudes": np.float32(0.0)}[form]
+    c = {"task vectors": (f.float() - base.float()).abs(), "signed row": f.float(), "magnitudes": f.float().abs()}[form]
     srt = c[torch.isfinite(c)].sort().values
-    lo_i = int(m * 0.3)
-    lo, hi = srt[lo_i].numpy(), srt[lo_i + int(share * m)].numpy()
+    lo, hi, tie = srt[int(m * 0.3)], srt[int(m * 0.3) + int(share * m)], None
     if side == "open below":
-        lo = np.float32(-np.inf)
+        lo = torch.tensor(-np.inf)
     elif side == "open above":
-        lo, hi = srt[-int(share * m) - 1].numpy(), np.float32(np.inf)
-    s1, s2 = np.empty(m, np.float32), np.empty(m, np.float32)
-    below1, k1 = loops.count_bracket(f.numpy(), b, lo, hi, s1)
-    below2, k2 = loops.count_sparse(f.numpy(), b, lo, hi, s2)
-    assert (below1, k1) == (below2, k2) and k1 > 0 and np.array_equal(s1[:k1].view(np.int32), s2[:k2].view(np.int32))
-    assert below1 == int((c < float(lo)).sum())  # a NaN is below nothing and in no bracket
-    assert k1 == int(((c >= float(lo)) & (c <= float(hi))).sum())
+        lo, hi = srt[-int(share * m) - 1], torch.tensor(np.inf)
+    elif side == "tie":
+        lo, hi, tie = torch.tensor(0.4), torch.tensor(0.6), torch.tensor(0.5)
+    store = np.full(m, 7.0, np.float32)
+    below, points, k = loops.count_bracket(kernels._np(f), b, np.float32(lo), np.float32(hi),
+                                           None if tie is None else np.float32(tie), store)
+    eq = (c == tie) if tie is not None else torch.zeros(m, dtype=torch.bool)
+    keep = (c >= lo) & (c <= hi) & ~eq
+    assert below == int((c < lo).sum()) and points == int(eq.sum()) and k == int(keep.sum()) > 0
+    assert same_bytes(torch.from_numpy(store[:k]), c[keep])  # a NaN is below nothing and in no bracket
+    assert points > 1000 if tie is not None else points == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("absolute", [False, True])
 @pytest.mark.parametrize("ks", [[1], [2, 140_000], [14], [139_990], [70_000], [7_000, 133_000]])
 def test_kth_smallest_of_rows_same_values_with_and_without_kernel(monkeypatch, dtype, absolute, ks):
-    """Rows (PCB's drop threshold of beta, signed; the flat merges' |tau|): the compiled count, sparse or
-    not, against NumPy's and torch.kthvalue, on rows with exact zeros, -0.0, ties and both signs, at the
-    extreme ranks (brackets open on one side) and inside."""
+    """Rows (PCB's drop threshold of beta, signed; the flat merges' |tau|): the compiled count against
+    NumPy's and torch.kthvalue, on rows with exact zeros, -0.0, ties and both signs, at the extreme ranks
+    (brackets open on one side) and inside."""
     from mergelib.selection import kth_smallest
     g = torch.Generator().manual_seed(len(ks))
     x = (torch.randn(2, 140_000, generator=g) * 300).round() / 300  # ties
@@ -424,10 +432,6 @@ def test_kth_smallest_of_rows_same_values_with_and_without_kernel(monkeypatch, d
     fast, slow = _both(lambda: kth_smallest(x, ks, absolute=absolute))
     ref = torch.stack([(x.abs() if absolute else x).kthvalue(k, dim=1).values for k in ks], -1)
     assert counted and torch.equal(fast, ref) and torch.equal(slow, ref)
-    monkeypatch.setattr(kernels, "SPARSE_SHARE", 1.0)  # every call sparse
-    assert torch.equal(kth_smallest(x, ks, absolute=absolute), ref)
-    monkeypatch.setattr(kernels, "SPARSE_SHARE", -1.0)  # none
-    assert torch.equal(kth_smallest(x, ks, absolute=absolute), ref)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
