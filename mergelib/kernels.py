@@ -321,7 +321,7 @@ def f32(t: Tensor) -> np.ndarray:
 
 
 _COUNT_STEP = 1 << 20  # entries per call of the counting kernel
-def count_brackets(segments, brackets) -> list[list[tuple[int, int, np.ndarray]]]:
+def count_brackets(segments, brackets, limit: int | None = None) -> list[list[tuple[int, int, np.ndarray]]] | None:
     """The counting pass of the exact order statistics (:func:`mergelib.selection.kth_smallest_columns`
     and :func:`~mergelib.selection.kth_smallest` on CPU rows), one read of each entry per rank.
     ``segments``: an iterable of ``(base, [row_i])`` per part of the rows, in order, each taken once (a
@@ -334,7 +334,9 @@ def count_brackets(segments, brackets) -> list[list[tuple[int, int, np.ndarray]]
 
     The loop writes the candidates at the end of their rank's buffer, which has room for a whole call
     after them (doubled when full): each candidate is copied once, by the loop (16 at a time, with a
-    compress store: :func:`mergelib._kernel_loops.compress16`)."""
+    compress store: :func:`mergelib._kernel_loops.compress16`). With ``limit``, a rank that keeps more than
+    ``limit`` candidates (rows of a few distinct values) stops the count, which returns None (the streamed
+    merges then take their exact histogram passes, in bounded memory)."""
     loops = _loops()
     bounds = [[(np.float32(-np.inf if lo is None else lo.item()), np.float32(np.inf if hi is None else hi.item()),
                 None if tie is None else np.float32(tie.item())) for lo, hi, tie in row] for row in brackets]
@@ -365,5 +367,7 @@ def count_brackets(segments, brackets) -> list[list[tuple[int, int, np.ndarray]]
                     points[i][j] += int(p)
                     below[i][j] += int(b)
                     kept[i][j] = k0 + int(k)
+                    if limit is not None and kept[i][j] > limit:
+                        return None
     return [[(below[i][j], points[i][j], store[i][j][:kept[i][j]]) for j in range(len(row))]
             for i, row in enumerate(bounds)]

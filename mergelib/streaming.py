@@ -542,7 +542,8 @@ def _stream_kth(blocks_fn, n: int, ks: Sequence[Sequence[int]], absolute: bool =
     The algorithm of :mod:`mergelib.selection` fed from two passes over the blocks (``N x numel``
     float32): a sample of every block (1/256 of its entries at fixed pseudo-random positions) gives
     each rank a bracket; the second pass counts the entries below it and keeps those inside it, block
-    by block in cache-sized chunks (NumPy), so memory stays a few chunks plus the candidates (about
+    by block (compiled, :func:`mergelib.kernels.count_brackets`, else NumPy in cache-sized chunks), so
+    memory stays a few chunks plus the candidates (about
     2 % of the entries; a value that fills much of the sample, such as the exact zeros of weights a
     fine-tune left unchanged, is counted instead of kept: :data:`mergelib.selection.TIE_SHARE`). If a
     sample missed (never seen in practice) or a bracket still holds more than 1/16 of a row (rows of a
@@ -582,14 +583,20 @@ def _stream_kth(blocks_fn, n: int, ks: Sequence[Sequence[int]], absolute: bool =
     dtype = store.numpy().dtype
     del store  # the sample is not needed on the counting pass (the brackets hold values, not views)
     limit = max(D // 16, 1 << 16)  # a bracket holds ~2 % of a row, unless the row is mostly ties
-    counters = _sel._count_blocks((x.numpy() for x in blocks_fn()), brackets, dtype,
-                                  _sel.NUMPY_CHUNK, absolute, limit)
+    if dtype == np.float32 and kernels.available(torch.empty(0)) and _sel.kernel_brackets(brackets):
+        # compiled (kernels.count_brackets), over each block's rows (float32, contiguous)
+        counted = kernels.count_brackets(((0.0 if absolute else None, list(x)) for x in blocks_fn()), brackets,
+                                         limit=limit)
+        results = None if counted is None else _sel.kernel_counts(counted, brackets)
+    else:
+        counters = _sel._count_blocks((x.numpy() for x in blocks_fn()), brackets, dtype,
+                                      _sel.NUMPY_CHUNK, absolute, limit)
+        results = None if any(ctr.overflow for ctr in counters) else [ctr.result() for ctr in counters]
     out, above = [], []
     try:
-        if any(ctr.overflow for ctr in counters):
+        if results is None:
             raise _Missed()
-        for r, ctr in enumerate(counters):
-            below, cands = ctr.result()
+        for r, (below, cands) in enumerate(results):
             vals = _sel._finish(ks[r], below, cands, True, _missed)
             out.append(torch.stack(vals))
             if count_above:  # D - #(x < lo) - #(lo <= x <= value)

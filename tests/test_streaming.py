@@ -542,11 +542,19 @@ def test_cli_module_is_not_importable_and_merge_stays_a_function():
     assert ml.merge is mergelib.merging.merge
 
 
+@pytest.fixture(params=["compiled", "numpy"])
+def counting(request):
+    """The streamed counting pass compiled (kernels.count_brackets) or in NumPy (kernels switched off)."""
+    with ml.kernels.use(request.param == "compiled"):
+        yield request.param
+
+
 @pytest.mark.parametrize("kind", ["normal", "ties", "zeros"])
 @pytest.mark.parametrize("absolute", [True, False])
-def test_stream_kth_equals_kth_smallest_and_falls_back(monkeypatch, kind, absolute):
+def test_stream_kth_equals_kth_smallest_and_falls_back(monkeypatch, counting, kind, absolute):
     """The streamed order statistic (sample, then count) is kth_smallest on the concatenated rows, with
-    ties and signed zeros too; a missed bracket falls back to the exact histogram passes."""
+    ties and signed zeros too, counted compiled or in NumPy; a missed bracket falls back to the exact
+    histogram passes."""
     from mergelib import selection as sel
 
     g = torch.Generator().manual_seed(7)
@@ -597,7 +605,7 @@ def test_exact_trim_streams_through_the_histogram_fallback_too(tmp_path, monkeyp
         assert all(same_bytes(got[k], want[k].contiguous()) for k in want), miss
 
 
-def test_stream_kth_bracket_full_of_ties_falls_back_with_bounded_memory(monkeypatch):
+def test_stream_kth_bracket_full_of_ties_falls_back_with_bounded_memory(monkeypatch, counting):
     """Rows of two values with the rank at their boundary: the bracket holds both values, so nearly
     every entry is a candidate; past 1/16 of a row the counter stops keeping them and the exact
     histogram passes answer."""
@@ -611,8 +619,12 @@ def test_stream_kth_bracket_full_of_ties_falls_back_with_bounded_memory(monkeypa
     calls = []
     real = st._stream_kth_hist
     monkeypatch.setattr(st, "_stream_kth_hist", lambda *a, **k: calls.append(1) or real(*a, **k))
+    counted = []
+    real_count = ml.kernels.count_brackets
+    monkeypatch.setattr(ml.kernels, "count_brackets", lambda *a, **k: counted.append(k) or real_count(*a, **k))
     got = st._stream_kth(lambda: iter(blocks), n, ks, absolute=False)
     assert calls and got.tolist() == [[1.0, 2.0]] * n
+    assert counted == ([{"limit": m // 16}] if counting == "compiled" else [])  # stopped past 1/16 of a row
     assert torch.equal(got, torch.stack([sel.kth_smallest(x, k, dim=1) for k in ks[0]], 1))
 
 
