@@ -285,10 +285,11 @@ def compress16(typingctx, f, base, lo, hi, tie, store, k, j):
     """Entries j..j+15 of the counting pass: with c = value(f, base, .), stores the c in [lo, hi] (and not
     equal to ``tie`` where one is given) at store[k], store[k + 1], ... in order; returns (k after them,
     #(c < lo), #(c == tie)). f, base (an array) and store contiguous; a NaN is in no bracket."""
-    if not (isinstance(f, types.Array) and f.ndim == 1 and f.layout == "C" and f.dtype in (types.float32, types.uint16)
-            and (isinstance(base, (types.NoneType, types.Float)) or (isinstance(base, types.Array) and base == f))
-            and lo == hi == types.float32 and (isinstance(tie, types.NoneType) or tie == types.float32)
-            and isinstance(store, types.Array) and store.dtype == types.float32 and store.layout == "C"):
+    contiguous = lambda a, dtypes: (isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C"  # noqa: E731
+                                    and a.dtype in dtypes)
+    if not (contiguous(f, (types.float32, types.uint16)) and contiguous(store, (types.float32,))
+            and (isinstance(base, types.NoneType) or base == types.float32 or base == f)
+            and lo == hi == types.float32 and (isinstance(tie, types.NoneType) or tie == types.float32)):
         return None
 
     def codegen(context, builder, signature, args):
@@ -297,7 +298,7 @@ def compress16(typingctx, f, base, lo, hi, tie, store, k, j):
         c = _load16(context, builder, fty, fa, jv)
         if isinstance(bty, types.Array):
             c = builder.fsub(c, _load16(context, builder, bty, ba, jv))
-        elif isinstance(bty, types.Float):
+        elif bty == types.float32:
             c = builder.fsub(c, _splat(builder, ba))
         if not isinstance(bty, types.NoneType):
             c = builder.call(_declare(builder, "llvm.fabs.v16f32", _VF, [_VF]), [c])
@@ -310,8 +311,8 @@ def compress16(typingctx, f, base, lo, hi, tie, store, k, j):
             points = _popcount(builder, eq)
             keep = builder.and_(keep, builder.not_(eq))
         data = context.make_array(sty)(context, builder, sa).data
-        builder.call(_declare(builder, "llvm.masked.compressstore.v16f32", ir.VoidType(), [_VF, _F32.as_pointer(), _VB]),
-                     [c, builder.gep(data, [kv]), keep])
+        store16 = _declare(builder, "llvm.masked.compressstore.v16f32", ir.VoidType(), [_VF, _F32.as_pointer(), _VB])
+        builder.call(store16, [c, builder.gep(data, [kv]), keep])
         return context.make_tuple(builder, signature.return_type,
                                   [builder.add(kv, _popcount(builder, keep)), _popcount(builder, below), points])
     return types.UniTuple(types.int64, 3)(f, base, lo, hi, tie, store, k, j), codegen
