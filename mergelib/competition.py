@@ -608,6 +608,25 @@ def _pcb_official_beta(t: Tensor, total: Tensor, n: int, lo: Tensor, hi: Tensor,
     return intra.mul_(inter) if out is None else torch.mul(intra, inter, out=out)
 
 
+def _pcb_official_beta_compiled(pieces, n: int, width: int, lo, hi, span, out: Tensor,
+                                scratch: Scratch) -> int:
+    """:func:`_pcb_official_beta` of an ``N x width`` chunk of columns given as the state dicts' slices,
+    ``pieces`` (:meth:`~mergelib.task_vectors.TaskVectorColumns.pieces`: ``(col, base, finetuned)``), into
+    ``out``: the arguments of ``exp`` and ``tanh`` by :func:`mergelib.kernels.pcb_scores`, then torch's
+    ``exp_`` and :func:`_tanh_` on ``N x width`` blocks of ``scratch``, the shapes the torch code gives
+    them (their bits are ATen's and MKL's, and a vectorised loop's scalar tail may round differently), so
+    the same bits. ``lo``, ``hi``, ``span`` (``hi - lo``, inf where 0): ``N`` float32 arrays
+    (:func:`mergelib.kernels.f32`). Returns the number of non-finite column sums (0: every entry finite)."""
+    z = scratch.get("pcb |t|", n * width).view(n, width)
+    p = scratch.get("pcb inter", n * width).view(n, width)
+    bad = big = 0
+    for col, base, fts in pieces:
+        nb, nbig = _kernels.pcb_scores(z, p, col, fts, base, lo, hi, span)
+        bad, big = bad + nb, big + nbig
+    torch.mul(z.exp_(), _tanh_(p) if big else p, out=out)
+    return bad
+
+
 def _pcb_lambdas(lams: Sequence[float], dtype: torch.dtype, device) -> Tensor | None:
     """PCB's per-task coefficients as an ``N x 1`` column for :func:`_pcb_official_add`, or None when all
     are 1 (the default: 1 * tau' = tau' exactly, so the product is skipped)."""
@@ -720,21 +739,16 @@ def _pcb_official(src: Tensor | TaskVectorColumns, density: float, lams: Sequenc
     if fused:
         lo_np, hi_np, clip_span = _kernels.f32(lo), _kernels.f32(hi), _kernels.f32(_safe_den(hi - lo))
     for c0, c1 in chunks:
+        b = beta[:, c0:c1]
         if fused:  # intra's exp argument and inter's tanh argument in one loop, then torch's exp and tanh
-            z = scratch.get("pcb |t|", n * (c1 - c0), src.dtype, dev).view(n, c1 - c0)
-            p = scratch.get("pcb inter", n * (c1 - c0), src.dtype, dev).view(n, c1 - c0)
-            big = 0
-            for col, base, fts in src.pieces(c0, c1):
-                bad, nb = _kernels.pcb_scores(z, p, col, fts, base, lo_np, hi_np, clip_span)
-                nonfinite += bad
-                big += nb
-            b = torch.mul(z.exp_(), _tanh_(p) if big else p, out=beta[:, c0:c1])
+            nonfinite += _pcb_official_beta_compiled(src.pieces(c0, c1), n, c1 - c0, lo_np, hi_np, clip_span, b,
+                                                     scratch)
         else:
             x = read(c0, c1)
             total = _row_sum(x, out=scratch.get("pcb total", c1 - c0, src.dtype, dev))  # rows in order: the
             if columns:                                                                # same bits tensor by tensor
                 sums += total.sum(dtype=torch.float64)
-            b = _pcb_official_beta(x, total, n, lo, hi, out=beta[:, c0:c1], scratch=scratch)
+            _pcb_official_beta(x, total, n, lo, hi, out=b, scratch=scratch)
         torch.maximum(beta_max, b.amax(1, keepdim=True), out=beta_max)
     if columns and (nonfinite or not math.isfinite(float(sums))) and not all(
             all_finite(read(c0, c1)) for c0, c1 in chunks):

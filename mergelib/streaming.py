@@ -880,13 +880,11 @@ def merge_files(pretrained: str | os.PathLike, finetuned: Sequence[str | os.Path
 
             def fused_beta(k: str, pre: Tensor, fts_k: list[Tensor], c0: int, c1: int, out: Tensor) -> Tensor:
                 """beta of columns [c0, c1) of tensor k (flat inputs ``pre``, ``fts_k``) into ``out`` (N x
-                (c1 - c0)) by kernels.pcb_scores, then torch's exp and tanh, as _pcb_official_beta computes it."""
-                z = scratch.get("pcb |t|", n * (c1 - c0)).view(n, c1 - c0)
-                p = scratch.get("pcb inter", n * (c1 - c0)).view(n, c1 - c0)
-                bad, big = kernels.pcb_scores(z, p, 0, [f[c0:c1] for f in fts_k], pre[c0:c1], *clip_np)
-                if bad:
+                (c1 - c0)), compiled (competition._pcb_official_beta_compiled)."""
+                if _comp._pcb_official_beta_compiled([(0, pre[c0:c1], [f[c0:c1] for f in fts_k])], n, c1 - c0,
+                                                     *clip_np, out, scratch):
                     block(k)  # raises NonFiniteError where an input is not finite (else a column sum overflowed)
-                return torch.mul(z.exp_(), _comp._tanh_(p) if big else p, out=out)
+                return out
 
             def sampled_betas(x: Tensor) -> Tensor:  # beta of the sampled columns (their max is not needed)
                 return _comp._pcb_official_beta(x, _comp._row_sum(x), n, clip[:, 0:1], clip[:, 1:2])
