@@ -53,7 +53,8 @@ def __dir__():
     return sorted(set(globals()) | set(_LAZY_MODULES))
 
 
-from .competition import dare, dare_flat, dare_state_dict, disjoint_mean, elect_sign, pcb_merge, pcb_scores, ties_merge, trim
+from .competition import (dare, dare_flat, dare_seed, dare_state_dict, disjoint_mean, elect_sign, pcb_merge, pcb_scores,
+                          ties_merge, trim)
 from .fourier import FRFilterWarning, align_magnitudes, fr_filter, fr_filtered_keys, fr_mask, fr_merge
 from .hparams import HParam, HyperparameterError
 from .merging import METHODS, REGISTRY, MergeMethod, merge, method_table

@@ -169,3 +169,40 @@ def test_sweep_examples_use_parameters_the_notebooks_define():
     for nb, names in found:
         defined = notebook_parameters(ROOT / nb)
         assert names and set(names) <= defined, (nb, sorted(set(names) - defined))
+
+
+# `ml.name`, `mergelib.module.name` in prose: notebooks' and lab copies' Markdown cells (their code cells
+# run), READMEs and docs
+LIBRARY_REF = re.compile(r"(?<![\w./-])(?:ml|mergelib)\.((?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*)")
+LAB_COPIES = sorted((ROOT / "lab").glob("*.ipynb"))
+
+
+def _resolves(dotted: str) -> bool:
+    """Whether ``mergelib.<dotted>`` names something: attributes, or submodules imported on the way."""
+    import importlib
+
+    obj, name = importlib.import_module("mergelib"), "mergelib"
+    for part in dotted.split("."):
+        name += "." + part
+        if hasattr(obj, part):
+            obj = getattr(obj, part)
+            continue
+        try:
+            obj = importlib.import_module(name)
+        except ImportError:
+            return False
+    return True
+
+
+def test_library_names_in_the_prose_exist():
+    """Every ``ml.x`` / ``mergelib.x.y`` the prose tells a reader to use exists (a notebook once sent
+    readers to ``ml.dare_seed``, which was only ``ml.competition.dare_seed``)."""
+    pieces = [(where, text) for path in READMES + [DOC] for where, text in texts(path)]
+    for path in NOTEBOOKS + LAB_COPIES:
+        cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+        pieces += [(f"{path.parent.name}/{path.name} cell {i}", "".join(c["source"]))
+                   for i, c in enumerate(cells) if c["cell_type"] == "markdown"]
+    refs = [(where, m.group(1).rstrip(".")) for where, text in pieces for m in LIBRARY_REF.finditer(text)]
+    assert len(refs) > 50, len(refs)  # the pattern finds the references
+    missing = sorted({f"{where}: {name}" for where, name in refs if not _resolves(name)})
+    assert not missing, "names of mergelib that do not exist:\n" + "\n".join(missing)
