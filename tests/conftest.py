@@ -29,13 +29,14 @@ def data_root():
 
 @pytest.fixture(scope="session")
 def pretrained_dir():
-    """Folder of the five shared CIFAR-10 ResNet-20 checkpoints (``$MERGELIB_PRETRAINED``)."""
-    from pathlib import Path
+    """Folder of the five CIFAR-10 ResNet-20 checkpoints, where the library looks for them
+    (``$MERGELIB_PRETRAINED``, else ``data/pretrained``: :func:`mergelib.pretrained.pretrained_dir`)."""
+    from mergelib.pretrained import pretrained_dir as library_dir
 
-    d = Path(os.environ.get("MERGELIB_PRETRAINED") or mdata.PROJECT_ROOT.parent / "shared" / "pretrained") \
-        / "cifar10-resnet20"
+    d = library_dir() / "cifar10-resnet20"
     if not d.is_dir():
-        msg = f"shared ResNet-20 checkpoints not found in {d}; set MERGELIB_PRETRAINED"
+        msg = (f"the CIFAR-10 ResNet-20 checkpoints are not in {d} (mergelib.pretrained.resnet20_checkpoints("
+               "download=True) fetches them there); or set MERGELIB_PRETRAINED to the folder that holds them")
         if _require_data():
             pytest.fail(msg)
         pytest.skip(msg)

@@ -18,7 +18,8 @@ DOC = ROOT / "docs" / "methods.md"
 NOTEBOOKS = sorted(p for p in (ROOT / "notebooks").glob("*.ipynb") if ".ipynb_checkpoints" not in p.parts)
 READMES = sorted({*ROOT.glob("README*.md"), *(p for p in ROOT.glob("*/README*.md")
                                               if not p.relative_to(ROOT).parts[0].startswith(".")),
-                  *(p for p in (ROOT / "docs").glob("*.md") if p != ROOT / "docs" / "methods.md")})
+                  *(p for p in (ROOT / "docs").glob("*.md") if p != ROOT / "docs" / "methods.md"),
+                  *(ROOT / "benchmarks").glob("*.md")})
 
 # `docs/methods.md#anchor` (also `../docs/methods.md#anchor`) anywhere in the text
 ANCHOR_REF = re.compile(r"methods\.md#([^\s)\]>\"'`,;]+)")
@@ -206,3 +207,15 @@ def test_library_names_in_the_prose_exist():
     assert len(refs) > 50, len(refs)  # the pattern finds the references
     missing = sorted({f"{where}: {name}" for where, name in refs if not _resolves(name)})
     assert not missing, "names of mergelib that do not exist:\n" + "\n".join(missing)
+
+
+def test_committed_sweep_results_hold_no_machine_paths():
+    """The committed sweep (``results/``) names its notebook relative to the checkout. ``mergelib.sweep``
+    records absolute paths (a run's provenance on the machine that ran it, also on dask workers); before
+    committing a sweep, strip the checkout's prefix from its ``params.json`` and executed notebooks."""
+    files = [p for p in (ROOT / "results").rglob("*") if p.suffix in (".json", ".ipynb", ".csv", ".md")]
+    assert files
+    hits = [f"{p.relative_to(ROOT)}: {m.group(0)!r}" for p in files
+            for m in re.finditer(r"\"/(?:home|work|tmp|Users|root)/[^\"]*\"", p.read_text(encoding="utf-8"))]
+    assert not hits, ("absolute paths of the machine that ran the sweep (strip the checkout's prefix, e.g. "
+                      "sed -i 's#\"$PWD/#\"#g' on these files):\n" + "\n".join(hits[:10]))
