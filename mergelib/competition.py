@@ -635,6 +635,14 @@ def _pcb_lambdas(lams: Sequence[float], dtype: torch.dtype, device) -> Tensor | 
     return torch.tensor(list(lams), dtype=dtype, device=device).unsqueeze(1)
 
 
+def _pcb_weighted_sum_args(q: Tensor, beta_max: Tensor, lams: Sequence[float]):
+    """Steps 5-6's per-task arguments of :func:`mergelib.kernels.pcb_weighted_sum` (``merge()`` and the
+    streamed write pass): ``q``, ``max(beta) - q`` (inf where 0: :func:`_safe_den`) and the lambdas (None:
+    all 1), as float32 arrays."""
+    lam = _pcb_lambdas(lams, torch.float32, "cpu")
+    return _kernels.f32(q), _kernels.f32(_safe_den(beta_max - q)), None if lam is None else _kernels.f32(lam)
+
+
 def _pcb_official_add(num: Tensor, den: Tensor, tprime: Tensor, beta: Tensor, q: Tensor, beta_max: Tensor,
                       lam: Tensor | None) -> None:
     """Steps 5-6 of :func:`pcb_merge` for an ``N x C`` block of all tasks, elementwise given the rows'
@@ -758,8 +766,7 @@ def _pcb_official(src: Tensor | TaskVectorColumns, density: float, lams: Sequenc
     num = zeros_matrix((D,), dtype=src.dtype, device=dev)  # huge pages (task_vectors.HUGE_PAGE_BYTES)
     den = zeros_matrix((D,), dtype=src.dtype, device=dev)
     if fused:  # steps 5-6 tensor by tensor, tau' recomputed from the state dicts
-        qs, span = _kernels.f32(q), _kernels.f32(_safe_den(beta_max - q))
-        lam_np = None if lam is None else _kernels.f32(lam)
+        qs, span, lam_np = _pcb_weighted_sum_args(q, beta_max, lams)
         for col, base, fts in src.pieces(0, D):
             c1 = col + base.shape[0]
             _kernels.pcb_weighted_sum(num[col:c1], den[col:c1], beta[:, col:c1], fts, base, lo_np, hi_np, qs, span,

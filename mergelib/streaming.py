@@ -996,13 +996,11 @@ def merge_files(pretrained: str | os.PathLike, finetuned: Sequence[str | os.Path
                 n, numel = len(fts), pre.numel()
                 flat, fts_k = pre.reshape(-1), [src.get(i, k).reshape(-1) for i in range(1, n + 1)]
                 num, den = torch.zeros(numel), torch.zeros(numel)
-                lam_col = _comp._pcb_lambdas(pcb["lams"], torch.float32, "cpu")
-                q_np, span = kernels.f32(pcb["q"]), kernels.f32(_comp._safe_den(pcb["max"] - pcb["q"]))
+                q_np, span, lam_np = _comp._pcb_weighted_sum_args(pcb["q"], pcb["max"], pcb["lams"])
                 for c0, c1 in _comp._column_chunks(n, numel, pre.device):
                     b = fused_beta(k, flat, fts_k, c0, c1, scratch.get("pcb beta", n * (c1 - c0)).view(n, c1 - c0))
                     kernels.pcb_weighted_sum(num[c0:c1], den[c0:c1], b, [f[c0:c1] for f in fts_k], flat[c0:c1],
-                                             clip_np[0], clip_np[1], q_np, span,
-                                             None if lam_col is None else kernels.f32(lam_col))
+                                             clip_np[0], clip_np[1], q_np, span, lam_np)
                 delta = num.div_(den.clamp_min_(1e-12)).view(pre.shape)
             elif method == "pcb":
                 x = block(k, pre)
