@@ -446,3 +446,77 @@ def pcb_weighted_sum(num, den, betas, fts, base, lo, hi, q, span, lam, scaled):
                 s = ((q_i if bt < q_i else bt) - q_i) / span_i
                 nb[j] += t * s
                 db[j] += s
+
+
+# DARE (competition.dare_flat): the drop mask of one tensor, drawn as torch.rand(n, generator=g) does on
+# the CPU, where g = torch.Generator().manual_seed(seed) is ATen's at::mt19937 (the 32-bit Mersenne
+# Twister, seeded with the seed's low 32 bits as std::mt19937 is), and the j-th uniform is
+# (draw_j & 0xFFFFFF) * 2**-24, the draws taken in order (torch's serial CPU kernel). An entry is kept
+# where u_j >= float32(p), i.e. where its 24 bits reach `threshold` = ceil(float32(p) * 2**24)
+# (kernels.dare_threshold). kernels.dare_matches_torch checks the draws against torch's on first use.
+
+MT_N, MT_M = 624, 397
+MT_MATRIX_A = 0x9908B0DF
+
+
+@jit
+def mt19937_seed(seed, state):
+    # at::mt19937(seed): state[0] = the seed's low 32 bits, state[j] = 1812433253 * (s ^ (s >> 30)) + j
+    s = np.uint64(seed) & np.uint64(0xFFFFFFFF)
+    state[0] = s
+    for j in range(1, MT_N):
+        s = (np.uint64(1812433253) * (s ^ (s >> np.uint64(30))) + np.uint64(j)) & np.uint64(0xFFFFFFFF)
+        state[j] = s
+
+
+@inline
+def mt_twist_word(u, v, w):
+    # w ^ twist(u, v): the upper bit of u and the lower 31 of v, shifted, xored with MATRIX_A where v is odd
+    y = (u & 0x80000000) | (v & 0x7FFFFFFF)
+    return w ^ (y >> 1) ^ ((v & 1) * MT_MATRIX_A)
+
+
+@jit
+def mt19937_next_state(mt):
+    # the next 624 words (at::mt19937::next_state), each from words not yet replaced or replaced earlier in
+    # the pass
+    for i in range(MT_N - MT_M):
+        mt[i] = mt_twist_word(mt[i], mt[i + 1], mt[i + MT_M])
+    for i in range(MT_N - MT_M, MT_N - 1):
+        mt[i] = mt_twist_word(mt[i], mt[i + 1], mt[i + MT_M - MT_N])
+    mt[MT_N - 1] = mt_twist_word(mt[MT_N - 1], mt[0], mt[MT_M - 1])
+
+
+@inline
+def mt_temper(y):
+    y ^= y >> 11
+    y ^= (y << 7) & 0x9D2C5680
+    y ^= (y << 15) & 0xEFC60000
+    return y ^ (y >> 18)
+
+
+@jit
+def mt19937_uniform24(seed, out):
+    # the first len(out) draws' 24 low bits (the uniforms times 2**24), for kernels.dare_matches_torch
+    mt = np.empty(MT_N, np.uint32)
+    mt19937_seed(seed, mt)
+    for j0 in range(0, out.shape[0], MT_N):
+        mt19937_next_state(mt)
+        for t in range(min(MT_N, out.shape[0] - j0)):
+            out[j0 + t] = mt_temper(np.int64(mt[t])) & 0xFFFFFF
+
+
+@jit
+def dare_drop_(x, seed, threshold, keep_scale):
+    # x[j] = (x[j] * keep_j) / keep_scale with keep_j = 1 or 0 (float32): torch.mul(x, keep, out=x) then
+    # x.div_(1 - p), keep_scale = float32(1 - p). In place, on one array: with a source and a destination
+    # that may be one array, the compiler's overlap check sends the loop to its scalar version (4.7 ns per
+    # entry in merge()'s DARE against 0.5); on the block's view, not indexed as x[j0 + t], for the same reason
+    mt = np.empty(MT_N, np.uint32)
+    mt19937_seed(seed, mt)
+    for j0 in range(0, x.shape[0], MT_N):
+        mt19937_next_state(mt)
+        b = x[j0:j0 + MT_N]
+        for t in range(b.shape[0]):
+            keep = one32 if (mt_temper(np.int64(mt[t])) & 0xFFFFFF) >= threshold else zero32
+            b[t] = (b[t] * keep) / keep_scale

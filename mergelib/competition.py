@@ -491,6 +491,10 @@ def dare_state_dict(tv: Mapping[str, Tensor], p: float, seed: int, task: int | s
     out = {}
     for k, t in tv.items():
         check_finite(t, f"tensor {k!r}")
+        if rescale and _dare_compiled(t):  # the same draws and bits in one pass (mergelib.kernels.dare_drop)
+            out[k] = torch.empty_like(t)
+            _kernels.dare_drop(t, out[k], dare_seed(seed, task, k), p)
+            continue
         kept = t * _dare_keep(t.shape, p, seed, task, k, t.device)
         out[k] = kept.div_(1 - p) if rescale else kept
     return out
@@ -511,11 +515,22 @@ def dare_flat(tvs: Tensor, p: float, layout: FlatLayout, seed: int,
     if len(tasks) != n:
         raise ValueError(f"tasks has {len(tasks)} entries for {n} rows")
     out = tvs if inplace else empty_matrix(tuple(tvs.shape), dtype=tvs.dtype, device=tvs.device)
+    compiled = _dare_compiled(tvs, out)
     for i, task in enumerate(tasks):
         for k, s, e in layout.segments():
+            if compiled:  # the same draws, mask and bits in one pass (mergelib.kernels.dare_drop)
+                _kernels.dare_drop(tvs[i, s:e], out[i, s:e], dare_seed(seed, task, k), p)
+                continue
             torch.mul(tvs[i, s:e], _dare_keep(e - s, p, seed, task, k, tvs.device), out=out[i, s:e])
             out[i, s:e].div_(1 - p)
     return out
+
+
+def _dare_compiled(*tensors: Tensor) -> bool:
+    """Whether :func:`mergelib.kernels.dare_drop` gives these float32 CPU tensors DARE's bits (Numba, and
+    torch's CPU generator drawing as the loop does)."""
+    return (all(t.dtype == torch.float32 for t in tensors) and _kernels.available(*tensors)
+            and _kernels.dare_matches_torch())
 
 
 # ----------------------------------------------------------------------------------------------

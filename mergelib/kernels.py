@@ -20,6 +20,9 @@ the results are the torch code's bit for bit; only the number of passes over mem
   around torch's ``exp`` and ``tanh`` (:func:`mergelib.competition._pcb_official`): the arguments of
   ``exp`` and ``tanh`` in one loop, then, given the balancing scores and their row thresholds, the
   weighted sums of the clipped task vectors.
+* :func:`dare_drop`: DARE's drop and rescale of one tensor, its mask drawn as ``torch.rand`` draws it
+  from a seeded CPU generator (ATen's MT19937, reproduced: :func:`dare_matches_torch` checks it)
+  (:func:`mergelib.competition.dare_flat`).
 * :func:`count_brackets`: the counting pass of the exact order statistics
   (:func:`mergelib.selection.kth_smallest_columns`: TIES's trim thresholds, PCB's clip values, over
   ``|theta_i - theta_0|``; :func:`mergelib.selection.kth_smallest` of CPU rows: PCB's drop threshold), each
@@ -39,6 +42,7 @@ that file when it is writable, so later processes load it (a few tenths of a sec
 """
 from __future__ import annotations
 
+import math
 import os
 from contextlib import contextmanager
 from functools import lru_cache
@@ -50,7 +54,8 @@ from torch import Tensor
 
 __all__ = ["available", "enabled", "use", "sum_task_vectors", "fused_add_matches_torch", "ties_thresholds",
            "ExactTrim", "count_above", "exact_trim", "ties_sweep", "ties_majority_positive", "pcb_scores",
-           "pcb_weighted_sum", "blocks_reaching", "count_brackets"]
+           "pcb_weighted_sum", "blocks_reaching", "count_brackets", "dare_threshold", "dare_matches_torch",
+           "dare_drop"]
 
 _enabled = os.environ.get("MERGELIB_KERNELS", "auto").strip().lower() not in ("torch", "off", "0", "none")
 
@@ -379,3 +384,37 @@ def count_brackets(segments, brackets, limit: int | None = None) -> list[list[tu
                         return None
     return [[(below[i][j], points[i][j], store[i][j][:kept[i][j]]) for j in range(len(row))]
             for i, row in enumerate(bounds)]
+
+
+def dare_threshold(p: float) -> int:
+    """DARE keeps an entry where its uniform ``u >= p``; torch compares in float32, and ``u`` is a multiple of
+    ``2**-24`` (24 random bits), so the kept entries are those whose 24 bits reach ``ceil(float32(p) * 2**24)``."""
+    return int(math.ceil(float(np.float32(p)) * 2.0 ** 24))
+
+
+@lru_cache(maxsize=None)
+def dare_matches_torch() -> bool:
+    """Whether ``torch.rand(n, generator=torch.Generator().manual_seed(seed))`` draws what the loops compute
+    (ATen's ``at::mt19937`` with its serial CPU kernel, ``(draw & 0xFFFFFF) * 2**-24``): checked once per
+    process on 3 seeds (one above 2**32) and lengths around the generator's 624-word state. Where a torch
+    version draws otherwise, :func:`mergelib.competition.dare_flat` keeps torch's own draws."""
+    loops = _loops()
+    for seed, n in ((0, 1), (5489, 1250), (2 ** 40 + 17, 4099)):
+        draws = np.empty(n, dtype=np.int64)
+        loops.mt19937_uniform24(np.int64(seed), draws)
+        ref = torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+        if not np.array_equal(draws.astype(np.float64) * 2.0 ** -24, ref.double().numpy()):
+            return False
+    return True
+
+
+def dare_drop(src: Tensor, out: Tensor, seed: int, p: float) -> None:
+    """``out = src * keep / (1 - p)``, ``keep = torch.rand(n, generator=torch.Generator().manual_seed(seed)) >= p``
+    as 0/1 (float32): the bits of ``torch.mul(src, keep, out=out)`` then ``out.div_(1 - p)``, in one pass
+    over ``out`` (``src`` copied into it first unless they are one tensor) that draws the mask as it goes
+    (about a read and a write of the tensor; torch's draws alone took 10x that on the course's CPU). ``src``,
+    ``out``: contiguous float32 CPU tensors of the same size (they may be the same tensor); the caller checks
+    :func:`available` and :func:`dare_matches_torch`. ``seed``: any int >= 0 (as ``manual_seed``)."""
+    if out.data_ptr() != src.data_ptr():
+        out.copy_(src)
+    _loops().dare_drop_(_np(out), np.int64(seed & 0xFFFFFFFF), np.int64(dare_threshold(p)), np.float32(1 - p))

@@ -607,3 +607,96 @@ def test_blocks_reaching_tanh_range_as_the_torch_rule():
     fast, slow = _both(lambda: _tanh_(x.clone().view(-1)))
     expect = x.clone().tanh_().view(-1)
     assert same_bytes(fast[~expect.isnan()], expect[~expect.isnan()]) and same_bytes(fast, slow)
+
+
+# ----------------------------------------------------------------------------------------------
+# DARE: torch's CPU generator reproduced (MT19937), the drop and rescale in one pass
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", [0, 1, 5489, 2 ** 32 + 5, 2 ** 63 - 1])
+def test_mt19937_draws_are_torch_rand(seed):
+    """The loop's draws are torch.rand's on a seeded CPU generator, across the 624-word state's refills
+    (lengths 1, 623-625, 1,249, 10,007) and seeds above 2**32 (manual_seed keeps their low 32 bits)."""
+    loops = kernels._loops()
+    for n in (1, 623, 624, 625, 1249, 10_007):
+        draws = np.empty(n, dtype=np.int64)
+        loops.mt19937_uniform24(np.int64(seed), draws)
+        ref = torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+        assert np.array_equal(draws.astype(np.float64) * 2.0 ** -24, ref.double().numpy()), n
+    assert kernels.dare_matches_torch()
+
+
+def test_mt19937_first_output_of_the_reference_seed():
+    """std::mt19937 with its default seed 5489 gives 3499211612 first (the C++ standard's check value; its
+    10,000th output is 4123659995): the generator itself, independently of torch."""
+    loops = kernels._loops()
+    mt = np.empty(loops.MT_N, dtype=np.uint32)
+    loops.mt19937_seed(np.int64(5489), mt)
+    loops.mt19937_next_state(mt)
+    assert int(loops.mt_temper(np.int64(mt[0]))) == 3499211612
+    for _ in range(10_000 // loops.MT_N):
+        loops.mt19937_next_state(mt)
+    assert int(loops.mt_temper(np.int64(mt[10_000 % loops.MT_N - 1]))) == 4123659995
+
+
+def test_dare_threshold_hand_computed():
+    # ceil(float32(p) * 2**24): float32(0.1) * 2**24 = 1677721.625; float32(0.9) = 15099494 / 2**24 exactly
+    assert [kernels.dare_threshold(p) for p in (0.0, 0.1, 0.5, 0.9)] == [0, 1677722, 1 << 23, 15099494]
+
+
+def _torch_dare(x, seed, p):
+    keep = torch.rand(x.numel(), generator=torch.Generator().manual_seed(seed)).ge_(p)
+    out = torch.mul(x, keep)
+    return out.div_(1 - p)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 0.9, 0.99, 0.3])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_dare_drop_is_torch_mul_then_div(p, inplace):
+    """Drop and rescale in one pass against torch.mul(src, keep) then div_(1 - p): kept entries divided,
+    dropped ones +0 or -0 by their sign, lengths that are no multiple of 624, src and out one tensor."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(100_003, generator=g)
+    x[::97] = -x[::97].abs()
+    ref = _torch_dare(x, 11, p)
+    out = x.clone() if inplace else torch.full_like(x, 7.0)
+    kernels.dare_drop(out if inplace else x, out, 11, p)
+    assert same_bytes(out, ref)
+    assert (out.view(torch.int32) == torch.tensor(-0.0).view(torch.int32)).any() or p == 0.0
+
+
+def test_dare_drop_at_the_threshold():
+    """An entry whose uniform equals float32(p) is kept (u >= p); at p half a step of 2**-24 above it, dropped
+    (a floor for the ceil, or > for >=, changes these entries)."""
+    loops = kernels._loops()
+    draws = np.empty(1000, dtype=np.int64)
+    loops.mt19937_uniform24(np.int64(21), draws)
+    j = int(np.flatnonzero(draws < (1 << 23))[0])  # a 24-bit value v < 2**23: v + 0.5 is a float32 too
+    v = int(draws[j])
+    x = torch.ones(1000)
+    for p, kept in ((v * 2.0 ** -24, True), ((v + 0.5) * 2.0 ** -24, False)):
+        assert float(np.float32(p)) == p
+        out = torch.empty(1000)
+        kernels.dare_drop(x, out, 21, p)
+        assert same_bytes(out, _torch_dare(x, 21, p))
+        assert (out[j] > 0) == kept
+
+
+def test_dare_flat_and_state_dict_compiled_and_not():
+    """dare_flat (merge()'s and the streamed merges' DARE) and dare_state_dict give the same bits with the
+    loop and with torch's draws, also when the loop is ruled out by dare_matches_torch."""
+    from unittest import mock
+
+    from mergelib.competition import dare_flat, dare_state_dict
+    from mergelib.task_vectors import FlatLayout
+    layout = FlatLayout.from_shapes({"a": (300, 250), "b": (1100,), "c": ()})
+    x = torch.randn(3, layout.D, generator=torch.Generator().manual_seed(4))
+    fast, slow = _both(lambda: dare_flat(x, 0.7, layout, seed=5, tasks=["u", "v", "w"]))
+    assert same_bytes(fast, slow)
+    with mock.patch.object(kernels, "dare_matches_torch", lambda: False):
+        assert same_bytes(dare_flat(x, 0.7, layout, seed=5, tasks=["u", "v", "w"]), fast)
+    y = x.clone()
+    assert dare_flat(y, 0.7, layout, seed=5, tasks=["u", "v", "w"], inplace=True) is y and same_bytes(y, fast)
+    sd = {"a": x[1, :75_000].view(300, 250).clone(), "b": x[1, 75_000:76_100].clone(), "c": x[1, -1].clone()}
+    fast_sd, slow_sd = _both(lambda: dare_state_dict(sd, 0.7, seed=5, task="v"))
+    assert all(same_bytes(fast_sd[k], slow_sd[k]) and fast_sd[k].shape == sd[k].shape for k in sd)
+    assert same_bytes(torch.cat([fast_sd[k].reshape(-1) for k in ("a", "b", "c")]), fast[1])
