@@ -328,7 +328,7 @@ def f32(t: Tensor) -> np.ndarray:
 # Entries per call of the counting kernel. The pass runs step by step, every row and rank on a step before
 # the next: a row's step (512 KB of float32) and the base's (read by every row) stay in the core's L2 between
 # the calls, so each is read from memory once, not once per rank and per row (the ViT-B/32-sized set's PCB
-# clip values, 8 rows and 2 ranks: 72-80 -> 50-54 ms; TIES's global threshold 94-105 -> 70-73 ms in all).
+# clip values, 8 rows and 2 ranks: 72-80 -> 50-54 ms; benchmarks/results_cpu.md, twenty-second session).
 _COUNT_STEP = 1 << 17
 
 
