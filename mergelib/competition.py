@@ -777,7 +777,6 @@ def _pcb_official(src: Tensor | TaskVectorColumns, density: float, lams: Sequenc
             all_finite(read(c0, c1)) for c0, c1 in chunks):
         raise NonFiniteError("task vectors are not finite")
     q = torch.stack([kth_smallest(beta[i], q_k) for i in range(n)]).unsqueeze(1)  # step 5's threshold per row
-    lam = _pcb_lambdas(lams, src.dtype, dev)
     num = zeros_matrix((D,), dtype=src.dtype, device=dev)  # huge pages (task_vectors.HUGE_PAGE_BYTES)
     den = zeros_matrix((D,), dtype=src.dtype, device=dev)
     if fused:  # steps 5-6 tensor by tensor, tau' recomputed from the state dicts
@@ -787,6 +786,7 @@ def _pcb_official(src: Tensor | TaskVectorColumns, density: float, lams: Sequenc
             _kernels.pcb_weighted_sum(num[col:c1], den[col:c1], beta[:, col:c1], fts, base, lo_np, hi_np, qs, span,
                                       lam_np)
         return num.div_(den.clamp_min_(1e-12))
+    lam = _pcb_lambdas(lams, src.dtype, dev)
     for c0, c1 in chunks:  # steps 5-6, tau' recomputed from tau
         x = read(c0, c1)
         _pcb_official_add(num[c0:c1], den[c0:c1], _pcb_official_tprime(x, lo, hi, scratch), beta[:, c0:c1], q,
