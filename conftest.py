@@ -48,14 +48,22 @@ def pytest_collectstart(collector):
         collector.skip_compare += ("stderr",)
 
 
+# The notebooks that load the ViT zoo, longest first (the fresh-clone run of `293db75`, a slow hour: 06 622 s,
+# 01 524, 03 420, 04 277, 02 243): the longest start while the other worker still has work, so that the run
+# does not end on one worker with a long notebook left (that run, in file order, ended with notebook 06 on
+# one worker while the other had been idle for 190 s). Notebook 06 tunes every method of notebooks 02 and 03
+# under the same cache keys: started first, it computes them once and 03 and 02 load them.
+_ZOO_NOTEBOOK_ORDER = ("06_reproduction", "01_task_vectors", "03_fourier_merging", "04_lightweight_experts",
+                       "02_parameter_competition")
+
 # The browser tests of these notebooks, longest first (a fresh-clone `.ci/run` with a per-test timeline, 2
-# cores: 55, 51, 45, 38, 37, 34 and 30 s): they are the last units, so the longest go while the other worker
-# still has work, and the run does not end on one worker with a long unit left. Notebook 06's (85 s) comes
-# last all the same: its notebook is the last to start, and a fresh-clone run that put its browser test
-# first started it beside notebook 06 itself, where it computed what the notebook had not cached yet and
-# took 168 s instead of 85.
-_BROWSER_ORDER = ("07_real_checkpoints", "05_permutation_alignment", "02_parameter_competition", "01_task_vectors",
-                  "00_model_zoo", "04_lightweight_experts", "03_fourier_merging", "06_reproduction")
+# cores: 06 76 s, then 42, 41, 32, 33, 35 and 36 s): they are the last units, so the longest go while the
+# other worker still has work, and the run does not end on one worker with a long unit left. Notebook 02's
+# comes last: its notebook is the last to start, and a browser test that starts beside its notebook computes
+# what the notebook has not cached yet (a fresh-clone run that put notebook 06's browser test beside notebook
+# 06 took 168 s for it instead of 85).
+_BROWSER_ORDER = ("06_reproduction", "07_real_checkpoints", "05_permutation_alignment", "01_task_vectors",
+                  "00_model_zoo", "04_lightweight_experts", "03_fourier_merging", "02_parameter_competition")
 
 
 def _schedule_rank(item) -> tuple[int, int]:
@@ -63,10 +71,10 @@ def _schedule_rank(item) -> tuple[int, int]:
 
     Notebook 00 builds the ViT zoo that notebooks 01-04 and 06 load, so it starts first; the
     notebooks that train or load their own models (05 alignment, 07 real checkpoints) and the unit
-    tests keep the other worker busy meanwhile; the zoo notebooks follow, then the tests that execute
-    notebook cells on the zoo (explorers in the browser, in ``_BROWSER_ORDER``; in Python; lab copies). (A notebook that
-    starts before its models exist waits on the cache lock, ``mergelib.utils.cache_lock``, so any order is
-    correct; this one keeps both cores busy.)
+    tests keep the other worker busy meanwhile; the zoo notebooks follow (in ``_ZOO_NOTEBOOK_ORDER``),
+    then the tests that execute notebook cells on the zoo (explorers in the browser, in ``_BROWSER_ORDER``;
+    in Python; lab copies). (A notebook that starts before its models exist waits on the cache lock,
+    ``mergelib.utils.cache_lock``, so any order is correct; this one keeps both cores busy.)
     """
     path = str(item.fspath)
     name = os.path.basename(path)
@@ -77,7 +85,10 @@ def _schedule_rank(item) -> tuple[int, int]:
         return 4, len(_BROWSER_ORDER) + 1   # they run notebook cells on the zoo: after the notebooks
     if not path.endswith(".ipynb"):
         return 2, 0
-    return {"00": 0, "05": 1, "07": 1}.get(name[:2], 3), 0
+    if name[:2] in ("00", "05", "07"):
+        return {"00": 0, "05": 1, "07": 1}[name[:2]], 0
+    stem = Path(path).stem
+    return 3, _ZOO_NOTEBOOK_ORDER.index(stem) if stem in _ZOO_NOTEBOOK_ORDER else len(_ZOO_NOTEBOOK_ORDER)
 
 
 def _work_unit(nodeid: str) -> str:
