@@ -85,8 +85,9 @@ def _schedule_rank(item) -> tuple[int, int]:
         return 4, len(_BROWSER_ORDER) + 1   # they run notebook cells on the zoo: after the notebooks
     if not path.endswith(".ipynb"):
         return 2, 0
-    if name[:2] in ("00", "05", "07"):
-        return {"00": 0, "05": 1, "07": 1}[name[:2]], 0
+    first = {"00": 0, "05": 1, "07": 1}   # the zoo; the notebooks with models of their own
+    if name[:2] in first:
+        return first[name[:2]], 0
     stem = Path(path).stem
     return 3, _ZOO_NOTEBOOK_ORDER.index(stem) if stem in _ZOO_NOTEBOOK_ORDER else len(_ZOO_NOTEBOOK_ORDER)
 
