@@ -56,12 +56,12 @@ def pytest_collectstart(collector):
 _ZOO_NOTEBOOK_ORDER = ("06_reproduction", "01_task_vectors", "03_fourier_merging", "04_lightweight_experts",
                        "02_parameter_competition")
 
-# The browser tests of these notebooks, longest first (a fresh-clone `.ci/run` with a per-test timeline, 2
-# cores: 06 76 s, then 42, 41, 32, 33, 35 and 36 s): they are the last units, so the longest go while the
-# other worker still has work, and the run does not end on one worker with a long unit left. Notebook 02's
-# comes last: its notebook is the last to start, and a browser test that starts beside its notebook computes
-# what the notebook has not cached yet (a fresh-clone run that put notebook 06's browser test beside notebook
-# 06 took 168 s for it instead of 85).
+# The browser tests of these notebooks, about longest first (the fresh-clone run of `6ebe77e`, 2 cores: 06
+# 56 s, 07 40, 05 44, 01 40, 00 30, 04 31, 03 33, 02 41): they are the last units, so the longest go while
+# the other worker still has work, and the run does not end on one worker with a long unit left. Notebook
+# 02's comes last all the same: its notebook is the last to start, and a browser test that starts beside its
+# notebook computes what the notebook has not cached yet (a fresh-clone run that put notebook 06's browser
+# test beside notebook 06 took 168 s for it instead of 85).
 _BROWSER_ORDER = ("06_reproduction", "07_real_checkpoints", "05_permutation_alignment", "01_task_vectors",
                   "00_model_zoo", "04_lightweight_experts", "03_fourier_merging", "02_parameter_competition")
 
