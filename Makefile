@@ -1,7 +1,7 @@
 # The two commands of the README:
-#   make notebooks   set up (venv, package, kernel) and execute every notebook in order into runs/<profile>/
-#                    (the committed notebooks are left untouched)
-#   make test        set up and run all tests (unit tests + nbval on the committed notebooks)
+#   make notebooks   set up (venv, package, kernel, data: downloaded where missing) and execute every notebook
+#                    in order into runs/<profile>/ (the committed notebooks are left untouched)
+#   make test        set up (the same) and run all tests (unit tests + nbval on the committed notebooks)
 # Maintainers: make notebooks-inplace re-executes the committed notebooks in place and normalises them.
 # Offline? Point the suite at a copy of the datasets: MERGELIB_DATA_ROOT=/path/to/datasets make ...
 
@@ -26,7 +26,7 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 RUN_PROFILE = $(if $(PROFILE),$(PROFILE),$(shell $(PY) -c "import torch; print('full' if torch.cuda.is_available() else 'quick')" 2>/dev/null || echo auto))
 RUN_DIR  ?= runs/$(RUN_PROFILE)
 
-.PHONY: setup notebooks notebooks-inplace test unit nbval lab test-lab test-browser clean-zoo
+.PHONY: setup data notebooks notebooks-inplace test unit nbval lab test-lab test-browser clean-zoo
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,7 +38,13 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-notebooks: setup
+# what the notebooks read from disk (datasets, pinned checkpoints, notebook 07's packages): checked, and
+# downloaded into the data root where missing; MERGELIB_DOWNLOAD=0 only checks (CI). The notebooks and the
+# tests themselves never download.
+data: setup
+	MERGELIB_DOWNLOAD=$${MERGELIB_DOWNLOAD:-1} $(PY) -m mergelib.fetch
+
+notebooks: setup data
 	@mkdir -p $(RUN_DIR)
 	@for nb in $(NOTEBOOKS); do \
 	  out="$(RUN_DIR)/$$(basename $$nb)"; \
@@ -46,14 +52,14 @@ notebooks: setup
 	  $(VENV)/bin/papermill --engine mergelib --cwd notebooks --kernel python3 $(PARAMS) "$$nb" "$$out" || exit 1; \
 	done
 
-notebooks-inplace: setup
+notebooks-inplace: setup data
 	@for nb in $(NOTEBOOKS); do \
 	  echo "== executing $$nb $(PARAMS) in place"; \
 	  $(VENV)/bin/papermill --engine mergelib --cwd notebooks --kernel python3 $(PARAMS) "$$nb" "$$nb" || exit 1; \
 	done
 	$(PY) tools/normalize_notebooks.py $(NOTEBOOKS)
 
-test: setup
+test: setup data
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(TEST_THREADS)} MKL_NUM_THREADS=$${MKL_NUM_THREADS:-$(TEST_THREADS)} \
 	$(PY) -m pytest tests $(NOTEBOOKS) -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder --nbval-lax --nbval-current-env \
 	  --nbval-sanitize-with tools/nbval_sanitize.cfg --nbval-cell-timeout=2400 -p no:cacheprovider --durations=30

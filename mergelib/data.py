@@ -159,13 +159,19 @@ def _missing_error(dataset: str, root: Path, missing: Sequence[str], hint: str =
 # raw loaders: each returns {split: (images uint8 (N,H,W) or (N,H,W,3), labels int64)} for the
 # splits that exist, and raises DatasetNotFoundError when none does.
 # ------------------------------------------------------------------------------------------------
+# the files each loader reads, per split, relative to the data root (a loader needs one split at least)
+IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+             "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+USPS_FILES = {"train": "usps.bz2", "test": "usps.t.bz2"}
+CIFAR10_LAYOUTS = ("cifar-10-batches-py", "CIFAR10-jpg")   # torchvision's pickles, or an ImageFolder of JPEGs
+
+
 def _mnist_like(cls_name: str) -> Callable[[Path, bool], dict]:
     def load(root: Path, download: bool) -> dict:
         import torchvision.datasets as tvd
 
         base = getattr(tvd, cls_name)
-        files = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-                 "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+        files = IDX_FILES
         raw = root / cls_name / "raw"
         if download and not all((raw / f).exists() for fs in files.values() for f in fs):
             try:
@@ -195,7 +201,7 @@ def _load_usps(root: Path, download: bool) -> dict:
     import torchvision.datasets as tvd
 
     folder = root / "USPS"
-    names = {"train": "usps.bz2", "test": "usps.t.bz2"}
+    names = USPS_FILES
     if download:
         for split in names:
             if not (folder / names[split]).exists():
@@ -217,8 +223,7 @@ def _load_cifar10(root: Path, download: bool) -> dict:
     """CIFAR-10 in torchvision's pickle format, else as an ImageFolder of JPEGs (``CIFAR10-jpg``)."""
     import torchvision.datasets as tvd
 
-    pickles = root / "cifar-10-batches-py"
-    jpg = root / "CIFAR10-jpg"
+    pickles, jpg = (root / d for d in CIFAR10_LAYOUTS)
     if download and not pickles.exists() and not jpg.exists():
         try:
             tvd.CIFAR10(root, train=True, download=True)
@@ -366,11 +371,32 @@ def _load_source_cached(spec: TaskSpec, root: Path, download: bool) -> dict:
     return raw
 
 
+# the folder of each image source's files under the data root (CIFAR-10: one of CIFAR10_LAYOUTS)
+SOURCE_FOLDERS = {"MNIST": "MNIST/raw", "Fashion-MNIST": "FashionMNIST/raw", "KMNIST": "KMNIST/raw",
+                  "USPS": "USPS", "CIFAR-10": None, "scikit-learn digits": None, "synthetic glyphs": None}
+FILELESS_SOURCES = ("scikit-learn digits", "synthetic glyphs")   # bundled with scikit-learn; rendered
+
+
+def source_present(source: str, root: str | os.PathLike | None = None) -> bool:
+    """Whether the files of an image source (a :class:`TaskSpec`'s ``source``) are under the data root,
+    checked without reading them: one complete split, as the loaders need (scikit-learn's digits and the
+    rendered letters need no files)."""
+    root_p = data_root(root)
+    if source not in SOURCE_FOLDERS:
+        raise KeyError(f"unknown image source {source!r}; known: {sorted(SOURCE_FOLDERS)}")
+    if source == "USPS":
+        return any((root_p / SOURCE_FOLDERS[source] / f).is_file() for f in USPS_FILES.values())
+    if source == "CIFAR-10":
+        return any((root_p / d).is_dir() for d in CIFAR10_LAYOUTS)
+    if source in FILELESS_SOURCES:
+        return True
+    raw = root_p / SOURCE_FOLDERS[source]
+    return any(all((raw / f).is_file() for f in files) for files in IDX_FILES.values())
+
+
 def _source_fingerprint(spec: TaskSpec, root: Path) -> str:
     """Cheap fingerprint of the source files (names, sizes, mtimes) so a changed root invalidates the cache."""
-    folders = {"MNIST": "MNIST/raw", "Fashion-MNIST": "FashionMNIST/raw", "KMNIST": "KMNIST/raw",
-               "USPS": "USPS", "CIFAR-10": None, "scikit-learn digits": None}
-    folder = folders.get(spec.source)
+    folder = SOURCE_FOLDERS.get(spec.source)
     parts = [str(root), spec.source, str(CACHE_VERSION)]
     if folder:
         d = root / folder
