@@ -380,7 +380,7 @@ def test_count_brackets_matches_the_numpy_counter():
 @pytest.mark.parametrize("share", [0.0005, 0.05, 0.4])
 @pytest.mark.parametrize("side", ["closed", "open below", "open above", "tie"])
 def test_count_bracket_against_its_definition(form, dtype, share, side):
-    """The counting loop (16 entries at a time with a compress store, the last few one by one) against
+    """The counting loop (16 entries at a time, the kept ones packed and stored, the last few one by one) against
     NumPy's masks: #(c < lo), #(c == tie), and the c in [lo, hi] but the tie in their order, for the
     three kinds of values (|f - base|, a signed row, |row|), float32 and bf16 inputs, brackets holding a
     few entries to 40 % of them, open on either side (-inf, inf), with NaN, inf, -0.0 and a length that
@@ -403,7 +403,8 @@ def test_count_bracket_against_its_definition(form, dtype, share, side):
         lo, hi = srt[-int(share * m) - 1], torch.tensor(np.inf)
     elif side == "tie":
         lo, hi, tie = torch.tensor(0.4), torch.tensor(0.6), torch.tensor(0.5)
-    store = np.full(m, 7.0, np.float32)
+    guarded = np.full(m + 64, 7.0, np.float32)  # the store holds len(f) entries; nothing written past it
+    store = guarded[:m]
     below, points, k = loops.count_bracket(kernels._np(f), b, np.float32(lo), np.float32(hi),
                                            None if tie is None else np.float32(tie), store)
     eq = (c == tie) if tie is not None else torch.zeros(m, dtype=torch.bool)
@@ -411,6 +412,7 @@ def test_count_bracket_against_its_definition(form, dtype, share, side):
     assert below == int((c < lo).sum()) and points == int(eq.sum()) and k == int(keep.sum()) > 0
     assert same_bytes(torch.from_numpy(store[:k]), c[keep])  # a NaN is below nothing and in no bracket
     assert points > 1000 if tie is not None else points == 0
+    assert (guarded[m:] == 7.0).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
