@@ -405,3 +405,44 @@ def test_brackets_hold_their_values_not_the_sorted_sample():
                 assert v.untyped_storage().nbytes() == v.element_size()
     assert got[0][0] == got[0][1] == got[0][2] == 0  # a bracket on the zeros alone
     assert got[1][0] < got[1][1] and got[1][2] == 0  # the zeros inside a wider bracket
+
+
+def _brackets_from_a_sort(sample: torch.Tensor, n: int, ks):
+    """The brackets of :func:`mergelib.selection._brackets` as its definition reads: from the whole sorted
+    sample (the compiled CPU path selects only the ranks it needs)."""
+    s, m, out = sample.float().sort().values, sample.numel(), []
+    for k in ks:
+        p = k / n
+        margin = 5.0 * np.sqrt(m * p * (1 - p)) + 16
+        lo_i, hi_i = int(np.floor(p * m - margin)), int(np.ceil(p * m + margin))
+        lo, hi = (s[lo_i] if lo_i >= 0 else None), (s[hi_i] if hi_i < m else None)
+        if lo is not None and lo == hi:
+            out.append((lo, hi, lo))
+            continue
+        vals, counts = torch.unique_consecutive(s[max(lo_i, 0): min(hi_i, m - 1) + 1], return_counts=True)
+        v = vals[counts.argmax()]
+        out.append((lo, hi, v if int((s == v).sum()) * sel.TIE_SHARE >= m else None))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("kind", ["distinct", "ties", "zeros of both signs", "nan and inf"])
+def test_brackets_select_the_ranks_of_a_sorted_sample(dtype, kind):
+    """The brackets' bounds and tied values are those of the whole sorted sample, at every rank (both
+    ends, open brackets, several ranks at once), though only the ranks in use are selected."""
+    g = torch.Generator().manual_seed(len(kind))
+    x = torch.randn(20_000, generator=g)
+    if kind == "ties":
+        x = (x * 4).round() / 4
+    elif kind == "zeros of both signs":
+        x[::3], x[1::3] = 0.0, -0.0
+    elif kind == "nan and inf":
+        x[::50], x[1::97], x[2::89] = float("nan"), float("inf"), float("-inf")
+    x = x.to(dtype)
+    n = 50 * x.numel()
+    ks = [1, 7, n // 100, n // 3, n // 2, n - n // 10, n - 5, n]
+    for (lo, hi, tie), (rlo, rhi, rtie) in zip(sel._brackets(x, n, ks), _brackets_from_a_sort(x, n, ks)):
+        for v, r in ((lo, rlo), (hi, rhi), (tie, rtie)):
+            assert (v is None) == (r is None)
+            if v is not None:
+                assert float(v) == float(r) or (np.isnan(float(v)) and np.isnan(float(r)))
