@@ -261,6 +261,9 @@ def _tied(c, tie):
 LANES = 16
 _REGISTER_COMPRESS = llvm_version_info >= (19,)
 _F32, _I16, _I64 = ir.FloatType(), ir.IntType(16), ir.IntType(64)
+HALF = LANES // 2
+_I32, _VI64, _VI32h, _VBh = ir.IntType(32), ir.VectorType(_I64, HALF), ir.VectorType(ir.IntType(32), HALF), \
+    ir.VectorType(ir.IntType(1), HALF)
 _VF, _VI16, _VI32, _VB = (ir.VectorType(ir.FloatType(), LANES), ir.VectorType(ir.IntType(16), LANES),
                           ir.VectorType(ir.IntType(32), LANES), ir.VectorType(ir.IntType(1), LANES))
 
@@ -289,6 +292,11 @@ def _load16(context, builder, ty, arr, j):
 def _popcount(builder, mask):
     return builder.zext(builder.call(_declare(builder, "llvm.ctpop.i16", _I16, [_I16]), [builder.bitcast(mask, _I16)]),
                         _I64)
+
+
+def _popcount8(builder, mask):
+    return builder.zext(builder.call(_declare(builder, "llvm.ctpop.i8", ir.IntType(8), [ir.IntType(8)]),
+                                     [builder.bitcast(mask, ir.IntType(8))]), _I64)
 
 
 @intrinsic
@@ -329,7 +337,8 @@ def compress16(typingctx, f, base, lo, hi, tie, store, k, j):
             packed = builder.call(compress, [c, keep, ir.Constant(_VF, ir.Undefined)])
             builder.store(packed, builder.bitcast(at, _VF.as_pointer()), align=4)
         else:
-            store16 = _declare(builder, "llvm.masked.compressstore.v16f32", ir.VoidType(), [_VF, _F32.as_pointer(), _VB])
+            store16 = _declare(builder, "llvm.masked.compressstore.v16f32", ir.VoidType(),
+                               [_VF, _F32.as_pointer(), _VB])
             with builder.if_then(builder.icmp_unsigned("!=", kept, ir.Constant(_I64, 0)), likely=False):
                 builder.call(store16, [c, at, keep])
         return context.make_tuple(builder, signature.return_type,
@@ -396,12 +405,13 @@ PCB_BLOCK = 4096
 
 
 @jit
-def pcb_scores(zs, ps, fts, base, lo, hi, span, nf):
+def pcb_scores(zs, ps, col, fts, base, lo, hi, span, nf):
     # steps 1-3 up to exp and tanh (competition._pcb_official_row), per entry j of a tensor: z_i[j] =
     # ((clipped(x_i) - lo_i) / span_i) ** 2 * N (intra = exp(z)) and p_i[j] = x_i * tot (inter = tanh(p)) with
     # tot = ((0 + x_0) + x_1) + ... (competition._row_sum). Returns #(non-finite tot) (0 iff every x is finite)
-    # and #(not |p| < 2**-12): the entries whose tanh may differ from p. (No float sums over j: a float
-    # reduction keeps the compiler from vectorising the loop.)
+    # and #(not |p| < 2**-12): the entries whose tanh may differ from p. zs, ps: N x C blocks, the tensor's
+    # entries at their columns col.. (No float sums over j: a float reduction keeps the compiler from
+    # vectorising the loop.)
     bad = 0
     big = 0
     tot = np.empty(PCB_BLOCK, dtype=np.float32)
@@ -416,7 +426,8 @@ def pcb_scores(zs, ps, fts, base, lo, hi, span, nf):
         for j in range(bb.shape[0]):
             bad += not abs(tb[j]) < inf32
         for i in range(len(fts)):
-            fb, zb, pb = fts[i][b0:b0 + PCB_BLOCK], zs[i][b0:b0 + PCB_BLOCK], ps[i][b0:b0 + PCB_BLOCK]
+            a0 = col + b0
+            fb, zb, pb = fts[i][b0:b0 + PCB_BLOCK], zs[i, a0:a0 + PCB_BLOCK], ps[i, a0:a0 + PCB_BLOCK]
             lo_i, hi_i, span_i = lo[i], hi[i], span[i]
             for j in range(bb.shape[0]):
                 x = widen(fb[j]) - widen(bb[j])
@@ -444,16 +455,16 @@ def blocks_reaching(x, t, width, flags):
 
 
 @jit
-def pcb_weighted_sum(num, den, betas, fts, base, lo, hi, q, span, lam, scaled):
+def pcb_weighted_sum(num, den, betas, bcol, fts, base, lo, hi, q, span, lam, scaled):
     # steps 5-6 (competition._pcb_official_add with competition._pcb_official_tprime's tau'): with
     # s_i = (max(beta_i[j], q_i) - q_i) / span_i (span_i = max_i - q_i, inf where 0) and
     # t_i = sign(x_i) * clipped(x_i) (* lam_i where scaled), num[j] = ((num[j] + t_0 s_0) + t_1 s_1) + ... and
     # den[j] = ((den[j] + s_0) + s_1) + ... (sign(0) * a = +0, as 0 here: the sums start at +0, so the sign of
-    # a zero term never shows)
+    # a zero term never shows). betas: an N x C block, the tensor's scores at its columns bcol..
     for b0 in range(0, base.shape[0], PCB_BLOCK):
         bb, nb, db = base[b0:b0 + PCB_BLOCK], num[b0:b0 + PCB_BLOCK], den[b0:b0 + PCB_BLOCK]
         for i in range(len(fts)):
-            fb, be = fts[i][b0:b0 + PCB_BLOCK], betas[i][b0:b0 + PCB_BLOCK]
+            fb, be = fts[i][b0:b0 + PCB_BLOCK], betas[i, bcol + b0:bcol + b0 + PCB_BLOCK]
             lo_i, hi_i, q_i, span_i, lam_i = lo[i], hi[i], q[i], span[i], lam[i]
             for j in range(bb.shape[0]):
                 x = widen(fb[j]) - widen(bb[j])
@@ -465,6 +476,103 @@ def pcb_weighted_sum(num, den, betas, fts, base, lo, hi, q, span, lam, scaled):
                 s = ((q_i if bt < q_i else bt) - q_i) / span_i
                 nb[j] += t * s
                 db[j] += s
+
+
+# PCB's drop threshold q_i is an order statistic of row i's balancing scores beta at rank 1 - r: at the
+# official r = 0.05, 95 % of a row's entries lie at or below it and take no part in the weighted sums (their
+# weight s_i is +0, and adding t * (+0) = +-0 to a sum that is never -0 changes no bit). So the merge keeps,
+# of each row, only the entries above a floor below q_i (a sample's bracket, as the counting pass's),
+# with their positions, and counts the others (competition._pcb_official_sparse): no N x D beta.
+
+
+@intrinsic
+def keep_above16(typingctx, b, floor, vals, poss, k, j, col):
+    """Entries j..j+15 of the float32 row ``b``: stores those > floor at vals[k], vals[k + 1], ... in order
+    and their positions col + j + lane at poss[k], ...; returns (k after them, #(< floor), #(== floor)).
+    vals and poss have room for 16 entries at k (all 16 lanes are stored where LLVM packs in a register)."""
+    row = lambda a, dt: isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and a.dtype == dt  # noqa: E731
+    if not (row(b, types.float32) and row(vals, types.float32) and row(poss, types.int64)
+            and floor == types.float32):
+        return None
+
+    def codegen(context, builder, signature, args):
+        ba, fl, va, pa, kv, jv, cv = args
+        bty, _, vty, pty = signature.args[:4]
+        v = _load16(context, builder, bty, ba, jv)
+        fl_s = _splat(builder, fl)
+        above = builder.fcmp_ordered(">", v, fl_s)
+        below = builder.fcmp_ordered("<", v, fl_s)
+        at = builder.fcmp_ordered("==", v, fl_s)
+        # the positions in two halves of 8 int64 (LLVM 22 crashes compressing 16 int64 in a register)
+        first = builder.insert_element(ir.Constant(_VI64, ir.Undefined), builder.add(cv, jv), ir.Constant(_I32, 0))
+        first = builder.shuffle_vector(first, ir.Constant(_VI64, ir.Undefined), ir.Constant(_VI32h, [0] * HALF))
+        vdata = builder.gep(context.make_array(vty)(context, builder, va).data, [kv])
+        pdata = context.make_array(pty)(context, builder, pa).data
+        halves = []
+        for h in range(2):
+            mask = builder.shuffle_vector(above, ir.Constant(_VB, ir.Undefined),
+                                          ir.Constant(_VI32h, list(range(h * HALF, (h + 1) * HALF))))
+            halves.append((mask, builder.add(first, ir.Constant(_VI64, list(range(h * HALF, (h + 1) * HALF))))))
+        kept_lo = _popcount8(builder, halves[0][0])
+        kept = _popcount(builder, above)
+        at_p = (builder.gep(pdata, [kv]), builder.gep(pdata, [builder.add(kv, kept_lo)]))
+        if _REGISTER_COMPRESS:
+            cf = _declare(builder, "llvm.experimental.vector.compress.v16f32", _VF, [_VF, _VB, _VF])
+            ci = _declare(builder, "llvm.experimental.vector.compress.v8i64", _VI64, [_VI64, _VBh, _VI64])
+            builder.store(builder.call(cf, [v, above, ir.Constant(_VF, ir.Undefined)]),
+                          builder.bitcast(vdata, _VF.as_pointer()), align=4)
+            for (mask, idx), where in zip(halves, at_p):
+                builder.store(builder.call(ci, [idx, mask, ir.Constant(_VI64, ir.Undefined)]),
+                              builder.bitcast(where, _VI64.as_pointer()), align=8)
+        else:
+            sf = _declare(builder, "llvm.masked.compressstore.v16f32", ir.VoidType(), [_VF, _F32.as_pointer(), _VB])
+            si = _declare(builder, "llvm.masked.compressstore.v8i64", ir.VoidType(), [_VI64, _I64.as_pointer(), _VBh])
+            with builder.if_then(builder.icmp_unsigned("!=", kept, ir.Constant(_I64, 0)), likely=False):
+                builder.call(sf, [v, vdata, above])
+                for (mask, idx), where in zip(halves, at_p):
+                    builder.call(si, [idx, where, mask])
+        return context.make_tuple(builder, signature.return_type,
+                                  [builder.add(kv, kept), _popcount(builder, below), _popcount(builder, at)])
+    return types.UniTuple(types.int64, 3)(b, floor, vals, poss, k, j, col), codegen
+
+
+@jit
+def pcb_keep_above(betas, floors, col, vals, poss, ks, below, at):
+    # for each row i of the N x w block betas (columns col.. of the model): the entries > floors[i] appended
+    # to vals[i] and their positions to poss[i] from ks[i] on (ks advanced), #(< floor) added to below[i] and
+    # #(== floor) to at[i]. vals[i], poss[i] have room for w + 16 entries after ks[i]
+    for i in range(betas.shape[0]):
+        b, fl, v_i, p_i = betas[i], floors[i], vals[i], poss[i]
+        k, lo, eq = ks[i], 0, 0
+        m = b.shape[0]
+        j = 0
+        while j + LANES <= m:
+            k, nl, ne = keep_above16(b, fl, v_i, p_i, k, j, col)
+            lo += nl
+            eq += ne
+            j += LANES
+        for j in range(j, m):
+            x = b[j]
+            v_i[k] = x
+            p_i[k] = col + j
+            k += x > fl
+            lo += x < fl
+            eq += x == fl
+        ks[i] = k
+        below[i] += lo
+        at[i] += eq
+
+
+@jit
+def pcb_scatter_kept(block, vals, poss, starts, ends, c0, fill):
+    # the scores of model columns c0.. c0 + w as pcb_weighted_sum reads them: row i of the N x w block filled
+    # with fill[i] (the row's drop threshold q_i, whose weight is +0 as every score at or below it has),
+    # then its kept scores e in [starts[i], ends[i]) written at their columns poss[i][e] - c0
+    for i in range(block.shape[0]):
+        b, v_i, p_i = block[i], vals[i], poss[i]
+        b[:] = fill[i]
+        for e in range(starts[i], ends[i]):
+            b[p_i[e] - c0] = v_i[e]
 
 
 # DARE (competition.dare_flat): the drop mask of one tensor, drawn as torch.rand(n, generator=g) does on

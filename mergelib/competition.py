@@ -20,6 +20,7 @@ import hashlib
 import math
 from typing import Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -36,6 +37,10 @@ __all__ = [
 
 PCB_CLIP = 0.0001  # pcb-merging.py clamps |tau| to its [0.01%, 99.99%] order statistics
 TRIM_RULES = ("official", "exact")  # TIES trim: keep ties at the threshold / keep exactly int(d * density)
+# PCB keeps only the balancing scores above a floor below each row's drop threshold (with their positions)
+# instead of all N x D of them when the kept share is small: at most this density r (12 bytes per kept
+# entry against 4 per score: about 0.3x the scores' memory at the official r = 0.05).
+PCB_SPARSE_DENSITY = 0.25
 _ALIGN = 1024  # chunk boundaries of the fused TIES pass: multiples of this (same float sums as sum(0))
 
 
@@ -635,8 +640,9 @@ def _pcb_official_beta_compiled(pieces, n: int, width: int, lo, hi, span, out: T
     z = scratch.get("pcb |t|", n * width).view(n, width)
     p = scratch.get("pcb inter", n * width).view(n, width)
     bad = big = 0
+    zn, pn = z.numpy(), p.numpy()
     for col, base, fts in pieces:
-        nb, nbig = _kernels.pcb_scores(z, p, col, fts, base, lo, hi, span)
+        nb, nbig = _kernels.pcb_scores(zn, pn, col, fts, base, lo, hi, span)
         bad, big = bad + nb, big + nbig
     torch.mul(z.exp_(), _tanh_(p) if big else p, out=out)
     return bad
@@ -731,12 +737,70 @@ def pcb_scores(tvs: Tensor, mode: str = "official") -> tuple[Tensor, Tensor]:
     return torch.stack([_pcb_paper_intra(t, n) for t in tvs]), _pcb_paper_inter(tvs)
 
 
+def _pcb_official_sparse(src: TaskVectorColumns, density: float, lams: Sequence[float], lo: Tensor, hi: Tensor,
+                         chunks: list[tuple[int, int]]) -> Tensor | None:
+    """Steps 2-6 of :func:`_pcb_official` (compiled, from the state dicts) without its ``N x D`` scores: only
+    the entries whose score beta exceeds the row's drop threshold q take part in the weighted sums (the
+    others' weight is ``+0``), so each row keeps the scores above a floor below q, with their positions,
+    and counts the rest (:class:`mergelib.kernels.KeptScores`). The floor and a ceiling come from the
+    scores at the sampled columns of the exact order statistics (:func:`mergelib.selection._brackets`;
+    the sample's scores only place the bracket, the counts and q are exact). The same bits as the dense
+    path; None where a sample missed or a row would keep more than about twice its expected share (the
+    caller then takes the dense path)."""
+    n, D = src.shape
+    q_k = _pcb_q_k(D, density)
+    pos = _select._sample_index(D, min(_select.SAMPLE, D), "cpu")
+    xs = src.gather(pos)
+    sampled = _pcb_official_beta(xs, _row_sum(xs), n, lo, hi)
+    brackets = [_select._brackets(sampled[i], D, [q_k])[0] for i in range(n)]
+    floors = np.array([-np.inf if b[0] is None else float(b[0]) for b in brackets], dtype=np.float32)
+    m, p = pos.numel(), q_k / D  # the entries above the floor: above q, and the bracket's ranks below it
+    expected = D * (1 - p) + D * (5 * math.sqrt(m * p * (1 - p)) + 16) / m
+    kept = _kernels.KeptScores(floors, capacity=int(1.25 * expected) + 4096, limit=int(2 * expected) + 4096)
+    width = chunks[0][1] - chunks[0][0]
+    block = empty_matrix((n, width), dtype=src.dtype, device=src.device)
+    beta_max = torch.full((n, 1), -math.inf, dtype=src.dtype, device=src.device)
+    lo_np, hi_np, clip_span = _kernels.f32(lo), _kernels.f32(hi), _kernels.f32(_safe_den(hi - lo))
+    scratch, nonfinite = Scratch(), 0
+    arrays = src.flat(_kernels._np)  # NumPy views, sliced per chunk
+    for c0, c1 in chunks:
+        b = block.view(-1)[: n * (c1 - c0)].view(n, c1 - c0)  # contiguous rows
+        nonfinite += _pcb_official_beta_compiled(src.pieces(c0, c1, arrays), n, c1 - c0, lo_np, hi_np, clip_span, b,
+                                                 scratch)
+        torch.maximum(beta_max, b.amax(1, keepdim=True), out=beta_max)
+        if not kept.add(b, c0):
+            return None
+    if nonfinite:
+        read = _column_reader(src, width)
+        if not all(all_finite(read(c0, c1)) for c0, c1 in chunks):
+            raise NonFiniteError("task vectors are not finite")
+    qs = [kept.kth(i, q_k, None if b[1] is None else np.float32(b[1])) for i, b in enumerate(brackets)]
+    if any(v is None for v in qs):
+        return None
+    q = torch.tensor(np.array(qs, dtype=np.float32)).to(src.dtype).unsqueeze(1)
+    qs_np, span, lam_np = _pcb_weighted_sum_args(q, beta_max, lams)
+    num = zeros_matrix((D,), dtype=src.dtype, device=src.device)
+    den = zeros_matrix((D,), dtype=src.dtype, device=src.device)
+    num_np, den_np = num.numpy(), den.numpy()
+    for c0, c1 in chunks:  # steps 5-6 chunk by chunk: the scores rebuilt in cache, then the dense loop
+        b = block.view(-1)[: n * (c1 - c0)].view(n, c1 - c0)
+        kept.scatter(b, c0, qs_np)
+        b_np = b.numpy()
+        for col, base, fts in src.pieces(c0, c1, arrays):
+            a0, a1 = c0 + col, c0 + col + base.shape[0]
+            _kernels.pcb_weighted_sum(num_np[a0:a1], den_np[a0:a1], b_np, fts, base, lo_np, hi_np, qs_np, span, lam_np,
+                                      beta_col=col)
+    return num.div_(den.clamp_min_(1e-12))
+
+
 def _pcb_official(src: Tensor | TaskVectorColumns, density: float, lams: Sequence[float]) -> Tensor:
     """PCB official (:func:`pcb_merge`, steps 1-6) of an ``N x D`` matrix or of a
     :class:`TaskVectorColumns` (read block by block, no ``N x D`` task-vector copy): the row
     statistics, then steps 1-4 over column chunks in cache (beta kept, ``N x D``), the drop thresholds,
     then steps 5-6 with tau' recomputed from tau. With column blocks, finiteness is checked here
     (the column sums of step 3 hold a NaN or inf wherever an entry does); raises :class:`NonFiniteError`.
+    Compiled, at densities up to :data:`PCB_SPARSE_DENSITY`, beta is kept only where it may exceed the
+    drop threshold (:func:`_pcb_official_sparse`), with the same bits.
     """
     n, D = src.shape
     dev = src.device
@@ -759,6 +823,10 @@ def _pcb_official(src: Tensor | TaskVectorColumns, density: float, lams: Sequenc
     # on the same N x C blocks as below, so the same bits)
     fused = columns and _kernels.available(*src.tensors())
     nonfinite = 0  # column sums that are not finite (fused)
+    if fused and density <= PCB_SPARSE_DENSITY and D >= _select.LONG_ROW:  # no N x D scores
+        merged = _pcb_official_sparse(src, density, lams, lo, hi, chunks)
+        if merged is not None:
+            return merged
     if fused:
         lo_np, hi_np, clip_span = _kernels.f32(lo), _kernels.f32(hi), _kernels.f32(_safe_den(hi - lo))
     for c0, c1 in chunks:
@@ -783,8 +851,8 @@ def _pcb_official(src: Tensor | TaskVectorColumns, density: float, lams: Sequenc
         qs, span, lam_np = _pcb_weighted_sum_args(q, beta_max, lams)
         for col, base, fts in src.pieces(0, D):
             c1 = col + base.shape[0]
-            _kernels.pcb_weighted_sum(num[col:c1], den[col:c1], beta[:, col:c1], fts, base, lo_np, hi_np, qs, span,
-                                      lam_np)
+            _kernels.pcb_weighted_sum(num[col:c1], den[col:c1], beta, fts, base, lo_np, hi_np, qs, span, lam_np,
+                                      beta_col=col)
         return num.div_(den.clamp_min_(1e-12))
     lam = _pcb_lambdas(lams, src.dtype, dev)
     for c0, c1 in chunks:  # steps 5-6, tau' recomputed from tau

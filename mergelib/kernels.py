@@ -19,7 +19,10 @@ the results are the torch code's bit for bit; only the number of passes over mem
 * :func:`pcb_scores` and :func:`pcb_weighted_sum`: PCB's two sweeps (official code) from the state dicts,
   around torch's ``exp`` and ``tanh`` (:func:`mergelib.competition._pcb_official`): the arguments of
   ``exp`` and ``tanh`` in one loop, then, given the balancing scores and their row thresholds, the
-  weighted sums of the clipped task vectors.
+  weighted sums of the clipped task vectors. Between them, :class:`KeptScores` keeps of each row only the
+  scores above a floor below its drop threshold, with their positions, and counts the others
+  (:func:`mergelib.competition._pcb_official_sparse`): at the official density 0.05 the weighted sums
+  need no ``N x D`` matrix of scores.
 * :func:`dare_drop`: DARE's drop and rescale of one tensor, its mask drawn as ``torch.rand`` draws it
   from a seeded CPU generator (ATen's MT19937, reproduced: :func:`dare_matches_torch` checks it)
   (:func:`mergelib.competition.dare_flat`).
@@ -54,8 +57,8 @@ from torch import Tensor
 
 __all__ = ["available", "enabled", "use", "sum_task_vectors", "fused_add_matches_torch", "ties_thresholds",
            "ExactTrim", "count_above", "exact_trim", "ties_sweep", "ties_majority_positive", "pcb_scores",
-           "pcb_weighted_sum", "blocks_reaching", "count_brackets", "dare_threshold", "dare_matches_torch",
-           "dare_drop"]
+           "pcb_weighted_sum", "KeptScores", "blocks_reaching", "count_brackets",
+           "dare_threshold", "dare_matches_torch", "dare_drop"]
 
 _enabled = os.environ.get("MERGELIB_KERNELS", "auto").strip().lower() not in ("torch", "off", "0", "none")
 
@@ -100,8 +103,11 @@ def available(*tensors: Tensor) -> bool:
                for t in tensors)
 
 
-def _np(t: Tensor) -> np.ndarray:
-    """``t`` flat as a NumPy array in place: float32 as it is, bf16 as its bits (uint16)."""
+def _np(t: Tensor | np.ndarray) -> np.ndarray:
+    """``t`` flat as a NumPy array in place: float32 as it is, bf16 as its bits (uint16); a NumPy array (made
+    by this function, e.g. through :meth:`~mergelib.task_vectors.TaskVectorColumns.flat`) as it is."""
+    if isinstance(t, np.ndarray):
+        return t
     t = t.detach().reshape(-1)
     return t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
 
@@ -278,8 +284,8 @@ def ties_majority_positive(out: Tensor, zero: Tensor, finetuned: Sequence[Tensor
     return out
 
 
-def pcb_scores(z: Tensor, p: Tensor, col: int, finetuned: Sequence[Tensor], base: Tensor, lo: np.ndarray,
-               hi: np.ndarray, span: np.ndarray) -> tuple[int, int]:
+def pcb_scores(z: Tensor | np.ndarray, p: Tensor | np.ndarray, col: int, finetuned: Sequence[Tensor], base: Tensor,
+               lo: np.ndarray, hi: np.ndarray, span: np.ndarray) -> tuple[int, int]:
     """PCB's steps 1-3 (official code, :func:`mergelib.competition._pcb_official_row`) up to ``exp`` and
     ``tanh``, for one tensor's entries ``j``, written at columns ``col + j`` of the ``N x C`` float32 blocks
     ``z`` and ``p`` (C-contiguous): with ``x_i = finetuned_i - base`` and ``tot`` the sum of the ``x_i``
@@ -287,27 +293,96 @@ def pcb_scores(z: Tensor, p: Tensor, col: int, finetuned: Sequence[Tensor], base
     ``exp(z)``) and ``p = x_i * tot`` (inter is ``tanh(p)``); ``lo``, ``hi``, ``span`` (``hi - lo``, inf
     where 0): ``N`` float32 (:func:`f32`). Returns the number of non-finite ``tot`` (0: every input entry is
     finite) and the number of entries of ``p`` with ``|p| >= 2**-12`` (or NaN), where ``tanh(p)`` may
-    differ from ``p`` (:data:`mergelib.competition.TANH_IDENTITY_BELOW`)."""
-    m = base.numel()
-    bad, big = _loops().pcb_scores(tuple(r[col:col + m].numpy() for r in z), tuple(r[col:col + m].numpy() for r in p),
-                                   tuple(_np(f) for f in finetuned), _np(base), lo, hi, span,
+    differ from ``p`` (:data:`mergelib.competition.TANH_IDENTITY_BELOW`). The inputs may also be the NumPy
+    arrays of :func:`_np` and ``z``, ``p`` of ``Tensor.numpy()``: converting them once per merge rather than
+    once per call saves about 0.1 ms a call (a PCB merge makes hundreds)."""
+    z, p = (t.numpy() if isinstance(t, Tensor) else t for t in (z, p))
+    bad, big = _loops().pcb_scores(z, p, col, tuple(_np(f) for f in finetuned), _np(base), lo, hi, span,
                                    np.float32(len(finetuned)))
     return int(bad), int(big)
 
 
-def pcb_weighted_sum(num: Tensor, den: Tensor, beta: Tensor, finetuned: Sequence[Tensor], base: Tensor,
-                     lo: np.ndarray, hi: np.ndarray, q: np.ndarray, span: np.ndarray, lam: np.ndarray | None) -> None:
+def pcb_weighted_sum(num: Tensor | np.ndarray, den: Tensor | np.ndarray, beta: Tensor | np.ndarray,
+                     finetuned: Sequence[Tensor], base: Tensor,
+                     lo: np.ndarray, hi: np.ndarray, q: np.ndarray, span: np.ndarray, lam: np.ndarray | None,
+                     beta_col: int = 0) -> None:
     """PCB's steps 5-6 (official code, :func:`mergelib.competition._pcb_official_add`) for one tensor's
     entries: adds ``sum_i s_i * lam_i * tau'_i`` to ``num`` and ``sum_i s_i`` to ``den`` (the tasks in
     order), with ``s_i = (max(beta_i, q_i) - q_i) / span_i`` (``span``: ``max_i - q_i``, inf where 0) and
-    ``tau'_i = sign(x_i) * clamp(|x_i|, lo_i, hi_i)``, ``x_i = finetuned_i - base``. ``beta``: the tensor's
-    ``N x numel`` columns of the balancing scores (rows contiguous); ``lo``, ``hi``, ``q``, ``span``, and
-    ``lam`` (the per-task coefficients, or None: all 1, :func:`mergelib.competition._pcb_lambdas`): ``N``
-    float32 (:func:`f32`)."""
+    ``tau'_i = sign(x_i) * clamp(|x_i|, lo_i, hi_i)``, ``x_i = finetuned_i - base``. ``beta``: an ``N x C``
+    C-contiguous float32 block of balancing scores holding the tensor's at columns ``beta_col..``; ``lo``,
+    ``hi``, ``q``, ``span``, and ``lam`` (the per-task coefficients, or None: all 1,
+    :func:`mergelib.competition._pcb_lambdas`): ``N`` float32 (:func:`f32`). Inputs as for
+    :func:`pcb_scores`."""
     scaled = lam is not None
-    _loops().pcb_weighted_sum(num.numpy(), den.numpy(), tuple(r.numpy() for r in beta),
+    num, den, beta = (t.numpy() if isinstance(t, Tensor) else t for t in (num, den, beta))
+    _loops().pcb_weighted_sum(num, den, beta, beta_col,
                               tuple(_np(f) for f in finetuned), _np(base), lo, hi, q, span,
                               lam if scaled else np.ones(len(finetuned), dtype=np.float32), scaled)
+
+
+class KeptScores:
+    """PCB's balancing scores above a floor per row, kept with their positions (model columns), for the
+    weighted sums at the few entries that take part in them (:func:`mergelib.competition._pcb_official_sparse`).
+    Fed ``N x w`` blocks of scores in column order (:meth:`add`: one compiled pass, 16 entries at a time), it
+    counts per row the scores below the floor and those equal to it, and appends the others; the row's
+    drop threshold then comes from the counts and the kept scores (:meth:`kth`), exactly."""
+
+    def __init__(self, floors: np.ndarray, capacity: int, limit: int):
+        n = floors.shape[0]
+        self.floors = np.ascontiguousarray(floors, dtype=np.float32)
+        self.vals = np.empty((n, capacity), dtype=np.float32)
+        self.poss = np.empty((n, capacity), dtype=np.int64)
+        self.kept = np.zeros(n, dtype=np.int64)
+        self.below = np.zeros(n, dtype=np.int64)
+        self.at = np.zeros(n, dtype=np.int64)
+        self.limit = limit
+
+    def add(self, betas: Tensor, col: int) -> bool:
+        """Counts and keeps the ``N x w`` scores ``betas`` (contiguous float32) of columns ``col..col + w``.
+        False when a row then keeps more than ``limit`` entries (the caller gives up on the counts)."""
+        w = betas.shape[1]
+        need = int(self.kept.max()) + w + 16  # the 16-lane stores write up to 15 entries past the kept ones
+        if need > self.vals.shape[1]:  # grow every row (doubling), keeping what is kept
+            cap = max(2 * self.vals.shape[1], need)
+            vals, poss = np.empty((len(self.kept), cap), np.float32), np.empty((len(self.kept), cap), np.int64)
+            k = int(self.kept.max())
+            vals[:, :k], poss[:, :k] = self.vals[:, :k], self.poss[:, :k]
+            self.vals, self.poss = vals, poss
+        _loops().pcb_keep_above(betas.numpy(), self.floors, col, self.vals, self.poss, self.kept, self.below,
+                                self.at)
+        return int(self.kept.max()) <= self.limit
+
+    def kth(self, i: int, k: int, hi: float | None = None) -> np.float32 | None:
+        """Row ``i``'s ``k``-th smallest score (every score of the row counted or kept, all finite), or None if
+        the floor lies above it (the sample missed). ``hi``: a value at or above it with high probability
+        (the sample's bracket), so that only the kept scores up to it are selected among."""
+        r = k - int(self.below[i])
+        if r < 1:
+            return None
+        if r <= self.at[i]:
+            return self.floors[i]
+        r -= int(self.at[i])
+        v = self.vals[i, : self.kept[i]]
+        if hi is not None:  # the kept scores up to hi, by the counting pass's loop (a NumPy mask took 2 ms a row)
+            store = np.empty(v.shape[0], dtype=np.float32)
+            _, _, m = _loops().count_bracket(v, None, np.float32(-np.inf), np.float32(hi), None, store)
+            if r <= m:
+                return np.partition(store[:m], r - 1)[r - 1]
+        return np.partition(v, r - 1)[r - 1] if r <= v.shape[0] else None
+
+    def ranges(self, c0: int, c1: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per row, the kept entries ``[start, end)`` at columns ``c0..c1`` (positions ascend in each row)."""
+        starts = np.array([np.searchsorted(self.poss[i, : self.kept[i]], c0) for i in range(len(self.kept))], np.int64)
+        ends = np.array([np.searchsorted(self.poss[i, : self.kept[i]], c1) for i in range(len(self.kept))], np.int64)
+        return starts, ends
+
+    def scatter(self, block: Tensor, c0: int, fill: np.ndarray) -> None:
+        """The scores of columns ``c0..c0 + w`` into the ``N x w`` float32 ``block`` (contiguous): each row
+        filled with ``fill`` (its drop threshold: every score at or below it gets weight ``+0``), then its
+        kept scores at their columns, as :func:`pcb_weighted_sum` then reads them."""
+        starts, ends = self.ranges(c0, c0 + block.shape[1])
+        _loops().pcb_scatter_kept(block.numpy(), self.vals, self.poss, starts, ends, c0, fill)
 
 
 def blocks_reaching(blocks: Tensor, t: float) -> Tensor:

@@ -604,9 +604,18 @@ class TaskVectorColumns:
                 _sub_into(pieces[i], base, out[r, col:col + base.shape[0]])
         return out
 
-    def pieces(self, c0: int, c1: int) -> list[tuple[int, Tensor, list[Tensor]]]:
+    def flat(self, convert) -> tuple[list, list[list]]:
+        """``convert`` applied once to every flat tensor: ``(bases, rows)`` as :meth:`pieces` takes them
+        (``bases[j]``: tensor ``j`` of the base, ``rows[i][j]``: of model ``i``), e.g. NumPy views for the
+        compiled loops (:func:`mergelib.kernels._np`), whose slices cost a fraction of a tensor's."""
+        return [convert(b) for b in self._bases], [[convert(t) for t in row] for row in self._rows]
+
+    def pieces(self, c0: int, c1: int,
+               flat: tuple[list, list[list]] | None = None) -> list[tuple[int, Tensor, list[Tensor]]]:
         """Columns ``[c0, c1)`` as the state-dict tensors hold them: per tensor they span, ``(col, base,
-        finetuned)``, its flat slices (views) of the base and of every model, starting at column ``c0 + col``."""
+        finetuned)``, its flat slices (views) of the base and of every model, starting at column ``c0 + col``
+        (slices of ``flat``'s arrays where given: :meth:`flat`)."""
+        bases, rows = flat if flat is not None else (self._bases, self._rows)
         out = []
         j = bisect.bisect_right(self._offsets, c0) - 1
         a0 = c0
@@ -614,8 +623,7 @@ class TaskVectorColumns:
             off = self._offsets[j]
             a1 = min(c1, off + self.layout.numels[j])
             if a1 > a0:
-                out.append((a0 - c0, self._bases[j][a0 - off:a1 - off],
-                            [row[j][a0 - off:a1 - off] for row in self._rows]))
+                out.append((a0 - c0, bases[j][a0 - off:a1 - off], [row[j][a0 - off:a1 - off] for row in rows]))
                 a0 = a1
             j += 1
         return out

@@ -593,6 +593,110 @@ def test_pcb_kernel_agrees_with_the_flat_function():
         assert same_bytes(merged[k].reshape(-1), torch.add(pre[k].reshape(-1), flat[s:e], alpha=1.0))
 
 
+def test_kept_scores_count_keep_and_select():
+    """KeptScores against NumPy: per row, #(< floor), #(== floor), the scores above it with their columns in
+    order (blocks of any width, the capacity grown as needed, nothing written past it), the k-th smallest
+    score at every rank (the floor itself where the rank falls on its copies; None below the floor), and
+    each row's kept entries of a column range."""
+    g = np.random.default_rng(3)
+    n, D = 3, 5_000
+    rows = (g.standard_normal((n, D)) * 4).round().astype(np.float32) / 4  # ties, the floor among them
+    floors = np.array([0.25, -np.inf, 1.0], np.float32)
+    kept = kernels.KeptScores(floors, capacity=64, limit=D)
+    for c0, c1 in [(0, 1000), (1000, 1017), (1017, 1030), (1030, 5000)]:
+        block = torch.from_numpy(np.ascontiguousarray(rows[:, c0:c1]))
+        assert kept.add(block, c0)
+    for i in range(n):
+        r, f = rows[i], floors[i]
+        assert kept.below[i] == (r < f).sum() and kept.at[i] == (r == f).sum() and kept.kept[i] == (r > f).sum()
+        assert np.array_equal(kept.vals[i, : kept.kept[i]], r[r > f])
+        assert np.array_equal(kept.poss[i, : kept.kept[i]], np.flatnonzero(r > f))
+        srt = np.sort(r)
+        for k in [1, 7, D // 3, D // 2, D - 300, D - 1, D]:
+            got = kept.kth(i, k)
+            assert (got is None) if k <= kept.below[i] else got == srt[k - 1]
+        assert kept.kth(i, D - 3, hi=np.float32(0.0)) == srt[D - 4]  # a ceiling below the rank: still exact
+    starts, ends = kept.ranges(1000, 1030)
+    for i in range(n):
+        assert np.array_equal(kept.poss[i, starts[i]:ends[i]], 1000 + np.flatnonzero(rows[i, 1000:1030] > floors[i]))
+    block = torch.empty(n, 30)
+    kept.scatter(block, 1000, np.array([-5.0, -6.0, -7.0], np.float32))
+    want = np.where(rows[:, 1000:1030] > floors[:, None], rows[:, 1000:1030], np.array([[-5.0], [-6.0], [-7.0]]))
+    assert np.array_equal(block.numpy(), want.astype(np.float32))
+    small = kernels.KeptScores(floors, capacity=16, limit=100)  # a row keeps more than the limit: refused
+    assert not small.add(torch.from_numpy(np.ascontiguousarray(rows[:, :1000])), 0)
+
+
+def _pcb_paths(monkeypatch, pre, fts, **hp):
+    """merge(pcb) by its sparse compiled path (asserted to finish there), its dense compiled path and the
+    torch code."""
+    from mergelib import competition
+    made = []
+    real = kernels.KeptScores
+
+    class Spy(real):
+        def kth(self, *a, **k):
+            made.append(1)
+            return real.kth(self, *a, **k)
+    monkeypatch.setattr(kernels, "KeptScores", Spy)
+    sparse = merge(pre, fts, "pcb", rules=None, **hp)
+    assert made, "the sparse path did not run"
+    with monkeypatch.context() as m:
+        m.setattr(competition, "PCB_SPARSE_DENSITY", 0.0)
+        dense = merge(pre, fts, "pcb", rules=None, **hp)
+    with kernels.use(False):
+        slow = merge(pre, fts, "pcb", rules=None, **hp)
+    return sparse, dense, slow
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hp", [{}, {"density": 0.2}, {"density": 0.01, "scale": [1.0, 0.5, 2.0, -1.0, 0.25]}])
+def test_pcb_sparse_scores_same_bits(monkeypatch, dtype, hp):
+    """PCB keeping only the scores above a floor below its drop threshold gives the bits of the N x D
+    scores, compiled and in torch."""
+    pre, fts = _set(SHAPES, 5, seed=11, ties=True, dtype=dtype)
+    sparse, dense, slow = _pcb_paths(monkeypatch, pre, fts, **hp)
+    assert all(same_bytes(sparse[k], dense[k]) and same_bytes(sparse[k], slow[k]) for k in pre)
+
+
+def test_pcb_sparse_scores_with_most_entries_unchanged(monkeypatch):
+    """Fine-tunes that left 97 % of the weights unchanged: most scores are exactly 0, the drop threshold
+    and the floor fall on that value, counted, not kept; the same bits."""
+    pre, fts = _set(SHAPES, 4, seed=12)
+    g = torch.Generator().manual_seed(0)
+    for ft in fts:
+        for k in ft:
+            same = torch.rand(ft[k].shape, generator=g) < 0.97
+            ft[k] = torch.where(same, pre[k], ft[k])
+    sparse, dense, slow = _pcb_paths(monkeypatch, pre, fts)
+    assert all(same_bytes(sparse[k], dense[k]) and same_bytes(sparse[k], slow[k]) for k in pre)
+
+
+@pytest.mark.parametrize("miss", ["floor above the threshold", "too many kept"])
+def test_pcb_sparse_scores_fall_back_to_the_dense_path(monkeypatch, miss):
+    """A sample whose floor lies above the drop threshold, or a row that would keep more than its limit:
+    the merge takes the dense path, with the same bits."""
+    from mergelib import competition
+    pre, fts = _set(SHAPES, 5, seed=13)
+    want = merge(pre, fts, "pcb", rules=None)
+    fell = []
+    real_sparse = competition._pcb_official_sparse
+
+    def spy(*a, **k):
+        out = real_sparse(*a, **k)
+        fell.append(out is None)
+        return out
+    monkeypatch.setattr(competition, "_pcb_official_sparse", spy)
+    if miss == "floor above the threshold":
+        real = competition._select._brackets
+        monkeypatch.setattr(competition._select, "_brackets",  # one rank: the drop threshold's bracket
+                            lambda s, n, ks: [(torch.tensor(1e30), None, None)] if len(ks) == 1 else real(s, n, ks))
+    else:
+        monkeypatch.setattr(kernels.KeptScores, "add", lambda self, b, c0: False)
+    got = merge(pre, fts, "pcb", rules=None)
+    assert fell == [True] and all(same_bytes(got[k], want[k]) for k in pre)
+
+
 def test_blocks_reaching_tanh_range_as_the_torch_rule():
     """kernels.blocks_reaching flags the blocks _tanh_ must take: any |x| >= 2**-12 (both signs, the
     threshold itself), NaN, inf; and _tanh_ gives tanh's bits with the flags from either side."""
