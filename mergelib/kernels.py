@@ -373,9 +373,9 @@ class KeptScores:
 
     def ranges(self, c0: int, c1: int) -> tuple[np.ndarray, np.ndarray]:
         """Per row, the kept entries ``[start, end)`` at columns ``c0..c1`` (positions ascend in each row)."""
-        starts = np.array([np.searchsorted(self.poss[i, : self.kept[i]], c0) for i in range(len(self.kept))], np.int64)
-        ends = np.array([np.searchsorted(self.poss[i, : self.kept[i]], c1) for i in range(len(self.kept))], np.int64)
-        return starts, ends
+        rows = [self.poss[i, : self.kept[i]] for i in range(len(self.kept))]
+        return (np.array([np.searchsorted(r, c0) for r in rows], np.int64),
+                np.array([np.searchsorted(r, c1) for r in rows], np.int64))
 
     def scatter(self, block: Tensor, c0: int, fill: np.ndarray) -> None:
         """The scores of columns ``c0..c0 + w`` into the ``N x w`` float32 ``block`` (contiguous): each row
