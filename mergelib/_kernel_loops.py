@@ -260,10 +260,9 @@ def _tied(c, tie):
 # compress store, behind that branch (1.3 ns when taken on Zen 4, 0.15 ns when not).
 LANES = 16
 _REGISTER_COMPRESS = llvm_version_info >= (19,)
-_F32, _I16, _I64 = ir.FloatType(), ir.IntType(16), ir.IntType(64)
+_I16, _I64 = ir.IntType(16), ir.IntType(64)
 HALF = LANES // 2
-_I32, _VI64, _VI32h, _VBh = ir.IntType(32), ir.VectorType(_I64, HALF), ir.VectorType(ir.IntType(32), HALF), \
-    ir.VectorType(ir.IntType(1), HALF)
+_I32, _VI64, _VI32h = ir.IntType(32), ir.VectorType(_I64, HALF), ir.VectorType(ir.IntType(32), HALF)
 _VF, _VI16, _VI32, _VB = (ir.VectorType(ir.FloatType(), LANES), ir.VectorType(ir.IntType(16), LANES),
                           ir.VectorType(ir.IntType(32), LANES), ir.VectorType(ir.IntType(1), LANES))
 
@@ -299,6 +298,25 @@ def _popcount8(builder, mask):
                                      [builder.bitcast(mask, ir.IntType(8))]), _I64)
 
 
+def _store_packed(builder, vec, mask, at, kept):
+    """The lanes of ``vec`` (16 float32 or 8 int64) where ``mask`` holds, one after the other, at ``at``
+    (``kept``: how many): packed in a register and every lane stored, the unkept ones past the kept (room
+    for all lanes at ``at``), or with LLVM < 19 by its compress store, only where a lane is kept (see
+    ``_REGISTER_COMPRESS``)."""
+    vty, mty = vec.type, mask.type
+    floats = isinstance(vty.element, ir.FloatType)
+    name = f"v{vty.count}{'f32' if floats else 'i64'}"
+    if _REGISTER_COMPRESS:
+        compress = _declare(builder, f"llvm.experimental.vector.compress.{name}", vty, [vty, mty, vty])
+        builder.store(builder.call(compress, [vec, mask, ir.Constant(vty, ir.Undefined)]),
+                      builder.bitcast(at, vty.as_pointer()), align=4 if floats else 8)
+    else:
+        store = _declare(builder, f"llvm.masked.compressstore.{name}", ir.VoidType(),
+                         [vty, vty.element.as_pointer(), mty])
+        with builder.if_then(builder.icmp_unsigned("!=", kept, ir.Constant(_I64, 0)), likely=False):
+            builder.call(store, [vec, at, mask])
+
+
 @intrinsic
 def compress16(typingctx, f, base, lo, hi, tie, store, k, j):
     """Entries j..j+15 of the counting pass: with c = value(f, base, .), stores the c in [lo, hi] (and not
@@ -331,16 +349,7 @@ def compress16(typingctx, f, base, lo, hi, tie, store, k, j):
             keep = builder.and_(keep, builder.not_(eq))
         data = context.make_array(sty)(context, builder, sa).data
         kept = _popcount(builder, keep)
-        at = builder.gep(data, [kv])
-        if _REGISTER_COMPRESS:  # pack the kept lanes in a register, then store all 16 (store has room)
-            compress = _declare(builder, "llvm.experimental.vector.compress.v16f32", _VF, [_VF, _VB, _VF])
-            packed = builder.call(compress, [c, keep, ir.Constant(_VF, ir.Undefined)])
-            builder.store(packed, builder.bitcast(at, _VF.as_pointer()), align=4)
-        else:
-            store16 = _declare(builder, "llvm.masked.compressstore.v16f32", ir.VoidType(),
-                               [_VF, _F32.as_pointer(), _VB])
-            with builder.if_then(builder.icmp_unsigned("!=", kept, ir.Constant(_I64, 0)), likely=False):
-                builder.call(store16, [c, at, keep])
+        _store_packed(builder, c, keep, builder.gep(data, [kv]), kept)  # the store has room for all 16
         return context.make_tuple(builder, signature.return_type,
                                   [builder.add(kv, kept), _popcount(builder, below), points])
     return types.UniTuple(types.int64, 3)(f, base, lo, hi, tie, store, k, j), codegen
@@ -515,22 +524,10 @@ def keep_above16(typingctx, b, floor, vals, poss, k, j, col):
             halves.append((mask, builder.add(first, ir.Constant(_VI64, list(range(h * HALF, (h + 1) * HALF))))))
         kept_lo = _popcount8(builder, halves[0][0])
         kept = _popcount(builder, above)
-        at_p = (builder.gep(pdata, [kv]), builder.gep(pdata, [builder.add(kv, kept_lo)]))
-        if _REGISTER_COMPRESS:
-            cf = _declare(builder, "llvm.experimental.vector.compress.v16f32", _VF, [_VF, _VB, _VF])
-            ci = _declare(builder, "llvm.experimental.vector.compress.v8i64", _VI64, [_VI64, _VBh, _VI64])
-            builder.store(builder.call(cf, [v, above, ir.Constant(_VF, ir.Undefined)]),
-                          builder.bitcast(vdata, _VF.as_pointer()), align=4)
-            for (mask, idx), where in zip(halves, at_p):
-                builder.store(builder.call(ci, [idx, mask, ir.Constant(_VI64, ir.Undefined)]),
-                              builder.bitcast(where, _VI64.as_pointer()), align=8)
-        else:
-            sf = _declare(builder, "llvm.masked.compressstore.v16f32", ir.VoidType(), [_VF, _F32.as_pointer(), _VB])
-            si = _declare(builder, "llvm.masked.compressstore.v8i64", ir.VoidType(), [_VI64, _I64.as_pointer(), _VBh])
-            with builder.if_then(builder.icmp_unsigned("!=", kept, ir.Constant(_I64, 0)), likely=False):
-                builder.call(sf, [v, vdata, above])
-                for (mask, idx), where in zip(halves, at_p):
-                    builder.call(si, [idx, where, mask])
+        _store_packed(builder, v, above, vdata, kept)
+        _store_packed(builder, halves[0][1], halves[0][0], builder.gep(pdata, [kv]), kept_lo)
+        _store_packed(builder, halves[1][1], halves[1][0], builder.gep(pdata, [builder.add(kv, kept_lo)]),
+                      builder.sub(kept, kept_lo))
         return context.make_tuple(builder, signature.return_type,
                                   [builder.add(kv, kept), _popcount(builder, below), _popcount(builder, at)])
     return types.UniTuple(types.int64, 3)(b, floor, vals, poss, k, j, col), codegen

@@ -737,6 +737,14 @@ def pcb_scores(tvs: Tensor, mode: str = "official") -> tuple[Tensor, Tensor]:
     return torch.stack([_pcb_paper_intra(t, n) for t in tvs]), _pcb_paper_inter(tvs)
 
 
+def _raise_if_not_finite(src: TaskVectorColumns, chunks: list[tuple[int, int]]) -> None:
+    """The exact check behind a non-finite column sum of PCB's sweeps (a sum of finite entries may
+    overflow): :class:`NonFiniteError` unless every entry of the column blocks is finite."""
+    read = _column_reader(src, chunks[0][1] - chunks[0][0])
+    if not all(all_finite(read(c0, c1)) for c0, c1 in chunks):
+        raise NonFiniteError("task vectors are not finite")
+
+
 def _pcb_official_sparse(src: TaskVectorColumns, density: float, lams: Sequence[float], lo: Tensor, hi: Tensor,
                          chunks: list[tuple[int, int]]) -> Tensor | None:
     """Steps 2-6 of :func:`_pcb_official` (compiled, from the state dicts) without its ``N x D`` scores: only
@@ -771,9 +779,7 @@ def _pcb_official_sparse(src: TaskVectorColumns, density: float, lams: Sequence[
         if not kept.add(b, c0):
             return None
     if nonfinite:
-        read = _column_reader(src, width)
-        if not all(all_finite(read(c0, c1)) for c0, c1 in chunks):
-            raise NonFiniteError("task vectors are not finite")
+        _raise_if_not_finite(src, chunks)
     qs = [kept.kth(i, q_k, None if b[1] is None else np.float32(b[1])) for i, b in enumerate(brackets)]
     if any(v is None for v in qs):
         return None
@@ -829,10 +835,11 @@ def _pcb_official(src: Tensor | TaskVectorColumns, density: float, lams: Sequenc
             return merged
     if fused:
         lo_np, hi_np, clip_span = _kernels.f32(lo), _kernels.f32(hi), _kernels.f32(_safe_den(hi - lo))
+        arrays = src.flat(_kernels._np)  # NumPy views, sliced per chunk
     for c0, c1 in chunks:
         b = beta[:, c0:c1]
         if fused:  # intra's exp argument and inter's tanh argument in one loop, then torch's exp and tanh
-            nonfinite += _pcb_official_beta_compiled(src.pieces(c0, c1), n, c1 - c0, lo_np, hi_np, clip_span, b,
+            nonfinite += _pcb_official_beta_compiled(src.pieces(c0, c1, arrays), n, c1 - c0, lo_np, hi_np, clip_span, b,
                                                      scratch)
         else:
             x = read(c0, c1)
@@ -841,15 +848,14 @@ def _pcb_official(src: Tensor | TaskVectorColumns, density: float, lams: Sequenc
                 sums += total.sum(dtype=torch.float64)
             _pcb_official_beta(x, total, n, lo, hi, out=b, scratch=scratch)
         torch.maximum(beta_max, b.amax(1, keepdim=True), out=beta_max)
-    if columns and (nonfinite or not math.isfinite(float(sums))) and not all(
-            all_finite(read(c0, c1)) for c0, c1 in chunks):
-        raise NonFiniteError("task vectors are not finite")
+    if columns and (nonfinite or not math.isfinite(float(sums))):
+        _raise_if_not_finite(src, chunks)
     q = torch.stack([kth_smallest(beta[i], q_k) for i in range(n)]).unsqueeze(1)  # step 5's threshold per row
     num = zeros_matrix((D,), dtype=src.dtype, device=dev)  # huge pages (task_vectors.HUGE_PAGE_BYTES)
     den = zeros_matrix((D,), dtype=src.dtype, device=dev)
     if fused:  # steps 5-6 tensor by tensor, tau' recomputed from the state dicts
         qs, span, lam_np = _pcb_weighted_sum_args(q, beta_max, lams)
-        for col, base, fts in src.pieces(0, D):
+        for col, base, fts in src.pieces(0, D, arrays):
             c1 = col + base.shape[0]
             _kernels.pcb_weighted_sum(num[col:c1], den[col:c1], beta, fts, base, lo_np, hi_np, qs, span, lam_np,
                                       beta_col=col)
