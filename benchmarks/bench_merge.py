@@ -185,6 +185,22 @@ def peak_extra_bytes(fn: Callable, device: torch.device) -> float | None:
     return float(peak[0] - base)
 
 
+def write_profiles(methods: dict[str, Callable], device: torch.device, path: str, rows: int = 15) -> None:
+    """torch.profiler's operator table of one (warm) run of each method, into the text file ``path``:
+    where a merge spends its time beyond the read passes (device kernels, host synchronisations)."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    with open(path, "w") as f, torch.no_grad():
+        for name, fn in methods.items():
+            fn()
+            _sync(device)
+            with profile(activities=acts) as prof:
+                fn()
+                _sync(device)
+            f.write(f"## {name}\n\n{prof.key_averages().table(sort_by=key, row_limit=rows)}\n\n")
+
+
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="auto")
@@ -197,6 +213,9 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--json", default=None, help="write the results as JSON to this path")
     ap.add_argument("--markdown", default=None, help="write the markdown table to this path")
     ap.add_argument("--skip-merge", action="store_true", help="skip the public merge() rows")
+    ap.add_argument("--profile", default=None,
+                    help="write torch.profiler's table of one run of each method (the operators by self time on "
+                         "the device, or on the CPU without CUDA) to this path")
     ap.add_argument("--kth", default="auto", choices=("auto", "torch"),
                     help="order statistics: 'auto' (mergelib.selection) or 'torch' (the old torch.kthvalue path)")
     ap.add_argument("--kernels", default="auto", choices=("auto", "torch"),
@@ -273,6 +292,8 @@ def main(argv=None) -> list[dict]:
                          "peak_extra_x_input": None if mem is None else mem / in_bytes})
             print(f"  {name:38s} {ms:10.2f} ms  ({ms / base_ms:.1f}x its read passes, {base_ms:.1f} ms)", flush=True)
 
+    if args.profile:
+        write_profiles(methods, device, args.profile)
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
         f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
     meta = {"device": dev_name, "torch": torch.__version__, "tasks": n, "blocks": blocks, "D": D,

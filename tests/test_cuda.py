@@ -1,0 +1,149 @@
+"""The CUDA code paths against the CPU ones: exact order statistics bit for bit, every flat merge and
+every ``merge()`` method close to the CPU result, masks identical, errors the same.
+
+Skipped where no CUDA device is present (CI has none); run on a lent GPU by ``tools/gpu_check.sh``, which
+also runs the GPU benchmark. The CPU results are the reference: the CPU paths are what the rest of the
+suite checks against hand-computed cases and independent implementations.
+"""
+import os
+
+import pytest
+import torch
+
+import mergelib as ml
+from mergelib import selection as sel
+from mergelib.competition import dare_flat, pcb_merge, ties_merge, trim
+from mergelib.fourier import fr_merge
+from mergelib.task_vectors import FlatLayout, NonFiniteError
+
+from bits import same_bits_any_zero_sign
+
+# MERGELIB_TEST_DEVICE=cpu runs this file against the CPU itself: a dry run of the tests' own code
+CUDA = torch.device(os.environ.get("MERGELIB_TEST_DEVICE", "cuda"))
+pytestmark = pytest.mark.skipif(CUDA.type == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device")
+N_LONG = sel.LONG_ROW + 4321  # long enough for the sampled bracket and the counting pass
+
+
+def _rows(kind: str, dtype, n=N_LONG, rows=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, n, generator=g)
+    if kind == "ties":
+        x = (x * 3).round()
+    elif kind == "zeros":
+        x[:, ::3] = 0.0
+        x[:, 1::3] = -0.0
+    elif kind == "subnormal":
+        x = x * 1e-39
+        x[:, ::5] = torch.finfo(torch.float32).tiny
+    elif kind == "heavy tie":  # 42 % of each row one value: the tie the counting pass counts, not keeps
+        x[:, : int(0.42 * n)] = 0.125
+        x = x[:, torch.randperm(n, generator=g)]
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "zeros", "subnormal", "heavy tie"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_kth_smallest_on_cuda_equals_kthvalue_on_the_cpu(kind, dtype):
+    x = _rows(kind, dtype)
+    xc = x.to(CUDA)
+    n = x.shape[1]
+    for k in (1, 2, n // 10, n // 2, n - n // 20, n - 1, n):
+        for absolute in (False, True):
+            want = torch.kthvalue(x.abs() if absolute else x, k, dim=1).values
+            got = sel.kth_smallest(xc, k, dim=1, absolute=absolute)
+            assert got.device.type == CUDA.type
+            assert same_bits_any_zero_sign(got.cpu(), want), (kind, dtype, k, absolute)
+
+
+def test_short_rows_many_ranks_and_topk_mask_on_cuda():
+    for n in (1, 2, 7, 1000):
+        x = torch.randn(4, n, generator=torch.Generator().manual_seed(n))
+        ks = sorted({1, (n + 1) // 2, n})
+        got = sel.kth_smallest(x.to(CUDA), ks, dim=1).cpu()
+        for j, k in enumerate(ks):
+            assert same_bits_any_zero_sign(got[:, j], torch.kthvalue(x, k, dim=1).values)
+    x = _rows("ties", torch.float32)  # many ties at the threshold: the index-order rule decides
+    for keep in (1, 5000, N_LONG // 3):
+        assert torch.equal(sel.topk_mask(x.to(CUDA), keep, dim=1).cpu(), sel.topk_mask(x, keep, dim=1))
+
+
+def _task_set(n=4, dtype=torch.float32, seed=0):
+    """N task vectors over a layout with long 2-D segments (the sampled path) and short ones."""
+    layout = FlatLayout.from_shapes({"a.weight": (320, 256), "b.weight": (96, 128), "b.bias": (96,),
+                                     "c.weight": (256, 320)})
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, layout.D, generator=g) * torch.linspace(0.5e-3, 2e-3, n)[:, None]
+    x[:, ::97] = 0.0  # exact zeros, as in task vectors of frozen or unchanged entries
+    return x.to(dtype), layout
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, rtol=2e-5, mismatch=0.0):
+    """``got`` (CUDA) against ``want`` (CPU): same shape and dtype, within rtol of the largest |want|
+    everywhere except at most ``mismatch`` of the entries (selections at a threshold that the two
+    devices' rounding of a score puts on different sides)."""
+    assert got.device.type == CUDA.type and got.shape == want.shape and got.dtype == want.dtype
+    diff = (got.cpu().double() - want.double()).abs()
+    bad = diff > rtol * want.double().abs().max().clamp(min=1e-30)
+    assert bad.double().mean() <= mismatch, (int(bad.sum()), want.numel())
+
+
+@pytest.mark.parametrize("granularity", ["global", "tensor"])
+@pytest.mark.parametrize("trim_rule", ["official", "exact"])
+@pytest.mark.parametrize("sign_rule", ["mass", "count"])
+def test_ties_on_cuda_matches_the_cpu(granularity, trim_rule, sign_rule):
+    x, layout = _task_set()
+    kw = dict(granularity=granularity, layout=layout, trim_rule=trim_rule)
+    # the trim is an exact order statistic: the same entries kept on both devices
+    assert torch.equal(trim(x.to(CUDA), 0.2, **kw).cpu(), trim(x, 0.2, **kw))
+    _close(ties_merge(x.to(CUDA), 0.2, sign_rule=sign_rule, **kw), ties_merge(x, 0.2, sign_rule=sign_rule, **kw))
+
+
+def test_dare_pcb_and_fr_on_cuda_match_the_cpu():
+    x, layout = _task_set()
+    xc = x.to(CUDA)
+    tasks = ["a", "b", "c", "d"]
+    assert torch.equal(dare_flat(xc, 0.9, layout, seed=3, tasks=tasks).cpu(), dare_flat(x, 0.9, layout, seed=3, tasks=tasks))
+    for mode in ("official", "paper"):  # scores go through exp/tanh/softmax: a rare entry may flip at q
+        _close(pcb_merge(xc, 0.05, mode=mode), pcb_merge(x, 0.05, mode=mode), mismatch=1e-3)
+        _close(pcb_merge(xc, 0.3, mode=mode, lambdas=[0.5, 1.0, 1.5, 2.0]),
+               pcb_merge(x, 0.3, mode=mode, lambdas=[0.5, 1.0, 1.5, 2.0]), mismatch=1e-3)
+    for mode, align in (("official", "official"), ("paper", "paper"), ("official", "none")):
+        _close(fr_merge(xc, layout, 0.7, mode=mode, align=align), fr_merge(x, layout, 0.7, mode=mode, align=align),
+               rtol=1e-4)
+    assert torch.equal(x.to(CUDA).cpu(), x)  # inputs untouched (the non-in-place paths)
+
+
+def _state_dicts(dtype, n=3):
+    x, layout = _task_set(n)
+    g = torch.Generator().manual_seed(11)
+    pre = {k: (torch.randn(shp, generator=g) * 0.02).to(dtype) for k, shp in zip(layout.keys, layout.shapes)}
+    views = [{k: v.reshape(shp) for k, v, shp in zip(layout.keys, x[i].split(layout.numels), layout.shapes)}
+             for i in range(n)]
+    fts = {f"task{i}": {k: (pre[k].float() + views[i][k]).to(dtype) for k in layout.keys} for i in range(n)}
+    return pre, fts
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method", ml.METHODS)
+def test_merge_on_cuda_matches_the_cpu(method, dtype):
+    pre, fts = _state_dicts(dtype)
+    on = lambda sd: {k: v.to(CUDA) for k, v in sd.items()}  # noqa: E731
+    pre_c, fts_c = on(pre), {name: on(sd) for name, sd in fts.items()}
+    want = ml.merge(pre, fts, method, rules=None)
+    got = ml.merge(pre_c, fts_c, method, rules=None)
+    assert set(got) == set(want)
+    # bf16 outputs: one ulp of bf16 (2^-8 relative) where the float32 results round differently
+    rtol, mismatch = (2e-5, 1e-3 if method == "pcb" else 0.0) if dtype == torch.float32 else (8e-3, 1e-2)
+    for k in want:
+        assert got[k].device.type == CUDA.type and got[k].dtype == dtype, k
+        _close(got[k], want[k], rtol=rtol, mismatch=mismatch)
+    assert all(torch.equal(fts_c[name][k].cpu(), fts[name][k]) for name in fts for k in fts[name])
+
+
+def test_merge_on_cuda_names_a_non_finite_input():
+    pre, fts = _state_dicts(torch.float32)
+    fts["task1"]["b.weight"][3, 4] = float("nan")
+    on = lambda sd: {k: v.to(CUDA) for k, v in sd.items()}  # noqa: E731
+    for method in ("task_arithmetic", "ties", "pcb", "fr"):
+        with pytest.raises(NonFiniteError, match=r"task1.*b\.weight|b\.weight.*task1"):
+            ml.merge(on(pre), {name: on(sd) for name, sd in fts.items()}, method, rules=None)
