@@ -26,13 +26,13 @@ $PY -c "import torch, numpy, platform; print('python', platform.python_version()
 torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')" | tee "$OUT/env.txt"
 
 echo "== tests/test_cuda.py"
-timeout 300 $PY -m pytest -q -p no:cacheprovider -ra tests/test_cuda.py > "$OUT/test_cuda.log" 2>&1
+timeout 150 $PY -m pytest -q -p no:cacheprovider -ra tests/test_cuda.py > "$OUT/test_cuda.log" 2>&1
 echo "rc=$?" >> "$OUT/test_cuda.log"
 tail -n 25 "$OUT/test_cuda.log"
 
 echo "== benchmarks/bench_merge.py"
 unset MERGELIB_KERNELS  # the benchmark's own defaults (its CPU rows would use the kernels)
-timeout 360 $PY benchmarks/bench_merge.py "${bench_args[@]}" --json "$OUT/bench_gpu.json" \
+timeout 240 $PY benchmarks/bench_merge.py "${bench_args[@]}" --json "$OUT/bench_gpu.json" \
   --markdown "$OUT/bench_gpu.md" --profile "$OUT/bench_gpu_profiles.txt" > "$OUT/bench.log" 2>&1
 echo "rc=$?" >> "$OUT/bench.log"
 tail -n 40 "$OUT/bench.log"
