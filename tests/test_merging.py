@@ -293,3 +293,29 @@ def test_sums_through_merge_equal_their_flat_definition_bit_for_bit(method, scal
     for k in pre:
         want = torch.add(pre[k].float(), total[layout.segment(k)].view(pre[k].shape), alpha=lam).to(dtype)
         assert out[k].dtype == dtype and torch.equal(out[k].view(torch.uint8), want.view(torch.uint8)), k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_multi_tensor_sum_of_the_gpu_path_adds_as_the_per_tensor_path(dtype):
+    """merge()'s sums on CUDA (_sum_foreach: torch._foreach_* over all tensors, one host sync) do the
+    float operations of the CPU path: on the CPU, where torch's multi-tensor ops loop over the tensors,
+    the same bits as _sum_per_tensor's torch code, with and without per-task scales and theta_0 + scale *
+    sum; a non-finite sum is named."""
+    from mergelib import kernels
+    from mergelib.merging import _sum_foreach, _sum_per_tensor
+    from mergelib.task_vectors import NonFiniteError
+    g = torch.Generator().manual_seed(0)
+    pre = {"a": torch.randn(300, 70, generator=g).to(dtype), "b": torch.randn(5000, generator=g).to(dtype)}
+    models = [{k: (v.float() + 1e-3 * torch.randn(v.shape, generator=g)).to(dtype) for k, v in pre.items()}
+              for _ in range(3)]
+    for lams in (None, [0.3, 1.0, 2.0]):
+        for scale in (None, 0.7):
+            got = _sum_foreach(pre, models, ["a", "b"], lams, True, None, scale)
+            with kernels.use(False):
+                want = _sum_per_tensor(pre, models, ["a", "b"], lams, True, scale=scale)
+            for k in ("a", "b"):
+                assert got[k].dtype == torch.float32 and got[k].shape == pre[k].shape
+                assert torch.equal(got[k], want[k]), (lams, scale, k)
+    models[1]["b"][7] = float("inf")
+    with pytest.raises(NonFiniteError, match="'b'"):
+        _sum_foreach(pre, models, ["a", "b"], None, True, None, None)
