@@ -4,7 +4,13 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
+# tests/test_gpu_kernels.py runs the Triton kernels in Triton's interpreter, which must be chosen before
+# triton is imported (torchvision imports it); where there is no CUDA nothing else runs Triton (on a GPU
+# the kernels compile)
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 # Tests never download: a missing dataset must raise mergelib.data.DatasetNotFoundError instead.
 os.environ["MERGELIB_DOWNLOAD"] = "0"
 # Quiet, deterministic progress output when notebooks run under nbval.

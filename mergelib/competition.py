@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import gpu_kernels as _gpu
 from . import kernels as _kernels
 from . import selection as _select
 from .hparams import check_choice, check_number
@@ -153,6 +154,8 @@ def _trim_plan(tvs: Tensor | TaskVectorColumns, density: float, granularity: str
             kth = None if keep <= 0 or keep >= d else d - keep + 1
         if kth is None:
             thr = None
+        elif isinstance(tvs, Tensor) and d >= _select.LONG_ROW and _gpu.available(tvs) and tvs.stride(1) == 1:
+            thr = _gpu.kth_abs_rows(tvs[:, s:e], kth)  # one fused counting pass (Triton, CUDA)
         elif isinstance(tvs, Tensor):
             thr = _select.kth_smallest(tvs[:, s:e], kth, dim=1, keepdim=True, absolute=True)
         elif (s, e) == (0, D):
@@ -364,6 +367,9 @@ def _ties_fused(tvs: Tensor, plan, budgets, trim_rule: str, sign_rule: str,
     """
     n, D = tvs.shape
     dev = tvs.device
+    if (trim_rule == "official" and defer is None and isinstance(tvs, Tensor) and tvs.dtype == torch.float32
+            and tvs.stride(1) == 1 and _gpu.available(tvs)):  # the same bits in two fused passes (Triton, CUDA)
+        return _gpu.ties_sweep(tvs, [(s, e, thr) for s, e, thr, _ in plan], sign_rule, majority)
     out = empty_matrix((D,), dtype=tvs.dtype, device=dev)
     fix_zero = sign_rule == "mass" and majority is None
     zero = torch.empty(D, dtype=torch.bool, device=dev) if fix_zero else None
@@ -520,6 +526,9 @@ def dare_flat(tvs: Tensor, p: float, layout: FlatLayout, seed: int,
     if len(tasks) != n:
         raise ValueError(f"tasks has {len(tasks)} entries for {n} rows")
     out = tvs if inplace else empty_matrix(tuple(tvs.shape), dtype=tvs.dtype, device=tvs.device)
+    if tvs.device.type != "cpu":  # the CPU draws, all at once, then one multiply on the device
+        torch.mul(tvs, _dare_keeps(n, layout, tasks, p, seed).to(tvs.device), out=out)
+        return out.div_(1 - p)
     compiled = _dare_compiled(tvs, out)
     for i, task in enumerate(tasks):
         for k, s, e in layout.segments():
@@ -529,6 +538,27 @@ def dare_flat(tvs: Tensor, p: float, layout: FlatLayout, seed: int,
             torch.mul(tvs[i, s:e], _dare_keep(e - s, p, seed, task, k, tvs.device), out=out[i, s:e])
             out[i, s:e].div_(1 - p)
     return out
+
+
+def _dare_keeps(n: int, layout: FlatLayout, tasks: Sequence[int | str], p: float, seed: int) -> Tensor:
+    """The ``N x D`` boolean keep masks of :func:`dare_flat` on the CPU, tensor by tensor as
+    :func:`_dare_keep` draws them, on ``torch.get_num_threads()`` threads: each (task, tensor) has its own
+    generator, so the draws are independent, and torch releases the GIL while it draws. For a matrix on
+    the GPU, whose masks must be the CPU's (:func:`dare_seed`): drawn on one thread, the masks of eight
+    tasks of 85 M entries took 3.7 s on the H200 machine (``benchmarks/results_gpu.md``), ninety times
+    TIES there."""
+    from concurrent.futures import ThreadPoolExecutor
+    keep = torch.empty(n, layout.D, dtype=torch.bool)
+
+    def draw(job):
+        i, task, k, s, e = job
+        g = torch.Generator().manual_seed(dare_seed(seed, task, k))
+        torch.ge(torch.rand(e - s, generator=g, dtype=torch.float32), p, out=keep[i, s:e])
+
+    jobs = [(i, task, k, s, e) for i, task in enumerate(tasks) for k, s, e in layout.segments()]
+    with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
+        list(pool.map(draw, jobs))
+    return keep
 
 
 def _dare_compiled(*tensors: Tensor) -> bool:

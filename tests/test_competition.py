@@ -420,3 +420,23 @@ def test_dare_masks_do_not_depend_on_the_device():
         torch.testing.assert_close(dare_flat(x.cuda(), 0.5, layout, seed=7).cpu(), ref)
     with pytest.raises(ValueError, match="seed=True"):
         dare_flat(x, 0.5, layout, seed=True)
+
+
+def test_dare_keeps_drawn_on_threads_are_the_masks_of_each_tensor():
+    """The GPU path of dare_flat draws every mask on a thread pool: the same masks as one draw per
+    (task, tensor) with its own seeded CPU generator, whatever the number of threads."""
+    from mergelib.competition import _dare_keep, _dare_keeps
+    from mergelib.task_vectors import FlatLayout
+    layout = FlatLayout.from_shapes({"a": (70, 40), "b": (33,), "c": (5, 900)})
+    tasks = ["x", 3, "z"]
+    want = torch.stack([torch.cat([_dare_keep(e - s, 0.7, 5, t, k, "cpu") for k, s, e in layout.segments()])
+                        for t in tasks])
+    threads = torch.get_num_threads()
+    try:
+        for n_threads in (1, 4):
+            torch.set_num_threads(n_threads)
+            got = _dare_keeps(len(tasks), layout, tasks, 0.7, 5)
+            assert got.dtype == torch.bool and torch.equal(got, want)
+    finally:
+        torch.set_num_threads(threads)
+    assert 0.2 < want.float().mean() < 0.4  # p = 0.7 drops about 70 %

@@ -1,0 +1,114 @@
+"""mergelib.gpu_kernels (Triton) against the torch code, bit for bit, run in Triton's interpreter on the
+CPU (``TRITON_INTERPRET=1``): the kernels' logic is checked in CI, which has no GPU; tests/test_cuda.py
+checks the compiled kernels on a GPU."""
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from mergelib import gpu_kernels as G  # noqa: E402
+from mergelib import kernels, selection as sel  # noqa: E402
+from mergelib.competition import ties_merge  # noqa: E402
+from mergelib.task_vectors import FlatLayout  # noqa: E402
+
+from bits import same_bits_any_zero_sign  # noqa: E402
+
+N_LONG = sel.LONG_ROW + 1234
+
+
+@pytest.fixture
+def interpreted(monkeypatch):
+    """The kernels defined afresh in Triton's interpreter, on CPU tensors, and again after the test.
+    The interpreter must be chosen before triton is imported: tests/conftest.py sets TRITON_INTERPRET=1
+    where there is no CUDA (on a GPU machine, run this file with TRITON_INTERPRET=1 in the environment)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton's interpreter is off (TRITON_INTERPRET=1 must be set before triton is imported)")
+    monkeypatch.setattr(G, "_on_cpu_interpreted", True)
+    G._compiled.cache_clear()
+    yield
+    G._compiled.cache_clear()
+
+
+def _rows(kind: str, dtype, n=N_LONG, rows=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, n, generator=g)
+    if kind == "zeros":  # zeros of both signs, a third each
+        x[:, ::3] = 0.0
+        x[:, 1::3] = -0.0
+    elif kind == "heavy tie":  # 60 % one magnitude: the bracket overflows, the torch path answers
+        x[:, : int(0.6 * n)] = -0.5
+    return x.to(dtype)
+
+
+def test_available_needs_cuda_tensors_or_the_interpreter(monkeypatch):
+    x = torch.zeros(2, 3)
+    assert not G.available(x)  # a CPU tensor: the torch code runs
+    monkeypatch.setattr(G, "_on_cpu_interpreted", True)
+    assert G.available(x)
+    assert not G.available(x.requires_grad_())
+    with kernels.use(False):
+        assert not G.available(torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("kind", ["normal", "zeros", "heavy tie"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_kth_abs_rows_equals_kthvalue(interpreted, kind, dtype):
+    x = _rows(kind, dtype)
+    n = x.shape[1]
+    for k in (1, n // 5, n // 2, n - 7, n):
+        got = G.kth_abs_rows(x, k)
+        want = torch.kthvalue(x.abs(), k, dim=1, keepdim=True).values
+        assert got.shape == (3, 1) and same_bits_any_zero_sign(got, want), (kind, dtype, k)
+    with pytest.raises(ValueError, match="out of range"):
+        G.kth_abs_rows(x, n + 1)
+
+
+def test_kth_abs_rows_of_a_segment_of_a_wider_matrix(interpreted):
+    x = torch.randn(2, 3 * N_LONG, generator=torch.Generator().manual_seed(1))
+    seg = x[:, 1000:1000 + N_LONG]  # rows contiguous, row stride 3 * N_LONG
+    for k in (5, N_LONG // 3):
+        assert same_bits_any_zero_sign(G.kth_abs_rows(seg, k),
+                                       torch.kthvalue(seg.abs(), k, dim=1, keepdim=True).values)
+
+
+def _task_vectors(n=5, seed=0):
+    layout = FlatLayout.from_shapes({"a": (40, 32), "b": (24, 16), "c": (24,), "d": (32, 40)})
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, layout.D, generator=g) * torch.linspace(0.5, 2.0, n)[:, None]
+    x[:, ::37] = 0.0
+    x[:, 5:40] = 0.0  # columns with every entry 0: gamma = 0 takes the majority sign
+    x[0, 50:60], x[1, 50:60], x[2:, 50:60] = 1.0, -1.0, 0.0  # cancelling columns (sum exactly 0)
+    return x, layout
+
+
+@pytest.mark.parametrize("granularity", ["global", "tensor"])
+@pytest.mark.parametrize("sign_rule", ["mass", "count"])
+def test_ties_sweep_has_the_bits_of_the_torch_code(interpreted, granularity, sign_rule):
+    """ties_merge through the kernels (the thresholds of the torch selection: rows this short skip the
+    counting kernel) equals ties_merge with the kernels switched off, for both majority signs (the
+    matrix and its negation), all-zero and cancelling columns, and density 1 (nothing trimmed)."""
+    x, layout = _task_vectors()
+    for density in (0.2, 0.5, 1.0):
+        for xx in (x, -x):
+            kw = dict(granularity=granularity, layout=layout, sign_rule=sign_rule)
+            got = ties_merge(xx, density, **kw)
+            with kernels.use(False):
+                want = ties_merge(xx, density, **kw)
+            assert got.dtype == torch.float32 and torch.equal(got.view(torch.int32), want.view(torch.int32)), \
+                (granularity, sign_rule, density)
+
+
+def test_ties_sweep_with_a_given_majority_and_without_thresholds(interpreted):
+    """The streaming merge's form: the majority sign given (no votes pass), segments without a
+    threshold keep every entry; against the torch sweep (competition._ties_fused) with the same plan."""
+    from mergelib.competition import _ties_fused
+    x, layout = _task_vectors(seed=3)
+    thr = x.abs().quantile(0.6, dim=1, keepdim=True)
+    plan = [(s, e, None if key == "c" else thr, 0) for key, s, e in layout.segments()]
+    for majority in (-4, 0, 5):
+        got = G.ties_sweep(x, [(s, e, t) for s, e, t, _ in plan], "mass", majority)
+        with kernels.use(False):
+            want = _ties_fused(x, plan, [None] * len(plan), "official", "mass", majority=majority)
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32)), majority
