@@ -259,19 +259,45 @@ def fr_tensor(x: Tensor, key: str, shape: tuple[int, ...], ratio: float = 0.7, m
     tensor by the caller's loop (:class:`~mergelib.task_vectors.Scratch`; the same bits). ``out``: a
     contiguous ``numel`` float32 tensor to write the result into (:func:`fr_merge`'s merged vector).
     """
+    if x.device.type == "cuda" and not (compat_official and "weight" not in key):
+        return _fr_tensor_two_reads(x, shape, ratio, mode, base, align, compat_double_ring, out)
     x = _fr_filter_align(x, shape, ratio, mode, base, align, compat_double_ring, scratch)
     if compat_official and "weight" not in key:  # x may be the caller's scratch buffer, reused for the next tensor
         return x[0].clone() if out is None else out.copy_(x[0])
     return _row_sum(x, out=out)
 
 
+def _fr_tensor_two_reads(x: Tensor, shape: tuple[int, ...], ratio: float, mode: str, base: str, align: str,
+                         compat_double_ring: bool, out: Tensor | None = None) -> Tensor:
+    """:func:`fr_tensor` on a GPU, ``x`` read and never written (rows contiguous; any row stride: a
+    segment of the flat matrix): after the filter, whose inverse transform writes a new block, the
+    alignment factors come from each row's L1 norm (one read) and the aligned sum is one
+    matrix-vector product (one read), in full float32 (no TF32), where the CPU code takes |x|, its mean,
+    scales the rows in place and adds them one at a time (eight passes over the block, each a kernel
+    launch). The same sums up to rounding."""
+    n = x.shape[0]
+    if len(shape) == 2:
+        x = _filter(x.view(n, *shape), ratio, mode, base, compat_double_ring).view(n, -1)
+    w = (_align_factors(torch.linalg.vector_norm(x, 1, dim=1).div_(x.shape[1])) if align == "official"
+         else torch.ones(n, dtype=x.dtype, device=x.device))
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        return torch.mv(x.t(), w, out=out)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
 # On the CPU, tensors of at least this many entries are filtered one task at a time, smaller ones (and
 # all on a GPU) in one batched FFT. A task's FFT temporaries (the spectrum, the inverse transform's
 # copies of it, the output) then bound the peak memory of a streamed merge instead of N tasks' (4 tasks
 # of a 4096 x 1024 matrix: 311 -> 113 MB above the inputs), and one task's transform stays in cache
-# (1.6x faster here). Per task or batched, MKL gives the same bits for every shape of this size we tried (ViT,
-# MiniLM, 4096 x 1024, odd sizes); for some tiny odd shapes (7 x 5) the batched inverse differs in its
-# last bits, so small tensors keep the batched call, and with it the results of earlier versions.
+# (1.6x faster here). Per task or batched, MKL gave the same bits for every shape of this size we tried (ViT,
+# MiniLM, 4096 x 1024, odd sizes) on an AMD Zen 4, but not on an Intel Xeon (2026-12-04: 1024 x 1024 and
+# 1024 x 1030 batches differ in their last bits), and for some tiny odd shapes (7 x 5) the batched inverse
+# differs everywhere, so small tensors keep the batched call, and with it the results of earlier versions.
+# fr_merge, merge() and merge_files() all filter through _fr_filter_align, so they agree bit for bit
+# with each other on any processor.
 _ONE_TASK_AT_A_TIME = 1 << 20
 
 
@@ -325,8 +351,13 @@ def fr_merge(tvs: Tensor, layout: FlatLayout, ratio: float = 0.7, mode: str = "o
     if align != "paper":
         merged = empty_matrix((D,), device=tvs.device)  # huge pages (task_vectors.HUGE_PAGE_BYTES)
         scratch = Scratch()  # a tensor's N x numel copy, spectrum and |.|, reused from tensor to tensor
-        scratch.reserve(n * max(e - s for _, _, s, e in segments), ("block", "abs"), device=tvs.device)
+        if tvs.device.type != "cuda":
+            scratch.reserve(n * max(e - s for _, _, s, e in segments), ("block", "abs"), device=tvs.device)
         for k, shape, s, e in segments:
+            if tvs.device.type == "cuda":  # read in place (fr_tensor writes nothing into it there)
+                fr_tensor(tvs[:, s:e], k, shape, ratio, mode, base, align, compat_official, compat_double_ring,
+                          out=merged[s:e])
+                continue
             seg = scratch.get("block", n * (e - s), device=tvs.device).view(n, e - s).copy_(tvs[:, s:e])
             fr_tensor(seg, k, shape, ratio, mode, base, align, compat_official, compat_double_ring, scratch,
                       out=merged[s:e])

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
+from types import SimpleNamespace
 
 import torch
 from torch import Tensor
@@ -119,7 +120,44 @@ def _compiled():
                 cnt += (t > 0).to(tl.float32)
             tl.store(out_ptr + cols, tl.math.div_rn(num * s, tl.maximum(cnt, 1.0)), mask=inb)
 
-    return triton, count_bracket, ties_pass
+    @triton.jit
+    def sum_deltas(base_ptr, out_ptr, bad_ptr, p0, p1, p2, p3, p4, p5, p6, p7, numel, scale,
+                   NM: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr, SCALE: tl.constexpr,
+                   BLOCK: tl.constexpr):
+        # out = (0 or out) + (m_0 - base) + ... + (m_{NM-1} - base), in float32; LAST: count the non-finite
+        # sums into bad_ptr, then (SCALE) out = base + scale * out
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        inb = offs < numel
+        b = tl.load(base_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        if FIRST:
+            acc = tl.zeros([BLOCK], dtype=tl.float32)
+        else:
+            acc = tl.load(out_ptr + offs, mask=inb, other=0.0)
+        acc += tl.load(p0 + offs, mask=inb, other=0.0).to(tl.float32) - b
+        if NM > 1:
+            acc += tl.load(p1 + offs, mask=inb, other=0.0).to(tl.float32) - b
+        if NM > 2:
+            acc += tl.load(p2 + offs, mask=inb, other=0.0).to(tl.float32) - b
+        if NM > 3:
+            acc += tl.load(p3 + offs, mask=inb, other=0.0).to(tl.float32) - b
+        if NM > 4:
+            acc += tl.load(p4 + offs, mask=inb, other=0.0).to(tl.float32) - b
+        if NM > 5:
+            acc += tl.load(p5 + offs, mask=inb, other=0.0).to(tl.float32) - b
+        if NM > 6:
+            acc += tl.load(p6 + offs, mask=inb, other=0.0).to(tl.float32) - b
+        if NM > 7:
+            acc += tl.load(p7 + offs, mask=inb, other=0.0).to(tl.float32) - b
+        if LAST:
+            big = tl.abs(acc) > 3.4028234663852886e38  # above the largest float32: +-inf
+            bad = tl.sum((inb & ((acc != acc) | big)).to(tl.int32), axis=0)
+            if bad > 0:
+                tl.atomic_add(bad_ptr, bad)
+            if SCALE:
+                acc = b + scale * acc
+        tl.store(out_ptr + offs, acc, mask=inb)
+
+    return SimpleNamespace(triton=triton, count_bracket=count_bracket, ties_pass=ties_pass, sum_deltas=sum_deltas)
 
 
 def kth_abs_rows(x: Tensor, k: int) -> Tensor:
@@ -127,7 +165,8 @@ def kth_abs_rows(x: Tensor, k: int) -> Tensor:
     contiguous (``x.stride(1) == 1``; any row stride: a segment of a wider matrix), float32, bf16 or fp16,
     finite: the same value (``N x 1``, ``x``'s dtype)."""
     from . import selection as _select
-    triton, count_bracket, _ = _compiled()
+    K = _compiled()
+    triton, count_bracket = K.triton, K.count_bracket
     n_rows, n = x.shape
     if not 1 <= k <= n:
         raise ValueError(f"k={k} out of range [1, {n}]")
@@ -166,7 +205,8 @@ def ties_sweep(x: Tensor, segments, sign_rule: str, majority: int | None = None)
     :func:`mergelib.competition._ties_fused`. ``majority`` (``"mass"`` rule): the sign that the columns
     whose trimmed sum is 0 take (> 0: +); None counts the votes of ``x`` first (one more pass and one
     host round trip): #(sum > 0) - #(sum < 0) over all columns, as the torch code does."""
-    triton, _, ties_pass = _compiled()
+    K = _compiled()
+    triton, ties_pass = K.triton, K.ties_pass
     n_rows, D = x.shape
     out = torch.empty(D, dtype=torch.float32, device=x.device)
     zero = torch.zeros(n_rows, dtype=torch.float32, device=x.device)
@@ -186,3 +226,30 @@ def ties_sweep(x: Tensor, segments, sign_rule: str, majority: int | None = None)
         majority = int(votes)
     sweep(1, majority > 0)
     return out
+
+
+MODELS_PER_LAUNCH = 8  # fine-tuned tensors read per launch of the task-arithmetic sum
+
+
+def sum_task_vectors(bases: list[Tensor], models: list[list[Tensor]], outs: list[Tensor],
+                     scale: float | None = None) -> list[int]:
+    """Task arithmetic's sums on CUDA: for every tensor ``j``, ``outs[j] = 0 + (m_1 - b) + (m_2 - b) + ...``
+    over its fine-tuned tensors ``models[j]`` in order, with ``b = bases[j]``, in float32 (the float
+    operations of :func:`mergelib.merging._sum_per_tensor`), each entry of the inputs read once (up to
+    :data:`MODELS_PER_LAUNCH` tasks per launch; more go on in the same order). ``scale``: then
+    ``outs[j] = b + scale * outs[j]`` (``torch.add(b, sum, alpha=scale)``). All tensors contiguous and
+    flat, ``outs`` float32; inputs float32, bf16 or fp16. Returns per tensor the number of non-finite
+    sums (one host round trip for all)."""
+    K = _compiled()
+    bad = torch.zeros(len(outs), dtype=torch.int32, device=outs[0].device)
+    for j, (b, ms, out) in enumerate(zip(bases, models, outs)):
+        numel = out.numel()
+        grid = (K.triton.cdiv(numel, BLOCK),)
+        for g0 in range(0, len(ms), MODELS_PER_LAUNCH):
+            group = ms[g0:g0 + MODELS_PER_LAUNCH]
+            last = g0 + MODELS_PER_LAUNCH >= len(ms)
+            ptrs = group + [group[0]] * (MODELS_PER_LAUNCH - len(group))
+            K.sum_deltas[grid](b, out, bad[j:], *ptrs, numel, 0.0 if scale is None else float(scale),
+                               NM=len(group), FIRST=g0 == 0, LAST=last, SCALE=last and scale is not None,
+                               BLOCK=BLOCK)
+    return bad.tolist()

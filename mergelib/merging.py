@@ -26,6 +26,7 @@ from torch import Tensor
 
 from .competition import _pcb_official, _ties_fused, _trim_plan, all_finite as _all_finite, dare_flat, pcb_merge, ties_merge
 from .fourier import _fr_options, fr_check_selection, fr_merge, fr_tensor
+from . import gpu_kernels as _gpu
 from . import kernels
 from .hparams import HParam, HyperparameterError, check_number
 from .task_vectors import (FlatLayout, NonFiniteError, Scratch, TaskVectorColumns, _check_finite, _sub_into, as_named_list,
@@ -411,15 +412,26 @@ _SUM_ALIGN = 1024
 
 def _sum_foreach(pretrained, models, keys: list[str], lams, check: bool, into: Mapping[str, Tensor] | None,
                  scale: float | None) -> dict[str, Tensor]:
-    """:func:`_sum_per_tensor` on CUDA: every tensor at once with multi-tensor kernels (``torch._foreach_*``:
-    a few launches per task instead of two per tensor and task) and one host sync for the finiteness
-    check (an L1 norm per tensor: NaN and inf propagate into it; an overflowing one is checked again
-    exactly). The sums add the tasks in order, ``0 + t_1 + t_2 + ...`` with ``t_i = theta_i - theta_0``
-    in float32: the float operations of the CPU code, though CUDA's ``x.sum(0)`` (the flat path's) may
-    round differently."""
-    base = [pretrained[k].reshape(-1).float() for k in keys]  # no copy for float32
+    """:func:`_sum_per_tensor` on CUDA. The sums add the tasks in order, ``0 + t_1 + t_2 + ...`` with
+    ``t_i = theta_i - theta_0`` in float32: the float operations of the CPU code (which reproduces
+    ``x.sum(0)``'s order in the last partial vector block), though CUDA's ``x.sum(0)`` (the flat path's)
+    may round differently. Without per-task scales, :func:`mergelib.gpu_kernels.sum_task_vectors` reads
+    every input entry once (Triton); otherwise every tensor at once with multi-tensor kernels
+    (``torch._foreach_*``: a few launches per task, not two per tensor and task). One host round trip
+    for the finiteness check (an L1 norm per tensor: NaN and inf propagate into it; an overflowing one
+    is checked again exactly)."""
     acc = ([into[k] for k in keys] if into is not None
-           else [torch.empty(b.numel(), dtype=torch.float32, device=b.device) for b in base])
+           else [torch.empty(pretrained[k].numel(), dtype=torch.float32, device=pretrained[k].device) for k in keys])
+    flat = [pretrained[k].reshape(-1) for k in keys]
+    rows = [[m[k].reshape(-1) for m in models] for k in keys]
+    if lams is None and _gpu.available(*flat) and all(t.is_contiguous() for t in (*flat, *acc)):
+        # every entry read once and the sums written once (Triton): the same float operations
+        bad = _gpu.sum_task_vectors(flat, rows, acc, scale)
+        for k, n_bad in zip(keys, bad):
+            if n_bad and check:
+                raise NonFiniteError(f"the task-vector sum of {k!r} is not finite")
+        return {k: a.view(pretrained[k].shape) for k, a in zip(keys, acc)}
+    base = [t.float() for t in flat]  # no copy for float32
     torch._foreach_zero_(acc)
     for i, m in enumerate(models):
         t = torch._foreach_sub([m[k].reshape(-1).float() for k in keys], base)
@@ -486,8 +498,8 @@ def _sum_per_tensor(pretrained, models, keys: list[str], lams, check: bool,
             out[k] = acc
             continue
         acc = torch.zeros(numel, dtype=torch.float32, device=dev) if into is None else into[k].zero_()
-        tmp = torch.empty(2, min(numel, _SUM_CHUNK), dtype=torch.float32, device=dev)  # t, base in float32
         step = _SUM_CHUNK if dev.type == "cpu" else max(numel, 1)
+        tmp = torch.empty(2, min(numel, step), dtype=torch.float32, device=dev)  # t, base in float32
         for a0 in range(0, head, step):
             a1 = min(a0 + step, numel, tail - off)
             t, base = tmp[:, : a1 - a0]

@@ -112,3 +112,42 @@ def test_ties_sweep_with_a_given_majority_and_without_thresholds(interpreted):
         with kernels.use(False):
             want = _ties_fused(x, plan, [None] * len(plan), "official", "mass", majority=majority)
         assert torch.equal(got.view(torch.int32), want.view(torch.int32)), majority
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_task_arithmetic_sums_have_the_bits_of_the_torch_code(interpreted, dtype):
+    """merge()'s task-arithmetic sums on CUDA (merging._sum_foreach -> gpu_kernels.sum_task_vectors):
+    the tasks added in order, bit for bit (the CPU's per-tensor path too, except in the last partial
+    vector block, where it reproduces x.sum(0)'s order), with more tasks than one launch reads (11: the sum goes
+    on in order in a second launch), bf16 inputs read as they are; theta_0 + scale * sum within an ulp
+    (the GPU may fuse it into one rounding); a non-finite sum names its tensor."""
+    from mergelib.merging import _sum_foreach, _sum_per_tensor
+    from mergelib.task_vectors import NonFiniteError
+    g = torch.Generator().manual_seed(0)
+    pre = {"a": torch.randn(30, 70, generator=g).to(dtype), "b": torch.randn(5000, generator=g).to(dtype)}
+    models = [{k: (v.float() + 1e-2 * torch.randn(v.shape, generator=g)).to(dtype) for k, v in pre.items()}
+              for _ in range(11)]
+    def in_order(k, n_models):  # 0 + (m_1 - b) + (m_2 - b) + ... in float32
+        acc = torch.zeros(pre[k].shape)
+        for m in models[:n_models]:
+            acc += m[k].float() - pre[k].float()
+        return acc
+
+    for n_models in (1, 3, 8, 11):
+        got = _sum_foreach(pre, models[:n_models], ["a", "b"], None, True, None, None)
+        for k in ("a", "b"):
+            want = {k: in_order(k, n_models)}
+            assert got[k].dtype == torch.float32 and got[k].shape == pre[k].shape
+            assert torch.equal(got[k].view(torch.int32), want[k].view(torch.int32)), (n_models, k)
+    got = _sum_foreach(pre, models, ["a", "b"], None, True, None, 0.3)
+    with kernels.use(False):
+        want = _sum_per_tensor(pre, models, ["a", "b"], None, True, scale=0.3)
+    for k in ("a", "b"):
+        ulp = torch.finfo(torch.float32).eps * float(want[k].abs().max())  # an ulp of the largest weight
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=ulp)
+    models[9]["b"][17] = float("nan")
+    with pytest.raises(NonFiniteError, match="'b'"):
+        _sum_foreach(pre, models, ["a", "b"], None, True, None, None)
+    models[9]["b"][17] = float("-inf")
+    with pytest.raises(NonFiniteError, match="'b'"):
+        _sum_foreach(pre, models, ["a", "b"], None, True, None, 0.3)
