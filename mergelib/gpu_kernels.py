@@ -40,12 +40,15 @@ COUNT_BLOCK = 4096  # entries per program of the counting pass (one pair of atom
 
 @lru_cache(maxsize=None)
 def _triton():
+    """(triton, triton.language), or None where Triton is missing or older than 3.3 (the kernels take
+    tuples of pointers): the torch code runs then."""
     try:
         import triton
         import triton.language as tl
-    except ImportError:  # an optional accelerator: the torch code runs instead
+    except ImportError:  # an optional accelerator
         return None
-    return triton, tl
+    major, minor = (int(v) for v in triton.__version__.split(".")[:2])
+    return (triton, tl) if (major, minor) >= (3, 3) else None
 
 
 # The tests run the kernels on CPU tensors in Triton's interpreter: TRITON_INTERPRET=1 set before triton
@@ -121,11 +124,11 @@ def _compiled():
             tl.store(out_ptr + cols, tl.math.div_rn(num * s, tl.maximum(cnt, 1.0)), mask=inb)
 
     @triton.jit
-    def sum_deltas(base_ptr, out_ptr, bad_ptr, p0, p1, p2, p3, p4, p5, p6, p7, numel, scale,
+    def sum_deltas(base_ptr, out_ptr, bad_ptr, models, numel, scale,
                    NM: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr, SCALE: tl.constexpr,
                    BLOCK: tl.constexpr):
-        # out = (0 or out) + (m_0 - base) + ... + (m_{NM-1} - base), in float32; LAST: count the non-finite
-        # sums into bad_ptr, then (SCALE) out = base + scale * out
+        # out = (0 or out) + (m_0 - base) + ... + (m_{NM-1} - base) in float32 (models: a tuple of NM
+        # pointers); LAST: count the non-finite sums into bad_ptr, then (SCALE) out = base + scale * out
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         inb = offs < numel
         b = tl.load(base_ptr + offs, mask=inb, other=0.0).to(tl.float32)
@@ -133,21 +136,8 @@ def _compiled():
             acc = tl.zeros([BLOCK], dtype=tl.float32)
         else:
             acc = tl.load(out_ptr + offs, mask=inb, other=0.0)
-        acc += tl.load(p0 + offs, mask=inb, other=0.0).to(tl.float32) - b
-        if NM > 1:
-            acc += tl.load(p1 + offs, mask=inb, other=0.0).to(tl.float32) - b
-        if NM > 2:
-            acc += tl.load(p2 + offs, mask=inb, other=0.0).to(tl.float32) - b
-        if NM > 3:
-            acc += tl.load(p3 + offs, mask=inb, other=0.0).to(tl.float32) - b
-        if NM > 4:
-            acc += tl.load(p4 + offs, mask=inb, other=0.0).to(tl.float32) - b
-        if NM > 5:
-            acc += tl.load(p5 + offs, mask=inb, other=0.0).to(tl.float32) - b
-        if NM > 6:
-            acc += tl.load(p6 + offs, mask=inb, other=0.0).to(tl.float32) - b
-        if NM > 7:
-            acc += tl.load(p7 + offs, mask=inb, other=0.0).to(tl.float32) - b
+        for i in tl.static_range(NM):
+            acc += tl.load(models[i] + offs, mask=inb, other=0.0).to(tl.float32) - b
         if LAST:
             big = tl.abs(acc) > 3.4028234663852886e38  # above the largest float32: +-inf
             bad = tl.sum((inb & ((acc != acc) | big)).to(tl.int32), axis=0)
@@ -248,8 +238,7 @@ def sum_task_vectors(bases: list[Tensor], models: list[list[Tensor]], outs: list
         for g0 in range(0, len(ms), MODELS_PER_LAUNCH):
             group = ms[g0:g0 + MODELS_PER_LAUNCH]
             last = g0 + MODELS_PER_LAUNCH >= len(ms)
-            ptrs = group + [group[0]] * (MODELS_PER_LAUNCH - len(group))
-            K.sum_deltas[grid](b, out, bad[j:], *ptrs, numel, 0.0 if scale is None else float(scale),
+            K.sum_deltas[grid](b, out, bad[j:], tuple(group), numel, 0.0 if scale is None else float(scale),
                                NM=len(group), FIRST=g0 == 0, LAST=last, SCALE=last and scale is not None,
                                BLOCK=BLOCK)
     return bad.tolist()
