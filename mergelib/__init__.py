@@ -21,6 +21,8 @@ Import it as ``import mergelib as ml``. Modules, one idea each:
 * ``ml.selection``     exact k-th values / top-k thresholds of long rows (TIES, PCB, experts)
 * ``ml.kernels``       fused CPU loops (Numba) with the torch code's bits: ``merge()``'s task arithmetic,
                        TIES and counting passes in one read per entry (optional: off without Numba)
+* ``ml.gpu_kernels``   fused CUDA kernels (Triton) with the torch code's float operations: TIES's thresholds
+                       and sweep, ``merge()``'s task arithmetic (optional: off without Triton >= 3.3)
 * ``ml.streaming``     ``merge_files``: merging safetensors checkpoints on disk (``python -m mergelib.merge``)
 * ``ml.search``        per-task coefficient search (CMA-ES) for PCB-Merging
 * ``ml.experts``       FREE-Merging's lightweight experts (extracted and trained)
@@ -35,8 +37,8 @@ import importlib as _importlib
 # The merging core is imported eagerly: it needs only torch, numpy, safetensors and tqdm, so that
 # `python -m mergelib.merge` and `merge()` start without torchvision, matplotlib or scipy (about 0.27 GB
 # of resident memory and 1.5 s of start-up here).
-from . import (benchmark, competition, evaluation, fourier, hparams, kernels, merging, search, selection, streaming,
-               sweep, task_vectors, utils)
+from . import (benchmark, competition, evaluation, fourier, gpu_kernels, hparams, kernels, merging, search, selection,
+               streaming, sweep, task_vectors, utils)
 
 # The rest (models, data, training, plotting, alignment, experts, routers, text, fetch) is imported on first use:
 # `ml.data`, `from mergelib import zoo` and `import mergelib.align` all work as if it were imported here.

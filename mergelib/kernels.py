@@ -35,7 +35,8 @@ They are an accelerator, not a second definition: the torch code in :mod:`mergel
 :mod:`mergelib.competition` is what the notebooks teach, and ``tests/test_kernels.py`` checks every
 kernel against it bit for bit. :func:`available` says whether a kernel can run (Numba installed,
 contiguous float32 or bf16 CPU tensors, kernels not switched off); otherwise the callers use the torch
-code (float16 checkpoints, CUDA, per-task lambdas of the sums, TIES's other rules).
+code (float16 checkpoints, per-task lambdas of the sums, TIES's other rules; on CUDA,
+:mod:`mergelib.gpu_kernels` where it applies).
 ``MERGELIB_KERNELS=torch`` in the environment, or :func:`use` (``with kernels.use(False): ...``),
 switches them off, e.g. for ``benchmarks/bench_merge.py --kernels torch``.
 
