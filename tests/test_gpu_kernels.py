@@ -151,3 +151,19 @@ def test_task_arithmetic_sums_have_the_bits_of_the_torch_code(interpreted, dtype
     models[9]["b"][17] = float("-inf")
     with pytest.raises(NonFiniteError, match="'b'"):
         _sum_foreach(pre, models, ["a", "b"], None, True, None, 0.3)
+
+
+def test_triton_older_than_3_3_leaves_the_torch_code(monkeypatch):
+    """The kernels take tuples of pointers (Triton >= 3.3, torch >= 2.7): with an older Triton they are
+    unavailable and the torch code runs."""
+    import triton
+    monkeypatch.setattr(G, "_on_cpu_interpreted", True)
+    G._triton.cache_clear()
+    try:
+        monkeypatch.setattr(triton, "__version__", "3.2.0")
+        assert G._triton() is None and not G.available(torch.zeros(2))
+        G._triton.cache_clear()
+        monkeypatch.setattr(triton, "__version__", "3.3.1+git0a1b2c3")
+        assert G._triton() is not None and G.available(torch.zeros(2))
+    finally:
+        G._triton.cache_clear()
