@@ -545,8 +545,8 @@ def _dare_keeps(n: int, layout: FlatLayout, tasks: Sequence[int | str], p: float
     :func:`_dare_keep` draws them, on ``torch.get_num_threads()`` threads: each (task, tensor) has its own
     generator, so the draws are independent, and torch releases the GIL while it draws. For a matrix on
     the GPU, whose masks must be the CPU's (:func:`dare_seed`): drawn on one thread, the masks of eight
-    tasks of 85 M entries took 3.7 s on the H200 machine (``benchmarks/results_gpu.md``), ninety times
-    TIES there."""
+    tasks of 85 M entries took 3.7 s on the H200 machine, 0.46 s on its 16 (``benchmarks/results_gpu.md``;
+    TIES takes 6 ms there)."""
     from concurrent.futures import ThreadPoolExecutor
     keep = torch.empty(n, layout.D, dtype=torch.bool)
 

@@ -1,5 +1,5 @@
 """Fused CUDA kernels (`Triton <https://triton-lang.org>`_): TIES's trim thresholds and its trim-elect-mean
-sweep, in two or three reads of the task vectors instead of some twenty-five.
+sweep, in three reads of the task vectors instead of some twenty-five, and task arithmetic's sums in one.
 
 On a GPU every eager torch operation is one pass over memory: TIES from the ``N x D`` matrix took 41 ms
 on an H200 for the ViT-B/32-sized benchmark set, where one read takes 0.65 ms
@@ -16,6 +16,8 @@ on an H200 for the ViT-B/32-sized benchmark set, where one read takes 0.65 ms
   :func:`mergelib.competition._ties_fused` adds them, divisions rounded as IEEE divisions: the bits of
   the torch code. With the ``"mass"`` rule a first pass counts the votes that decide the sign of the
   columns whose trimmed sum is 0.
+* :func:`sum_task_vectors`: ``merge()``'s task-arithmetic sums ``0 + (theta_1 - theta_0) + ...`` from
+  the state dicts, every input entry read once (:func:`mergelib.merging._sum_foreach`).
 
 They run where :func:`available` says so: Triton importable, CUDA tensors, the kernels not switched off
 (``MERGELIB_KERNELS=torch``, as for :mod:`mergelib.kernels`). ``tests/test_gpu_kernels.py`` runs them in
@@ -52,7 +54,8 @@ def _triton():
 
 
 # The tests run the kernels on CPU tensors in Triton's interpreter: TRITON_INTERPRET=1 set before triton
-# is imported (tests/conftest.py does where there is no CUDA), and this switch on (tests/test_gpu_kernels.py)
+# is imported (the repository's conftest.py does where there is no CUDA), and this switch on
+# (tests/test_gpu_kernels.py)
 _on_cpu_interpreted = False
 
 
