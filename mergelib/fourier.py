@@ -259,8 +259,9 @@ def fr_tensor(x: Tensor, key: str, shape: tuple[int, ...], ratio: float = 0.7, m
     tensor by the caller's loop (:class:`~mergelib.task_vectors.Scratch`; the same bits). ``out``: a
     contiguous ``numel`` float32 tensor to write the result into (:func:`fr_merge`'s merged vector).
     """
-    if x.device.type == "cuda" and not (compat_official and "weight" not in key):
-        return _fr_tensor_two_reads(x, shape, ratio, mode, base, align, compat_double_ring, out)
+    if x.device.type == "cuda":
+        return _fr_tensor_two_reads(x, shape, ratio, mode, base, align, compat_double_ring, out,
+                                    first_task_only=compat_official and "weight" not in key)
     x = _fr_filter_align(x, shape, ratio, mode, base, align, compat_double_ring, scratch)
     if compat_official and "weight" not in key:  # x may be the caller's scratch buffer, reused for the next tensor
         return x[0].clone() if out is None else out.copy_(x[0])
@@ -268,18 +269,21 @@ def fr_tensor(x: Tensor, key: str, shape: tuple[int, ...], ratio: float = 0.7, m
 
 
 def _fr_tensor_two_reads(x: Tensor, shape: tuple[int, ...], ratio: float, mode: str, base: str, align: str,
-                         compat_double_ring: bool, out: Tensor | None = None) -> Tensor:
+                         compat_double_ring: bool, out: Tensor | None = None, first_task_only: bool = False) -> Tensor:
     """:func:`fr_tensor` on a GPU, ``x`` read and never written (rows contiguous; any row stride: a
     segment of the flat matrix): after the filter, whose inverse transform writes a new block, the
     alignment factors come from each row's L1 norm (one read) and the aligned sum is one
     matrix-vector product (one read), in full float32 (no TF32), where the CPU code takes |x|, its mean,
     scales the rows in place and adds them one at a time (eight passes over the block, each a kernel
-    launch). The same sums up to rounding."""
+    launch). The same sums up to rounding. ``first_task_only`` (``compat_official``'s non-weight
+    tensors): task 1's aligned row instead of the sum."""
     n = x.shape[0]
     if len(shape) == 2:
         x = _filter(x.view(n, *shape), ratio, mode, base, compat_double_ring).view(n, -1)
     w = (_align_factors(torch.linalg.vector_norm(x, 1, dim=1).div_(x.shape[1])) if align == "official"
          else torch.ones(n, dtype=x.dtype, device=x.device))
+    if first_task_only:
+        return torch.mul(x[0], w[0], out=out)
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
@@ -354,11 +358,9 @@ def fr_merge(tvs: Tensor, layout: FlatLayout, ratio: float = 0.7, mode: str = "o
         if tvs.device.type != "cuda":
             scratch.reserve(n * max(e - s for _, _, s, e in segments), ("block", "abs"), device=tvs.device)
         for k, shape, s, e in segments:
-            if tvs.device.type == "cuda":  # read in place (fr_tensor writes nothing into it there)
-                fr_tensor(tvs[:, s:e], k, shape, ratio, mode, base, align, compat_official, compat_double_ring,
-                          out=merged[s:e])
-                continue
-            seg = scratch.get("block", n * (e - s), device=tvs.device).view(n, e - s).copy_(tvs[:, s:e])
+            # on CUDA read in place (fr_tensor writes nothing into it there), else a copy it may overwrite
+            seg = (tvs[:, s:e] if tvs.device.type == "cuda"
+                   else scratch.get("block", n * (e - s), device=tvs.device).view(n, e - s).copy_(tvs[:, s:e]))
             fr_tensor(seg, k, shape, ratio, mode, base, align, compat_official, compat_double_ring, scratch,
                       out=merged[s:e])
         return merged

@@ -18,6 +18,7 @@ from mergelib.fourier import fr_merge
 from mergelib.task_vectors import FlatLayout, NonFiniteError
 
 from bits import same_bits_any_zero_sign
+from row_cases import make_rows
 
 # MERGELIB_TEST_DEVICE=cpu runs this file against the CPU itself: a dry run of the tests' own code
 CUDA = torch.device(os.environ.get("MERGELIB_TEST_DEVICE", "cuda"))
@@ -25,27 +26,10 @@ pytestmark = pytest.mark.skipif(CUDA.type == "cuda" and not torch.cuda.is_availa
 N_LONG = sel.LONG_ROW + 4321  # long enough for the sampled bracket and the counting pass
 
 
-def _rows(kind: str, dtype, n=N_LONG, rows=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(rows, n, generator=g)
-    if kind == "ties":
-        x = (x * 3).round()
-    elif kind == "zeros":
-        x[:, ::3] = 0.0
-        x[:, 1::3] = -0.0
-    elif kind == "subnormal":
-        x = x * 1e-39
-        x[:, ::5] = torch.finfo(torch.float32).tiny
-    elif kind == "heavy tie":  # 42 % of each row one value: the tie the counting pass counts, not keeps
-        x[:, : int(0.42 * n)] = 0.125
-        x = x[:, torch.randperm(n, generator=g)]
-    return x.to(dtype)
-
-
 @pytest.mark.parametrize("kind", ["normal", "ties", "zeros", "subnormal", "heavy tie"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_kth_smallest_on_cuda_equals_kthvalue_on_the_cpu(kind, dtype):
-    x = _rows(kind, dtype)
+    x = make_rows(kind, dtype, N_LONG, rows=3)
     xc = x.to(CUDA)
     n = x.shape[1]
     for k in (1, 2, n // 10, n // 2, n - n // 20, n - 1, n):
@@ -63,7 +47,7 @@ def test_short_rows_many_ranks_and_topk_mask_on_cuda():
         got = sel.kth_smallest(x.to(CUDA), ks, dim=1).cpu()
         for j, k in enumerate(ks):
             assert same_bits_any_zero_sign(got[:, j], torch.kthvalue(x, k, dim=1).values)
-    x = _rows("ties", torch.float32)  # many ties at the threshold: the index-order rule decides
+    x = make_rows("ties", torch.float32, N_LONG, rows=3)  # many ties at the threshold: the index-order rule decides
     for keep in (1, 5000, N_LONG // 3):
         assert torch.equal(sel.topk_mask(x.to(CUDA), keep, dim=1).cpu(), sel.topk_mask(x, keep, dim=1))
 
@@ -136,7 +120,9 @@ def test_dare_pcb_and_fr_on_cuda_match_the_cpu():
     for mode, align in (("official", "official"), ("paper", "paper"), ("official", "none")):
         _close(fr_merge(xc, layout, 0.7, mode=mode, align=align), on_cpu(fr_merge, x, layout, 0.7, mode=mode, align=align),
                rtol=1e-4)
-    assert torch.equal(x.to(CUDA).cpu(), x)  # inputs untouched (the non-in-place paths)
+    _close(fr_merge(xc, layout, 0.7, compat_official=True), on_cpu(fr_merge, x, layout, 0.7, compat_official=True),
+           rtol=1e-4)  # the bias takes task 1's aligned row
+    assert torch.equal(xc.cpu(), x)  # the input untouched (the non-in-place paths, FR reading it in place)
 
 
 def _state_dicts(dtype, n=3):

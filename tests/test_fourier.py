@@ -333,3 +333,8 @@ def test_fr_tensor_of_the_gpu_reads_its_block_twice_and_sums_the_same(shape, ali
     out = torch.full((numel,), float("nan"))
     assert _fr_tensor_two_reads(seg, shape, 0.7, "official", "min", align, False, out=out) is out
     torch.testing.assert_close(out, want, rtol=0, atol=tol)
+    # compat_official's non-weight tensors: task 1's aligned row, the input still unwritten
+    first = _fr_tensor_two_reads(seg, shape, 0.7, "official", "min", align, False, first_task_only=True)
+    want = fr_tensor(seg.contiguous(), "b.bias", shape, 0.7, align=align, compat_official=True)
+    torch.testing.assert_close(first, want, rtol=0, atol=1e-6 * float(want.abs().max()))
+    assert torch.equal(wide, before)

@@ -14,6 +14,7 @@ from mergelib.competition import ties_merge  # noqa: E402
 from mergelib.task_vectors import FlatLayout  # noqa: E402
 
 from bits import same_bits_any_zero_sign  # noqa: E402
+from row_cases import make_rows  # noqa: E402
 
 N_LONG = sel.LONG_ROW + 1234
 
@@ -31,17 +32,6 @@ def interpreted(monkeypatch):
     G._compiled.cache_clear()
 
 
-def _rows(kind: str, dtype, n=N_LONG, rows=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(rows, n, generator=g)
-    if kind == "zeros":  # zeros of both signs, a third each
-        x[:, ::3] = 0.0
-        x[:, 1::3] = -0.0
-    elif kind == "heavy tie":  # 60 % one magnitude: the bracket overflows, the torch path answers
-        x[:, : int(0.6 * n)] = -0.5
-    return x.to(dtype)
-
-
 def test_available_needs_cuda_tensors_or_the_interpreter(monkeypatch):
     x = torch.zeros(2, 3)
     assert not G.available(x)  # a CPU tensor: the torch code runs
@@ -54,13 +44,20 @@ def test_available_needs_cuda_tensors_or_the_interpreter(monkeypatch):
 
 @pytest.mark.parametrize("kind", ["normal", "zeros", "heavy tie"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_kth_abs_rows_equals_kthvalue(interpreted, kind, dtype):
-    x = _rows(kind, dtype)
+def test_kth_abs_rows_equals_kthvalue(interpreted, monkeypatch, kind, dtype):
+    """The counting kernel's values. A bracket on a heavily repeated value (the heavy tie; the zeros,
+    two thirds of each row in |x|) holds too many candidates, and the torch selection answers (counted);
+    normal rows never need it."""
+    fallbacks = []
+    exact = sel.kth_smallest
+    monkeypatch.setattr(sel, "kth_smallest", lambda *a, **kw: fallbacks.append(a[1]) or exact(*a, **kw))
+    x = make_rows(kind, dtype, N_LONG, rows=3)
     n = x.shape[1]
     for k in (1, n // 5, n // 2, n - 7, n):
         got = G.kth_abs_rows(x, k)
         want = torch.kthvalue(x.abs(), k, dim=1, keepdim=True).values
         assert got.shape == (3, 1) and same_bits_any_zero_sign(got, want), (kind, dtype, k)
+    assert (n // 5 in fallbacks) if kind != "normal" else not fallbacks
     with pytest.raises(ValueError, match="out of range"):
         G.kth_abs_rows(x, n + 1)
 

@@ -12,30 +12,15 @@ from mergelib.competition import ties_merge, trim
 from mergelib.task_vectors import FlatLayout
 
 from bits import same_bits_any_zero_sign
+from row_cases import make_rows
 
 N_LONG = sel.LONG_ROW + 4321  # long enough for the bracket-and-count path
-
-
-def _rows(kind: str, dtype=torch.float32, n=N_LONG, rows=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(rows, n, generator=g)
-    if kind == "ties":
-        x = (x * 3).round()  # few distinct values, many duplicates
-    elif kind == "zeros":
-        x[:, ::3] = 0.0
-        x[:, 1::3] = -0.0
-    elif kind == "subnormal":
-        x = x * 1e-39  # float32 subnormals
-        x[:, ::5] = torch.finfo(torch.float32).tiny
-    elif kind == "constant":
-        x = torch.full((rows, n), 0.25)
-    return x.to(dtype)
 
 
 @pytest.mark.parametrize("kind", ["normal", "ties", "zeros", "subnormal", "constant"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_kth_smallest_equals_kthvalue(kind, dtype):
-    x = _rows(kind, dtype)
+    x = make_rows(kind, dtype, N_LONG)
     n = x.shape[1]
     for k in (1, 2, n // 10, n // 2, n - n // 20, n - 1, n):
         want = torch.kthvalue(x, k, dim=1).values
@@ -46,7 +31,7 @@ def test_kth_smallest_equals_kthvalue(kind, dtype):
 
 
 def test_kth_smallest_many_ranks_keepdim_and_dims():
-    x = _rows("normal", rows=3)
+    x = make_rows("normal", n=N_LONG, rows=3)
     ks = [1, 77, x.shape[1]]
     got = sel.kth_smallest(x, ks, dim=1)
     assert got.shape == (3, 3)
@@ -70,14 +55,14 @@ def test_short_rows_single_elements_and_errors():
 
 def test_bracket_fallback_is_exact(monkeypatch):
     """A sample that misses the k-th value (forced here) still gives the exact answer."""
-    x = _rows("normal", rows=1)
+    x = make_rows("normal", n=N_LONG, rows=1)
     monkeypatch.setattr(sel, "_sample_index", lambda n, m, dev: torch.zeros(m, dtype=torch.long))
     for k in (1, 1000, x.shape[1]):
         assert same_bits_any_zero_sign(sel.kth_smallest(x, k, dim=1), torch.kthvalue(x, k, dim=1).values)
 
 
 def test_backend_switch():
-    x = _rows("normal", rows=1)
+    x = make_rows("normal", n=N_LONG, rows=1)
     with sel.backend("torch"):
         assert sel.get_backend() == "torch"
         a = sel.kth_smallest(x, 100, dim=1)
@@ -323,7 +308,7 @@ def test_ties_merge_rules_validate():
 def test_numpy_and_torch_counting_passes_agree(monkeypatch, kind, dtype):
     """The CPU counting pass runs in NumPy (bf16 read as float32); the torch pass (CUDA's) gives the
     same values, in the row's dtype, including the sample-missed fallback."""
-    x = _rows(kind, dtype, rows=1)
+    x = make_rows(kind, dtype, N_LONG, rows=1)
     n = x.shape[1]
     ks = [1, n // 3, n - n // 10, n]
     assert sel._numpy_pass_ok(x[0])
