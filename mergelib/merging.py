@@ -424,7 +424,8 @@ def _sum_foreach(pretrained, models, keys: list[str], lams, check: bool, into: M
            else [torch.empty(pretrained[k].numel(), dtype=torch.float32, device=pretrained[k].device) for k in keys])
     flat = [pretrained[k].reshape(-1) for k in keys]
     rows = [[m[k].reshape(-1) for m in models] for k in keys]
-    if lams is None and _gpu.available(*flat) and all(t.is_contiguous() for t in (*flat, *acc)):
+    inputs = [*flat, *(t for r in rows for t in r)]
+    if lams is None and _gpu.available(*inputs, *acc) and all(t.is_contiguous() for t in (*inputs, *acc)):
         # every entry read once and the sums written once (Triton): the same float operations
         bad = _gpu.sum_task_vectors(flat, rows, acc, scale)
         for k, n_bad in zip(keys, bad):

@@ -164,3 +164,19 @@ def test_triton_older_than_3_3_leaves_the_torch_code(monkeypatch):
         assert G._triton() is not None and G.available(torch.zeros(2))
     finally:
         G._triton.cache_clear()
+
+
+def test_task_arithmetic_sums_stay_off_the_kernel_when_a_tensor_is_elsewhere(interpreted, monkeypatch):
+    """The kernel reads raw pointers: one fine-tuned tensor that is not where the others are (here, one
+    that needs a gradient stands in for one on another device) sends the sums to torch's code."""
+    from mergelib.merging import _sum_foreach
+    calls = []
+    monkeypatch.setattr(G, "sum_task_vectors", lambda *a, **kw: calls.append(1) or [0, 0])
+    pre = {"a": torch.randn(4, 5), "b": torch.randn(7)}
+    models = [{k: v + 0.1 for k, v in pre.items()} for _ in range(2)]
+    _sum_foreach(pre, models, ["a", "b"], None, True, None, None)
+    assert calls == [1]
+    models[1]["b"] = models[1]["b"].clone().requires_grad_()
+    with torch.no_grad():
+        got = _sum_foreach(pre, models, ["a", "b"], None, True, None, None)
+    assert calls == [1] and torch.allclose(got["b"], torch.full((7,), 0.2))
