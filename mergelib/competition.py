@@ -793,7 +793,7 @@ def _pcb_official_sparse(src: TaskVectorColumns, density: float, lams: Sequence[
     brackets = [_select._brackets(sampled[i], D, [q_k])[0] for i in range(n)]
     floors = np.array([-np.inf if b[0] is None else float(b[0]) for b in brackets], dtype=np.float32)
     m, p = pos.numel(), q_k / D  # the entries above the floor: above q, and the bracket's ranks below it
-    expected = D * (1 - p) + D * (5 * math.sqrt(m * p * (1 - p)) + 16) / m
+    expected = D * (1 - p) + D * _select.bracket_margin(m, p) / m
     kept = _kernels.KeptScores(floors, capacity=int(1.25 * expected) + 4096, limit=int(2 * expected) + 4096)
     width = chunks[0][1] - chunks[0][0]
     block = empty_matrix((n, width), dtype=src.dtype, device=src.device)

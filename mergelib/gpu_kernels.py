@@ -35,7 +35,6 @@ from torch import Tensor
 from . import kernels as _kernels
 
 SAMPLE = 1 << 20  # sample of each row for its bracket (sorted on the GPU: the bracket spans ~0.5 % of the row)
-MARGIN_SIGMAS = 5.0  # the bracket's half-width in standard deviations of the sample rank
 BLOCK = 1024  # columns per program of the TIES sweep
 COUNT_BLOCK = 4096  # entries per program of the counting pass (one pair of atomic adds each)
 
@@ -168,9 +167,7 @@ def kth_abs_rows(x: Tensor, k: int) -> Tensor:
     m = min(SAMPLE, n)
     idx = _select._sample_index(n, m, str(dev))
     s = x[:, idx].abs().float().sort(dim=1).values  # N x m, sorted
-    p = k / n
-    margin = MARGIN_SIGMAS * math.sqrt(m * p * (1 - p)) + 16
-    lo_i, hi_i = math.floor(p * m - margin), math.ceil(p * m + margin)
+    lo_i, hi_i = _select.sample_span(k, n, m)
     lo = s[:, lo_i].contiguous() if lo_i >= 0 else torch.full((n_rows,), -1.0, device=dev)
     hi = s[:, hi_i].contiguous() if hi_i < m else torch.full((n_rows,), math.inf, device=dev)
     expected = (min(hi_i, m - 1) - max(lo_i, 0) + 1) / m * n

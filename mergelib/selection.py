@@ -128,17 +128,27 @@ def _chunks(n: int, device: torch.device) -> list[tuple[int, int]]:
     return [(s, min(s + step, n)) for s in range(0, n, step)]
 
 
+def bracket_margin(m: int, p: float) -> float:
+    """Half-width, in ranks of a sample of ``m`` entries, of the bracket around the sample rank ``p * m``
+    of a row's k-th value (``p = k / n``): five standard deviations of the sample rank, plus 16."""
+    return 5.0 * math.sqrt(m * p * (1 - p)) + 16
+
+
+def sample_span(k: int, n: int, m: int) -> tuple[int, int]:
+    """The sample ranks ``(lo, hi)`` (0-based; below 0 or from ``m`` on: open on that side) whose values
+    bracket the k-th smallest of a row of ``n`` entries, from a sorted sample of ``m`` of them."""
+    p = k / n
+    margin = bracket_margin(m, p)
+    return math.floor(p * m - margin), math.ceil(p * m + margin)
+
+
 def _brackets(sample: Tensor, n: int, ks: Sequence[int]) -> list[tuple[Tensor | None, Tensor | None, Tensor | None]]:
     """Per rank k: values ``lo <= hi`` of the sorted ``sample`` (of a row of ``n`` entries) that bracket
     the k-th smallest with overwhelming probability (None: open on that side), and ``tie``: the value in
     the bracket that the counting pass counts instead of keeping (:data:`TIE_SHARE`; ``lo`` where
     ``lo == hi``), or None."""
     m = sample.numel()
-    spans = []
-    for k in ks:
-        p = k / n
-        margin = 5.0 * math.sqrt(m * p * (1 - p)) + 16
-        spans.append((math.floor(p * m - margin), math.ceil(p * m + margin)))
+    spans = [sample_span(k, n, m) for k in ks]
     if _numpy_pass_ok(sample):  # only the brackets' ranks in order (introselect), then each bracket's part
         a = np.array(_as_numpy(sample))  # sorted: a few hundred entries each, not the 32K of the sample
         a.partition(sorted({min(max(i, 0), m - 1) for span in spans for i in span}))
