@@ -836,13 +836,17 @@ def _pcb_official(src: Tensor | TaskVectorColumns, density: float, lams: Sequenc
     then steps 5-6 with tau' recomputed from tau. With column blocks, finiteness is checked here
     (the column sums of step 3 hold a NaN or inf wherever an entry does); raises :class:`NonFiniteError`.
     Compiled, at densities up to :data:`PCB_SPARSE_DENSITY`, beta is kept only where it may exceed the
-    drop threshold (:func:`_pcb_official_sparse`), with the same bits.
+    drop threshold (:func:`_pcb_official_sparse`), with the same bits. A float32 matrix on CUDA takes
+    :func:`mergelib.gpu_kernels.pcb_official` (Triton: close to these bits, its ``exp`` and ``tanh`` its own).
     """
     n, D = src.shape
     dev = src.device
     columns = not isinstance(src, Tensor)
     q_k = _pcb_q_k(D, density)
     lo_k, hi_k = _pcb_official_ks(D)
+    if (not columns and src.dtype == torch.float32 and src.stride(1) == 1 and D >= _select.LONG_ROW
+            and _gpu.available(src)):  # three fused passes, no N x D scores (Triton, CUDA)
+        return _gpu.pcb_official(src, lo_k, hi_k, q_k, lams)
     if columns:  # step 1's order statistics: one counting pass over the blocks for both ranks
         clip = _select.kth_smallest_columns(src, [lo_k, hi_k], absolute=True)
     else:

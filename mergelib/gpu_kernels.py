@@ -127,30 +127,110 @@ def _compiled():
             tl.store(out_ptr + cols, tl.math.div_rn(num * s, tl.maximum(cnt, 1.0)), mask=inb)
 
     @triton.jit
-    def sum_deltas(base_ptr, out_ptr, bad_ptr, models, numel, scale,
-                   NM: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr, SCALE: tl.constexpr,
-                   BLOCK: tl.constexpr):
-        # out = (0 or out) + (m_0 - base) + ... + (m_{NM-1} - base) in float32 (models: a tuple of NM
-        # pointers); LAST: count the non-finite sums into bad_ptr, then (SCALE) out = base + scale * out
+    def sum_deltas(table_ptr, bad_ptr, scale, DTYPE: tl.constexpr, NM: tl.constexpr, FIRST: tl.constexpr,
+                   LAST: tl.constexpr, SCALE: tl.constexpr, BLOCK: tl.constexpr):
+        # one tensor's block per program, the tensors in a table (int64 rows: numel, the addresses of the
+        # base, the output and NM fine-tuned tensors; one launch for all tensors): out = (0 or out) +
+        # (m_0 - base) + ... + (m_{NM-1} - base) in float32; LAST: count the non-finite sums into
+        # bad_ptr[tensor], then (SCALE) out = base + scale * out
+        j = tl.program_id(1)
+        row = table_ptr + j * (NM + 3)
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        inb = offs < numel
-        b = tl.load(base_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-        if FIRST:
-            acc = tl.zeros([BLOCK], dtype=tl.float32)
-        else:
-            acc = tl.load(out_ptr + offs, mask=inb, other=0.0)
-        for i in tl.static_range(NM):
-            acc += tl.load(models[i] + offs, mask=inb, other=0.0).to(tl.float32) - b
-        if LAST:
-            big = tl.abs(acc) > 3.4028234663852886e38  # above the largest float32: +-inf
-            bad = tl.sum((inb & ((acc != acc) | big)).to(tl.int32), axis=0)
-            if bad > 0:
-                tl.atomic_add(bad_ptr, bad)
-            if SCALE:
-                acc = b + scale * acc
-        tl.store(out_ptr + offs, acc, mask=inb)
+        inb = offs < tl.load(row)  # programs past a shorter tensor's end do nothing
+        if tl.program_id(0).to(tl.int64) * BLOCK < tl.load(row):
+            base_ptr = tl.load(row + 1).to(tl.pointer_type(DTYPE))
+            out_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
+            b = tl.load(base_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+            if FIRST:
+                acc = tl.zeros([BLOCK], dtype=tl.float32)
+            else:
+                acc = tl.load(out_ptr + offs, mask=inb, other=0.0)
+            for i in tl.static_range(NM):
+                m_ptr = tl.load(row + 3 + i).to(tl.pointer_type(DTYPE))
+                acc += tl.load(m_ptr + offs, mask=inb, other=0.0).to(tl.float32) - b
+            if LAST:
+                big = tl.abs(acc) > 3.4028234663852886e38  # above the largest float32: +-inf
+                bad = tl.sum((inb & ((acc != acc) | big)).to(tl.int32), axis=0)
+                if bad > 0:
+                    tl.atomic_add(bad_ptr + j, bad)
+                if SCALE:
+                    acc = b + scale * acc
+            tl.store(out_ptr + offs, acc, mask=inb)
 
-    return SimpleNamespace(triton=triton, count_bracket=count_bracket, ties_pass=ties_pass, sum_deltas=sum_deltas)
+    @triton.jit
+    def pcb_pass(x_ptr, row_stride, n_rows, n, idx_ptr, lo_ptr, hi_ptr, span_ptr,
+                 blo_ptr, bhi_ptr, below_ptr, cnt_ptr, cand_ptr, cap, bmax_ptr, nprog,
+                 q_ptr, qspan_ptr, lam_ptr, out_ptr,
+                 MODE: tl.constexpr, HAS_LAM: tl.constexpr, BLOCK: tl.constexpr):
+        # PCB official on a block of columns, all rows: the column sums (rows in order from 0), then per
+        # row a = clamp(|x|, lo, hi), beta = exp(N * ((a - lo) / span)^2) * tanh(x * sum). MODE 0: beta
+        # at the columns idx (n of them) into out (N x n); 1: count the betas below the row's bracket
+        # [blo, bhi], pack those inside into cand (N x cap) and write the block's max into bmax
+        # (N x nprog); 2: the merge, out = sum_i s_i * lam_i * tau'_i / max(sum_i s_i, 1e-12) with
+        # s = (max(beta, q) - q) / qspan and tau' = sign(x) * a, rows added in order from 0
+        pid = tl.program_id(0)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        inb = offs < n
+        if MODE == 0:
+            cols = tl.load(idx_ptr + offs, mask=inb, other=0)
+        else:
+            cols = offs
+        tot = tl.zeros([BLOCK], dtype=tl.float32)
+        xp = x_ptr + cols  # advanced by a row at a time
+        for i in range(n_rows):
+            tot += tl.load(xp, mask=inb, other=0.0)
+            xp += row_stride
+        fn = n_rows.to(tl.float32)
+        num = tl.zeros([BLOCK], dtype=tl.float32)
+        den = tl.zeros([BLOCK], dtype=tl.float32)
+        xp = x_ptr + cols
+        op = out_ptr + offs  # MODE 0: the row's scores, advanced by a row at a time
+        cp = cand_ptr  # MODE 1: the row's candidates
+        for i in range(n_rows):  # the block's rows again (from the L2 cache)
+            x = tl.load(xp, mask=inb, other=0.0)
+            xp += row_stride
+            lo = tl.load(lo_ptr + i)
+            a = tl.minimum(tl.maximum(tl.abs(x), lo), tl.load(hi_ptr + i))
+            d = tl.math.div_rn(a - lo, tl.load(span_ptr + i))
+            # tanh(x * tot) in float32 within a few ulp (Cephes' tanhf: an odd polynomial below 0.625,
+            # (1 - e^-2|y|) / (1 + e^-2|y|) above), and y itself below 2**-12 as torch's tanh
+            # (competition.TANH_IDENTITY_BELOW); libdevice's tanh does not run in Triton's interpreter
+            y = x * tot
+            ay = tl.abs(y)
+            z = y * y
+            poly = ((((-5.70498872745e-3 * z + 2.06390887954e-2) * z - 5.37397155531e-2) * z + 1.33314422036e-1) * z
+                    - 3.33332819422e-1) * z * y + y
+            e = tl.exp(-2.0 * ay)
+            big = (1.0 - e) / (1.0 + e)
+            th = tl.where(ay < 2.44140625e-4, y, tl.where(ay < 0.625, poly, tl.where(y < 0, -big, big)))
+            beta = tl.exp(d * d * fn) * th
+            if MODE == 0:
+                tl.store(op, beta, mask=inb)
+                op += n
+            elif MODE == 1:
+                blo = tl.load(blo_ptr + i)
+                below = tl.sum((inb & (beta < blo)).to(tl.int32), axis=0)
+                tl.atomic_add(below_ptr + i, below.to(tl.int64))
+                inside = inb & (beta >= blo) & (beta <= tl.load(bhi_ptr + i))
+                flags = inside.to(tl.int32)
+                start = tl.atomic_add(cnt_ptr + i, tl.sum(flags, axis=0).to(tl.int64))
+                pos = start + (tl.cumsum(flags, axis=0) - 1).to(tl.int64)
+                tl.store(cp + pos, beta, mask=inside & (pos < cap))
+                cp += cap
+                tl.store(bmax_ptr + i * nprog + pid, tl.max(tl.where(inb, beta, -float("inf")), axis=0))
+            else:
+                q = tl.load(q_ptr + i)
+                s = tl.math.div_rn(tl.maximum(beta, q) - q, tl.load(qspan_ptr + i))
+                tp = a * ((x > 0).to(tl.float32) - (x < 0).to(tl.float32))
+                if HAS_LAM:
+                    tp = tp * tl.load(lam_ptr + i)
+                num += tp * s
+                den += s
+        if MODE == 2:
+            tl.store(out_ptr + offs, tl.math.div_rn(num, tl.maximum(den, 1e-12)), mask=inb)
+
+    return SimpleNamespace(triton=triton, count_bracket=count_bracket, ties_pass=ties_pass, sum_deltas=sum_deltas,
+                           pcb_pass=pcb_pass)
 
 
 def kth_abs_rows(x: Tensor, k: int) -> Tensor:
@@ -226,20 +306,127 @@ def sum_task_vectors(bases: list[Tensor], models: list[list[Tensor]], outs: list
                      scale: float | None = None) -> list[int]:
     """Task arithmetic's sums on CUDA: for every tensor ``j``, ``outs[j] = 0 + (m_1 - b) + (m_2 - b) + ...``
     over its fine-tuned tensors ``models[j]`` in order, with ``b = bases[j]``, in float32 (the float
-    operations of :func:`mergelib.merging._sum_per_tensor`), each entry of the inputs read once (up to
-    :data:`MODELS_PER_LAUNCH` tasks per launch; more go on in the same order). ``scale``: then
+    operations of :func:`mergelib.merging._sum_per_tensor`), each entry of the inputs read once. One launch
+    covers every tensor of a dtype (a table of their addresses: a launch per tensor cost 40 us of Python
+    each, two thirds of ``merge()``'s time on the benchmark's 48 tensors) and up to
+    :data:`MODELS_PER_LAUNCH` tasks; more go on in the same order. ``scale``: then
     ``outs[j] = b + scale * outs[j]`` (``torch.add(b, sum, alpha=scale)``). All tensors contiguous and
-    flat, ``outs`` float32; inputs float32, bf16 or fp16. Returns per tensor the number of non-finite
-    sums (one host round trip for all)."""
+    flat, ``outs`` float32; a tensor's inputs all float32, bf16 or fp16. Returns per tensor the number of
+    non-finite sums (one host round trip for all)."""
     K = _compiled()
-    bad = torch.zeros(len(outs), dtype=torch.int32, device=outs[0].device)
-    for j, (b, ms, out) in enumerate(zip(bases, models, outs)):
-        numel = out.numel()
-        grid = (K.triton.cdiv(numel, BLOCK),)
-        for g0 in range(0, len(ms), MODELS_PER_LAUNCH):
-            group = ms[g0:g0 + MODELS_PER_LAUNCH]
-            last = g0 + MODELS_PER_LAUNCH >= len(ms)
-            K.sum_deltas[grid](b, out, bad[j:], tuple(group), numel, 0.0 if scale is None else float(scale),
-                               NM=len(group), FIRST=g0 == 0, LAST=last, SCALE=last and scale is not None,
-                               BLOCK=BLOCK)
+    tl = _triton()[1]
+    dev = outs[0].device
+    bad = torch.zeros(len(outs), dtype=torch.int32, device=dev)
+    n_models = len(models[0])
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for j, b in enumerate(bases):
+        by_dtype.setdefault(b.dtype, []).append(j)
+    for dtype, js in by_dtype.items():
+        width = max(1, K.triton.cdiv(max(outs[j].numel() for j in js), BLOCK))  # programs per tensor
+        for g0 in range(0, n_models, MODELS_PER_LAUNCH):
+            group = range(g0, min(g0 + MODELS_PER_LAUNCH, n_models))
+            last = group.stop == n_models
+            table = torch.tensor([[outs[j].numel(), bases[j].data_ptr(), outs[j].data_ptr(),
+                                   *(models[j][i].data_ptr() for i in group)] for j in js], dtype=torch.int64)
+            index = torch.tensor(js, dtype=torch.int64)
+            counts = torch.zeros(len(js), dtype=torch.int32, device=dev)
+            K.sum_deltas[(width, len(js))](table.to(dev), counts, 0.0 if scale is None else float(scale),
+                                           DTYPE=_TL_DTYPES[dtype](tl), NM=len(group), FIRST=g0 == 0, LAST=last,
+                                           SCALE=last and scale is not None, BLOCK=BLOCK)
+            if last:
+                bad.index_add_(0, index.to(dev), counts)
     return bad.tolist()
+
+
+_TL_DTYPES = {torch.float32: lambda tl: tl.float32, torch.bfloat16: lambda tl: tl.bfloat16,
+              torch.float16: lambda tl: tl.float16}
+
+
+class _PCBRows:
+    """The per-row arguments of PCB's kernel (``pcb_pass``) for the float32 ``N x D`` matrix ``x``: the clip
+    values ``lo``, ``hi`` (``N``), ``span = hi - lo`` (inf where 0, as :func:`mergelib.competition._safe_den`)
+    and the task coefficients ``lams`` (None: all 1); :meth:`run` launches one mode."""
+
+    def __init__(self, x: Tensor, lo: Tensor, hi: Tensor, lams=None):
+        n = x.shape[0]
+        self.x, self.lo, self.hi = x, lo.reshape(n).float().contiguous(), hi.reshape(n).float().contiguous()
+        self.inf = torch.full_like(self.lo, math.inf)
+        self.span = torch.where(self.hi > self.lo, self.hi - self.lo, self.inf)
+        self.has_lam = lams is not None and any(float(v) != 1.0 for v in lams)
+        self.lam = torch.tensor([float(v) for v in lams] if self.has_lam else [1.0], dtype=torch.float32,
+                                device=x.device)
+
+    def run(self, mode: int, n: int, block: int, idx=None, blo=None, bhi=None, below=None, cnt=None, cand=None,
+            cap=0, bmax=None, nprog=0, q=None, qspan=None, out=None) -> None:
+        K = _compiled()
+        x, unused = self.x, self.lam  # stands in for the arguments that a mode does not read
+        K.pcb_pass[(K.triton.cdiv(n, block),)](
+            x, x.stride(0), x.shape[0], n, *(unused if t is None else t for t in (idx, self.lo, self.hi, self.span,
+                                                                              blo, bhi, below, cnt, cand)),
+            cap, unused if bmax is None else bmax, nprog, *(unused if t is None else t for t in (q, qspan, self.lam, out)),
+            MODE=mode, HAS_LAM=self.has_lam, BLOCK=block)
+
+    def scores(self, idx: Tensor) -> Tensor:
+        """PCB's scores beta (``N x len(idx)``) at the columns ``idx`` (int64)."""
+        out = torch.empty(self.x.shape[0], idx.numel(), dtype=torch.float32, device=self.x.device)
+        self.run(0, idx.numel(), BLOCK, idx=idx, out=out)
+        return out
+
+
+def pcb_scores(x: Tensor, lo: Tensor, hi: Tensor, idx: Tensor | None = None) -> Tensor:
+    """beta = exp(N * ((clamp(|x|, lo, hi) - lo) / (hi - lo))^2) * tanh(x * sum_j x_j) of the float32
+    ``N x D`` matrix ``x`` (rows contiguous) at the columns ``idx`` (all when None), the row clip values
+    ``lo``, ``hi`` given: PCB's balancing scores (:func:`mergelib.competition.pcb_scores`, official mode)
+    as :func:`pcb_official` computes them."""
+    idx = torch.arange(x.shape[1], device=x.device) if idx is None else idx
+    return _PCBRows(x, lo, hi).scores(idx)
+
+
+def pcb_official(x: Tensor, lo_k: int, hi_k: int, q_k: int, lams) -> Tensor:
+    """PCB official (:func:`mergelib.competition.pcb_merge`, steps 1-6) of the float32 ``N x D`` matrix ``x``
+    (rows contiguous, finite), without its ``N x D`` scores: the clip values (ranks ``lo_k``, ``hi_k`` of
+    ``|x|``) by :func:`kth_abs_rows`; the scores beta at a sorted sample of columns for a bracket around
+    each row's drop threshold (rank ``q_k``); one pass that recomputes beta, counts it below the bracket,
+    packs it inside and takes its row maxima; a sort of the candidates for the exact threshold q of these
+    betas; one pass that recomputes beta and takes the weighted mean. ``lams``: the per-task
+    coefficients. Returns the ``D`` float32 merged task vector.
+
+    The float operations of the torch code in its order, but with Triton's ``exp`` and a tanh of a few
+    ulp (Cephes' ``tanhf``): the result is close to the torch code's, not its bits (nor are torch's CUDA
+    ``exp`` and ``tanh`` the CPU's). A row whose bracket the sample missed, or which holds too many
+    candidates (a heavily repeated score: sparse task vectors, whose zeros all score 0), takes its
+    threshold from these betas written out whole and :func:`mergelib.selection.kth_smallest`."""
+    from . import selection as _select
+    n_rows, D = x.shape
+    dev = x.device
+    rows = _PCBRows(x, kth_abs_rows(x, lo_k), kth_abs_rows(x, hi_k), lams)
+    m = min(SAMPLE, D)
+    s = rows.scores(_select._sample_index(D, m, str(dev))).sort(dim=1).values
+    lo_i, hi_i = _select.sample_span(q_k, D, m)
+    blo = s[:, lo_i].contiguous() if lo_i >= 0 else -rows.inf
+    bhi = s[:, hi_i].contiguous() if hi_i < m else rows.inf
+    cap = min(D, int(1.5 * (min(hi_i, m - 1) - max(lo_i, 0) + 1) / m * D) + 4096)
+    nprog = _compiled().triton.cdiv(D, COUNT_BLOCK)
+    below = torch.zeros(n_rows, dtype=torch.int64, device=dev)
+    cnt = torch.zeros(n_rows, dtype=torch.int64, device=dev)
+    cand = torch.full((n_rows, cap), math.inf, dtype=torch.float32, device=dev)
+    bmax = torch.empty(n_rows, nprog, dtype=torch.float32, device=dev)
+    rows.run(1, D, COUNT_BLOCK, blo=blo, bhi=bhi, below=below, cnt=cnt, cand=cand, cap=cap, bmax=bmax, nprog=nprog)
+    beta_max = bmax.amax(1)
+    counts = torch.stack((below, cnt)).tolist()  # the one host round trip
+    vals = cand.sort(dim=1).values
+    whole = None  # every beta, written out only for a row that needs it
+    q = []
+    for i, (b, c) in enumerate(zip(*counts)):
+        r = q_k - b
+        if 1 <= r <= c <= cap:
+            q.append(vals[i, r - 1])
+        else:
+            if whole is None:
+                whole = rows.scores(torch.arange(D, device=dev))
+            q.append(_select.kth_smallest(whole[i], q_k))
+    q = torch.stack(q)
+    qspan = torch.where(beta_max > q, beta_max - q, rows.inf)
+    out = torch.empty(D, dtype=torch.float32, device=dev)
+    rows.run(2, D, BLOCK, q=q, qspan=qspan, out=out)
+    return out

@@ -391,13 +391,27 @@ def _fr_per_tensor(pretrained, models, keys: list[str], hp: Mapping) -> dict[str
     scratch = Scratch()  # the N x numel block, the spectrum and |.| buffers, reused from tensor to tensor
     scratch.reserve(len(models) * max(pretrained[k].numel() for k in keys), ("block", "abs"),
                     device=pretrained[keys[0]].device)
-    for k in keys:
+    # on a GPU the tensors' sums are checked together at the end: a host round trip per tensor stalled
+    # the launches (merge() took 37 ms against 24 ms for the flat FR on the benchmark's 48 tensors)
+    sums = [] if pretrained[keys[0]].device.type != "cpu" else None
+
+    def task_vectors(k: str) -> Tensor:
         base = pretrained[k]
         x, _ = flatten([{k: m[k]} for m in models], [k], subtract={k: base},
                        out=scratch.get("block", len(models) * base.numel(), device=base.device))
-        if not _all_finite(x):
+        return x
+
+    for k in keys:
+        x = task_vectors(k)
+        if sums is not None:
+            sums.append(x.sum())
+        elif not _all_finite(x):
             raise NonFiniteError(f"task vectors of {k!r} are not finite")
-        out[k] = fr_tensor(x, k, tuple(base.shape), **hp, scratch=scratch).view(base.shape)
+        out[k] = fr_tensor(x, k, tuple(pretrained[k].shape), **hp, scratch=scratch).view(pretrained[k].shape)
+    if sums:  # a non-finite sum (NaN, inf, or finite entries overflowing): the exact check of that tensor
+        for k, ok in zip(keys, torch.isfinite(torch.stack(sums)).tolist()):
+            if not ok and not _all_finite(task_vectors(k)):
+                raise NonFiniteError(f"task vectors of {k!r} are not finite")
     return out
 
 

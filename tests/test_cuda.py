@@ -125,6 +125,25 @@ def test_dare_pcb_and_fr_on_cuda_match_the_cpu():
     assert torch.equal(xc.cpu(), x)  # the input untouched (the non-in-place paths, FR reading it in place)
 
 
+def test_pcb_on_long_rows_matches_the_cpu(monkeypatch):
+    """PCB on rows of the benchmark's length through the Triton passes (gpu_kernels.pcb_official: the
+    sampled bracket of the drop threshold and its counting pass, not the sample alone) against the CPU's
+    torch code; no row needs the fallback."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(4, 3_000_000, generator=g) * torch.linspace(0.5e-3, 2e-3, 4)[:, None]
+    x[:, ::97] = 0.0
+    xc = x.to(CUDA)
+    fallbacks = []
+    exact = sel.kth_smallest
+    monkeypatch.setattr(sel, "kth_smallest", lambda *a, **kw: fallbacks.append(a[1]) or exact(*a, **kw))
+    for density, lams in ((0.05, None), (0.2, [0.5, 1.0, 1.5, 2.0])):
+        got = pcb_merge(xc, density, lambdas=lams)
+        with monkeypatch.context() as m:
+            m.setattr(sel, "kth_smallest", exact)
+            _close(got, on_cpu(pcb_merge, x, density, lambdas=lams), mismatch=1e-4)
+    assert not fallbacks or not gpu_kernels.available(xc)
+
+
 def _state_dicts(dtype, n=3):
     x, layout = _task_set(n)
     g = torch.Generator().manual_seed(11)

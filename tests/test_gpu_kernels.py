@@ -150,6 +150,28 @@ def test_task_arithmetic_sums_have_the_bits_of_the_torch_code(interpreted, dtype
         _sum_foreach(pre, models, ["a", "b"], None, True, None, 0.3)
 
 
+def test_task_arithmetic_sums_of_tensors_of_several_dtypes_and_sizes(interpreted):
+    """One launch per dtype over a table of the tensors' addresses: tensors of float32, bf16 and fp16
+    (one launch each), of very different lengths (programs past a short tensor's end do nothing) and an
+    empty one, bit for bit the tasks added in order; the non-finite count goes to its own tensor."""
+    from mergelib.merging import _sum_foreach
+    from mergelib.task_vectors import NonFiniteError
+    g = torch.Generator().manual_seed(2)
+    pre = {"big": torch.randn(9000, generator=g), "small": torch.randn(3, 5, generator=g).bfloat16(),
+           "empty": torch.zeros(0), "half": torch.randn(2500, generator=g).half(), "mid": torch.randn(40, 50, generator=g)}
+    models = [{k: (v.float() + 0.1 * (i + 1)).to(v.dtype) for k, v in pre.items()} for i in range(3)]
+    keys = list(pre)
+    got = _sum_foreach(pre, models, keys, None, True, None, None)
+    for k in keys:
+        want = torch.zeros(pre[k].shape)
+        for m in models:
+            want += m[k].float() - pre[k].float()
+        assert got[k].dtype == torch.float32 and torch.equal(got[k].view(torch.int32), want.view(torch.int32)), k
+    models[2]["mid"][7, 3] = float("inf")
+    with pytest.raises(NonFiniteError, match="'mid'"):
+        _sum_foreach(pre, models, keys, None, True, None, None)
+
+
 def test_triton_older_than_3_3_leaves_the_torch_code(monkeypatch):
     """The kernels take tuples of pointers (Triton >= 3.3, torch >= 2.7): with an older Triton they are
     unavailable and the torch code runs."""
@@ -180,3 +202,59 @@ def test_task_arithmetic_sums_stay_off_the_kernel_when_a_tensor_is_elsewhere(int
     with torch.no_grad():
         got = _sum_foreach(pre, models, ["a", "b"], None, True, None, None)
     assert calls == [1] and torch.allclose(got["b"], torch.full((7,), 0.2))
+
+
+def test_pcb_scores_are_within_a_few_ulp_of_float64(interpreted):
+    """The PCB kernel's scores beta = exp(N * d^2) * tanh(x * sum_j x_j) (its own tanh: a polynomial, an
+    exponential form, the identity below 2**-12) against float64 from the same float32 d and x * sum, for
+    products from 1e-10 to 30 of both signs: within 4 ulp (of float32's epsilon) everywhere."""
+    g = torch.Generator().manual_seed(4)
+    n = 20_000
+    mags = torch.logspace(-5, 0.8, n, dtype=torch.float64)[torch.randperm(n, generator=g)]
+    signs = torch.where(torch.rand(2, n, generator=g) < 0.5, -1.0, 1.0).double()
+    x = (torch.stack((mags, mags.flip(0))) * signs).float()
+    lo, hi = torch.tensor([1e-4, 2e-4]), torch.tensor([4.0, 5.0])
+    got = G.pcb_scores(x, lo, hi).double()
+    tot = x[0] + x[1]  # float32, rows in order from 0 (0 + x_0 is exact)
+    y = (x * tot).double()
+    a = torch.minimum(torch.maximum(x.abs(), lo[:, None]), hi[:, None])
+    d = (a - lo[:, None]) / (hi - lo)[:, None]  # float32, IEEE division
+    want = torch.exp((d * d * 2.0).double()) * torch.tanh(y)
+    assert y.abs().min() < 1e-9 and y.abs().max() > 20 and (y < 0).any()
+    ulp = torch.finfo(torch.float32).eps
+    assert ((got - want).abs() <= 4 * ulp * want.abs()).all()  # 2.2 measured
+
+
+def _pcb_cases():
+    g = torch.Generator().manual_seed(8)
+    D = sel.LONG_ROW + 1234
+    x = torch.randn(4, D, generator=g)
+    const = torch.where(torch.rand(D, generator=g) < 0.5, -0.5, 0.5)  # |row| constant: hi = lo
+    sparse = x * (torch.rand(4, D, generator=g) < 0.3)  # 70 % zeros, which all score 0
+    return [("tanh's identity", x * 1e-3, 0.05, None), ("polynomial", x * 0.3, 0.3, [0.5, 1.0, 1.5, 2.0]),
+            ("exponential form", x * 3.0, 1.0, None), ("constant row", torch.cat([x[:3] * 0.2, const[None]]), 0.05, None),
+            ("sparse, threshold among the zeros", sparse * 0.2, 0.5, None)]
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_pcb_official_kernel_is_close_to_the_torch_code(interpreted, monkeypatch, case):
+    """pcb_merge on a float32 matrix through the Triton passes (clip values, sampled bracket, counting
+    pass, weighted mean) against the torch code: within 2e-5 of the largest weight at all but 0.1 % of
+    the entries (a score rounded differently may cross the drop threshold, where its weight is ~0), in
+    every regime of the kernel's tanh, with the lambdas, a constant |row| (hi = lo) and density 1. A
+    threshold among 70 % zero scores holds too many candidates: those rows take the torch selection."""
+    from mergelib.competition import pcb_merge
+    name, x, density, lams = _pcb_cases()[case]
+    calls, fallbacks = [], []
+    kernel, exact = G.pcb_official, sel.kth_smallest
+    monkeypatch.setattr(G, "pcb_official", lambda *a: calls.append(1) or kernel(*a))
+    monkeypatch.setattr(sel, "kth_smallest", lambda *a, **kw: fallbacks.append(kw.get("absolute", False)) or exact(*a, **kw))
+    got = pcb_merge(x, density, lambdas=lams)
+    assert calls == [1], name
+    # the drop threshold's fallback (the clip values' is kth_abs_rows's, absolute=True: |row| constant, zeros)
+    assert (False in fallbacks) == name.startswith("sparse"), (name, fallbacks)
+    with kernels.use(False):
+        want = pcb_merge(x, density, lambdas=lams)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    bad = (got - want).abs() > 2e-5 * want.abs().max()
+    assert bad.float().mean() <= 1e-3, (name, int(bad.sum()))
