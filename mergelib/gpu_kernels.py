@@ -158,12 +158,12 @@ def _compiled():
             tl.store(out_ptr + offs, acc, mask=inb)
 
     @triton.jit
-    def pcb_pass(x_ptr, row_stride, n_rows, n, idx_ptr, lo_ptr, hi_ptr, span_ptr,
+    def pcb_pass(x_ptr, row_stride, n_rows, fn, n, idx_ptr, lo_ptr, hi_ptr, span_ptr,
                  blo_ptr, bhi_ptr, below_ptr, cnt_ptr, cand_ptr, cap, bmax_ptr, nprog,
                  q_ptr, qspan_ptr, lam_ptr, out_ptr,
                  MODE: tl.constexpr, HAS_LAM: tl.constexpr, BLOCK: tl.constexpr):
         # PCB official on a block of columns, all rows: the column sums (rows in order from 0), then per
-        # row a = clamp(|x|, lo, hi), beta = exp(N * ((a - lo) / span)^2) * tanh(x * sum). MODE 0: beta
+        # row a = clamp(|x|, lo, hi), beta = exp(fn * ((a - lo) / span)^2) * tanh(x * sum). MODE 0: beta
         # at the columns idx (n of them) into out (N x n); 1: count the betas below the row's bracket
         # [blo, bhi], pack those inside into cand (N x cap) and write the block's max into bmax
         # (N x nprog); 2: the merge, out = sum_i s_i * lam_i * tau'_i / max(sum_i s_i, 1e-12) with
@@ -180,7 +180,6 @@ def _compiled():
         for i in range(n_rows):
             tot += tl.load(xp, mask=inb, other=0.0)
             xp += row_stride
-        fn = n_rows.to(tl.float32)
         num = tl.zeros([BLOCK], dtype=tl.float32)
         den = tl.zeros([BLOCK], dtype=tl.float32)
         xp = x_ptr + cols
@@ -361,7 +360,7 @@ class _PCBRows:
         K = _compiled()
         x, unused = self.x, self.lam  # stands in for the arguments that a mode does not read
         K.pcb_pass[(K.triton.cdiv(n, block),)](
-            x, x.stride(0), x.shape[0], n, *(unused if t is None else t for t in (idx, self.lo, self.hi, self.span,
+            x, x.stride(0), x.shape[0], float(x.shape[0]), n, *(unused if t is None else t for t in (idx, self.lo, self.hi, self.span,
                                                                               blo, bhi, below, cnt, cand)),
             cap, unused if bmax is None else bmax, nprog, *(unused if t is None else t for t in (q, qspan, self.lam, out)),
             MODE=mode, HAS_LAM=self.has_lam, BLOCK=block)

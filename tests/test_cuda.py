@@ -128,7 +128,8 @@ def test_dare_pcb_and_fr_on_cuda_match_the_cpu():
 def test_pcb_on_long_rows_matches_the_cpu(monkeypatch):
     """PCB on rows of the benchmark's length through the Triton passes (gpu_kernels.pcb_official: the
     sampled bracket of the drop threshold and its counting pass, not the sample alone) against the CPU's
-    torch code; no row needs the fallback."""
+    torch code, for 4 tasks and for 1 (Triton compiles an int argument equal to 1 as a constant); no row
+    needs the fallback."""
     g = torch.Generator().manual_seed(6)
     x = torch.randn(4, 3_000_000, generator=g) * torch.linspace(0.5e-3, 2e-3, 4)[:, None]
     x[:, ::97] = 0.0
@@ -141,6 +142,7 @@ def test_pcb_on_long_rows_matches_the_cpu(monkeypatch):
         with monkeypatch.context() as m:
             m.setattr(sel, "kth_smallest", exact)
             _close(got, on_cpu(pcb_merge, x, density, lambdas=lams), mismatch=1e-4)
+        _close(pcb_merge(xc[:1], density), on_cpu(pcb_merge, x[:1], density), mismatch=1e-4)  # N = 1: an int
     assert not fallbacks or not gpu_kernels.available(xc)
 
 
