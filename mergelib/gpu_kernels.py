@@ -158,6 +158,27 @@ def _compiled():
             tl.store(out_ptr + offs, acc, mask=inb)
 
     @triton.jit
+    def stack_deltas(table_ptr, out_ptr, row_len, DTYPE: tl.constexpr, NM: tl.constexpr, SUB: tl.constexpr,
+                     BLOCK: tl.constexpr):
+        # one tensor's block per program, the tensors in a table (int64 rows: numel, the base's address,
+        # the column the tensor starts at, the addresses of NM fine-tuned tensors): out[i, col + e] =
+        # m_i[e] - base[e] (SUB; else m_i[e]) in float32, for the NM rows of out (rows of row_len entries)
+        j = tl.program_id(1)
+        row = table_ptr + j * (NM + 3)
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        if tl.program_id(0).to(tl.int64) * BLOCK < tl.load(row):
+            inb = offs < tl.load(row)
+            if SUB:
+                b = tl.load(tl.load(row + 1).to(tl.pointer_type(DTYPE)) + offs, mask=inb, other=0.0).to(tl.float32)
+            op = out_ptr + tl.load(row + 2) + offs
+            for i in tl.static_range(NM):
+                m = tl.load(tl.load(row + 3 + i).to(tl.pointer_type(DTYPE)) + offs, mask=inb, other=0.0).to(tl.float32)
+                if SUB:
+                    m = m - b
+                tl.store(op, m, mask=inb)
+                op += row_len
+
+    @triton.jit
     def pcb_pass(x_ptr, row_stride, n_rows, fn, n, idx_ptr, lo_ptr, hi_ptr, span_ptr,
                  blo_ptr, bhi_ptr, below_ptr, cnt_ptr, cand_ptr, cap, bmax_ptr, nprog,
                  q_ptr, qspan_ptr, lam_ptr, out_ptr,
@@ -229,7 +250,7 @@ def _compiled():
             tl.store(out_ptr + offs, tl.math.div_rn(num, tl.maximum(den, 1e-12)), mask=inb)
 
     return SimpleNamespace(triton=triton, count_bracket=count_bracket, ties_pass=ties_pass, sum_deltas=sum_deltas,
-                           pcb_pass=pcb_pass)
+                           stack_deltas=stack_deltas, pcb_pass=pcb_pass)
 
 
 def kth_abs_rows(x: Tensor, k: int) -> Tensor:
@@ -309,8 +330,8 @@ def sum_task_vectors(bases: list[Tensor], models: list[list[Tensor]], outs: list
     covers every tensor of a dtype (a table of their addresses: a launch per tensor cost 40 us of Python
     each, two thirds of ``merge()``'s time on the benchmark's 48 tensors) and up to
     :data:`MODELS_PER_LAUNCH` tasks; more go on in the same order. ``scale``: then
-    ``outs[j] = b + scale * outs[j]`` (``torch.add(b, sum, alpha=scale)``). All tensors contiguous and
-    flat, ``outs`` float32; a tensor's inputs all float32, bf16 or fp16. Returns per tensor the number of
+    ``outs[j] = b + scale * outs[j]`` (``torch.add(b, sum, alpha=scale)``). All tensors contiguous (read
+    flat, by address), ``outs`` float32 of the inputs' numel; a tensor's inputs all float32, bf16 or fp16. Returns per tensor the number of
     non-finite sums (one host round trip for all)."""
     K = _compiled()
     tl = _triton()[1]
@@ -335,6 +356,29 @@ def sum_task_vectors(bases: list[Tensor], models: list[list[Tensor]], outs: list
             if last:
                 bad.index_add_(0, index.to(dev), counts)
     return bad.tolist()
+
+
+def stack_task_vectors(models: list[list[Tensor]], bases: list[Tensor] | None, out: Tensor, starts: list[int]) -> None:
+    """:func:`mergelib.task_vectors.flatten` on CUDA: ``out[i, s_j : s_j + numel_j] = models[j][i] - bases[j]``
+    (``models[j][i]`` itself when ``bases`` is None) in float32 for every tensor ``j`` (``s_j = starts[j]``)
+    and task ``i``: each input entry read once, one launch per dtype and :data:`MODELS_PER_LAUNCH` tasks
+    (a table of the tensors' addresses; a subtraction kernel per tensor and task cost 15-20 us of Python
+    each, 384 of them for the benchmark's set). The float operations of ``torch.sub`` in float32, so the
+    same bits. ``out``: contiguous float32 ``N x D``; the inputs contiguous, a tensor's all one dtype."""
+    K = _compiled()
+    tl = _triton()[1]
+    n_models, row_len = out.shape
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for j, ms in enumerate(models):
+        by_dtype.setdefault(ms[0].dtype, []).append(j)
+    for dtype, js in by_dtype.items():
+        width = max(1, K.triton.cdiv(max(models[j][0].numel() for j in js), BLOCK))
+        for g0 in range(0, n_models, MODELS_PER_LAUNCH):
+            group = range(g0, min(g0 + MODELS_PER_LAUNCH, n_models))
+            table = torch.tensor([[models[j][0].numel(), 0 if bases is None else bases[j].data_ptr(), starts[j],
+                                   *(models[j][i].data_ptr() for i in group)] for j in js], dtype=torch.int64)
+            K.stack_deltas[(width, len(js))](table.to(out.device), out[g0], row_len, DTYPE=_TL_DTYPES[dtype](tl),
+                                             NM=len(group), SUB=bases is not None, BLOCK=BLOCK)
 
 
 _TL_DTYPES = {torch.float32: lambda tl: tl.float32, torch.bfloat16: lambda tl: tl.bfloat16,

@@ -436,16 +436,17 @@ def _sum_foreach(pretrained, models, keys: list[str], lams, check: bool, into: M
     is checked again exactly)."""
     acc = ([into[k] for k in keys] if into is not None
            else [torch.empty(pretrained[k].numel(), dtype=torch.float32, device=pretrained[k].device) for k in keys])
+    if lams is None:  # every entry read once and the sums written once (Triton): the same float operations
+        bases = [pretrained[k] for k in keys]
+        rows = [[m[k] for m in models] for k in keys]
+        inputs = [*bases, *(t for r in rows for t in r)]  # read by address: no reshapes (Python's time)
+        if _gpu.available(*inputs, *acc) and all(t.is_contiguous() for t in (*inputs, *acc)):
+            bad = _gpu.sum_task_vectors(bases, rows, acc, scale)
+            for k, n_bad in zip(keys, bad):
+                if n_bad and check:
+                    raise NonFiniteError(f"the task-vector sum of {k!r} is not finite")
+            return {k: a.view(pretrained[k].shape) for k, a in zip(keys, acc)}
     flat = [pretrained[k].reshape(-1) for k in keys]
-    rows = [[m[k].reshape(-1) for m in models] for k in keys]
-    inputs = [*flat, *(t for r in rows for t in r)]
-    if lams is None and _gpu.available(*inputs, *acc) and all(t.is_contiguous() for t in (*inputs, *acc)):
-        # every entry read once and the sums written once (Triton): the same float operations
-        bad = _gpu.sum_task_vectors(flat, rows, acc, scale)
-        for k, n_bad in zip(keys, bad):
-            if n_bad and check:
-                raise NonFiniteError(f"the task-vector sum of {k!r} is not finite")
-        return {k: a.view(pretrained[k].shape) for k, a in zip(keys, acc)}
     base = [t.float() for t in flat]  # no copy for float32
     torch._foreach_zero_(acc)
     for i, m in enumerate(models):

@@ -518,7 +518,8 @@ def flatten(tvs: Sequence[Mapping[str, Tensor]] | Mapping[str, Tensor], keys: Se
     Returns ``(X, layout)`` with ``X`` of shape ``N x D`` (``D = sum_k numel_k``), dtype ``dtype``
     (float32), on ``device`` (default: the device of ``subtract``, else of the first tensor). One
     preallocated output; per tensor one subtraction kernel writing into it (inputs already ``dtype``
-    on ``device``) or one copy and one subtraction (the same bits); no host round trips. A single
+    on ``device``) or one copy and one subtraction (the same bits); no host round trips. On CUDA, one
+    Triton launch for all tensors (:func:`_stacked_on_gpu`). A single
     mapping gives ``N = 1``. ``out``: a flat buffer of ``N * D`` entries of ``dtype`` on ``device`` to
     write into (:class:`Scratch`, for callers that flatten one tensor at a time).
     """
@@ -543,13 +544,37 @@ def flatten(tvs: Sequence[Mapping[str, Tensor]] | Mapping[str, Tensor], keys: Se
     else:
         out = out.view(len(tvs), layout.D)
     for i, tv in enumerate(tvs):
-        for k, shape, off, n in zip(layout.keys, layout.shapes, layout.offsets, layout.numels):
-            t = tv[k]
-            if tuple(t.shape) != shape:
-                raise StateDictShapeError(f"tensor {k!r}: shape {tuple(t.shape)} in task vector {i} "
+        for k, shape in zip(layout.keys, layout.shapes):
+            if tuple(tv[k].shape) != shape:
+                raise StateDictShapeError(f"tensor {k!r}: shape {tuple(tv[k].shape)} in task vector {i} "
                                           f"but {shape} in task vector 0")
-            _sub_into(t.reshape(-1), None if subtract is None else subtract[k].reshape(-1), out[i, off:off + n])
+    if _stacked_on_gpu(tvs, layout, subtract, out):
+        return out, layout
+    for i, tv in enumerate(tvs):
+        for k, off, n in zip(layout.keys, layout.offsets, layout.numels):
+            _sub_into(tv[k].reshape(-1), None if subtract is None else subtract[k].reshape(-1), out[i, off:off + n])
     return out, layout
+
+
+def _stacked_on_gpu(tvs, layout: FlatLayout, subtract, out: Tensor) -> bool:
+    """:func:`flatten`'s task vectors into the float32 ``out`` by :func:`mergelib.gpu_kernels.stack_task_vectors`
+    (Triton, CUDA: one launch for all tensors, the same bits) where every tensor is on ``out``'s device,
+    contiguous and of its key's dtype; False (nothing written) otherwise."""
+    from . import gpu_kernels as _gpu
+    if out.dtype != torch.float32 or not layout.keys or not _gpu.available(out):
+        return False
+    rows = [[tv[k] for tv in tvs] for k in layout.keys]
+    bases = None if subtract is None else [subtract[k] for k in layout.keys]
+    dev = out.device
+    for j, ms in enumerate(rows):
+        group = ms if bases is None else [bases[j], *ms]
+        dt = group[0].dtype
+        if not all(t.device == dev and t.dtype == dt and t.is_contiguous() and not t.requires_grad for t in group):
+            return False
+        if dt not in (torch.float32, torch.bfloat16, torch.float16):
+            return False
+    _gpu.stack_task_vectors(rows, bases, out.view(len(tvs), layout.D), list(layout.offsets))
+    return True
 
 
 def _sub_into(t: Tensor, base: Tensor | None, out: Tensor) -> None:

@@ -172,6 +172,31 @@ def test_task_arithmetic_sums_of_tensors_of_several_dtypes_and_sizes(interpreted
         _sum_foreach(pre, models, keys, None, True, None, None)
 
 
+def test_flatten_through_the_kernel_has_the_bits_of_the_torch_code(interpreted, monkeypatch):
+    """flatten on CUDA (gpu_kernels.stack_task_vectors: one launch per dtype and 8 tasks over a table of
+    addresses) against flatten with the kernels off, bit for bit: with and without a base to subtract,
+    tensors of float32, bf16 and fp16 and of very different sizes, 11 tasks (two launches). A base of
+    another dtype than its fine-tunes leaves the torch code."""
+    from mergelib.task_vectors import flatten
+    calls = []
+    stack = G.stack_task_vectors
+    monkeypatch.setattr(G, "stack_task_vectors", lambda *a: calls.append(1) or stack(*a))
+    g = torch.Generator().manual_seed(5)
+    pre = {"w": torch.randn(70, 30, generator=g), "b": torch.randn(7, generator=g).bfloat16(),
+           "h": torch.randn(3000, generator=g).half()}
+    models = [{k: (v.float() + 0.01 * torch.randn(v.shape, generator=g)).to(v.dtype) for k, v in pre.items()}
+              for _ in range(11)]
+    for subtract in (pre, None):
+        got, layout = flatten(models, subtract=subtract)
+        with kernels.use(False):
+            want, _ = flatten(models, subtract=subtract)
+        assert got.shape == (11, layout.D) and torch.equal(got.view(torch.int32), want.view(torch.int32))
+    assert len(calls) == 2
+    pre["w"] = pre["w"].double()
+    flatten(models, subtract=pre)
+    assert len(calls) == 2
+
+
 def test_triton_older_than_3_3_leaves_the_torch_code(monkeypatch):
     """The kernels take tuples of pointers (Triton >= 3.3, torch >= 2.7): with an older Triton they are
     unavailable and the torch code runs."""
