@@ -137,11 +137,11 @@ def test_pcb_on_long_rows_matches_the_cpu(monkeypatch):
     exact = sel.kth_smallest
     monkeypatch.setattr(sel, "kth_smallest", lambda *a, **kw: fallbacks.append(kw.get("absolute", False)) or exact(*a, **kw))
     for density, lams in ((0.05, None), (0.2, [0.5, 1.0, 1.5, 2.0])):
-        got = pcb_merge(xc, density, lambdas=lams)
-        with monkeypatch.context() as m:
+        got, got_one = pcb_merge(xc, density, lambdas=lams), pcb_merge(xc[:1], density)  # N = 1: an int
+        with monkeypatch.context() as m:  # the CPU references' selections are not the kernel's fallbacks
             m.setattr(sel, "kth_smallest", exact)
             _close(got, on_cpu(pcb_merge, x, density, lambdas=lams), mismatch=1e-4)
-        _close(pcb_merge(xc[:1], density), on_cpu(pcb_merge, x[:1], density), mismatch=1e-4)  # N = 1: an int
+            _close(got_one, on_cpu(pcb_merge, x[:1], density), mismatch=1e-4)
     # the drop threshold never needs the fallback (the clip value at rank D / 10**4 lies among the 1 %
     # of exact zeros, a tie that kth_abs_rows hands to the torch selection: absolute=True)
     assert False not in fallbacks or not gpu_kernels.available(xc)
