@@ -22,7 +22,8 @@ Import it as ``import mergelib as ml``. Modules, one idea each:
 * ``ml.kernels``       fused CPU loops (Numba) with the torch code's bits: ``merge()``'s task arithmetic,
                        TIES and counting passes in one read per entry (optional: off without Numba)
 * ``ml.gpu_kernels``   fused CUDA kernels (Triton) with the torch code's float operations: TIES's thresholds
-                       and sweep, ``merge()``'s task arithmetic (optional: off without Triton >= 3.3)
+                       and sweep, PCB, ``flatten`` and ``merge()``'s task arithmetic (optional: off without
+                       Triton >= 3.3)
 * ``ml.streaming``     ``merge_files``: merging safetensors checkpoints on disk (``python -m mergelib.merge``)
 * ``ml.search``        per-task coefficient search (CMA-ES) for PCB-Merging
 * ``ml.experts``       FREE-Merging's lightweight experts (extracted and trained)

@@ -1,5 +1,6 @@
 """Fused CUDA kernels (`Triton <https://triton-lang.org>`_): TIES's trim thresholds and its trim-elect-mean
-sweep, in three reads of the task vectors instead of some twenty-five, and task arithmetic's sums in one.
+sweep, in three reads of the task vectors instead of some twenty-five; PCB in four reads (two for its clip values) without its
+``N x D`` scores; ``flatten`` and task arithmetic's sums in one read, one launch for all tensors.
 
 On a GPU every eager torch operation is one pass over memory: TIES from the ``N x D`` matrix took 41 ms
 on an H200 for the ViT-B/32-sized benchmark set, where one read takes 0.65 ms
@@ -17,7 +18,14 @@ on an H200 for the ViT-B/32-sized benchmark set, where one read takes 0.65 ms
   the torch code. With the ``"mass"`` rule a first pass counts the votes that decide the sign of the
   columns whose trimmed sum is 0.
 * :func:`sum_task_vectors`: ``merge()``'s task-arithmetic sums ``0 + (theta_1 - theta_0) + ...`` from
-  the state dicts, every input entry read once (:func:`mergelib.merging._sum_foreach`).
+  the state dicts, every input entry read once (:func:`mergelib.merging._sum_foreach`), and
+  :func:`stack_task_vectors`: :func:`mergelib.task_vectors.flatten`'s ``N x D`` matrix. Both launch once
+  for all tensors of a dtype, over a table of their addresses (a launch per tensor cost more of Python's
+  time than the GPU spent on the data).
+* :func:`pcb_official`: PCB-Merging (official form) in three passes that recompute the balancing
+  scores instead of storing them, after :func:`kth_abs_rows` for the clip values. Its ``tanh`` is its own
+  (libdevice's does not run in the interpreter), so its results are close to the torch code's, not
+  its bits.
 
 They run where :func:`available` says so: Triton importable, CUDA tensors, the kernels not switched off
 (``MERGELIB_KERNELS=torch``, as for :mod:`mergelib.kernels`). ``tests/test_gpu_kernels.py`` runs them in
