@@ -28,6 +28,7 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
+from . import gpu_kernels as _gpu
 from .competition import _check_matrix, _like, _row_sum, check_finite
 from .hparams import check_choice, check_flag, check_number
 from .task_vectors import FlatLayout, Scratch, empty_matrix
@@ -272,10 +273,11 @@ def _fr_tensor_two_reads(x: Tensor, shape: tuple[int, ...], ratio: float, mode: 
                          compat_double_ring: bool, out: Tensor | None = None, first_task_only: bool = False) -> Tensor:
     """:func:`fr_tensor` on a GPU, ``x`` read and never written (rows contiguous; any row stride: a
     segment of the flat matrix): after the filter, whose inverse transform writes a new block, the
-    alignment factors come from each row's L1 norm (one read) and the aligned sum is one
-    matrix-vector product (one read), in full float32 (no TF32), where the CPU code takes |x|, its mean,
-    scales the rows in place and adds them one at a time (eight passes over the block, each a kernel
-    launch). The same sums up to rounding. ``first_task_only`` (``compat_official``'s non-weight
+    alignment factors come from each row's L1 norm (one read) and the aligned sum is one more read
+    (:func:`mergelib.gpu_kernels.weighted_row_sum`: the rows in order, no matrix product, which cuBLAS may
+    run as TF32 if the user allows it), where the CPU code takes |x|, its mean, scales the rows in place
+    and adds them one at a time (eight passes over the block, each a kernel launch). The same sums up to
+    rounding. Without Triton, the scaled rows are added one at a time. ``first_task_only`` (``compat_official``'s non-weight
     tensors): task 1's aligned row instead of the sum."""
     n = x.shape[0]
     if len(shape) == 2:
@@ -284,12 +286,12 @@ def _fr_tensor_two_reads(x: Tensor, shape: tuple[int, ...], ratio: float, mode: 
          else torch.ones(n, dtype=x.dtype, device=x.device))
     if first_task_only:
         return torch.mul(x[0], w[0], out=out)
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        return torch.mv(x.t(), w, out=out)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
+    if x.dtype == torch.float32 and x.stride(1) == 1 and _gpu.available(x):
+        return _gpu.weighted_row_sum(x, w, out)
+    acc = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device) if out is None else out.zero_()
+    for row, wi in zip(x, w):
+        acc.add_(row * wi)
+    return acc
 
 
 # On the CPU, tensors of at least this many entries are filtered one task at a time, smaller ones (and

@@ -166,6 +166,18 @@ def _compiled():
             tl.store(out_ptr + offs, acc, mask=inb)
 
     @triton.jit
+    def weighted_rows(x_ptr, row_stride, n_rows, n, w_ptr, out_ptr, BLOCK: tl.constexpr):
+        # out = 0 + x_0 * w_0 + x_1 * w_1 + ... (the rows in order) over a block of columns
+        cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        inb = cols < n
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        xp = x_ptr + cols
+        for i in range(n_rows):
+            acc += tl.load(xp, mask=inb, other=0.0) * tl.load(w_ptr + i)
+            xp += row_stride
+        tl.store(out_ptr + cols, acc, mask=inb)
+
+    @triton.jit
     def stack_deltas(table_ptr, out_ptr, row_len, DTYPE: tl.constexpr, NM: tl.constexpr, SUB: tl.constexpr,
                      BLOCK: tl.constexpr):
         # one tensor's block per program, the tensors in a table (int64 rows: numel, the base's address,
@@ -258,7 +270,7 @@ def _compiled():
             tl.store(out_ptr + offs, tl.math.div_rn(num, tl.maximum(den, 1e-12)), mask=inb)
 
     return SimpleNamespace(triton=triton, count_bracket=count_bracket, ties_pass=ties_pass, sum_deltas=sum_deltas,
-                           stack_deltas=stack_deltas, pcb_pass=pcb_pass)
+                           weighted_rows=weighted_rows, stack_deltas=stack_deltas, pcb_pass=pcb_pass)
 
 
 def kth_abs_rows(x: Tensor, k: int) -> Tensor:
@@ -324,6 +336,18 @@ def ties_sweep(x: Tensor, segments, sign_rule: str, majority: int | None = None)
         sweep(0, False, votes)
         majority = int(votes)
     sweep(1, majority > 0)
+    return out
+
+
+def weighted_row_sum(x: Tensor, w: Tensor, out: Tensor | None = None) -> Tensor:
+    """``0 + x_0 * w_0 + x_1 * w_1 + ...`` of the float32 ``N x n`` matrix ``x`` (rows contiguous, any row
+    stride) with the ``N`` float32 weights ``w``: one read (FR's aligned sum on CUDA,
+    :func:`mergelib.fourier._fr_tensor_two_reads`; a matrix-vector product may run as TF32). Into ``out``
+    (contiguous, ``n`` float32) when given."""
+    K = _compiled()
+    n_rows, n = x.shape
+    out = torch.empty(n, dtype=torch.float32, device=x.device) if out is None else out
+    K.weighted_rows[(K.triton.cdiv(n, BLOCK),)](x, x.stride(0), n_rows, n, w.float().contiguous(), out, BLOCK=BLOCK)
     return out
 
 

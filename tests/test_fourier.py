@@ -317,8 +317,9 @@ def test_merge_fr_variants_equal_their_computation_from_fr_filter():
 @pytest.mark.parametrize("shape", [(48, 40), (33, 17), (200,)])
 @pytest.mark.parametrize("align", ["official", "none"])
 def test_fr_tensor_of_the_gpu_reads_its_block_twice_and_sums_the_same(shape, align):
-    """fr_tensor's GPU form (_fr_tensor_two_reads: L1 norms and one matrix-vector product after the
-    filter) on a strided segment of a wider matrix, left unwritten: the CPU form's result up to rounding."""
+    """fr_tensor's GPU form (_fr_tensor_two_reads: L1 norms and one weighted sum of the rows after the
+    filter) on a strided segment of a wider matrix, left unwritten: the CPU form's result up to rounding.
+    Here with the torch code (tests/test_gpu_kernels.py runs it with the Triton kernel)."""
     from mergelib.fourier import _fr_tensor_two_reads, fr_tensor
     numel = math.prod(shape)
     g = torch.Generator().manual_seed(numel)

@@ -197,6 +197,25 @@ def test_flatten_through_the_kernel_has_the_bits_of_the_torch_code(interpreted, 
     assert len(calls) == 2
 
 
+def test_weighted_row_sum_adds_the_scaled_rows_in_order(interpreted):
+    """FR's aligned sum on CUDA (gpu_kernels.weighted_row_sum): 0 + x_0 * w_0 + x_1 * w_1 + ..., the
+    bits of the torch loop, on a strided segment of a wider matrix, into a given output; and
+    _fr_tensor_two_reads through it, the CPU's fr_tensor up to rounding."""
+    from mergelib.fourier import _fr_tensor_two_reads, fr_tensor
+    g = torch.Generator().manual_seed(6)
+    wide = torch.randn(5, 3000, generator=g)
+    x, w = wide[:, 100:2600], torch.tensor([0.5, 2.0, 1.0, 0.0, 3.25])
+    want = torch.zeros(2500)
+    for row, wi in zip(x, w):
+        want.add_(row * wi)
+    out = torch.full((2500,), float("nan"))
+    assert G.weighted_row_sum(x, w, out) is out and torch.equal(out.view(torch.int32), want.view(torch.int32))
+    seg = wide[:, :48 * 40]
+    got = _fr_tensor_two_reads(seg, (48, 40), 0.7, "official", "min", "official", False)
+    want = fr_tensor(seg.contiguous(), "w", (48, 40), 0.7)  # its alignment's means round differently
+    torch.testing.assert_close(got, want, rtol=0, atol=4e-6 * float(want.abs().max()))
+
+
 def test_triton_older_than_3_3_leaves_the_torch_code(monkeypatch):
     """The kernels take tuples of pointers (Triton >= 3.3, torch >= 2.7): with an older Triton they are
     unavailable and the torch code runs."""
