@@ -72,6 +72,11 @@ def _close(got: torch.Tensor, want: torch.Tensor, rtol=2e-5, mismatch=0.0):
     assert bad.double().mean() <= mismatch, (int(bad.sum()), want.numel())
 
 
+def on(sd: dict) -> dict:
+    """A state dict's tensors on the tested device."""
+    return {k: v.to(CUDA) for k, v in sd.items()}
+
+
 def on_cpu(fn, *args, **kwargs):
     """The CPU reference: the torch code (no Numba kernels: the suite checks them against it bit for bit,
     and their compilation would cost a GPU lease a minute)."""
@@ -155,7 +160,6 @@ def test_flatten_on_cuda_has_the_cpu_bits():
     pre = {"w": torch.randn(300, 70, generator=g), "b": torch.randn(33, generator=g).bfloat16()}
     models = [{k: (v.float() + 0.01 * torch.randn(v.shape, generator=g)).to(v.dtype) for k, v in pre.items()}
               for _ in range(9)]
-    on = lambda sd: {k: v.to(CUDA) for k, v in sd.items()}  # noqa: E731
     for subtract in (pre, None):
         got, _ = flatten([on(m) for m in models], subtract=None if subtract is None else on(subtract))
         want, _ = flatten(models, subtract=subtract)
@@ -176,7 +180,6 @@ def _state_dicts(dtype, n=3):
 @pytest.mark.parametrize("method", ml.METHODS)
 def test_merge_on_cuda_matches_the_cpu(method, dtype):
     pre, fts = _state_dicts(dtype)
-    on = lambda sd: {k: v.to(CUDA) for k, v in sd.items()}  # noqa: E731
     pre_c, fts_c = on(pre), {name: on(sd) for name, sd in fts.items()}
     want = on_cpu(ml.merge, pre, fts, method, rules=None)
     got = ml.merge(pre_c, fts_c, method, rules=None)
@@ -192,7 +195,6 @@ def test_merge_on_cuda_matches_the_cpu(method, dtype):
 def test_merge_on_cuda_names_a_non_finite_input():
     pre, fts = _state_dicts(torch.float32)
     fts["task1"]["b.weight"][3, 4] = float("nan")
-    on = lambda sd: {k: v.to(CUDA) for k, v in sd.items()}  # noqa: E731
     for method in ("task_arithmetic", "ties", "pcb", "fr"):
         with pytest.raises(NonFiniteError, match=r"task1.*b\.weight|b\.weight.*task1"):
             ml.merge(on(pre), {name: on(sd) for name, sd in fts.items()}, method, rules=None)
