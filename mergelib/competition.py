@@ -496,19 +496,26 @@ def dare_state_dict(tv: Mapping[str, Tensor], p: float, seed: int, task: int | s
     """DARE on every tensor of one task vector, tensor k seeded with ``dare_seed(seed, task, k)``
     (a CPU generator: the same masks on every device).
 
-    Returns a new dict with the same keys, shapes and dtypes (tensors on their own devices).
+    Returns a new dict with the same keys, shapes and dtypes (tensors on their own devices). Where
+    :mod:`mergelib.kernels` runs, float32 CPU tensors take one compiled pass; the other tensors' masks are
+    drawn together on a thread pool (:func:`_draw_keeps`; for tensors on a GPU, one tensor at a time took
+    seconds), then applied on each tensor's device.
     """
     p = _drop_rate(p)
     out = {}
+    keeps = {}  # key -> its boolean keep mask (CPU), drawn below
     for k, t in tv.items():
         check_finite(t, f"tensor {k!r}")
         if rescale and _dare_compiled(t):  # the same draws and bits in one pass (mergelib.kernels.dare_drop)
             out[k] = torch.empty_like(t)
             _kernels.dare_drop(t, out[k], dare_seed(seed, task, k), p)
-            continue
-        kept = t * _dare_keep(t.shape, p, seed, task, k, t.device)
+        else:
+            keeps[k] = torch.empty(t.shape, dtype=torch.bool)
+    _draw_keeps([(task, k, keep.view(-1)) for k, keep in keeps.items()], p, seed)
+    for k, keep in keeps.items():
+        kept = tv[k] * keep.to(tv[k].device)
         out[k] = kept.div_(1 - p) if rescale else kept
-    return out
+    return {k: out[k] for k in tv}
 
 
 def dare_flat(tvs: Tensor, p: float, layout: FlatLayout, seed: int,
@@ -542,23 +549,31 @@ def dare_flat(tvs: Tensor, p: float, layout: FlatLayout, seed: int,
 
 def _dare_keeps(n: int, layout: FlatLayout, tasks: Sequence[int | str], p: float, seed: int) -> Tensor:
     """The ``N x D`` boolean keep masks of :func:`dare_flat` on the CPU, tensor by tensor as
-    :func:`_dare_keep` draws them, on ``torch.get_num_threads()`` threads: each (task, tensor) has its own
-    generator, so the draws are independent, and torch releases the GIL while it draws. For a matrix on
+    :func:`_dare_keep` draws them (:func:`_draw_keeps`)."""
+    keep = torch.empty(n, layout.D, dtype=torch.bool)
+    _draw_keeps([(task, k, keep[i, s:e]) for i, task in enumerate(tasks) for k, s, e in layout.segments()], p, seed)
+    return keep
+
+
+def _draw_keeps(jobs: Sequence[tuple[int | str, str, Tensor]], p: float, seed: int) -> None:
+    """DARE's keep masks ``u >= p`` of :func:`_dare_keep` into the flat CPU boolean tensors of ``jobs``
+    (``(task, key, out)``), on ``torch.get_num_threads()`` threads: each (task, tensor) has its own
+    generator, so the draws are independent, and torch releases the GIL while it draws. For tensors on
     the GPU, whose masks must be the CPU's (:func:`dare_seed`): drawn on one thread, the masks of eight
     tasks of 85 M entries took 3.7 s on the H200 machine, 0.46 s on its 16 (``benchmarks/results_gpu.md``;
     TIES takes 6 ms there)."""
     from concurrent.futures import ThreadPoolExecutor
-    keep = torch.empty(n, layout.D, dtype=torch.bool)
 
     def draw(job):
-        i, task, k, s, e = job
+        task, k, out = job
         g = torch.Generator().manual_seed(dare_seed(seed, task, k))
-        torch.ge(torch.rand(e - s, generator=g, dtype=torch.float32), p, out=keep[i, s:e])
+        torch.ge(torch.rand(out.numel(), generator=g, dtype=torch.float32), p, out=out)
 
-    jobs = [(i, task, k, s, e) for i, task in enumerate(tasks) for k, s, e in layout.segments()]
-    with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
-        list(pool.map(draw, jobs))
-    return keep
+    if len(jobs) > 1:
+        with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
+            list(pool.map(draw, jobs))
+    elif jobs:
+        draw(jobs[0])
 
 
 def _dare_compiled(*tensors: Tensor) -> bool:

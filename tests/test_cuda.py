@@ -130,6 +130,20 @@ def test_dare_pcb_and_fr_on_cuda_match_the_cpu():
     assert torch.equal(xc.cpu(), x)  # the input untouched (the non-in-place paths, FR reading it in place)
 
 
+def test_dare_state_dict_on_cuda_has_the_cpu_masks():
+    """dare_state_dict with tensors on the GPU (their masks drawn together on CPU threads): the CPU's
+    masks, and its values within rounding; bf16 kept."""
+    from mergelib.competition import dare_state_dict
+    g = torch.Generator().manual_seed(4)
+    sd = {"w": torch.randn(300, 70, generator=g), "b": torch.randn(33, generator=g).bfloat16()}
+    got = dare_state_dict(on(sd), 0.9, seed=3, task="t")
+    want = on_cpu(dare_state_dict, sd, 0.9, seed=3, task="t")
+    for k in sd:
+        assert got[k].device.type == CUDA.type and got[k].dtype == sd[k].dtype
+        assert torch.equal(got[k].cpu() != 0, want[k] != 0)
+        torch.testing.assert_close(got[k].cpu(), want[k], rtol=1e-6 if k == "w" else 8e-3, atol=0)
+
+
 def test_pcb_on_long_rows_matches_the_cpu(monkeypatch):
     """PCB on rows of the benchmark's length through the Triton passes (gpu_kernels.pcb_official: the
     sampled bracket of the drop threshold and its counting pass, not the sample alone) against the CPU's
