@@ -277,8 +277,8 @@ def _fr_tensor_two_reads(x: Tensor, shape: tuple[int, ...], ratio: float, mode: 
     (:func:`mergelib.gpu_kernels.weighted_row_sum`: the rows in order, no matrix product, which cuBLAS may
     run as TF32 if the user allows it), where the CPU code takes |x|, its mean, scales the rows in place
     and adds them one at a time (eight passes over the block, each a kernel launch). The same sums up to
-    rounding. Without Triton, the scaled rows are added one at a time. ``first_task_only`` (``compat_official``'s non-weight
-    tensors): task 1's aligned row instead of the sum."""
+    rounding. Without Triton, the scaled rows are added one at a time. ``first_task_only``
+    (``compat_official``'s non-weight tensors): task 1's aligned row instead of the sum."""
     n = x.shape[0]
     if len(shape) == 2:
         x = _filter(x.view(n, *shape), ratio, mode, base, compat_double_ring).view(n, -1)

@@ -1,6 +1,7 @@
 """Fused CUDA kernels (`Triton <https://triton-lang.org>`_): TIES's trim thresholds and its trim-elect-mean
-sweep, in three reads of the task vectors instead of some twenty-five; PCB in four reads (two for its clip values) without its
-``N x D`` scores; ``flatten`` and task arithmetic's sums in one read, one launch for all tensors.
+sweep, in three reads of the task vectors instead of some twenty-five; PCB in four reads (two for its
+clip values) without its ``N x D`` scores; ``flatten`` and task arithmetic's sums in one read, one launch
+for all tensors.
 
 On a GPU every eager torch operation is one pass over memory: TIES from the ``N x D`` matrix took 41 ms
 on an H200 for the ViT-B/32-sized benchmark set, where one read takes 0.65 ms
@@ -363,7 +364,8 @@ def sum_task_vectors(bases: list[Tensor], models: list[list[Tensor]], outs: list
     each, two thirds of ``merge()``'s time on the benchmark's 48 tensors) and up to
     :data:`MODELS_PER_LAUNCH` tasks; more go on in the same order. ``scale``: then
     ``outs[j] = b + scale * outs[j]`` (``torch.add(b, sum, alpha=scale)``). All tensors contiguous (read
-    flat, by address), ``outs`` float32 of the inputs' numel; a tensor's inputs all float32, bf16 or fp16. Returns per tensor the number of
+    flat, by address), ``outs`` float32 of the inputs' numel; a tensor's inputs all float32, bf16 or fp16.
+    Returns per tensor the number of
     non-finite sums (one host round trip for all)."""
     K = _compiled()
     tl = _triton()[1]
@@ -434,11 +436,14 @@ class _PCBRows:
     def run(self, mode: int, n: int, block: int, idx=None, blo=None, bhi=None, below=None, cnt=None, cand=None,
             cap=0, bmax=None, nprog=0, q=None, qspan=None, out=None) -> None:
         K = _compiled()
-        x, unused = self.x, self.lam  # stands in for the arguments that a mode does not read
+        x = self.x
+
+        def arg(t):  # self.lam stands in for the tensors that a mode does not read
+            return self.lam if t is None else t
+
         K.pcb_pass[(K.triton.cdiv(n, block),)](
-            x, x.stride(0), x.shape[0], float(x.shape[0]), n, *(unused if t is None else t for t in (idx, self.lo, self.hi, self.span,
-                                                                              blo, bhi, below, cnt, cand)),
-            cap, unused if bmax is None else bmax, nprog, *(unused if t is None else t for t in (q, qspan, self.lam, out)),
+            x, x.stride(0), x.shape[0], float(x.shape[0]), n, arg(idx), self.lo, self.hi, self.span, arg(blo),
+            arg(bhi), arg(below), arg(cnt), arg(cand), cap, arg(bmax), nprog, arg(q), arg(qspan), self.lam, arg(out),
             MODE=mode, HAS_LAM=self.has_lam, BLOCK=block)
 
     def scores(self, idx: Tensor) -> Tensor:

@@ -561,7 +561,7 @@ def _stacked_on_gpu(tvs, layout: FlatLayout, subtract, out: Tensor) -> bool:
     (Triton, CUDA: one launch for all tensors, the same bits) where every tensor is on ``out``'s device,
     contiguous and of its key's dtype; False (nothing written) otherwise."""
     from . import gpu_kernels as _gpu
-    if out.dtype != torch.float32 or not layout.keys or not _gpu.available(out):
+    if out.dtype != torch.float32 or not out.is_contiguous() or not layout.keys or not _gpu.available(out):
         return False
     rows = [[tv[k] for tv in tvs] for k in layout.keys]
     bases = None if subtract is None else [subtract[k] for k in layout.keys]

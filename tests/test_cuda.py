@@ -154,7 +154,8 @@ def test_pcb_on_long_rows_matches_the_cpu(monkeypatch):
     xc = x.to(CUDA)
     fallbacks = []
     exact = sel.kth_smallest
-    monkeypatch.setattr(sel, "kth_smallest", lambda *a, **kw: fallbacks.append(kw.get("absolute", False)) or exact(*a, **kw))
+    monkeypatch.setattr(sel, "kth_smallest",
+                        lambda *a, **kw: fallbacks.append(kw.get("absolute", False)) or exact(*a, **kw))
     for density, lams in ((0.05, None), (0.2, [0.5, 1.0, 1.5, 2.0])):
         got, got_one = pcb_merge(xc, density, lambdas=lams), pcb_merge(xc[:1], density)  # N = 1: an int
         with monkeypatch.context() as m:  # the CPU references' selections are not the kernel's fallbacks

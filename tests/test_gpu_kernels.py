@@ -158,7 +158,8 @@ def test_task_arithmetic_sums_of_tensors_of_several_dtypes_and_sizes(interpreted
     from mergelib.task_vectors import NonFiniteError
     g = torch.Generator().manual_seed(2)
     pre = {"big": torch.randn(9000, generator=g), "small": torch.randn(3, 5, generator=g).bfloat16(),
-           "empty": torch.zeros(0), "half": torch.randn(2500, generator=g).half(), "mid": torch.randn(40, 50, generator=g)}
+           "empty": torch.zeros(0), "half": torch.randn(2500, generator=g).half(),
+           "mid": torch.randn(40, 50, generator=g)}
     models = [{k: (v.float() + 0.1 * (i + 1)).to(v.dtype) for k, v in pre.items()} for i in range(3)]
     keys = list(pre)
     got = _sum_foreach(pre, models, keys, None, True, None, None)
@@ -276,7 +277,8 @@ def _pcb_cases():
     const = torch.where(torch.rand(D, generator=g) < 0.5, -0.5, 0.5)  # |row| constant: hi = lo
     sparse = x * (torch.rand(4, D, generator=g) < 0.3)  # 70 % zeros, which all score 0
     return [("tanh's identity", x * 1e-3, 0.05, None), ("polynomial", x * 0.3, 0.3, [0.5, 1.0, 1.5, 2.0]),
-            ("exponential form", x * 3.0, 1.0, None), ("constant row", torch.cat([x[:3] * 0.2, const[None]]), 0.05, None),
+            ("exponential form", x * 3.0, 1.0, None),
+            ("constant row", torch.cat([x[:3] * 0.2, const[None]]), 0.05, None),
             ("sparse, threshold among the zeros", sparse * 0.2, 0.5, None)]
 
 
@@ -292,7 +294,8 @@ def test_pcb_official_kernel_is_close_to_the_torch_code(interpreted, monkeypatch
     calls, fallbacks = [], []
     kernel, exact = G.pcb_official, sel.kth_smallest
     monkeypatch.setattr(G, "pcb_official", lambda *a: calls.append(1) or kernel(*a))
-    monkeypatch.setattr(sel, "kth_smallest", lambda *a, **kw: fallbacks.append(kw.get("absolute", False)) or exact(*a, **kw))
+    monkeypatch.setattr(sel, "kth_smallest",
+                        lambda *a, **kw: fallbacks.append(kw.get("absolute", False)) or exact(*a, **kw))
     got = pcb_merge(x, density, lambdas=lams)
     assert calls == [1], name
     # the drop threshold's fallback (the clip values' is kth_abs_rows's, absolute=True: |row| constant, zeros)
