@@ -352,7 +352,27 @@ def weighted_row_sum(x: Tensor, w: Tensor, out: Tensor | None = None) -> Tensor:
     return out
 
 
-MODELS_PER_LAUNCH = 8  # fine-tuned tensors read per launch of the task-arithmetic sum
+MODELS_PER_LAUNCH = 8  # fine-tuned tensors read per launch of the task-arithmetic sum and of flatten
+
+
+def _address_tables(models: list[list[Tensor]], lead):
+    """The launches of a kernel that reads tensors by address (``sum_deltas``, ``stack_deltas``): for each
+    dtype of ``models[j]`` (tensor ``j``'s fine-tuned tensors, one per task) and each group of up to
+    :data:`MODELS_PER_LAUNCH` tasks, yield ``(dtype, js, group, grid, table)``: the tensors ``js`` of that
+    dtype, the tasks ``group`` (a ``range``), the grid (programs per tensor, tensors) and the CPU int64
+    table whose row for tensor ``j`` is ``lead(j)`` (numel and two more entries) followed by the group's
+    addresses."""
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for j, ms in enumerate(models):
+        by_dtype.setdefault(ms[0].dtype, []).append(j)
+    n_models = len(models[0])
+    for dtype, js in by_dtype.items():
+        width = max(1, _compiled().triton.cdiv(max(models[j][0].numel() for j in js), BLOCK))
+        for g0 in range(0, n_models, MODELS_PER_LAUNCH):
+            group = range(g0, min(g0 + MODELS_PER_LAUNCH, n_models))
+            table = torch.tensor([[*lead(j), *(models[j][i].data_ptr() for i in group)] for j in js],
+                                 dtype=torch.int64)
+            yield dtype, js, group, (width, len(js)), table
 
 
 def sum_task_vectors(bases: list[Tensor], models: list[list[Tensor]], outs: list[Tensor],
@@ -365,34 +385,26 @@ def sum_task_vectors(bases: list[Tensor], models: list[list[Tensor]], outs: list
     :data:`MODELS_PER_LAUNCH` tasks; more go on in the same order. ``scale``: then
     ``outs[j] = b + scale * outs[j]`` (``torch.add(b, sum, alpha=scale)``). All tensors contiguous (read
     flat, by address), ``outs`` float32 of the inputs' numel; a tensor's inputs all float32, bf16 or fp16.
-    Returns per tensor the number of
-    non-finite sums (one host round trip for all)."""
+    Returns per tensor the number of non-finite sums (one host round trip for all)."""
     K = _compiled()
     tl = _triton()[1]
     dev = outs[0].device
     bad = torch.zeros(len(outs), dtype=torch.int32, device=dev)
     n_models = len(models[0])
-    by_dtype: dict[torch.dtype, list[int]] = {}
-    for j, b in enumerate(bases):
-        by_dtype.setdefault(b.dtype, []).append(j)
-    for dtype, js in by_dtype.items():
-        width = max(1, K.triton.cdiv(max(outs[j].numel() for j in js), BLOCK))  # programs per tensor
-        for g0 in range(0, n_models, MODELS_PER_LAUNCH):
-            group = range(g0, min(g0 + MODELS_PER_LAUNCH, n_models))
-            last = group.stop == n_models
-            table = torch.tensor([[outs[j].numel(), bases[j].data_ptr(), outs[j].data_ptr(),
-                                   *(models[j][i].data_ptr() for i in group)] for j in js], dtype=torch.int64)
-            index = torch.tensor(js, dtype=torch.int64)
-            counts = torch.zeros(len(js), dtype=torch.int32, device=dev)
-            K.sum_deltas[(width, len(js))](table.to(dev), counts, 0.0 if scale is None else float(scale),
-                                           DTYPE=_TL_DTYPES[dtype](tl), NM=len(group), FIRST=g0 == 0, LAST=last,
-                                           SCALE=last and scale is not None, BLOCK=BLOCK)
-            if last:
-                bad.index_add_(0, index.to(dev), counts)
+    lead = lambda j: (outs[j].numel(), bases[j].data_ptr(), outs[j].data_ptr())  # noqa: E731
+    for dtype, js, group, grid, table in _address_tables(models, lead):
+        last = group.stop == n_models
+        counts = torch.zeros(len(js), dtype=torch.int32, device=dev)
+        K.sum_deltas[grid](table.to(dev), counts, 0.0 if scale is None else float(scale),
+                           DTYPE=_TL_DTYPES[dtype](tl), NM=len(group), FIRST=group.start == 0, LAST=last,
+                           SCALE=last and scale is not None, BLOCK=BLOCK)
+        if last:
+            bad.index_add_(0, torch.tensor(js, dtype=torch.int64).to(dev), counts)
     return bad.tolist()
 
 
-def stack_task_vectors(models: list[list[Tensor]], bases: list[Tensor] | None, out: Tensor, starts: list[int]) -> None:
+def stack_task_vectors(models: list[list[Tensor]], bases: list[Tensor] | None, out: Tensor,
+                       starts: list[int]) -> None:
     """:func:`mergelib.task_vectors.flatten` on CUDA: ``out[i, s_j : s_j + numel_j] = models[j][i] - bases[j]``
     (``models[j][i]`` itself when ``bases`` is None) in float32 for every tensor ``j`` (``s_j = starts[j]``)
     and task ``i``: each input entry read once, one launch per dtype and :data:`MODELS_PER_LAUNCH` tasks
@@ -401,18 +413,10 @@ def stack_task_vectors(models: list[list[Tensor]], bases: list[Tensor] | None, o
     same bits. ``out``: contiguous float32 ``N x D``; the inputs contiguous, a tensor's all one dtype."""
     K = _compiled()
     tl = _triton()[1]
-    n_models, row_len = out.shape
-    by_dtype: dict[torch.dtype, list[int]] = {}
-    for j, ms in enumerate(models):
-        by_dtype.setdefault(ms[0].dtype, []).append(j)
-    for dtype, js in by_dtype.items():
-        width = max(1, K.triton.cdiv(max(models[j][0].numel() for j in js), BLOCK))
-        for g0 in range(0, n_models, MODELS_PER_LAUNCH):
-            group = range(g0, min(g0 + MODELS_PER_LAUNCH, n_models))
-            table = torch.tensor([[models[j][0].numel(), 0 if bases is None else bases[j].data_ptr(), starts[j],
-                                   *(models[j][i].data_ptr() for i in group)] for j in js], dtype=torch.int64)
-            K.stack_deltas[(width, len(js))](table.to(out.device), out[g0], row_len, DTYPE=_TL_DTYPES[dtype](tl),
-                                             NM=len(group), SUB=bases is not None, BLOCK=BLOCK)
+    lead = lambda j: (models[j][0].numel(), 0 if bases is None else bases[j].data_ptr(), starts[j])  # noqa: E731
+    for dtype, js, group, grid, table in _address_tables(models, lead):
+        K.stack_deltas[grid](table.to(out.device), out[group.start], out.shape[1], DTYPE=_TL_DTYPES[dtype](tl),
+                             NM=len(group), SUB=bases is not None, BLOCK=BLOCK)
 
 
 _TL_DTYPES = {torch.float32: lambda tl: tl.float32, torch.bfloat16: lambda tl: tl.bfloat16,
