@@ -274,40 +274,52 @@ def _compiled():
                            weighted_rows=weighted_rows, stack_deltas=stack_deltas, pcb_pass=pcb_pass)
 
 
+class _Bracket:
+    """A bracket ``[lo, hi]`` around the k-th smallest value of each row of ``n`` entries, from the rows'
+    sorted samples ``s`` (``N x m``; ``floor``: the lower end where the bracket is open below), and the
+    buffers that a counting pass fills: ``below`` (entries under ``lo``), ``cnt`` and ``cand`` (those in
+    the bracket, packed, at most ``cap`` a row). Shared by :func:`kth_abs_rows` and :func:`pcb_official`."""
+
+    def __init__(self, s: Tensor, k: int, n: int, floor: float):
+        from . import selection as _select
+        n_rows, m = s.shape
+        dev = s.device
+        lo_i, hi_i = _select.sample_span(k, n, m)
+        self.k = k
+        self.lo = s[:, lo_i].contiguous() if lo_i >= 0 else torch.full((n_rows,), floor, device=dev)
+        self.hi = s[:, hi_i].contiguous() if hi_i < m else torch.full((n_rows,), math.inf, device=dev)
+        expected = (min(hi_i, m - 1) - max(lo_i, 0) + 1) / m * n
+        self.cap = min(n, int(1.5 * expected) + 4096)  # the count is binomial around expected: far below 1.5x
+        self.below = torch.zeros(n_rows, dtype=torch.int64, device=dev)
+        self.cnt = torch.zeros(n_rows, dtype=torch.int64, device=dev)
+        self.cand = torch.full((n_rows, self.cap), math.inf, dtype=torch.float32, device=dev)
+
+    def values(self, exact) -> Tensor:
+        """The rows' k-th smallest values (``N``, float32) once the counting pass has run: from the sorted
+        candidates, or ``exact(i)`` for a row whose bracket the sample missed or which holds more than
+        ``cap`` entries (a heavily repeated value)."""
+        counts = torch.stack((self.below, self.cnt)).tolist()  # the one host round trip
+        vals = self.cand.sort(dim=1).values
+        return torch.stack([vals[i, self.k - b - 1] if 1 <= self.k - b <= c <= self.cap else exact(i)
+                            for i, (b, c) in enumerate(zip(*counts))])
+
+
 def kth_abs_rows(x: Tensor, k: int) -> Tensor:
     """``torch.kthvalue(x.abs(), k, dim=1, keepdim=True).values`` of an ``N x n`` matrix whose rows are
     contiguous (``x.stride(1) == 1``; any row stride: a segment of a wider matrix), float32, bf16 or fp16,
     finite: the same value (``N x 1``, ``x``'s dtype)."""
     from . import selection as _select
     K = _compiled()
-    triton, count_bracket = K.triton, K.count_bracket
     n_rows, n = x.shape
     if not 1 <= k <= n:
         raise ValueError(f"k={k} out of range [1, {n}]")
-    dev = x.device
     m = min(SAMPLE, n)
-    idx = _select._sample_index(n, m, str(dev))
-    s = x[:, idx].abs().float().sort(dim=1).values  # N x m, sorted
-    lo_i, hi_i = _select.sample_span(k, n, m)
-    lo = s[:, lo_i].contiguous() if lo_i >= 0 else torch.full((n_rows,), -1.0, device=dev)
-    hi = s[:, hi_i].contiguous() if hi_i < m else torch.full((n_rows,), math.inf, device=dev)
-    expected = (min(hi_i, m - 1) - max(lo_i, 0) + 1) / m * n
-    cap = min(n, int(1.5 * expected) + 4096)  # the count is binomial around expected: far below 1.5x
-    below = torch.zeros(n_rows, dtype=torch.int64, device=dev)
-    cnt = torch.zeros(n_rows, dtype=torch.int64, device=dev)
-    cand = torch.full((n_rows, cap), math.inf, dtype=torch.float32, device=dev)
-    count_bracket[(triton.cdiv(n, COUNT_BLOCK), n_rows)](x, x.stride(0), n, lo, hi, below, cnt, cand, cap,
-                                                         BLOCK=COUNT_BLOCK, num_warps=8)
-    counts = torch.stack((below, cnt)).tolist()  # the one host round trip
-    vals = cand.sort(dim=1).values
-    out = []
-    for i, (b, c) in enumerate(zip(*counts)):
-        r = k - b
-        if 1 <= r <= c <= cap:
-            out.append(vals[i, r - 1])
-        else:  # the sample missed the bracket, or the bracket holds too many entries: the exact torch path
-            out.append(_select.kth_smallest(x[i].float(), k, absolute=True))
-    return torch.stack(out).to(x.dtype).view(n_rows, 1)
+    idx = _select._sample_index(n, m, str(x.device))
+    br = _Bracket(x[:, idx].abs().float().sort(dim=1).values, k, n, floor=-1.0)
+    K.count_bracket[(K.triton.cdiv(n, COUNT_BLOCK), n_rows)](x, x.stride(0), n, br.lo, br.hi, br.below, br.cnt,
+                                                             br.cand, br.cap, BLOCK=COUNT_BLOCK, num_warps=8)
+    kth = br.values(lambda i: _select.kth_smallest(x[i].float(), k, absolute=True))
+    return kth.to(x.dtype).view(n_rows, 1)
 
 
 def ties_sweep(x: Tensor, segments, sign_rule: str, majority: int | None = None) -> Tensor:
@@ -485,31 +497,14 @@ def pcb_official(x: Tensor, lo_k: int, hi_k: int, q_k: int, lams) -> Tensor:
     dev = x.device
     rows = _PCBRows(x, kth_abs_rows(x, lo_k), kth_abs_rows(x, hi_k), lams)
     m = min(SAMPLE, D)
-    s = rows.scores(_select._sample_index(D, m, str(dev))).sort(dim=1).values
-    lo_i, hi_i = _select.sample_span(q_k, D, m)
-    blo = s[:, lo_i].contiguous() if lo_i >= 0 else -rows.inf
-    bhi = s[:, hi_i].contiguous() if hi_i < m else rows.inf
-    cap = min(D, int(1.5 * (min(hi_i, m - 1) - max(lo_i, 0) + 1) / m * D) + 4096)
+    br = _Bracket(rows.scores(_select._sample_index(D, m, str(dev))).sort(dim=1).values, q_k, D, floor=-math.inf)
     nprog = _compiled().triton.cdiv(D, COUNT_BLOCK)
-    below = torch.zeros(n_rows, dtype=torch.int64, device=dev)
-    cnt = torch.zeros(n_rows, dtype=torch.int64, device=dev)
-    cand = torch.full((n_rows, cap), math.inf, dtype=torch.float32, device=dev)
     bmax = torch.empty(n_rows, nprog, dtype=torch.float32, device=dev)
-    rows.run(1, D, COUNT_BLOCK, blo=blo, bhi=bhi, below=below, cnt=cnt, cand=cand, cap=cap, bmax=bmax, nprog=nprog)
+    rows.run(1, D, COUNT_BLOCK, blo=br.lo, bhi=br.hi, below=br.below, cnt=br.cnt, cand=br.cand, cap=br.cap,
+             bmax=bmax, nprog=nprog)
     beta_max = bmax.amax(1)
-    counts = torch.stack((below, cnt)).tolist()  # the one host round trip
-    vals = cand.sort(dim=1).values
-    whole = None  # every beta, written out only for a row that needs it
-    q = []
-    for i, (b, c) in enumerate(zip(*counts)):
-        r = q_k - b
-        if 1 <= r <= c <= cap:
-            q.append(vals[i, r - 1])
-        else:
-            if whole is None:
-                whole = rows.scores(torch.arange(D, device=dev))
-            q.append(_select.kth_smallest(whole[i], q_k))
-    q = torch.stack(q)
+    whole = lru_cache(lambda: rows.scores(torch.arange(D, device=dev)))  # every beta, only if a row needs it
+    q = br.values(lambda i: _select.kth_smallest(whole()[i], q_k))
     qspan = torch.where(beta_max > q, beta_max - q, rows.inf)
     out = torch.empty(D, dtype=torch.float32, device=dev)
     rows.run(2, D, BLOCK, q=q, qspan=qspan, out=out)
