@@ -269,25 +269,47 @@ def fr_tensor(x: Tensor, key: str, shape: tuple[int, ...], ratio: float = 0.7, m
     return _row_sum(x, out=out)
 
 
+def _filter_unscaled(w: Tensor, ratio: float, mode: str, base: str, compat_double_ring: bool) -> tuple[Tensor, float]:
+    """:func:`_filter` on a GPU, its inverse transform left unscaled: ``(y, s)`` with ``y * s`` the
+    filtered ``w``, so that FR's aligned sum applies ``s = 1 / (H W)`` with its weights instead of a pass
+    over the block (torch's inverse transform scales its output in a pass of its own). The mask goes on
+    in place through :func:`mergelib.gpu_kernels.mask_spectrum` (only the zeroed part of the spectrum
+    written) where Triton runs. The same values up to rounding (and the sign of zeros)."""
+    h, wd = w.shape[-2:]
+    wt, symmetric = _weights(h, wd, ratio, mode, base, compat_double_ring, w.device)
+    if not symmetric:  # the complex transform, scaled as before
+        return _filter(w, ratio, mode, base, compat_double_ring), 1.0
+    spec = torch.fft.rfft2(w.float())
+    if _gpu.available(spec):
+        _gpu.mask_spectrum(spec, wt)
+    else:
+        spec.mul_(wt)
+    return torch.fft.irfft2(spec, s=(h, wd), norm="forward"), 1.0 / (h * wd)
+
+
 def _fr_tensor_two_reads(x: Tensor, shape: tuple[int, ...], ratio: float, mode: str, base: str, align: str,
                          compat_double_ring: bool, out: Tensor | None = None, first_task_only: bool = False) -> Tensor:
     """:func:`fr_tensor` on a GPU, ``x`` read and never written (rows contiguous; any row stride: a
-    segment of the flat matrix): after the filter, whose inverse transform writes a new block, the
-    alignment factors come from each row's L1 norm (one read) and the aligned sum is one more read
-    (:func:`mergelib.gpu_kernels.weighted_row_sum`: the rows in order, no matrix product, which cuBLAS may
-    run as TF32 if the user allows it), where the CPU code takes |x|, its mean, scales the rows in place
-    and adds them one at a time (eight passes over the block, each a kernel launch). The same sums up to
-    rounding. Without Triton, the scaled rows are added one at a time. ``first_task_only``
-    (``compat_official``'s non-weight tensors): task 1's aligned row instead of the sum."""
+    segment of the flat matrix): after the filter (:func:`_filter_unscaled`), whose inverse transform
+    writes a new block, the alignment's row magnitudes are the rows' L1 norms (one read) and the aligned
+    sum is one more read (:func:`mergelib.gpu_kernels.aligned_row_sum`: the weights max_j |x_j| / |x_i|
+    times the transform's scale computed in the kernel, the rows added in order, no matrix product,
+    which cuBLAS may run as TF32 if the user allows it), where the CPU code takes |x|, its mean, scales
+    the rows in place and adds them one at a time (eight passes over the block, each a kernel launch).
+    The same sums up to rounding. Without Triton, the scaled rows are added one at a time.
+    ``first_task_only`` (``compat_official``'s non-weight tensors): task 1's aligned row instead of the
+    sum."""
     n = x.shape[0]
+    scale = 1.0
     if len(shape) == 2:
-        x = _filter(x.view(n, *shape), ratio, mode, base, compat_double_ring).view(n, -1)
-    w = (_align_factors(torch.linalg.vector_norm(x, 1, dim=1).div_(x.shape[1])) if align == "official"
-         else torch.ones(n, dtype=x.dtype, device=x.device))
+        x, scale = _filter_unscaled(x.view(n, *shape), ratio, mode, base, compat_double_ring)
+        x = x.view(n, -1)
+    mags = torch.linalg.vector_norm(x, 1, dim=1) if align == "official" else None  # the ratios of mean |x_i|
+    if not first_task_only and x.dtype == torch.float32 and x.stride(1) == 1 and _gpu.available(x):
+        return _gpu.aligned_row_sum(x, mags, scale, out)
+    w = (_align_factors(mags) if mags is not None else torch.ones(n, dtype=x.dtype, device=x.device)) * scale
     if first_task_only:
         return torch.mul(x[0], w[0], out=out)
-    if x.dtype == torch.float32 and x.stride(1) == 1 and _gpu.available(x):
-        return _gpu.weighted_row_sum(x, w, out)
     acc = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device) if out is None else out.zero_()
     for row, wi in zip(x, w):
         acc.add_(row * wi)

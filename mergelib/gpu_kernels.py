@@ -167,16 +167,43 @@ def _compiled():
             tl.store(out_ptr + offs, acc, mask=inb)
 
     @triton.jit
-    def weighted_rows(x_ptr, row_stride, n_rows, n, w_ptr, out_ptr, BLOCK: tl.constexpr):
-        # out = 0 + x_0 * w_0 + x_1 * w_1 + ... (the rows in order) over a block of columns
+    def aligned_rows(x_ptr, row_stride, n_rows, n, mag_ptr, scale, out_ptr, ALIGN: tl.constexpr,
+                     BLOCK: tl.constexpr):
+        # out = 0 + x_0 * w_0 + x_1 * w_1 + ... (the rows in order) over a block of columns, with
+        # w_i = (max_j mag_j / mag_i) * scale (0 where mag_i is 0: FR's alignment) or, without ALIGN, scale
         cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         inb = cols < n
+        if ALIGN:
+            top = tl.load(mag_ptr)
+            mp = mag_ptr + 1
+            for i in range(1, n_rows):
+                top = tl.maximum(top, tl.load(mp))
+                mp += 1
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         xp = x_ptr + cols
+        mp = mag_ptr
         for i in range(n_rows):
-            acc += tl.load(xp, mask=inb, other=0.0) * tl.load(w_ptr + i)
+            w = scale
+            if ALIGN:
+                m = tl.load(mp)
+                w = tl.where(m > 0, tl.math.div_rn(top, tl.where(m > 0, m, 1.0)), 0.0) * scale
+            acc += tl.load(xp, mask=inb, other=0.0) * w
             xp += row_stride
+            mp += 1
         tl.store(out_ptr + cols, acc, mask=inb)
+
+    @triton.jit
+    def mask_spectrum(s_ptr, w_ptr, m, BLOCK: tl.constexpr):
+        # in place on task program_id(1)'s spectrum of m complex entries (2 m float32: real and imaginary
+        # parts interleaved) times the m multipliers w: zeros written where w is 0 (nothing read), nothing
+        # read or written where w is 1, x * w elsewhere (the official mask's double-counted ring: 2)
+        f = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        inb = f < 2 * m
+        w = tl.load(w_ptr + f // 2, mask=inb, other=1.0)
+        p = s_ptr + tl.program_id(1).to(tl.int64) * (2 * m) + f
+        tl.store(p, tl.zeros([BLOCK], dtype=tl.float32), mask=inb & (w == 0.0))
+        scaled = inb & (w != 0.0) & (w != 1.0)
+        tl.store(p, tl.load(p, mask=scaled, other=0.0) * w, mask=scaled)
 
     @triton.jit
     def stack_deltas(table_ptr, out_ptr, row_len, DTYPE: tl.constexpr, NM: tl.constexpr, SUB: tl.constexpr,
@@ -271,7 +298,8 @@ def _compiled():
             tl.store(out_ptr + offs, tl.math.div_rn(num, tl.maximum(den, 1e-12)), mask=inb)
 
     return SimpleNamespace(triton=triton, count_bracket=count_bracket, ties_pass=ties_pass, sum_deltas=sum_deltas,
-                           weighted_rows=weighted_rows, stack_deltas=stack_deltas, pcb_pass=pcb_pass)
+                           aligned_rows=aligned_rows, mask_spectrum=mask_spectrum, stack_deltas=stack_deltas,
+                           pcb_pass=pcb_pass)
 
 
 class _Bracket:
@@ -352,16 +380,38 @@ def ties_sweep(x: Tensor, segments, sign_rule: str, majority: int | None = None)
     return out
 
 
-def weighted_row_sum(x: Tensor, w: Tensor, out: Tensor | None = None) -> Tensor:
-    """``0 + x_0 * w_0 + x_1 * w_1 + ...`` of the float32 ``N x n`` matrix ``x`` (rows contiguous, any row
-    stride) with the ``N`` float32 weights ``w``: one read (FR's aligned sum on CUDA,
-    :func:`mergelib.fourier._fr_tensor_two_reads`; a matrix-vector product may run as TF32). Into ``out``
-    (contiguous, ``n`` float32) when given."""
+def aligned_row_sum(x: Tensor, mags: Tensor | None, scale: float, out: Tensor | None = None) -> Tensor:
+    """FR's aligned sum on CUDA (:func:`mergelib.fourier._fr_tensor_two_reads`): ``0 + x_0 * w_0 + x_1 * w_1
+    + ...`` of the float32 ``N x n`` matrix ``x`` (rows contiguous, any row stride), the rows in order, in
+    one read, with ``w_i = (max_j mags_j / mags_i) * scale`` (0 where ``mags_i`` is 0) from the ``N``
+    float32 row magnitudes ``mags``, or ``w_i = scale`` without them. The weights are computed in the
+    kernel (a handful of torch launches per tensor saved); no matrix product, which cuBLAS may run as
+    TF32. Into ``out`` (contiguous, ``n`` float32) when given."""
     K = _compiled()
     n_rows, n = x.shape
     out = torch.empty(n, dtype=torch.float32, device=x.device) if out is None else out
-    K.weighted_rows[(K.triton.cdiv(n, BLOCK),)](x, x.stride(0), n_rows, n, w.float().contiguous(), out, BLOCK=BLOCK)
+    mags_arg = x if mags is None else mags.float().contiguous()  # x stands in for the magnitudes not read
+    K.aligned_rows[(K.triton.cdiv(n, BLOCK),)](x, x.stride(0), n_rows, n, mags_arg, float(scale), out,
+                                               ALIGN=mags is not None, BLOCK=BLOCK)
     return out
+
+
+def mask_spectrum(spec: Tensor, w: Tensor) -> Tensor:
+    """``spec.mul_(w)`` for a contiguous complex64 ``N x H x Wh`` half spectrum and the ``H x Wh`` float32
+    multipliers ``w`` of FR's filter (0 and 1; 2 on the official code's double-counted ring), in place,
+    writing only where ``w`` is not 1 and reading only where it is neither 0 nor 1 (the official mask
+    zeroes 58-68 % of a ViT's rectangular spectra and keeps the rest as it is). The same values, except
+    that a zeroed entry is +0 where ``x * 0`` gives -0 for a negative ``x``."""
+    K = _compiled()
+    m = w.numel()
+    if spec.dtype != torch.complex64 or not spec.is_contiguous() or spec.shape[-2:] != w.shape:
+        raise ValueError(f"mask_spectrum needs a contiguous complex64 (..., {tuple(w.shape)}) spectrum, "
+                         f"got {spec.dtype} {tuple(spec.shape)}")
+    n = spec.numel() // m
+    if n:
+        K.mask_spectrum[(K.triton.cdiv(2 * m, BLOCK), n)](torch.view_as_real(spec), w.float().contiguous(), m,
+                                                           BLOCK=BLOCK)
+    return spec
 
 
 MODELS_PER_LAUNCH = 8  # fine-tuned tensors read per launch of the task-arithmetic sum and of flatten

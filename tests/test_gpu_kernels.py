@@ -1,6 +1,7 @@
 """mergelib.gpu_kernels (Triton) against the torch code, bit for bit, run in Triton's interpreter on the
 CPU (``TRITON_INTERPRET=1``): the kernels' logic is checked in CI, which has no GPU; tests/test_cuda.py
 checks the compiled kernels on a GPU."""
+import math
 import os
 
 import pytest
@@ -198,23 +199,57 @@ def test_flatten_through_the_kernel_has_the_bits_of_the_torch_code(interpreted, 
     assert len(calls) == 2
 
 
-def test_weighted_row_sum_adds_the_scaled_rows_in_order(interpreted):
-    """FR's aligned sum on CUDA (gpu_kernels.weighted_row_sum): 0 + x_0 * w_0 + x_1 * w_1 + ..., the
-    bits of the torch loop, on a strided segment of a wider matrix, into a given output; and
-    _fr_tensor_two_reads through it, the CPU's fr_tensor up to rounding."""
-    from mergelib.fourier import _fr_tensor_two_reads, fr_tensor
+def test_aligned_row_sum_adds_the_aligned_rows_in_order(interpreted):
+    """FR's aligned sum on CUDA (gpu_kernels.aligned_row_sum): 0 + x_0 * w_0 + x_1 * w_1 + ... with
+    w_i = (max_j m_j / m_i) * scale, 0 for a zero magnitude, or w_i = scale: the bits of the torch loop, on
+    a strided segment of a wider matrix, into a given output."""
     g = torch.Generator().manual_seed(6)
     wide = torch.randn(5, 3000, generator=g)
-    x, w = wide[:, 100:2600], torch.tensor([0.5, 2.0, 1.0, 0.0, 3.25])
-    want = torch.zeros(2500)
-    for row, wi in zip(x, w):
-        want.add_(row * wi)
-    out = torch.full((2500,), float("nan"))
-    assert G.weighted_row_sum(x, w, out) is out and torch.equal(out.view(torch.int32), want.view(torch.int32))
+    x, mags, scale = wide[:, 100:2600], torch.tensor([0.5, 2.0, 1.0, 0.0, 3.25]), 1 / 768
+    for m in (mags, None):
+        w = (torch.where(mags > 0, mags.max() / mags, 0.0) if m is not None else torch.ones(5)) * torch.tensor(scale)
+        want = torch.zeros(2500)
+        for row, wi in zip(x, w):
+            want.add_(row * wi)
+        out = torch.full((2500,), float("nan"))
+        assert G.aligned_row_sum(x, m, scale, out) is out and torch.equal(out.view(torch.int32), want.view(torch.int32))
+    one = G.aligned_row_sum(x[:1], mags[1:2], 1.0)  # one row: its own magnitude, the weight 1
+    assert torch.equal(one, x[0])
+
+
+@pytest.mark.parametrize("compat_double_ring", [False, True])
+def test_mask_spectrum_is_the_product_with_the_mask(interpreted, compat_double_ring):
+    """gpu_kernels.mask_spectrum: spec * w (the official filter's half mask: 0, 1 and, on the double-counted
+    ring, 2) in place, writing zeros without reading; the same values, +0 for a zeroed negative entry."""
+    from mergelib.fourier import _weights
+    x = torch.randn(3, 48, 40, generator=torch.Generator().manual_seed(8))
+    wt, symmetric = _weights(48, 40, 0.3, "official", "min", compat_double_ring, "cpu")
+    assert symmetric and set(wt.unique().tolist()) == ({0.0, 1.0, 2.0} if compat_double_ring else {0.0, 1.0})
+    spec = torch.fft.rfft2(x)
+    want = spec * wt
+    assert G.mask_spectrum(spec, wt) is spec
+    assert same_bits_any_zero_sign(torch.view_as_real(spec), torch.view_as_real(want))
+    with pytest.raises(ValueError, match="complex64"):
+        G.mask_spectrum(spec[:, :, :-1], wt)
+
+
+@pytest.mark.parametrize("align", ["official", "none"])
+def test_fr_on_the_gpu_path_is_the_cpu_fr_up_to_rounding(interpreted, align):
+    """fourier._fr_tensor_two_reads through the kernels (the mask in place, the inverse transform unscaled,
+    its 1 / (H W) folded into the aligned sum's weights) on a segment of a wider matrix: the CPU's
+    fr_tensor up to rounding; compat_official's non-weight rows take task 1's aligned row."""
+    from mergelib.fourier import _fr_tensor_two_reads, fr_tensor
+    wide = torch.randn(5, 3000, generator=torch.Generator().manual_seed(6))
     seg = wide[:, :48 * 40]
-    got = _fr_tensor_two_reads(seg, (48, 40), 0.7, "official", "min", "official", False)
-    want = fr_tensor(seg.contiguous(), "w", (48, 40), 0.7)  # its alignment's means round differently
+    for shape in ((48, 40), (48 * 40,), (7, 5)):
+        part = seg[:, :math.prod(shape)]
+        got = _fr_tensor_two_reads(part, shape, 0.7, "official", "min", align, False)
+        want = fr_tensor(part.contiguous(), "w", shape, 0.7, align=align)  # its alignment's means round differently
+        torch.testing.assert_close(got, want, rtol=0, atol=4e-6 * float(want.abs().max()))
+    got = _fr_tensor_two_reads(seg, (48, 40), 0.7, "official", "min", align, False, first_task_only=True)
+    want = fr_tensor(seg.contiguous(), "b", (48, 40), 0.7, align=align, compat_official=True)
     torch.testing.assert_close(got, want, rtol=0, atol=4e-6 * float(want.abs().max()))
+    assert torch.equal(wide, torch.randn(5, 3000, generator=torch.Generator().manual_seed(6)))  # read only
 
 
 def test_triton_older_than_3_3_leaves_the_torch_code(monkeypatch):
