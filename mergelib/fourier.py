@@ -241,7 +241,8 @@ def fr_check_selection(layout: FlatLayout, stacklevel: int = 2) -> list[str]:
 
 def fr_tensor(x: Tensor, key: str, shape: tuple[int, ...], ratio: float = 0.7, mode: str = "official",
               base: str = "min", align: str = "official", compat_official: bool = False,
-              compat_double_ring: bool = False, scratch: Scratch | None = None, out: Tensor | None = None) -> Tensor:
+              compat_double_ring: bool = False, scratch: Scratch | None = None, out: Tensor | None = None,
+              row_sums: Tensor | None = None) -> Tensor:
     """FR-Merging of one tensor: its ``N x numel`` contiguous float32 task vectors ``x`` (overwritten)
     -> its merged ``numel`` task vector, for ``align="official"`` or ``"none"`` (the per-tensor
     alignments; ``"paper"`` weighs the tasks over the whole model, see :func:`fr_merge`).
@@ -259,36 +260,49 @@ def fr_tensor(x: Tensor, key: str, shape: tuple[int, ...], ratio: float = 0.7, m
     each tensor read from disk, so both give the same bits. ``scratch``: buffers reused from tensor to
     tensor by the caller's loop (:class:`~mergelib.task_vectors.Scratch`; the same bits). ``out``: a
     contiguous ``numel`` float32 tensor to write the result into (:func:`fr_merge`'s merged vector).
+    ``row_sums``: an ``N`` float32 tensor (contiguous) that receives the sums of ``x``'s rows, for a
+    finiteness check that the caller makes once for all tensors (a NaN or inf makes its row's sum
+    non-finite; so can an overflow of finite values): on a GPU, a 2-D tensor's sums are its spectrum's
+    DC bins, read off the forward transform (no pass and no host round trip of their own).
     """
     if x.device.type == "cuda":
         return _fr_tensor_two_reads(x, shape, ratio, mode, base, align, compat_double_ring, out,
-                                    first_task_only=compat_official and "weight" not in key)
+                                    first_task_only=compat_official and "weight" not in key, row_sums=row_sums)
+    if row_sums is not None:
+        torch.sum(x, 1, out=row_sums)
     x = _fr_filter_align(x, shape, ratio, mode, base, align, compat_double_ring, scratch)
     if compat_official and "weight" not in key:  # x may be the caller's scratch buffer, reused for the next tensor
         return x[0].clone() if out is None else out.copy_(x[0])
     return _row_sum(x, out=out)
 
 
-def _filter_unscaled(w: Tensor, ratio: float, mode: str, base: str, compat_double_ring: bool) -> tuple[Tensor, float]:
+def _filter_unscaled(w: Tensor, ratio: float, mode: str, base: str, compat_double_ring: bool,
+                     row_sums: Tensor | None = None) -> tuple[Tensor, float]:
     """:func:`_filter` on a GPU, its inverse transform left unscaled: ``(y, s)`` with ``y * s`` the
     filtered ``w``, so that FR's aligned sum applies ``s = 1 / (H W)`` with its weights instead of a pass
     over the block (torch's inverse transform scales its output in a pass of its own). The mask goes on
     in place through :func:`mergelib.gpu_kernels.mask_spectrum` (only the zeroed part of the spectrum
-    written) where Triton runs. The same values up to rounding (and the sign of zeros)."""
+    written) where Triton runs. The same values up to rounding (and the sign of zeros). ``row_sums``
+    (``N`` float32): receives each task's sum, the DC bin of its spectrum (no pass of its own)."""
     h, wd = w.shape[-2:]
     wt, symmetric = _weights(h, wd, ratio, mode, base, compat_double_ring, w.device)
     if not symmetric:  # the complex transform, scaled as before
+        if row_sums is not None:
+            torch.sum(w, (-2, -1), out=row_sums)
         return _filter(w, ratio, mode, base, compat_double_ring), 1.0
     spec = torch.fft.rfft2(w.float())
     if _gpu.available(spec):
-        _gpu.mask_spectrum(spec, wt)
+        _gpu.mask_spectrum(spec, wt, row_sums)
     else:
+        if row_sums is not None:
+            row_sums.copy_(spec[:, 0, 0].real)
         spec.mul_(wt)
     return torch.fft.irfft2(spec, s=(h, wd), norm="forward"), 1.0 / (h * wd)
 
 
 def _fr_tensor_two_reads(x: Tensor, shape: tuple[int, ...], ratio: float, mode: str, base: str, align: str,
-                         compat_double_ring: bool, out: Tensor | None = None, first_task_only: bool = False) -> Tensor:
+                         compat_double_ring: bool, out: Tensor | None = None, first_task_only: bool = False,
+                         row_sums: Tensor | None = None) -> Tensor:
     """:func:`fr_tensor` on a GPU, ``x`` read and never written (rows contiguous; any row stride: a
     segment of the flat matrix): after the filter (:func:`_filter_unscaled`), whose inverse transform
     writes a new block, the alignment's row magnitudes are the rows' L1 norms (one read) and the aligned
@@ -298,12 +312,14 @@ def _fr_tensor_two_reads(x: Tensor, shape: tuple[int, ...], ratio: float, mode: 
     the rows in place and adds them one at a time (eight passes over the block, each a kernel launch).
     The same sums up to rounding. Without Triton, the scaled rows are added one at a time.
     ``first_task_only`` (``compat_official``'s non-weight tensors): task 1's aligned row instead of the
-    sum."""
+    sum. ``row_sums``: as for :func:`fr_tensor`."""
     n = x.shape[0]
     scale = 1.0
     if len(shape) == 2:
-        x, scale = _filter_unscaled(x.view(n, *shape), ratio, mode, base, compat_double_ring)
+        x, scale = _filter_unscaled(x.view(n, *shape), ratio, mode, base, compat_double_ring, row_sums)
         x = x.view(n, -1)
+    elif row_sums is not None:
+        torch.sum(x, 1, out=row_sums)
     mags = torch.linalg.vector_norm(x, 1, dim=1) if align == "official" else None  # the ratios of mean |x_i|
     if not first_task_only and x.dtype == torch.float32 and x.stride(1) == 1 and _gpu.available(x):
         return _gpu.aligned_row_sum(x, mags, scale, out)
@@ -371,7 +387,10 @@ def fr_merge(tvs: Tensor, layout: FlatLayout, ratio: float = 0.7, mode: str = "o
     filters it in place instead of in a copy.
     """
     ratio = _fr_options(ratio, mode, base, align, compat_official, compat_double_ring)
-    n, D = _check_matrix(tvs)
+    # on a GPU (per-tensor alignments) the input is checked at the end, through each tensor's row sums
+    # that its forward transform gives: a check up front was a pass and a host round trip (3 % of the time)
+    late_check = tvs.device.type == "cuda" and align != "paper"
+    n, D = _check_matrix(tvs, finite=not late_check)
     if layout.D != D:
         raise ValueError(f"layout.D={layout.D} does not match tvs with D={D}")
     fr_check_selection(layout, stacklevel=2)
@@ -381,12 +400,15 @@ def fr_merge(tvs: Tensor, layout: FlatLayout, ratio: float = 0.7, mode: str = "o
         scratch = Scratch()  # a tensor's N x numel copy, spectrum and |.|, reused from tensor to tensor
         if tvs.device.type != "cuda":
             scratch.reserve(n * max(e - s for _, _, s, e in segments), ("block", "abs"), device=tvs.device)
-        for k, shape, s, e in segments:
+        sums = torch.empty(len(segments), n, device=tvs.device) if late_check else None
+        for i, (k, shape, s, e) in enumerate(segments):
             # on CUDA read in place (fr_tensor writes nothing into it there), else a copy it may overwrite
             seg = (tvs[:, s:e] if tvs.device.type == "cuda"
                    else scratch.get("block", n * (e - s), device=tvs.device).view(n, e - s).copy_(tvs[:, s:e]))
             fr_tensor(seg, k, shape, ratio, mode, base, align, compat_official, compat_double_ring, scratch,
-                      out=merged[s:e])
+                      out=merged[s:e], row_sums=None if sums is None else sums[i])
+        if sums is not None and not bool(torch.isfinite(sums).all()):
+            check_finite(tvs)  # NonFiniteError, unless finite entries only overflowed a sum
         return merged
     # the copy on huge pages, and each matrix filtered in one reused block (a fresh copy of the whole
     # matrix and one of each N x numel block faulted in 340 K pages per merge of the benchmark's set)

@@ -193,14 +193,19 @@ def _compiled():
         tl.store(out_ptr + cols, acc, mask=inb)
 
     @triton.jit
-    def mask_spectrum(s_ptr, w_ptr, m, BLOCK: tl.constexpr):
+    def mask_spectrum(s_ptr, w_ptr, m, dc_ptr, DC: tl.constexpr, BLOCK: tl.constexpr):
         # in place on task program_id(1)'s spectrum of m complex entries (2 m float32: real and imaginary
         # parts interleaved) times the m multipliers w: zeros written where w is 0 (nothing read), nothing
-        # read or written where w is 1, x * w elsewhere (the official mask's double-counted ring: 2)
+        # read or written where w is 1, x * w elsewhere (the official mask's double-counted ring: 2).
+        # With DC, the task's DC bin (real part: the sum of its entries) goes to dc_ptr[task] first.
         f = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         inb = f < 2 * m
         w = tl.load(w_ptr + f // 2, mask=inb, other=1.0)
-        p = s_ptr + tl.program_id(1).to(tl.int64) * (2 * m) + f
+        task = tl.program_id(1)
+        p = s_ptr + task.to(tl.int64) * (2 * m) + f
+        if DC:
+            if tl.program_id(0) == 0:
+                tl.store(dc_ptr + task, tl.load(s_ptr + task.to(tl.int64) * (2 * m)))
         tl.store(p, tl.zeros([BLOCK], dtype=tl.float32), mask=inb & (w == 0.0))
         scaled = inb & (w != 0.0) & (w != 1.0)
         tl.store(p, tl.load(p, mask=scaled, other=0.0) * w, mask=scaled)
@@ -396,20 +401,25 @@ def aligned_row_sum(x: Tensor, mags: Tensor | None, scale: float, out: Tensor | 
     return out
 
 
-def mask_spectrum(spec: Tensor, w: Tensor) -> Tensor:
+def mask_spectrum(spec: Tensor, w: Tensor, dc: Tensor | None = None) -> Tensor:
     """``spec.mul_(w)`` for a contiguous complex64 ``N x H x Wh`` half spectrum and the ``H x Wh`` float32
     multipliers ``w`` of FR's filter (0 and 1; 2 on the official code's double-counted ring), in place,
     writing only where ``w`` is not 1 and reading only where it is neither 0 nor 1 (the official mask
     zeroes 58-68 % of a ViT's rectangular spectra and keeps the rest as it is). The same values, except
-    that a zeroed entry is +0 where ``x * 0`` gives -0 for a negative ``x``."""
+    that a zeroed entry is +0 where ``x * 0`` gives -0 for a negative ``x``. ``dc`` (``N`` float32,
+    contiguous): receives each task's DC bin before the mask, the real part of ``spec[:, 0, 0]``."""
     K = _compiled()
     m = w.numel()
     if spec.dtype != torch.complex64 or not spec.is_contiguous() or spec.shape[-2:] != w.shape:
         raise ValueError(f"mask_spectrum needs a contiguous complex64 (..., {tuple(w.shape)}) spectrum, "
                          f"got {spec.dtype} {tuple(spec.shape)}")
     n = spec.numel() // m
+    if dc is not None and (dc.dtype != torch.float32 or dc.numel() != n or not dc.is_contiguous()):
+        raise ValueError(f"mask_spectrum's dc must be {n} contiguous float32, got {dc.dtype} {tuple(dc.shape)}")
     if n:
-        K.mask_spectrum[(K.triton.cdiv(2 * m, BLOCK), n)](torch.view_as_real(spec), w.float().contiguous(), m,
+        real = torch.view_as_real(spec)
+        K.mask_spectrum[(K.triton.cdiv(2 * m, BLOCK), n)](real, w.float().contiguous(), m,
+                                                           real if dc is None else dc, DC=dc is not None,
                                                            BLOCK=BLOCK)
     return spec
 

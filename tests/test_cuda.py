@@ -130,6 +130,22 @@ def test_dare_pcb_and_fr_on_cuda_match_the_cpu():
     assert torch.equal(xc.cpu(), x)  # the input untouched (the non-in-place paths, FR reading it in place)
 
 
+def test_fr_on_cuda_checks_its_input_at_the_end():
+    """fr_merge on CUDA checks finiteness once, at the end, through each tensor's row sums (a filtered
+    tensor's DC bins): a NaN or inf in a filtered matrix or in a vector is named; finite entries whose
+    sums overflow are no error, on either device."""
+    x, layout = _task_set()
+    for col, value in ((5, float("nan")), (320 * 256 + 96 * 128 + 5, float("inf")), (layout.D - 3, float("-inf"))):
+        bad = x.clone()
+        bad[2, col] = value
+        for align in ("official", "none", "paper"):
+            with pytest.raises(NonFiniteError, match="non-finite"):
+                fr_merge(bad.to(CUDA), layout, 0.7, align=align)
+    huge = torch.full_like(x, 3e38)  # every sum overflows; the entries are finite
+    fr_merge(huge.to(CUDA), layout, 0.7)
+    on_cpu(fr_merge, huge, layout, 0.7)
+
+
 def test_dare_state_dict_on_cuda_has_the_cpu_masks():
     """dare_state_dict with tensors on the GPU (their masks drawn together on CPU threads): the CPU's
     masks, and its values within rounding; bf16 kept."""

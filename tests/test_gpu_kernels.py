@@ -226,9 +226,11 @@ def test_mask_spectrum_is_the_product_with_the_mask(interpreted, compat_double_r
     wt, symmetric = _weights(48, 40, 0.3, "official", "min", compat_double_ring, "cpu")
     assert symmetric and set(wt.unique().tolist()) == ({0.0, 1.0, 2.0} if compat_double_ring else {0.0, 1.0})
     spec = torch.fft.rfft2(x)
-    want = spec * wt
-    assert G.mask_spectrum(spec, wt) is spec
+    want, dc = spec * wt, torch.full((3,), float("nan"))
+    assert G.mask_spectrum(spec, wt, dc) is spec
     assert same_bits_any_zero_sign(torch.view_as_real(spec), torch.view_as_real(want))
+    assert torch.equal(dc, torch.fft.rfft2(x)[:, 0, 0].real)  # the DC bins, before the mask zeroed them
+    assert wt[0, 0] == 0
     with pytest.raises(ValueError, match="complex64"):
         G.mask_spectrum(spec[:, :, :-1], wt)
 
@@ -241,11 +243,13 @@ def test_fr_on_the_gpu_path_is_the_cpu_fr_up_to_rounding(interpreted, align):
     from mergelib.fourier import _fr_tensor_two_reads, fr_tensor
     wide = torch.randn(5, 3000, generator=torch.Generator().manual_seed(6))
     seg = wide[:, :48 * 40]
-    for shape in ((48, 40), (48 * 40,), (7, 5)):
+    for shape in ((48, 40), (48 * 40,), (7, 5)):  # the real transform, none, the complex transform
         part = seg[:, :math.prod(shape)]
-        got = _fr_tensor_two_reads(part, shape, 0.7, "official", "min", align, False)
+        sums = torch.full((5,), float("nan"))
+        got = _fr_tensor_two_reads(part, shape, 0.7, "official", "min", align, False, row_sums=sums)
         want = fr_tensor(part.contiguous(), "w", shape, 0.7, align=align)  # its alignment's means round differently
         torch.testing.assert_close(got, want, rtol=0, atol=4e-6 * float(want.abs().max()))
+        torch.testing.assert_close(sums, part.sum(1), rtol=0, atol=1e-4)  # the DC bins for (48, 40)
     got = _fr_tensor_two_reads(seg, (48, 40), 0.7, "official", "min", align, False, first_task_only=True)
     want = fr_tensor(seg.contiguous(), "b", (48, 40), 0.7, align=align, compat_official=True)
     torch.testing.assert_close(got, want, rtol=0, atol=4e-6 * float(want.abs().max()))
