@@ -176,6 +176,33 @@ def test_large_tensors_are_filtered_one_task_at_a_time(shape, align):
     torch.testing.assert_close(got, fourier._row_sum(batched), rtol=0, atol=1e-6 * float(got.abs().max()))
 
 
+@pytest.mark.parametrize("shape", [(2048, 512), (512, 2050), (1536, 770)])
+def test_large_matrices_take_the_inverse_transform_by_rows(shape, monkeypatch):
+    """A single matrix of 2**20 entries or more on the CPU goes back through fourier._irfft2_by_rows
+    (the transform along H on the transposed spectrum, then the real one along W, both contiguous):
+    irfft2's values up to rounding for any half spectrum, and the float64 filter's, in place or not."""
+    from mergelib import fourier
+    from mergelib.task_vectors import Scratch
+
+    h, w = shape
+    assert h * w >= fourier._ONE_TASK_AT_A_TIME
+    spec = torch.complex(_randn(h, w // 2 + 1, seed=1), _randn(h, w // 2 + 1, seed=2))
+    want = torch.fft.irfft2(spec, s=shape)
+    for scratch in (None, Scratch()):
+        got = fourier._irfft2_by_rows(spec.clone(), w, scratch=scratch)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6 * float(want.abs().max()))
+    calls, by_rows = [], fourier._irfft2_by_rows
+    monkeypatch.setattr(fourier, "_irfft2_by_rows", lambda *a, **kw: calls.append(1) or by_rows(*a, **kw))
+    x = _randn(h, w, seed=3)
+    ref = torch.fft.irfft2(torch.fft.rfft2(x.double()) * fr_mask(shape, 0.7)[:, : w // 2 + 1], s=shape).float()
+    torch.testing.assert_close(fr_filter(x, 0.7), ref, rtol=0, atol=1e-6 * float(ref.abs().max()))
+    y = x.clone()
+    assert fourier._filter(y, 0.7, "official", "min", False, inplace=True).data_ptr() == y.data_ptr()
+    assert torch.equal(y, fr_filter(x, 0.7)) and len(calls) == 3
+    fr_filter(x[None], 0.7)  # a batch keeps irfft2
+    assert len(calls) == 3
+
+
 def test_fr_rejects_nan_ratio_and_non_finite_input_and_1d_matrix():
     from mergelib.hparams import HyperparameterError
     from mergelib.task_vectors import FlatLayout, NonFiniteError
