@@ -1,7 +1,7 @@
 """Fused CUDA kernels (`Triton <https://triton-lang.org>`_): TIES's trim thresholds and its trim-elect-mean
 sweep, in three reads of the task vectors instead of some twenty-five; PCB in four reads (two for its
 clip values) without its ``N x D`` scores; ``flatten`` and task arithmetic's sums in one read, one launch
-for all tensors.
+for all tensors; FR's mask and aligned sum around cuFFT's transforms.
 
 On a GPU every eager torch operation is one pass over memory: TIES from the ``N x D`` matrix took 41 ms
 on an H200 for the ViT-B/32-sized benchmark set, where one read takes 0.65 ms
@@ -27,6 +27,10 @@ on an H200 for the ViT-B/32-sized benchmark set, where one read takes 0.65 ms
   scores instead of storing them, after :func:`kth_abs_rows` for the clip values. Its ``tanh`` is its own
   (libdevice's does not run in the interpreter), so its results are close to the torch code's, not
   its bits.
+* :func:`mask_spectrum` and :func:`aligned_row_sum`: FR-Merging's filter mask applied in place to the
+  half spectra (only the zeroed part written; each task's DC bin, its sum, kept for the finiteness
+  check), and its aligned sum with the alignment's weights and the inverse transform's scale computed
+  in the kernel (:func:`mergelib.fourier._fr_tensor_two_reads`).
 
 They run where :func:`available` says so: Triton importable, CUDA tensors, the kernels not switched off
 (``MERGELIB_KERNELS=torch``, as for :mod:`mergelib.kernels`). ``tests/test_gpu_kernels.py`` runs them in
