@@ -71,6 +71,30 @@ def sum_task_vectors(out, fts, base, scale, final):
     return bad
 
 
+@numba.njit(cache=True, nogil=True, boundscheck=False, fastmath={"reassoc"})
+def copy_l1_norm(out, x):
+    # out[j] = x[j] and sum |x_j| in float64, reassociated (vectorised, in an order the compiler picks): a
+    # float64 sum of float32 values, exact to ~1e-16 relative, so that its float32 rounding does not
+    # depend on the order
+    acc = 0.0
+    for j in range(x.shape[0]):
+        v = x[j]
+        out[j] = v
+        acc += abs(np.float64(v))
+    return acc
+
+
+@jit
+def weighted_row_sum(out, rows, weights):
+    # acc = ((0 + r_0[j] * w_0) + r_1[j] * w_1) + ...: the float operations of rows.mul_(w[:, None]), then
+    # acc.zero_() and acc.add_(row) for each row (each product rounded, then each sum)
+    for j in range(out.shape[0]):
+        acc = zero32
+        for i in range(len(rows)):
+            acc += rows[i][j] * weights[i]
+        out[j] = acc
+
+
 @inline
 def trimmed(x, thr):
     # TIES's official trim of one entry: x * (|x| >= thr) as a 0/1 float mask (x * 0 = +-0)

@@ -23,12 +23,13 @@ from __future__ import annotations
 import math
 import warnings
 from functools import lru_cache
-from typing import Mapping
+from typing import Mapping, NamedTuple
 
 import torch
 from torch import Tensor
 
 from . import gpu_kernels as _gpu
+from . import kernels
 from .competition import _check_matrix, _like, _row_sum, check_finite
 from .hparams import check_choice, check_flag, check_number
 from .task_vectors import FlatLayout, Scratch, empty_matrix
@@ -127,44 +128,114 @@ def fr_filter(w: Tensor, ratio: float, mode: str = "official", base: str = "min"
     return _filter(w, ratio, mode, base, compat_double_ring)
 
 
-def _filter(w: Tensor, ratio: float, mode: str, base: str, compat_double_ring: bool,
-            inplace: bool = False, scratch: Scratch | None = None) -> Tensor:
-    """:func:`fr_filter` without the checks. ``inplace`` writes the result into ``w`` where the real
-    transform applies (a Hermitian-symmetric mask) and ``w`` is float32 and contiguous, and returns a new
-    tensor otherwise (the caller compares the result with ``w``); ``scratch`` (:class:`~mergelib.task_vectors.Scratch`) holds the half spectrum, so that a
-    merge that filters one task and one tensor at a time allocates nothing per transform. Neither
-    changes a bit of the result."""
+def _filter(w: Tensor, ratio: float, mode: str, base: str, compat_double_ring: bool) -> Tensor:
+    """:func:`fr_filter` without the checks: a new float32 tensor. A single matrix of
+    ``_ONE_TASK_AT_A_TIME`` entries or more on the CPU goes through :func:`_filter_band` (a merge filters
+    such matrices one task at a time, so each task's result has the bits of ``fr_filter`` of its matrix)."""
     h, wd = w.shape[-2:]
+    if w.ndim == 2 and w.device.type == "cpu" and w.numel() >= _ONE_TASK_AT_A_TIME:
+        band = _band(h, wd, ratio, mode, base, compat_double_ring)
+        if band is not None:
+            y = _filter_band(w.float(), band)
+            return y.t().contiguous() if band.transposed else y
     wt, symmetric = _weights(h, wd, ratio, mode, base, compat_double_ring, w.device)
     x = w.float()
     if symmetric:
-        half = (*w.shape[:-1], wd // 2 + 1)
-        buf = None if scratch is None else scratch.get("spectrum", math.prod(half), torch.complex64, w.device).view(half)
-        spec = torch.fft.rfft2(x, out=buf)
+        spec = torch.fft.rfft2(x)
         spec.mul_(wt)  # wt is the (H, W // 2 + 1) half here
-        inplace = inplace and w.dtype == torch.float32 and w.is_contiguous()
-        if w.ndim == 2 and w.device.type == "cpu" and w.numel() >= _ONE_TASK_AT_A_TIME:
-            return _irfft2_by_rows(spec, wd, w if inplace else None, scratch)
-        return torch.fft.irfft2(spec, s=(h, wd), out=w if inplace else None)
+        return torch.fft.irfft2(spec, s=(h, wd))
     spec = torch.fft.fft2(x)
     spec.mul_(wt)
     return torch.fft.ifft2(spec).real.contiguous()
 
 
-def _irfft2_by_rows(spec: Tensor, w: int, out: Tensor | None = None, scratch: Scratch | None = None) -> Tensor:
-    """``irfft2(spec, s=(h, w))`` of a contiguous ``h x (w // 2 + 1)`` half spectrum on the CPU, in
-    contiguous 1-D transforms: the inverse along ``h`` on the transposed spectrum, then the real inverse
-    along ``w``. torch's ``irfft2`` on the CPU runs its transform along ``h`` over strided columns, which
-    MKL does slowly: 12-20 ms for one 3072 x 768 or 768 x 3072 matrix here, against 3-4 ms for the
-    forward ``rfft2``; this path takes 4-7 ms, two transposed copies included. The same values up to
-    rounding (not the bits of ``irfft2``). ``scratch``: holds the transposed spectrum."""
-    h, wh = spec.shape
-    t = (torch.empty((wh, h), dtype=spec.dtype) if scratch is None
-         else scratch.get("spectrum_t", spec.numel(), spec.dtype).view(wh, h))
-    t.copy_(spec.t())
-    rows = torch.fft.ifft(t, dim=-1, out=spec.view(wh, h))  # the transform along h, the spectrum overwritten
-    t = t.view(h, wh).copy_(rows.t())
-    return torch.fft.irfft(t, n=w, dim=-1, out=out)
+class _Band(NamedTuple):
+    """Where a Hermitian-symmetric mask keeps anything, for :func:`_filter_band`: the half spectrum's
+    columns ``c0 .. c1 - 1`` of the matrix (``transposed``: of its transpose), and their weights
+    transposed (``(c1 - c0) x rows``, contiguous)."""
+    transposed: bool
+    c0: int
+    c1: int
+    weights_t: Tensor
+    zeros: Tensor | None  # where every weight is 0 or 1: the flat positions of the zeros in weights_t
+
+
+@lru_cache(maxsize=64)
+def _band(h: int, w: int, ratio: float, mode: str, base: str, compat: bool) -> _Band | None:
+    """The kept band of the half spectrum's columns for an ``h x w`` matrix, in whichever orientation
+    keeps fewer columns (the transpose only when that halves them at least: its path costs a full
+    ``rfft2`` and a transposed merged matrix, :func:`_filter_band`); ``None`` for a mask that is not Hermitian-symmetric (odd sizes in
+    official mode: the complex transform). Official mode's disc around the array centre keeps a
+    narrow band: 538 of 1537 columns of a 768 x 3072 matrix's half spectrum, and of a 3072 x 768
+    matrix's transpose (none of its own 385 columns is empty); paper mode's high-pass keeps them all."""
+    wt, symmetric = _weights_cpu(h, w, ratio, mode, base, compat)
+    if not symmetric:
+        return None
+    bands = []
+    for transposed, m in ((False, wt), (True, wt.t())):
+        half = m[:, : m.shape[1] // 2 + 1]
+        kept = half.ne(0).any(0).nonzero().flatten().tolist() or [0, -1]  # nothing kept: an empty band
+        bands.append(((kept[-1] + 1 - kept[0]) / half.shape[1], transposed, kept[0], kept[-1] + 1, half))
+    share, transposed, c0, c1, half = bands[1] if 2 * bands[1][0] < bands[0][0] else bands[0]
+    weights_t = half[:, c0:c1].t().contiguous()
+    binary = bool(((weights_t == 0) | (weights_t == 1)).all())
+    return _Band(transposed, c0, c1, weights_t, (weights_t.view(-1) == 0).nonzero().flatten() if binary else None)
+
+
+def _filter_band(x: Tensor, band: _Band, scratch: Scratch | None = None, total: Tensor | None = None) -> Tensor:
+    """One ``h x w`` float32 CPU matrix filtered through 1-D transforms along contiguous rows, the
+    transforms that run over the band only (:func:`_band`) skipping the columns that the mask empties;
+    returns the filtered matrix, or, where ``band.transposed``, its transpose (contiguous). The values of
+    ``irfft2(M . rfft2(x))`` up to rounding, for 35-50 % of the work on ViT-B/32's 3072 x 768, 768 x 3072
+    and 2304 x 768 matrices (official mode), whose band holds 35-47 % of the columns, and without the
+    transform along H over strided columns that torch's ``irfft2`` runs on the CPU, which MKL does slowly
+    (12-20 ms for one of those matrices here, against 3-4 ms for ``rfft2``).
+
+    * The band in the matrix's own half spectrum (columns ``c0 .. c1 - 1`` of ``rfft`` along W): those
+      columns, transposed, get the transform along H, the mask and its inverse; the other columns are
+      zeroed; the real inverse along W ends it.
+    * The band in the transpose's half spectrum (``band.transposed``: rows ``c0 .. c1 - 1`` of
+      ``rfft2``, the frequencies along H that the mask keeps): ``rfft2`` (MKL's 2-D transform; a
+      transposed copy of the input cost more), those rows completed to every frequency along W by
+      Hermitian symmetry (X[u, v] = conj X[-u mod H, W - v]), the mask, the inverse along W; transposed
+      into the transpose's half spectrum (its other columns zeroed, in ``scratch`` if given), the real
+      inverse along H gives the filtered transpose.
+
+    No transform gets ``out=``: torch computes into a new tensor and copies it into ``out`` (1-3 ms more
+    per transform of such a matrix). The mask's weights multiply the band, or, where they are all 0 or 1,
+    only its zeros are written (the disc's edge: 9 % of a ViT band). ``total``: a 0-d float32 tensor
+    that receives the sum of ``x``, read off the forward transform's DC column (no pass of its own)."""
+    h, w = x.shape
+    c0, c1 = band.c0, band.c1
+    if band.transposed:
+        spec = torch.fft.rfft2(x)  # h x (w // 2 + 1)
+    else:
+        spec = torch.fft.rfft(x)  # along W: h x (w // 2 + 1)
+    if total is not None:  # the DC bin of rfft2, the sum of the DC column of rfft (the rows' sums)
+        total.copy_(spec[0, 0].real) if band.transposed else torch.sum(spec[:, 0].real, 0, out=total)
+    if band.transposed:
+        half_t = (torch.empty((w, h // 2 + 1), dtype=spec.dtype) if scratch is None
+                  else scratch.get("half spectrum", w * (h // 2 + 1), spec.dtype).view(w, h // 2 + 1))
+        if c1 > c0:
+            mirror = (h - torch.arange(c0, c1)) % h
+            kept = torch.cat([spec[c0:c1], spec[mirror, 1:w - w // 2].flip(1).conj()], dim=1)  # every v
+            half_t[:, c0:c1] = torch.fft.ifft(_mask_band(kept, band)).t()  # along W
+        half_t[:, :c0] = 0
+        half_t[:, c1:] = 0
+        return torch.fft.irfft(half_t, n=h)  # along H: the filtered matrix, transposed
+    if c1 > c0:
+        cols = torch.fft.fft(spec[:, c0:c1].t().contiguous())  # along H, the band's columns only
+        spec[:, c0:c1] = torch.fft.ifft(_mask_band(cols, band)).t()
+    spec[:, :c0] = 0
+    spec[:, c1:] = 0
+    return torch.fft.irfft(spec, n=w)
+
+
+def _mask_band(z: Tensor, band: _Band) -> Tensor:
+    """The band's spectrum ``z`` (laid out as ``band.weights_t``, contiguous) times the mask, in place."""
+    if band.zeros is None:
+        return z.mul_(band.weights_t)
+    return z.view(-1).index_fill_(0, band.zeros, 0).view(z.shape)
 
 
 def _align_factors(mean_abs: Tensor) -> Tensor:
@@ -194,14 +265,9 @@ def align_magnitudes(tvs_per_key: Mapping[str, Tensor] | Tensor, layout: FlatLay
     if layout.D != x.shape[-1]:
         raise ValueError(f"layout.D={layout.D} does not match the matrix with D={x.shape[-1]}")
     for _, s, e in layout.segments():
-        _align_rows(out[:, s:e])
+        seg = out[:, s:e]
+        seg.mul_(_align_factors(seg.abs().mean(1))[:, None])
     return out
-
-
-def _align_rows(x: Tensor, scratch: Scratch | None = None) -> Tensor:
-    """Align the N rows of one tensor's ``N x numel`` task vectors in place (m_i = mean|row_i|);
-    ``|x|`` goes into a ``scratch`` buffer where one is given (``x`` contiguous)."""
-    return x.mul_(_align_factors(torch.abs(x, out=_like(scratch, "abs", x)).mean(1))[:, None])
 
 
 def fr_paper_coefficients(tvs: Tensor) -> Tensor:
@@ -260,19 +326,20 @@ def fr_check_selection(layout: FlatLayout, stacklevel: int = 2) -> list[str]:
 def fr_tensor(x: Tensor, key: str, shape: tuple[int, ...], ratio: float = 0.7, mode: str = "official",
               base: str = "min", align: str = "official", compat_official: bool = False,
               compat_double_ring: bool = False, scratch: Scratch | None = None, out: Tensor | None = None,
-              row_sums: Tensor | None = None) -> Tensor:
-    """FR-Merging of one tensor: its ``N x numel`` contiguous float32 task vectors ``x`` (overwritten)
-    -> its merged ``numel`` task vector, for ``align="official"`` or ``"none"`` (the per-tensor
+              row_sums: Tensor | None = None, keep_input: bool = False) -> Tensor:
+    """FR-Merging of one tensor: its ``N x numel`` contiguous float32 task vectors ``x`` (overwritten,
+    unless ``keep_input``) -> its merged ``numel`` task vector, for ``align="official"`` or ``"none"`` (the per-tensor
     alignments; ``"paper"`` weighs the tasks over the whole model, see :func:`fr_merge`).
 
     1. filter: a 2-D ``shape`` is filtered with :func:`fr_filter`, all N tasks in one batched FFT
-       (on the CPU, tensors of ``_ONE_TASK_AT_A_TIME`` entries or more one task at a time, the same
-       bits);
+       (on the CPU, matrices of ``_ONE_TASK_AT_A_TIME`` entries or more one task at a time, through
+       :func:`_filter_band`: the bits of :func:`fr_filter` of each task's matrix);
        any other shape is left as it is;
     2. align (``"official"``): every task's tensor scaled to the largest task's mean |.|
-       (:func:`align_magnitudes`);
-    3. combine: the N rows summed in order (from zero, one row at a time), or, with
-       ``compat_official`` and no "weight" in ``key``, task 1's row.
+       (:func:`align_magnitudes`; for the tensors filtered one task at a time, m_i from the filtered
+       rows' L1 norms, see :func:`_fr_filter_align`);
+    3. combine: the N scaled rows summed in order (from zero, one row at a time), or, with
+       ``compat_official`` and no "weight" in ``key``, task 1's scaled row.
 
     :func:`fr_merge` runs this on each tensor of the flat matrix and :func:`mergelib.merge_files` on
     each tensor read from disk, so both give the same bits. ``scratch``: buffers reused from tensor to
@@ -280,18 +347,56 @@ def fr_tensor(x: Tensor, key: str, shape: tuple[int, ...], ratio: float = 0.7, m
     contiguous ``numel`` float32 tensor to write the result into (:func:`fr_merge`'s merged vector).
     ``row_sums``: an ``N`` float32 tensor (contiguous) that receives the sums of ``x``'s rows, for a
     finiteness check that the caller makes once for all tensors (a NaN or inf makes its row's sum
-    non-finite; so can an overflow of finite values): on a GPU, a 2-D tensor's sums are its spectrum's
-    DC bins, read off the forward transform (no pass and no host round trip of their own).
+    non-finite; so can an overflow of finite values): a 2-D tensor's sums are read off its forward
+    transform's DC bins on a GPU and, for the matrices filtered one task at a time, on the CPU (no pass
+    and no host round trip of their own).
+    ``keep_input`` (:func:`fr_merge`, CPU): ``x`` is only read, its rows contiguous at any row stride (a
+    segment of the flat matrix); a large matrix's tasks are filtered straight from it (no copy of the
+    block first) into a ``scratch`` buffer. Smaller ones need a contiguous ``x`` that may be overwritten.
     """
     if x.device.type == "cuda":
         return _fr_tensor_two_reads(x, shape, ratio, mode, base, align, compat_double_ring, out,
                                     first_task_only=compat_official and "weight" not in key, row_sums=row_sums)
-    if row_sums is not None:
-        torch.sum(x, 1, out=row_sums)
-    x = _fr_filter_align(x, shape, ratio, mode, base, align, compat_double_ring, scratch)
-    if compat_official and "weight" not in key:  # x may be the caller's scratch buffer, reused for the next tensor
-        return x[0].clone() if out is None else out.copy_(x[0])
-    return _row_sum(x, out=out)
+    x, factors, transposed = _fr_filter_align(x, shape, ratio, mode, base, align, compat_double_ring, scratch,
+                                              keep_input, row_sums)
+    if compat_official and "weight" not in key:  # task 1's (aligned) row; x may be the caller's scratch buffer
+        merged = x[0].clone() if factors is None else torch.mul(x[0], factors[0])
+    else:
+        merged = _weighted_row_sum(x, factors, None if transposed else out,
+                                   scratch.get("merged_t", x.shape[1]) if transposed and scratch else None)
+    if transposed:  # the merged matrix back from its transpose
+        result = torch.empty(x.shape[1]) if out is None else out
+        return result.view(-1).view(shape).copy_(merged.view(shape[1], shape[0]).t()).view(-1)
+    if out is not None and merged.data_ptr() != out.data_ptr():
+        return out.copy_(merged)
+    return merged
+
+
+def _store_l1_norm(out: Tensor, y: Tensor) -> float:
+    """``out.copy_(y)`` (contiguous float32 CPU tensors of one size) and ``sum |y|`` accumulated in float64,
+    in one pass where the compiled kernel runs (:func:`mergelib.kernels.copy_l1_norm`), else torch's copy
+    and sum: FR's m_i for a large matrix, a float that the caller rounds to float32, which makes it
+    independent of the order of the sum in all but the rarest cases."""
+    if kernels.available(out, y):
+        return kernels.copy_l1_norm(out, y)
+    out.copy_(y)
+    return float(y.abs().sum(dtype=torch.float64))
+
+
+def _weighted_row_sum(x: Tensor, factors: Tensor | None, out: Tensor | None = None,
+                      buffer: Tensor | None = None) -> Tensor:
+    """``sum_i factors_i * x_i`` of the rows of a contiguous ``N x numel`` float32 CPU block, from zero,
+    in order (each product rounded, then each sum: the float operations of ``x.mul_(factors[:, None])``
+    and :func:`~mergelib.competition._row_sum`), in one pass where the compiled kernel runs
+    (:func:`mergelib.kernels.weighted_row_sum`); ``factors=None``: the plain sum. Into ``out`` if given,
+    else into ``buffer`` (a scratch buffer) if given, else a new tensor. ``x`` may be scaled in place."""
+    out = buffer if out is None else out
+    if factors is None:
+        return _row_sum(x, out=out)
+    acc = torch.empty(x.shape[1], dtype=x.dtype) if out is None else out
+    if kernels.available(x, acc):
+        return kernels.weighted_row_sum(acc, list(x), factors)
+    return _row_sum(x.mul_(factors[:, None]), out=acc)
 
 
 def _filter_unscaled(w: Tensor, ratio: float, mode: str, base: str, compat_double_ring: bool,
@@ -350,35 +455,68 @@ def _fr_tensor_two_reads(x: Tensor, shape: tuple[int, ...], ratio: float, mode: 
     return acc
 
 
-# On the CPU, tensors of at least this many entries are filtered one task at a time, smaller ones (and
-# all on a GPU) in one batched FFT. A task's FFT temporaries (the spectrum, the inverse transform's
-# copies of it, the output) then bound the peak memory of a streamed merge instead of N tasks' (4 tasks
-# of a 4096 x 1024 matrix: 311 -> 113 MB above the inputs), and one task's transform stays in cache
-# (1.6x faster here). Per task or batched, MKL gave the same bits for every shape of this size we tried (ViT,
-# MiniLM, 4096 x 1024, odd sizes) on an AMD Zen 4, but not on an Intel Xeon (2026-12-04: 1024 x 1024 and
-# 1024 x 1030 batches differ in their last bits), and for some tiny odd shapes (7 x 5) the batched inverse
-# differs everywhere, so small tensors keep the batched call, and with it the results of earlier versions.
+# On the CPU, matrices of at least this many entries are filtered one task at a time (_filter_band), smaller
+# ones (and all on a GPU) in one batched rfft2 / irfft2. A task's FFT temporaries then bound the peak memory
+# of a streamed merge instead of N tasks' (4 tasks of a 4096 x 1024 matrix: 311 -> 113 MB above the inputs),
+# and the 1-D transforms along rows skip the mask's empty columns: 8 tasks of a 768 x 768 matrix took 24 ms
+# against 57 ms batched, of a 1536 x 384 one 17 ms against 56 ms; from 512 x 512 down the two are even.
+# Per task or batched, MKL's bits differ on some processors (an Intel Xeon), so the smaller matrices keep
+# the batched call and the results of earlier versions (ViT-B/32's 768 x 768 and MiniLM's 1536 x 384 took the
+# batched call up to 2026-12-04, matrices of 2**20 entries or more the 2-D transforms one task at a time).
 # fr_merge, merge() and merge_files() all filter through _fr_filter_align, so they agree bit for bit
 # with each other on any processor.
-_ONE_TASK_AT_A_TIME = 1 << 20
+_ONE_TASK_AT_A_TIME = 1 << 19
 
 
 def _fr_filter_align(x: Tensor, shape: tuple[int, ...], ratio: float, mode: str, base: str, align: str,
-                     compat_double_ring: bool, scratch: Scratch | None = None) -> Tensor:
-    """Steps 1-2 of :func:`fr_tensor`: the filtered (2-D ``shape``) and aligned (``align="official"``)
-    ``N x numel`` block; ``x`` (contiguous) may be overwritten."""
+                     compat_double_ring: bool, scratch: Scratch | None = None, keep_input: bool = False,
+                     row_sums: Tensor | None = None) -> tuple[Tensor, Tensor | None, bool]:
+    """Steps 1-2 of :func:`fr_tensor` (on the CPU; ``fr_merge``'s paper alignment on any device):
+    ``(block, factors, transposed)``, the filtered ``N x numel`` block (2-D ``shape``), for
+    ``align="official"`` its rows' alignment factors max_j m_j / m_i (else ``None``), which the caller
+    applies in its sum, and whether the block's rows hold the filtered matrices transposed.
+
+    A matrix of ``_ONE_TASK_AT_A_TIME`` entries or more on the CPU is filtered one task at a time
+    (:func:`_filter_band`: the bits of :func:`fr_filter` of the task's matrix), each result written over
+    its row of ``x`` (``keep_input``: into a ``scratch`` block, ``x`` read only), transposed where its
+    band is (``transposed``: the caller transposes the one merged matrix, not N filtered ones); m_i are
+    the filtered matrices' L1 norms, taken as they are stored (their ratios are those of the mean |.|;
+    the GPU takes the same norms). The smaller ones are filtered in one batched call (``x`` contiguous,
+    overwritten), and m_i is mean |.| of the block's rows: the bits of :func:`align_magnitudes` and of
+    earlier versions. ``row_sums`` (``N`` float32): receives the sums of ``x``'s rows, read off the
+    transforms of the tasks filtered one at a time, else summed."""
     n = x.shape[0]
-    if len(shape) == 2 and n > 1 and x.shape[1] >= _ONE_TASK_AT_A_TIME and x.device.type == "cpu":
-        scratch = Scratch() if scratch is None else scratch  # one spectrum buffer for all tasks
-        for row in x:  # each task's filtered tensor replaces its row
-            out = _filter(row.view(shape), ratio, mode, base, compat_double_ring, inplace=True, scratch=scratch)
-            if out.data_ptr() != row.data_ptr():  # the complex path (odd sizes) returns a new tensor
-                row.copy_(out.view(-1))
-    elif len(shape) == 2:
+    official = align == "official"
+    if len(shape) == 2 and x.shape[1] >= _ONE_TASK_AT_A_TIME and x.device.type == "cpu":
+        band = _band(*shape, ratio, mode, base, compat_double_ring)
+        block = (x if not keep_input else
+                 (scratch or Scratch()).get("block", x.numel(), device=x.device).view(n, x.shape[1]))
+        norms = torch.empty(n, dtype=torch.float64)
+        for i in range(n):
+            m = x[i].view(shape)
+            if band is not None:
+                y = _filter_band(m, band, scratch, None if row_sums is None else row_sums[i])
+            else:  # the complex transform (odd sizes in official mode)
+                if row_sums is not None:
+                    torch.sum(m, (0, 1), out=row_sums[i])
+                y = _filter(m, ratio, mode, base, compat_double_ring)
+            norms[i] = _store_l1_norm(block[i], y.view(-1))
+        return block, _align_factors(norms.float()) if official else None, band is not None and band.transposed
+    if keep_input:
+        raise ValueError("keep_input applies only to the matrices filtered one task at a time on the CPU")
+    if row_sums is not None:
+        torch.sum(x, 1, out=row_sums)
+    if len(shape) == 2:
         x = _filter(x.view(n, *shape), ratio, mode, base, compat_double_ring).view(n, -1)
-    if align == "official":
-        _align_rows(x, scratch)
-    return x
+    if not official:
+        return x, None, False
+    return x, _align_factors(torch.abs(x, out=_like(scratch, "abs", x)).mean(1)), False
+
+
+def _fr_large_on_cpu(x: Tensor, shape: tuple[int, ...]) -> bool:
+    """Whether :func:`_fr_filter_align` filters this tensor's tasks one at a time (and so can read them from
+    a read-only view, ``keep_input``)."""
+    return len(shape) == 2 and x.device.type == "cpu" and x.shape[1] >= _ONE_TASK_AT_A_TIME and x.stride(1) == 1
 
 
 def fr_merge(tvs: Tensor, layout: FlatLayout, ratio: float = 0.7, mode: str = "official", base: str = "min",
@@ -405,9 +543,11 @@ def fr_merge(tvs: Tensor, layout: FlatLayout, ratio: float = 0.7, mode: str = "o
     filters it in place instead of in a copy.
     """
     ratio = _fr_options(ratio, mode, base, align, compat_official, compat_double_ring)
-    # on a GPU (per-tensor alignments) the input is checked at the end, through each tensor's row sums
-    # that its forward transform gives: a check up front was a pass and a host round trip (3 % of the time)
-    late_check = tvs.device.type == "cuda" and align != "paper"
+    # with the per-tensor alignments the input is checked at the end, through each tensor's row sums that
+    # its forward transform gives (on the CPU, for the matrices filtered one task at a time; the others are
+    # summed): a check up front was a pass (on a GPU with a host round trip: 3 % of the time; on the CPU
+    # 1x a read of the task vectors, 5 % of the time)
+    late_check = align != "paper"
     n, D = _check_matrix(tvs, finite=not late_check)
     if layout.D != D:
         raise ValueError(f"layout.D={layout.D} does not match tvs with D={D}")
@@ -420,11 +560,13 @@ def fr_merge(tvs: Tensor, layout: FlatLayout, ratio: float = 0.7, mode: str = "o
             scratch.reserve(n * max(e - s for _, _, s, e in segments), ("block", "abs"), device=tvs.device)
         sums = torch.empty(len(segments), n, device=tvs.device) if late_check else None
         for i, (k, shape, s, e) in enumerate(segments):
-            # on CUDA read in place (fr_tensor writes nothing into it there), else a copy it may overwrite
-            seg = (tvs[:, s:e] if tvs.device.type == "cuda"
+            # read in place on CUDA (fr_tensor writes nothing into it there) and for the matrices the CPU
+            # filters one task at a time (keep_input), else a copy that fr_tensor may overwrite
+            keep = tvs.device.type != "cuda" and _fr_large_on_cpu(tvs[:, s:e], shape)
+            seg = (tvs[:, s:e] if tvs.device.type == "cuda" or keep
                    else scratch.get("block", n * (e - s), device=tvs.device).view(n, e - s).copy_(tvs[:, s:e]))
             fr_tensor(seg, k, shape, ratio, mode, base, align, compat_official, compat_double_ring, scratch,
-                      out=merged[s:e], row_sums=None if sums is None else sums[i])
+                      out=merged[s:e], row_sums=None if sums is None else sums[i], keep_input=keep)
         if sums is not None and not bool(torch.isfinite(sums).all()):
             check_finite(tvs)  # NonFiniteError, unless finite entries only overflowed a sum
         return merged
@@ -435,7 +577,11 @@ def fr_merge(tvs: Tensor, layout: FlatLayout, ratio: float = 0.7, mode: str = "o
     for k, shape, s, e in segments:
         if len(shape) == 2:
             seg = scratch.get("block", n * (e - s), x.dtype, x.device).view(n, e - s).copy_(x[:, s:e])
-            x[:, s:e] = _fr_filter_align(seg, shape, ratio, mode, base, "paper", compat_double_ring, scratch)
+            blk, _, transposed = _fr_filter_align(seg, shape, ratio, mode, base, "paper", compat_double_ring, scratch)
+            if transposed:  # each task's matrix back from its transpose
+                x[:, s:e].view(n, *shape).copy_(blk.view(n, shape[1], shape[0]).transpose(1, 2))
+            else:
+                x[:, s:e] = blk
     merged = fr_paper_coefficients(x).to(x.dtype) @ x
     if compat_official:
         for k, s, e in layout.segments():

@@ -23,6 +23,9 @@ the results are the torch code's bit for bit; only the number of passes over mem
   scores above a floor below its drop threshold, with their positions, and counts the others
   (:func:`mergelib.competition._pcb_official_sparse`): at the official density 0.05 the weighted sums
   need no ``N x D`` matrix of scores.
+* :func:`weighted_row_sum` and :func:`copy_l1_norm`: FR-Merging's aligned sum of the filtered rows (the
+  float operations of scaling each row and adding the rows in order) and, as each task's filtered
+  matrix is stored, its L1 norm accumulated in float64 (:func:`mergelib.fourier.fr_tensor`).
 * :func:`dare_drop`: DARE's drop and rescale of one tensor, its mask drawn as ``torch.rand`` draws it
   from a seeded CPU generator (ATen's MT19937, reproduced: :func:`dare_matches_torch` checks it)
   (:func:`mergelib.competition.dare_flat`).
@@ -56,9 +59,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["available", "enabled", "use", "sum_task_vectors", "fused_add_matches_torch", "ties_thresholds",
-           "ExactTrim", "count_above", "exact_trim", "ties_sweep", "ties_majority_positive", "pcb_scores",
-           "pcb_weighted_sum", "KeptScores", "blocks_reaching", "count_brackets",
+__all__ = ["available", "enabled", "use", "sum_task_vectors", "fused_add_matches_torch", "copy_l1_norm",
+           "weighted_row_sum", "ties_thresholds", "ExactTrim", "count_above", "exact_trim", "ties_sweep",
+           "ties_majority_positive", "pcb_scores", "pcb_weighted_sum", "KeptScores", "blocks_reaching", "count_brackets",
            "dare_threshold", "dare_matches_torch", "dare_drop"]
 
 _enabled = os.environ.get("MERGELIB_KERNELS", "auto").strip().lower() not in ("torch", "off", "0", "none")
@@ -134,6 +137,27 @@ def sum_task_vectors(out: Tensor, finetuned: Sequence[Tensor], base: Tensor, sca
     CPU tensor; the others: contiguous float32 or bf16 CPU tensors of one dtype (:func:`available`), all
     with ``base.numel()`` entries. Returns the number of non-finite sums (0: every sum is finite)."""
     return int(_loops().sum_task_vectors(_np(out), tuple(_np(f) for f in finetuned), _np(base), *_scale(scale)))
+
+
+def copy_l1_norm(out: Tensor, x: Tensor) -> float:
+    """``out.copy_(x)`` and ``sum |x|``, accumulated in float64, in one pass over contiguous float32 CPU
+    tensors of one size (the compiler picks the order of the additions: a float64 sum of float32
+    values, it differs from ``x.abs().sum(dtype=torch.float64)`` by about 1e-16 relative, and their
+    float32 roundings agree but where the sum falls that close to a rounding boundary). FR-Merging's
+    filtered matrix of one task stored and its magnitude taken while it is in cache
+    (:func:`mergelib.fourier.fr_tensor`)."""
+    return float(_loops().copy_l1_norm(_np(out), _np(x)))
+
+
+def weighted_row_sum(out: Tensor, rows: Sequence[Tensor], weights: Tensor) -> Tensor:
+    """``out = sum_i weights_i * rows_i`` entry by entry, from zero, the rows in order: the float operations
+    (and bits) of scaling each row (``rows_i * weights_i``, rounded) and then ``out.zero_()`` and
+    ``out.add_(scaled_i)`` for each row, in one pass instead of three (FR-Merging's aligned sum,
+    :func:`mergelib.fourier.fr_tensor`). ``out``, ``rows``: contiguous float32 CPU tensors of one size;
+    ``weights``: ``N`` floats. Returns ``out``."""
+    w = weights.detach().to("cpu", torch.float32).contiguous().numpy()
+    _loops().weighted_row_sum(_np(out), tuple(_np(r) for r in rows), w)
+    return out
 
 
 @lru_cache(maxsize=None)

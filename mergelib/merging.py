@@ -391,11 +391,11 @@ def _fr_per_tensor(pretrained, models, keys: list[str], hp: Mapping) -> dict[str
     scratch = Scratch()  # the N x numel block, the spectrum and |.| buffers, reused from tensor to tensor
     scratch.reserve(len(models) * max(pretrained[k].numel() for k in keys), ("block", "abs"),
                     device=pretrained[keys[0]].device)
-    # on a GPU the tensors' row sums are checked together at the end: a host round trip per tensor
-    # stalled the launches (merge() took 37 ms against 24 ms for the flat FR on the benchmark's 48
-    # tensors), and fr_tensor reads a filtered tensor's sums off its forward transform
-    sums = (torch.empty(len(keys), len(models), device=pretrained[keys[0]].device)
-            if pretrained[keys[0]].device.type != "cpu" else None)
+    # the tensors' row sums are checked together at the end, and fr_tensor reads a filtered tensor's sums
+    # off its forward transform (on the CPU, of the matrices it filters one task at a time): on a GPU, a
+    # host round trip per tensor stalled the launches (merge() took 37 ms against 24 ms for the flat FR on
+    # the benchmark's 48 tensors); on the CPU, a check per tensor was a pass over its task vectors
+    sums = torch.empty(len(keys), len(models), device=pretrained[keys[0]].device)
 
     def task_vectors(k: str) -> Tensor:
         base = pretrained[k]
@@ -404,15 +404,11 @@ def _fr_per_tensor(pretrained, models, keys: list[str], hp: Mapping) -> dict[str
         return x
 
     for i, k in enumerate(keys):
-        x = task_vectors(k)
-        if sums is None and not _all_finite(x):
+        out[k] = fr_tensor(task_vectors(k), k, tuple(pretrained[k].shape), **hp, scratch=scratch,
+                           row_sums=sums[i]).view(pretrained[k].shape)
+    for k, ok in zip(keys, torch.isfinite(sums).all(1).tolist()):  # a non-finite sum (NaN, inf, or finite
+        if not ok and not _all_finite(task_vectors(k)):  # entries overflowing): the exact check
             raise NonFiniteError(f"task vectors of {k!r} are not finite")
-        out[k] = fr_tensor(x, k, tuple(pretrained[k].shape), **hp, scratch=scratch,
-                           row_sums=None if sums is None else sums[i]).view(pretrained[k].shape)
-    if sums is not None:  # a non-finite sum (NaN, inf, or finite entries overflowing): the exact check
-        for k, ok in zip(keys, torch.isfinite(sums).all(1).tolist()):
-            if not ok and not _all_finite(task_vectors(k)):
-                raise NonFiniteError(f"task vectors of {k!r} are not finite")
     return out
 
 

@@ -156,51 +156,70 @@ def test_fr_merge_pieces():
         fr_merge(x, layout, align="max")
 
 
-@pytest.mark.parametrize("shape", [(1024, 1024), (2048, 513)])
+@pytest.mark.parametrize("shape", [(1024, 1024), (2048, 513), (768, 1366), (3072, 384)])
 @pytest.mark.parametrize("align", ["none", "official"])
 def test_large_tensors_are_filtered_one_task_at_a_time(shape, align):
     """fr_merge filters a tensor of 2**20 entries or more task by task (one task's FFT temporaries, not
-    N tasks'): each task's own filter, bit for bit, and the batched filter's result up to rounding (MKL
-    gives a batch the same bits on some processors, an AMD Zen 4, but not on others, an Intel Xeon)."""
+    N tasks'): each task's own filter, bit for bit; the alignment's m_i are the filtered rows' L1 norms
+    (the same ratios as mean |.|, up to rounding); the aligned sum adds the scaled rows in order."""
     from mergelib import fourier
 
     layout = FlatLayout.from_shapes({"w.weight": shape})
     assert layout.D >= fourier._ONE_TASK_AT_A_TIME
-    x = _randn(3, layout.D, seed=5)
+    x = _randn(3, layout.D, seed=5) * torch.tensor([[1.0], [0.1], [3.0]])
     per_task = torch.stack([fr_filter(row.view(shape), 0.7).view(-1) for row in x])
-    batched = fr_filter(x.view(3, *shape), 0.7).view(3, -1)  # all tasks in one call
-    if align == "official":
-        per_task, batched = align_magnitudes(per_task), align_magnitudes(batched)
+    filtered, factors, transposed = fourier._fr_filter_align(x.clone(), shape, 0.7, "official", "min", align, False)
+    assert transposed == (shape == (3072, 384))  # its band: 269 of its transpose's 1537 columns
+    if transposed:  # the rows hold each task's filtered matrix transposed
+        filtered = filtered.view(3, shape[1], shape[0]).transpose(1, 2).reshape(3, -1)
+    assert torch.equal(filtered, per_task)
+    kept, f2, t2 = fourier._fr_filter_align(x, shape, 0.7, "official", "min", align, False, keep_input=True)
+    assert kept.data_ptr() != x.data_ptr() and t2 == transposed  # x read only: the same bits from a copy
+    assert torch.equal(kept.view(3, -1) if not t2 else kept.view(3, shape[1], shape[0]).transpose(1, 2).reshape(3, -1),
+                       per_task) and (f2 is None or torch.equal(f2, factors))
     got = fr_merge(x, layout, ratio=0.7, align=align)
-    assert torch.equal(got, fourier._row_sum(per_task))
-    torch.testing.assert_close(got, fourier._row_sum(batched), rtol=0, atol=1e-6 * float(got.abs().max()))
+    if align == "none":
+        assert factors is None and torch.equal(got, fourier._row_sum(per_task))
+        return
+    l1 = per_task.double().abs().sum(1).float()  # float64 sums: their float32 roundings in any order
+    assert torch.equal(factors, l1.max() / l1)
+    assert torch.equal(got, fourier._row_sum(per_task * factors[:, None]))
+    torch.testing.assert_close(got, fourier._row_sum(align_magnitudes(per_task)), rtol=0,
+                               atol=1e-5 * float(got.abs().max()))
 
 
-@pytest.mark.parametrize("shape", [(2048, 512), (512, 2050), (1536, 770)])
-def test_large_matrices_take_the_inverse_transform_by_rows(shape, monkeypatch):
-    """A single matrix of 2**20 entries or more on the CPU goes back through fourier._irfft2_by_rows
-    (the transform along H on the transposed spectrum, then the real one along W, both contiguous):
-    irfft2's values up to rounding for any half spectrum, and the float64 filter's, in place or not."""
+@pytest.mark.parametrize(("shape", "kw", "transposed", "kept"), [
+    ((768, 3072), {}, False, (999, 1537)),  # the disc around (384, 1536): |v - 1536| <= 0.7 * 768
+    ((3072, 768), {}, True, (999, 1537)),  # the same disc, in the transpose's half spectrum
+    ((2048, 512), {}, True, (666, 1025)),  # 1024 - floor(0.7 * 512)
+    ((512, 2050), {}, False, (667, 1026)),
+    ((1536, 770), {"compat_double_ring": True}, False, (0, 386)),  # the transpose's (229, 769): 70 %
+    ((1024, 1030), {"mode": "paper"}, False, (0, 516)),  # a high-pass keeps every column
+    ((1024, 1024), {"mode": "paper", "ratio": 3.0}, False, (0, 0)),  # D0 beyond every frequency: nothing
+    ((1025, 1027), {}, None, None),  # odd sizes: not Hermitian-symmetric, the complex transform
+])
+def test_large_matrices_are_filtered_by_rows_over_the_masks_band(shape, kw, transposed, kept):
+    """A single matrix of 2**20 entries or more on the CPU is filtered by fourier._filter_band: 1-D
+    transforms along contiguous rows, the transform along H over the band of the half spectrum's
+    columns where the mask keeps anything (in the orientation that keeps fewer, by hand above), the
+    float64 filter's values up to rounding."""
     from mergelib import fourier
-    from mergelib.task_vectors import Scratch
 
     h, w = shape
     assert h * w >= fourier._ONE_TASK_AT_A_TIME
-    spec = torch.complex(_randn(h, w // 2 + 1, seed=1), _randn(h, w // 2 + 1, seed=2))
-    want = torch.fft.irfft2(spec, s=shape)
-    for scratch in (None, Scratch()):
-        got = fourier._irfft2_by_rows(spec.clone(), w, scratch=scratch)
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-6 * float(want.abs().max()))
-    calls, by_rows = [], fourier._irfft2_by_rows
-    monkeypatch.setattr(fourier, "_irfft2_by_rows", lambda *a, **kw: calls.append(1) or by_rows(*a, **kw))
+    kw = {"ratio": 0.7, **kw}
+    band = fourier._band(h, w, kw["ratio"], kw.get("mode", "official"), "min", kw.get("compat_double_ring", False))
+    assert (band is None) == (transposed is None)
+    if band is not None:
+        assert (band.transposed, (band.c0, band.c1)) == (transposed, kept)
     x = _randn(h, w, seed=3)
-    ref = torch.fft.irfft2(torch.fft.rfft2(x.double()) * fr_mask(shape, 0.7)[:, : w // 2 + 1], s=shape).float()
-    torch.testing.assert_close(fr_filter(x, 0.7), ref, rtol=0, atol=1e-6 * float(ref.abs().max()))
-    y = x.clone()
-    assert fourier._filter(y, 0.7, "official", "min", False, inplace=True).data_ptr() == y.data_ptr()
-    assert torch.equal(y, fr_filter(x, 0.7)) and len(calls) == 3
-    fr_filter(x[None], 0.7)  # a batch keeps irfft2
-    assert len(calls) == 3
+    wt = fourier._weights_cpu(h, w, kw["ratio"], kw.get("mode", "official"), "min",
+                              kw.get("compat_double_ring", False))[0].double()
+    ref = torch.fft.ifft2(torch.fft.fft2(x.double()) * wt).real.float()
+    got = fr_filter(x, **kw)
+    assert got.is_contiguous() and got.shape == shape
+    torch.testing.assert_close(got, ref, rtol=0, atol=2e-6 * max(float(ref.abs().max()), 1.0))
+    assert torch.equal(fr_filter(x[None], **kw)[0], got) or band is not None  # a batch: the 2-D transforms
 
 
 def test_fr_rejects_nan_ratio_and_non_finite_input_and_1d_matrix():
@@ -250,6 +269,9 @@ def test_buffers_reused_across_tensors_of_different_shapes_keep_the_bits():
         seg = x[:, s:e]
         if len(shapes[k]) == 2 and e - s >= fourier._ONE_TASK_AT_A_TIME:  # filtered task by task
             seg = torch.stack([fr_filter(row.reshape(shapes[k]), 0.7).reshape(-1) for row in seg])
+            l1 = seg.double().abs().sum(1).float()  # m_i: the L1 norms (float64 sums)
+            want.append(fourier._row_sum(seg * (l1.max() / l1)[:, None]))
+            continue
         elif len(shapes[k]) == 2:
             seg = fr_filter(seg.reshape(3, *shapes[k]), 0.7).reshape(3, -1)
         want.append(fourier._row_sum(align_magnitudes(seg)))
@@ -366,3 +388,25 @@ def test_fr_tensor_of_the_gpu_reads_its_block_twice_and_sums_the_same(shape, ali
     want = fr_tensor(seg.contiguous(), "b.bias", shape, 0.7, align=align, compat_official=True)
     torch.testing.assert_close(first, want, rtol=0, atol=1e-6 * float(want.abs().max()))
     assert torch.equal(wide, before)
+
+
+@pytest.mark.parametrize("shape", [(768, 1536), (1536, 768), (1025, 1027)])
+def test_tasks_filtered_one_at_a_time_give_their_sums_for_the_late_check(shape):
+    """The matrices filtered one task at a time give each task's sum off their forward transform (the
+    DC bins, in either orientation of the band), for the finiteness check at the end of fr_merge and
+    merge(); a NaN or an inf anywhere in a task makes its sum non-finite, and fr_merge names it."""
+    from mergelib import fourier
+    from mergelib.task_vectors import NonFiniteError
+
+    x = _randn(3, shape[0] * shape[1], seed=8)
+    sums = torch.empty(3)
+    fourier._fr_filter_align(x.clone(), shape, 0.7, "official", "min", "official", False, row_sums=sums)
+    torch.testing.assert_close(sums, x.double().sum(1).float(), rtol=0, atol=1e-3)
+    layout = FlatLayout.from_shapes({"w.weight": shape, "b.bias": (5,)})
+    for where, bad in ((17, float("nan")), (shape[0] * shape[1] - 1, float("inf")), (shape[0] * shape[1] + 2, float("nan"))):
+        y = _randn(3, layout.D, seed=9)
+        y[1, where] = bad
+        with pytest.raises(NonFiniteError, match="NaN|inf"):
+            fr_merge(y, layout, ratio=0.7)
+        with pytest.raises(NonFiniteError, match="NaN|inf"):
+            fr_merge(y, layout, ratio=50.0, mode="paper")  # nothing kept: the sums still see it

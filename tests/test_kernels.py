@@ -72,6 +72,37 @@ def test_sum_task_vectors_matches_the_torch_adds(n):
     assert same_bytes(out, ref)
 
 
+def test_weighted_row_sum_hand_computed_and_against_the_torch_ops():
+    """FR's aligned sum: ((0 + r_0 w_0) + r_1 w_1) + ..., each product rounded, then each sum: by hand
+    (the sign of a zero too), and bit for bit the torch code it replaces (rows.mul_(w), then the adds)."""
+    rows = [torch.tensor([1.0, -0.0, 3.0, 1e30]), torch.tensor([2.0, -0.0, -1.5, 1e30])]
+    out = torch.full((4,), 7.0)
+    kernels.weighted_row_sum(out, rows, torch.tensor([0.5, 2.0]))
+    # 0.5 + 4 = 4.5; (0 + -0) + -0 = +0; 1.5 - 3 = -1.5; 5e29 + 2e30 = 2.5e30
+    assert same_bytes(out, torch.tensor([4.5, 0.0, -1.5, 2.5e30]))
+    for n in (1, 3, 8):
+        g = torch.Generator().manual_seed(n)
+        x = torch.randn(n, 10_007, generator=g) * torch.logspace(-3, 2, n)[:, None]
+        w = torch.rand(n, generator=g) * 3
+        ref = torch.zeros(10_007)
+        for row in x * w[:, None]:
+            ref.add_(row)
+        assert same_bytes(kernels.weighted_row_sum(torch.empty(10_007), list(x), w), ref)
+
+
+def test_copy_l1_norm_copies_and_sums_in_float64():
+    x = torch.tensor([1.0, -2.5, -0.0, 0.375, 16777216.0, 1.0])
+    out = torch.full((6,), float("nan"))
+    assert kernels.copy_l1_norm(out, x) == 16777220.875  # exact in float64 (float32 sums would drop the 1s)
+    assert same_bytes(out, x)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1_000_003, generator=g) * 1e-3
+    out = torch.empty_like(x)
+    total = kernels.copy_l1_norm(out, x)
+    assert same_bytes(out, x) and abs(total - float(x.double().abs().sum())) <= 1e-12 * total
+    assert np.float32(total) == np.float32(float(x.double().abs().sum()))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("method", ["task_arithmetic", "average"])
 @pytest.mark.parametrize("n", [2, 5])
