@@ -32,7 +32,7 @@ from . import gpu_kernels as _gpu
 from . import kernels
 from .competition import _check_matrix, _like, _row_sum, check_finite
 from .hparams import check_choice, check_flag, check_number
-from .task_vectors import FlatLayout, Scratch, empty_matrix
+from .task_vectors import FlatLayout, Scratch, _sub_into, empty_matrix
 
 __all__ = ["fr_mask", "fr_filter", "align_magnitudes", "fr_paper_coefficients", "fr_merge", "fr_tensor",
            "fr_filtered_keys", "fr_check_selection", "FRFilterWarning"]
@@ -350,9 +350,9 @@ def fr_tensor(x: Tensor, key: str, shape: tuple[int, ...], ratio: float = 0.7, m
     non-finite; so can an overflow of finite values): a 2-D tensor's sums are read off its forward
     transform's DC bins on a GPU and, for the matrices filtered one task at a time, on the CPU (no pass
     and no host round trip of their own).
-    ``keep_input`` (:func:`fr_merge`, CPU): ``x`` is only read, its rows contiguous at any row stride (a
-    segment of the flat matrix); a large matrix's tasks are filtered straight from it (no copy of the
-    block first) into a ``scratch`` buffer. Smaller ones need a contiguous ``x`` that may be overwritten.
+    ``keep_input`` (CPU, a matrix filtered one task at a time): ``x`` is only read, its rows contiguous at
+    any row stride (:func:`fr_merge`: a segment of the flat matrix; ``merge()``: a :class:`_TaskRows`), and
+    the tasks are filtered straight from it (no copy of the block first) into a ``scratch`` buffer.
     """
     if x.device.type == "cuda":
         return _fr_tensor_two_reads(x, shape, ratio, mode, base, align, compat_double_ring, out,
@@ -487,7 +487,7 @@ def _fr_filter_align(x: Tensor, shape: tuple[int, ...], ratio: float, mode: str,
     transforms of the tasks filtered one at a time, else summed."""
     n = x.shape[0]
     official = align == "official"
-    if len(shape) == 2 and x.shape[1] >= _ONE_TASK_AT_A_TIME and x.device.type == "cpu":
+    if _one_task_at_a_time(shape, x.device):
         band = _band(*shape, ratio, mode, base, compat_double_ring)
         block = (x if not keep_input else
                  (scratch or Scratch()).get("block", x.numel(), device=x.device).view(n, x.shape[1]))
@@ -513,10 +513,31 @@ def _fr_filter_align(x: Tensor, shape: tuple[int, ...], ratio: float, mode: str,
     return x, _align_factors(torch.abs(x, out=_like(scratch, "abs", x)).mean(1)), False
 
 
-def _fr_large_on_cpu(x: Tensor, shape: tuple[int, ...]) -> bool:
-    """Whether :func:`_fr_filter_align` filters this tensor's tasks one at a time (and so can read them from
-    a read-only view, ``keep_input``)."""
-    return len(shape) == 2 and x.device.type == "cpu" and x.shape[1] >= _ONE_TASK_AT_A_TIME and x.stride(1) == 1
+def _one_task_at_a_time(shape: tuple[int, ...], device: torch.device) -> bool:
+    """Whether :func:`_fr_filter_align` filters a tensor of this shape on this device one task at a time
+    (and so can read its tasks from a read-only view or from :class:`_TaskRows`, ``keep_input``)."""
+    return len(shape) == 2 and torch.device(device).type == "cpu" and math.prod(shape) >= _ONE_TASK_AT_A_TIME
+
+
+class _TaskRows:
+    """The ``N x numel`` task vectors of one tensor from state dicts, each row ``finetuned_i - base`` in
+    float32 computed when it is read (``rows[i]``, by :func:`~mergelib.task_vectors._sub_into`: the bits of
+    :func:`~mergelib.task_vectors.flatten`) into one reused buffer of ``numel`` entries, valid until the
+    next read. ``merge()`` hands this to :func:`fr_tensor` (``keep_input``) for the matrices filtered one
+    task at a time, so that their filtered tasks are its only ``N x numel`` block (one write of it, not
+    two: the task vectors were a block of their own)."""
+
+    def __init__(self, finetuned: list[Tensor], base: Tensor, buffer: Tensor):
+        self.finetuned, self.base, self.buffer = [f.reshape(-1) for f in finetuned], base.reshape(-1), buffer
+        self.shape = (len(finetuned), base.numel())
+        self.device = buffer.device
+
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    def __getitem__(self, i: int) -> Tensor:
+        _sub_into(self.finetuned[i], self.base, self.buffer)
+        return self.buffer
 
 
 def fr_merge(tvs: Tensor, layout: FlatLayout, ratio: float = 0.7, mode: str = "official", base: str = "min",
@@ -562,7 +583,7 @@ def fr_merge(tvs: Tensor, layout: FlatLayout, ratio: float = 0.7, mode: str = "o
         for i, (k, shape, s, e) in enumerate(segments):
             # read in place on CUDA (fr_tensor writes nothing into it there) and for the matrices the CPU
             # filters one task at a time (keep_input), else a copy that fr_tensor may overwrite
-            keep = tvs.device.type != "cuda" and _fr_large_on_cpu(tvs[:, s:e], shape)
+            keep = _one_task_at_a_time(shape, tvs.device) and tvs.stride(1) == 1
             seg = (tvs[:, s:e] if tvs.device.type == "cuda" or keep
                    else scratch.get("block", n * (e - s), device=tvs.device).view(n, e - s).copy_(tvs[:, s:e]))
             fr_tensor(seg, k, shape, ratio, mode, base, align, compat_official, compat_double_ring, scratch,

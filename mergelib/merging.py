@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 
 from .competition import _pcb_official, _ties_fused, _trim_plan, all_finite as _all_finite, dare_flat, pcb_merge, ties_merge
-from .fourier import _fr_options, fr_check_selection, fr_merge, fr_tensor
+from .fourier import _TaskRows as _FRTaskRows, _fr_options, _one_task_at_a_time as _fr_one_task_at_a_time
+from .fourier import fr_check_selection, fr_merge, fr_tensor
 from . import gpu_kernels as _gpu
 from . import kernels
 from .hparams import HParam, HyperparameterError, check_number
@@ -404,8 +405,12 @@ def _fr_per_tensor(pretrained, models, keys: list[str], hp: Mapping) -> dict[str
         return x
 
     for i, k in enumerate(keys):
-        out[k] = fr_tensor(task_vectors(k), k, tuple(pretrained[k].shape), **hp, scratch=scratch,
-                           row_sums=sums[i]).view(pretrained[k].shape)
+        base = pretrained[k]
+        keep = _fr_one_task_at_a_time(tuple(base.shape), base.device)  # each task's vector computed as it is read
+        x = (_FRTaskRows([m[k] for m in models], base, scratch.get("task", base.numel(), device=base.device))
+             if keep else task_vectors(k))
+        out[k] = fr_tensor(x, k, tuple(base.shape), **hp, scratch=scratch, row_sums=sums[i],
+                           keep_input=keep).view(base.shape)
     for k, ok in zip(keys, torch.isfinite(sums).all(1).tolist()):  # a non-finite sum (NaN, inf, or finite
         if not ok and not _all_finite(task_vectors(k)):  # entries overflowing): the exact check
             raise NonFiniteError(f"task vectors of {k!r} are not finite")
