@@ -490,6 +490,7 @@ class Scratch:
 
     def __init__(self):
         self.bufs: dict[str, Tensor] = {}
+        self.layouts: dict[str, object] = {}  # what a buffer from zeroed() holds outside its written part
 
     def get(self, name: str, numel: int, dtype: torch.dtype = torch.float32,
             device: torch.device | str = "cpu") -> Tensor:
@@ -497,7 +498,21 @@ class Scratch:
         b = self.bufs.get(name)
         if b is None or b.numel() < numel or b.dtype != dtype or b.device != torch.device(device):
             b = self.bufs[name] = empty_matrix((numel,), dtype=dtype, device=device)  # huge pages if large
+        self.layouts.pop(name, None)
         return b[:numel]
+
+    def zeroed(self, name: str, numel: int, layout: object, dtype: torch.dtype = torch.float32,
+               device: torch.device | str = "cpu") -> Tensor:
+        """:meth:`get`, zero-filled the first time it is handed out for ``layout`` (any hashable that names
+        the part a caller writes, e.g. a shape and a band of columns), and handed out as it was left after
+        that: a caller that always overwrites the same part for the same ``layout`` finds zeros everywhere
+        else without writing them again."""
+        known = self.layouts.get(name) == layout
+        b = self.get(name, numel, dtype, device)
+        if not known:
+            b.zero_()
+        self.layouts[name] = layout
+        return b
 
     def reserve(self, numel: int, names: Sequence[str], dtype: torch.dtype = torch.float32,
                 device: torch.device | str = "cpu") -> None:

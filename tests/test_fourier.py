@@ -448,3 +448,19 @@ def test_matrices_filtered_one_task_at_a_time_agree_across_fr_merge_merge_and_me
     for k in shapes:
         assert torch.equal(streamed[k].view(torch.int16) if dtype == torch.bfloat16 else streamed[k],
                            got[k].view(torch.int16) if dtype == torch.bfloat16 else got[k]), k
+
+
+def test_scratch_zeroed_buffer_is_zeroed_once_per_layout():
+    """Scratch.zeroed: zeros the first time for a layout, then as the caller left it; a new layout, or a
+    get() of the same name in between, zeroes it again."""
+    from mergelib.task_vectors import Scratch
+
+    s = Scratch()
+    b = s.zeroed("h", 6, ("a", 1))
+    assert torch.equal(b, torch.zeros(6))
+    b[2:4] = 5.0
+    assert torch.equal(s.zeroed("h", 6, ("a", 1))[2:4], torch.full((2,), 5.0))  # the same layout: as left
+    assert torch.equal(s.zeroed("h", 6, ("a", 2)), torch.zeros(6))  # another layout: zeroed
+    s.zeroed("h", 6, ("a", 2))[0] = 1.0
+    s.get("h", 6)  # handed out for anything else: no longer known
+    assert torch.equal(s.zeroed("h", 6, ("a", 2)), torch.zeros(6))
