@@ -164,10 +164,11 @@ class _Band(NamedTuple):
 def _band(h: int, w: int, ratio: float, mode: str, base: str, compat: bool) -> _Band | None:
     """The kept band of the half spectrum's columns for an ``h x w`` matrix, in whichever orientation
     keeps fewer columns (the transpose only when that halves them at least: its path costs a full
-    ``rfft2`` and a transposed merged matrix, :func:`_filter_band`); ``None`` for a mask that is not Hermitian-symmetric (odd sizes in
-    official mode: the complex transform). Official mode's disc around the array centre keeps a
-    narrow band: 538 of 1537 columns of a 768 x 3072 matrix's half spectrum, and of a 3072 x 768
-    matrix's transpose (none of its own 385 columns is empty); paper mode's high-pass keeps them all."""
+    ``rfft2`` and a transposed merged matrix, :func:`_filter_band`); ``None`` for a mask that is not
+    Hermitian-symmetric (odd sizes in official mode: the complex transform). Official mode's disc
+    around the array centre keeps a narrow band: 538 of 1537 columns of a 768 x 3072 matrix's half
+    spectrum, and of a 3072 x 768 matrix's transpose (none of its own 385 columns is empty); paper
+    mode's high-pass keeps them all."""
     wt, symmetric = _weights_cpu(h, w, ratio, mode, base, compat)
     if not symmetric:
         return None
@@ -333,8 +334,8 @@ def fr_tensor(x: Tensor, key: str, shape: tuple[int, ...], ratio: float = 0.7, m
               compat_double_ring: bool = False, scratch: Scratch | None = None, out: Tensor | None = None,
               row_sums: Tensor | None = None, keep_input: bool = False) -> Tensor:
     """FR-Merging of one tensor: its ``N x numel`` contiguous float32 task vectors ``x`` (overwritten,
-    unless ``keep_input``) -> its merged ``numel`` task vector, for ``align="official"`` or ``"none"`` (the per-tensor
-    alignments; ``"paper"`` weighs the tasks over the whole model, see :func:`fr_merge`).
+    unless ``keep_input``) -> its merged ``numel`` task vector, for ``align="official"`` or ``"none"``
+    (the per-tensor alignments; ``"paper"`` weighs the tasks over the whole model, see :func:`fr_merge`).
 
     1. filter: a 2-D ``shape`` is filtered with :func:`fr_filter`, all N tasks in one batched FFT
        (on the CPU, matrices of ``_ONE_TASK_AT_A_TIME`` entries or more one task at a time, through
@@ -368,7 +369,7 @@ def fr_tensor(x: Tensor, key: str, shape: tuple[int, ...], ratio: float = 0.7, m
         merged = x[0].clone() if factors is None else torch.mul(x[0], factors[0])
     else:
         merged = _weighted_row_sum(x, factors, None if transposed else out,
-                                   scratch.get("merged_t", x.shape[1]) if transposed and scratch else None)
+                                   scratch.get("merged_t", x.shape[1]) if transposed and scratch is not None else None)
     if transposed:  # the merged matrix back from its transpose
         result = torch.empty(x.shape[1]) if out is None else out
         return result.view(-1).view(shape).copy_(merged.view(shape[1], shape[0]).t()).view(-1)
@@ -494,8 +495,10 @@ def _fr_filter_align(x: Tensor, shape: tuple[int, ...], ratio: float, mode: str,
     official = align == "official"
     if _one_task_at_a_time(shape, x.device):
         band = _band(*shape, ratio, mode, base, compat_double_ring)
-        block = (x if not keep_input else
-                 (scratch or Scratch()).get("block", x.numel(), device=x.device).view(n, x.shape[1]))
+        block = x  # each task's filtered matrix over its own row, or with keep_input into a scratch block
+        if keep_input:
+            block = (Scratch() if scratch is None else scratch).get("block", x.numel(), device=x.device)
+            block = block.view(n, x.shape[1])
         norms = torch.empty(n, dtype=torch.float64)
         for i in range(n):
             m = x[i].view(shape)
