@@ -156,10 +156,15 @@ def test_fr_merge_pieces():
         fr_merge(x, layout, align="max")
 
 
+def _untransposed(rows: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """``N x numel`` rows that hold each task's ``shape`` matrix transposed -> the matrices' own rows."""
+    return rows.view(-1, shape[1], shape[0]).transpose(1, 2).reshape(rows.shape[0], -1)
+
+
 @pytest.mark.parametrize("shape", [(1024, 1024), (2048, 513), (768, 1366), (3072, 384)])
 @pytest.mark.parametrize("align", ["none", "official"])
 def test_large_tensors_are_filtered_one_task_at_a_time(shape, align):
-    """fr_merge filters a tensor of 2**20 entries or more task by task (one task's FFT temporaries, not
+    """fr_merge filters a tensor of 2**19 entries or more task by task (one task's FFT temporaries, not
     N tasks'): each task's own filter, bit for bit; the alignment's m_i are the filtered rows' L1 norms
     (the same ratios as mean |.|, up to rounding); the aligned sum adds the scaled rows in order."""
     from mergelib import fourier
@@ -170,13 +175,11 @@ def test_large_tensors_are_filtered_one_task_at_a_time(shape, align):
     per_task = torch.stack([fr_filter(row.view(shape), 0.7).view(-1) for row in x])
     filtered, factors, transposed = fourier._fr_filter_align(x.clone(), shape, 0.7, "official", "min", align, False)
     assert transposed == (shape == (3072, 384))  # its band: 269 of its transpose's 1537 columns
-    if transposed:  # the rows hold each task's filtered matrix transposed
-        filtered = filtered.view(3, shape[1], shape[0]).transpose(1, 2).reshape(3, -1)
-    assert torch.equal(filtered, per_task)
+    assert torch.equal(_untransposed(filtered, shape) if transposed else filtered, per_task)
     kept, f2, t2 = fourier._fr_filter_align(x, shape, 0.7, "official", "min", align, False, keep_input=True)
     assert kept.data_ptr() != x.data_ptr() and t2 == transposed  # x read only: the same bits from a copy
-    assert torch.equal(kept.view(3, -1) if not t2 else kept.view(3, shape[1], shape[0]).transpose(1, 2).reshape(3, -1),
-                       per_task) and (f2 is None or torch.equal(f2, factors))
+    assert torch.equal(_untransposed(kept, shape) if t2 else kept, per_task)
+    assert f2 is None or torch.equal(f2, factors)
     got = fr_merge(x, layout, ratio=0.7, align=align)
     if align == "none":
         assert factors is None and torch.equal(got, fourier._row_sum(per_task))
@@ -201,7 +204,7 @@ def test_large_tensors_are_filtered_one_task_at_a_time(shape, align):
     ((1025, 1027), {}, None, None),  # odd sizes: not Hermitian-symmetric, the complex transform
 ])
 def test_large_matrices_are_filtered_by_rows_over_the_masks_band(shape, kw, transposed, kept):
-    """A single matrix of 2**20 entries or more on the CPU is filtered by fourier._filter_band: 1-D
+    """A single matrix of 2**19 entries or more on the CPU is filtered by fourier._filter_band: 1-D
     transforms along contiguous rows, the transform along H over the band of the half spectrum's
     columns where the mask keeps anything (in the orientation that keeps fewer, by hand above), the
     float64 filter's values up to rounding."""
@@ -405,7 +408,8 @@ def test_tasks_filtered_one_at_a_time_give_their_sums_for_the_late_check(shape):
     fourier._fr_filter_align(x.clone(), shape, 0.7, "official", "min", "official", False, row_sums=sums)
     torch.testing.assert_close(sums, x.double().sum(1).float(), rtol=0, atol=1e-3)
     layout = FlatLayout.from_shapes({"w.weight": shape, "b.bias": (5,)})
-    for where, bad in ((17, float("nan")), (shape[0] * shape[1] - 1, float("inf")), (shape[0] * shape[1] + 2, float("nan"))):
+    numel = shape[0] * shape[1]
+    for where, bad in ((17, float("nan")), (numel - 1, float("inf")), (numel + 2, float("nan"))):  # the bias too
         y = _randn(3, layout.D, seed=9)
         y[1, where] = bad
         with pytest.raises(NonFiniteError, match="NaN|inf"):
