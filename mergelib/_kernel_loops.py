@@ -437,14 +437,58 @@ def clipped(x, lo, hi):
 PCB_BLOCK = 4096
 
 
+@intrinsic
+def bits_as_float(typingctx, i):
+    """The float32 whose bit pattern is the int32 ``i`` (a register's reinterpretation, compiled inline)."""
+    if i != types.int32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(types.int32), codegen
+
+
+LOG2E = np.float32(1.4426950408889634)
+LN2 = np.float32(0.6931471805599453)
+EXP_TAYLOR = tuple(np.float32(1 / c) for c in (2, 6, 24, 120))
+# exp(z) = 2**k * exp(u), k = int(z / ln 2), u = (z / ln 2 - k) * ln 2 in [0, ln 2): the Taylor polynomial of
+# degree 5 is below exp(u) by at most u**6 / 720 * exp(u) < 3e-4 of it; float32's roundings add a few 1e-7
+# (times k); torch's exp is within an ulp (1.2e-7) of exp, and the score's product rounds by 6e-8.
+# 1 + 2**-9 (2.0e-3) covers all of it: the bound is 1.0018-1.0020 times exp(z) (tests/test_kernels.py)
+EXP_BOUND_MARGIN = np.float32(1 + 2.0 ** -9)
+EXP_BOUND_MAX_Z = 80.0  # 2**k stays a normal float32 (k <= 126) for z up to 87
+
+
+@inline
+def score_bound(z, p):
+    # an upper bound of the score beta = exp(z) * p where |p| < 2**-12 (tanh(p) is p) and z in
+    # [0, EXP_BOUND_MAX_Z]: max(p, 0) * exp(z) bounded from above (beta <= 0 where p <= 0), vectorised: no
+    # table, 2**k from its exponent bits
+    y = z * LOG2E
+    k = np.int32(y)
+    u = (y - np.float32(k)) * LN2
+    e = one32 + u * (one32 + u * (EXP_TAYLOR[0] + u * (EXP_TAYLOR[1] + u * (EXP_TAYLOR[2] + u * EXP_TAYLOR[3]))))
+    two_k = bits_as_float(np.int32((k + np.int32(127)) << np.int32(23)))
+    return max(p, zero32) * (e * two_k * EXP_BOUND_MARGIN)
+
+
 @jit
-def pcb_scores(zs, ps, col, fts, base, lo, hi, span, nf):
+def pcb_bound_rows(zs, ps, ubs):
+    # score_bound of every entry of N x C blocks (a test's view of the bound pcb_scores writes)
+    for i in range(zs.shape[0]):
+        z, p, ub = zs[i], ps[i], ubs[i]
+        for j in range(z.shape[0]):
+            ub[j] = score_bound(z[j], p[j])
+
+
+@jit
+def pcb_scores(zs, ps, col, fts, base, lo, hi, span, nf, ubs):
     # steps 1-3 up to exp and tanh (competition._pcb_official_row), per entry j of a tensor: z_i[j] =
     # ((clipped(x_i) - lo_i) / span_i) ** 2 * N (intra = exp(z)) and p_i[j] = x_i * tot (inter = tanh(p)) with
     # tot = ((0 + x_0) + x_1) + ... (competition._row_sum). Returns #(non-finite tot) (0 iff every x is finite)
     # and #(not |p| < 2**-12): the entries whose tanh may differ from p. zs, ps: N x C blocks, the tensor's
     # entries at their columns col.. (No float sums over j: a float reduction keeps the compiler from
-    # vectorising the loop.)
+    # vectorising the loop.) ubs: None, or an N x C block for score_bound(z, p) (valid where every |p| < 2**-12)
     bad = 0
     big = 0
     tot = np.empty(PCB_BLOCK, dtype=np.float32)
@@ -469,6 +513,10 @@ def pcb_scores(zs, ps, col, fts, base, lo, hi, span, nf):
                 v = x * tb[j]
                 pb[j] = v
                 big += not abs(v) < TANH_IDENTITY_BELOW
+            if ubs is not None:  # (Numba compiles this out where ubs is None)
+                ub = ubs[i, a0:a0 + PCB_BLOCK]
+                for j in range(bb.shape[0]):  # the block's z and p, still in the L1 cache
+                    ub[j] = score_bound(zb[j], pb[j])
     return bad, big
 
 
@@ -582,6 +630,44 @@ def pcb_keep_above(betas, floors, col, vals, poss, ks, below, at):
         ks[i] = k
         below[i] += lo
         at[i] += eq
+
+
+@jit
+def pcb_gather_candidates(zs, ps, cposs, counts, offsets, cz, cp):
+    # the candidates' exp and tanh arguments, row after row: cz[offsets[i] + e] = zs[i, cposs[i, e]] for e
+    # below counts[i], and the same for p, with offsets[i] the candidates of the rows before i. Returns their
+    # number. cz, cp have room for every entry of zs
+    o = 0
+    for i in range(zs.shape[0]):
+        offsets[i] = o
+        z, p, c = zs[i], ps[i], cposs[i]
+        for e in range(counts[i]):
+            cz[o + e] = z[c[e]]
+            cp[o + e] = p[c[e]]
+        o += counts[i]
+    return o
+
+
+@jit
+def pcb_keep_candidates(betas, offsets, counts, cposs, floors, col, vals, poss, ks, below, at, maxima):
+    # pcb_keep_above for the candidates' exact scores betas[offsets[i]:offsets[i] + counts[i]] of row i, at
+    # block columns cposs[i, :counts[i]] (ascending): those > floors[i] appended with their model columns
+    # col + cposs, the others counted; maxima[i] raised to the row's largest score
+    for i in range(floors.shape[0]):
+        fl, o, c, v_i, p_i = floors[i], offsets[i], cposs[i], vals[i], poss[i]
+        k, lo, eq, mx = ks[i], 0, 0, maxima[i]
+        for e in range(counts[i]):
+            x = betas[o + e]
+            v_i[k] = x
+            p_i[k] = col + c[e]
+            k += x > fl
+            lo += x < fl
+            eq += x == fl
+            mx = x if x > mx else mx
+        ks[i] = k
+        below[i] += lo
+        at[i] += eq
+        maxima[i] = mx
 
 
 @jit

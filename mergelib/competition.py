@@ -682,15 +682,24 @@ def _pcb_official_beta_compiled(pieces, n: int, width: int, lo, hi, span, out: T
     them (their bits are ATen's and MKL's, and a vectorised loop's scalar tail may round differently), so
     the same bits. ``lo``, ``hi``, ``span`` (``hi - lo``, inf where 0): ``N`` float32 arrays
     (:func:`mergelib.kernels.f32`). Returns the number of non-finite column sums (0: every entry finite)."""
+    z, p, bad, big = _pcb_official_args_compiled(pieces, n, width, lo, hi, span, scratch)
+    torch.mul(z.exp_(), _tanh_(p) if big else p, out=out)
+    return bad
+
+
+def _pcb_official_args_compiled(pieces, n: int, width: int, lo, hi, span, scratch: Scratch, bounds=None):
+    """The arguments of ``exp`` and ``tanh`` of :func:`_pcb_official_beta_compiled` (``z``, ``p``: ``N x width``
+    blocks of ``scratch``), the number of non-finite column sums and the number of entries whose ``tanh``
+    may differ from ``p`` (``|p| >= 2**-12`` or NaN). ``bounds``: None, or an ``N x width`` array for the
+    scores' upper bounds (:meth:`mergelib.kernels.KeptScores.add_bounded`)."""
     z = scratch.get("pcb |t|", n * width).view(n, width)
     p = scratch.get("pcb inter", n * width).view(n, width)
     bad = big = 0
     zn, pn = z.numpy(), p.numpy()
     for col, base, fts in pieces:
-        nb, nbig = _kernels.pcb_scores(zn, pn, col, fts, base, lo, hi, span)
+        nb, nbig = _kernels.pcb_scores(zn, pn, col, fts, base, lo, hi, span, bounds)
         bad, big = bad + nb, big + nbig
-    torch.mul(z.exp_(), _tanh_(p) if big else p, out=out)
-    return bad
+    return z, p, bad, big
 
 
 def _pcb_lambdas(lams: Sequence[float], dtype: torch.dtype, device) -> Tensor | None:
@@ -816,13 +825,23 @@ def _pcb_official_sparse(src: TaskVectorColumns, density: float, lams: Sequence[
     lo_np, hi_np, clip_span = _kernels.f32(lo), _kernels.f32(hi), _kernels.f32(_safe_den(hi - lo))
     scratch, nonfinite = Scratch(), 0
     arrays = src.flat(_kernels._np)  # NumPy views, sliced per chunk
+    # with every floor above 0, exp is taken only where a bound of the score reaches the floor
+    bounded = n <= _kernels.KeptScores.BOUNDED_TASKS and bool((floors > 0).all())
+    maxima = np.full(n, -np.inf, dtype=np.float32)  # the rows' largest scores in the bounded chunks
     for c0, c1 in chunks:
         b = block.view(-1)[: n * (c1 - c0)].view(n, c1 - c0)  # contiguous rows
-        nonfinite += _pcb_official_beta_compiled(src.pieces(c0, c1, arrays), n, c1 - c0, lo_np, hi_np, clip_span, b,
-                                                 scratch)
+        z, p, bad, big = _pcb_official_args_compiled(src.pieces(c0, c1, arrays), n, c1 - c0, lo_np, hi_np,
+                                                     clip_span, scratch, kept.bounds(n, c1 - c0) if bounded else None)
+        nonfinite += bad
+        if bounded and not big:  # every tanh(p) is p: bounded, exp only at the candidates
+            if not kept.add_bounded(z, p, c0, maxima):
+                return None
+            continue
+        torch.mul(z.exp_(), _tanh_(p) if big else p, out=b)
         torch.maximum(beta_max, b.amax(1, keepdim=True), out=beta_max)
         if not kept.add(b, c0):
             return None
+    torch.maximum(beta_max, torch.from_numpy(maxima).unsqueeze(1), out=beta_max)
     if nonfinite:
         _raise_if_not_finite(src, chunks)
     qs = [kept.kth(i, q_k, None if b[1] is None else np.float32(b[1])) for i, b in enumerate(brackets)]

@@ -22,7 +22,9 @@ the results are the torch code's bit for bit; only the number of passes over mem
   weighted sums of the clipped task vectors. Between them, :class:`KeptScores` keeps of each row only the
   scores above a floor below its drop threshold, with their positions, and counts the others
   (:func:`mergelib.competition._pcb_official_sparse`): at the official density 0.05 the weighted sums
-  need no ``N x D`` matrix of scores.
+  need no ``N x D`` matrix of scores. Where ``tanh(p)`` is ``p``, an upper bound of each score, written
+  by :func:`pcb_scores` with its arguments, leaves ``exp`` to the few entries that may reach the floor
+  (:meth:`KeptScores.add_bounded`).
 * :func:`weighted_row_sum` and :func:`copy_l1_norm`: FR-Merging's aligned sum of the filtered rows (the
   float operations of scaling each row and adding the rows in order) and, as each task's filtered
   matrix is stored, its L1 norm accumulated in float64 (:func:`mergelib.fourier.fr_tensor`).
@@ -310,7 +312,7 @@ def ties_majority_positive(out: Tensor, zero: Tensor, finetuned: Sequence[Tensor
 
 
 def pcb_scores(z: Tensor | np.ndarray, p: Tensor | np.ndarray, col: int, finetuned: Sequence[Tensor], base: Tensor,
-               lo: np.ndarray, hi: np.ndarray, span: np.ndarray) -> tuple[int, int]:
+               lo: np.ndarray, hi: np.ndarray, span: np.ndarray, bounds: np.ndarray | None = None) -> tuple[int, int]:
     """PCB's steps 1-3 (official code, :func:`mergelib.competition._pcb_official_row`) up to ``exp`` and
     ``tanh``, for one tensor's entries ``j``, written at columns ``col + j`` of the ``N x C`` float32 blocks
     ``z`` and ``p`` (C-contiguous): with ``x_i = finetuned_i - base`` and ``tot`` the sum of the ``x_i``
@@ -320,10 +322,12 @@ def pcb_scores(z: Tensor | np.ndarray, p: Tensor | np.ndarray, col: int, finetun
     finite) and the number of entries of ``p`` with ``|p| >= 2**-12`` (or NaN), where ``tanh(p)`` may
     differ from ``p`` (:data:`mergelib.competition.TANH_IDENTITY_BELOW`). The inputs may also be the NumPy
     arrays of :func:`_np` and ``z``, ``p`` of ``Tensor.numpy()``: converting them once per merge rather than
-    once per call saves about 0.1 ms a call (a PCB merge makes hundreds)."""
+    once per call saves about 0.1 ms a call (a PCB merge makes hundreds). ``bounds``: an ``N x C`` float32
+    array (:meth:`KeptScores.bounds`) for upper bounds of the scores ``exp(z) * p``, valid where ``tanh(p)``
+    is ``p`` (the second count is 0)."""
     z, p = (t.numpy() if isinstance(t, Tensor) else t for t in (z, p))
     bad, big = _loops().pcb_scores(z, p, col, tuple(_np(f) for f in finetuned), _np(base), lo, hi, span,
-                                   np.float32(len(finetuned)))
+                                   np.float32(len(finetuned)), bounds)
     return int(bad), int(big)
 
 
@@ -362,21 +366,80 @@ class KeptScores:
         self.below = np.zeros(n, dtype=np.int64)
         self.at = np.zeros(n, dtype=np.int64)
         self.limit = limit
+        # the largest float32 below each floor: a bound above it is at or above the floor (add_bounded)
+        self.below_floors = np.nextafter(self.floors, np.float32(-np.inf))
+        self._buffers: dict[str, np.ndarray] = {}
+        self._tensors: dict[str, Tensor] = {}
 
     def add(self, betas: Tensor, col: int) -> bool:
         """Counts and keeps the ``N x w`` scores ``betas`` (contiguous float32) of columns ``col..col + w``.
         False when a row then keeps more than ``limit`` entries (the caller gives up on the counts)."""
-        w = betas.shape[1]
-        need = int(self.kept.max()) + w + 16  # the 16-lane stores write up to 15 entries past the kept ones
-        if need > self.vals.shape[1]:  # grow every row (doubling), keeping what is kept
+        self._room(betas.shape[1] + 16)  # the 16-lane stores write up to 15 entries past the kept ones
+        _loops().pcb_keep_above(betas.numpy(), self.floors, col, self.vals, self.poss, self.kept, self.below,
+                                self.at)
+        return int(self.kept.max()) <= self.limit
+
+    def _room(self, more: int) -> None:
+        """Room for ``more`` entries after every row's kept ones (each row grown by doubling, keeping them)."""
+        need = int(self.kept.max()) + more
+        if need > self.vals.shape[1]:
             cap = max(2 * self.vals.shape[1], need)
             vals, poss = np.empty((len(self.kept), cap), np.float32), np.empty((len(self.kept), cap), np.int64)
             k = int(self.kept.max())
             vals[:, :k], poss[:, :k] = self.vals[:, :k], self.poss[:, :k]
             self.vals, self.poss = vals, poss
-        _loops().pcb_keep_above(betas.numpy(), self.floors, col, self.vals, self.poss, self.kept, self.below,
-                                self.at)
+
+    # add_bounded: tasks up to which its bound of exp(z), z <= N, stays a float32 (_kernel_loops.EXP_BOUND_MAX_Z)
+    BOUNDED_TASKS = 80
+
+    def bounds(self, n: int, w: int) -> np.ndarray:
+        """The ``n x w`` array into which :func:`pcb_scores` writes the bounds that :meth:`add_bounded` reads."""
+        return self._scratch("bounds", n * w).reshape(n, w)
+
+    def add_bounded(self, z: Tensor, p: Tensor, col: int, maxima: np.ndarray) -> bool:
+        """:meth:`add` of the scores ``exp(z) * p`` of an ``N x w`` block (contiguous float32; ``0 <= z <= N``,
+        ``N <= BOUNDED_TASKS``) whose ``|p|`` are all below ``2**-12`` (``tanh(p)`` is ``p``), without ``exp``
+        of every entry: an upper bound of each score (:meth:`bounds`, written by :func:`pcb_scores` with ``z``
+        and ``p``) rules out those below the row's floor, counted, and torch takes ``exp`` and the product
+        only at the others, the candidates, packed (an entry's ``exp`` has the same bits wherever it lies in
+        a tensor: ``tests/test_kernels.py`` checks it on the build that runs them); they then go through
+        :meth:`add`'s counting and keeping.
+        ``maxima``: the rows' largest scores so far (float32, raised here; the largest score is always a
+        candidate). Needs every floor above 0 (an entry with ``p <= 0`` scores at most 0 and is not a
+        candidate). The same counts and kept scores as :meth:`add` of the block ``exp(z) * p``."""
+        n, w = z.shape
+        zn, pn = z.numpy(), p.numpy()
+        ub = self.bounds(n, w)
+        cposs = self._scratch("positions", n * (w + 16), np.int64).reshape(n, w + 16)
+        counts = self._scratch("counts", 3 * n, np.int64).reshape(3, n)
+        counts.fill(0)
+        counts, below, offsets = counts  # (below: with those at the floor; offsets: filled by the gather)
+        _loops().pcb_keep_above(ub, self.below_floors, 0, self._scratch("bounds kept", n * (w + 16)).reshape(n, w + 16),
+                                cposs, counts, below, below)  # bounds at or above the floor: the candidates
+        self.below += below  # a bound below the floor: the score is below it too
+        cz, cp = self._scratch("z", n * w), self._scratch("p", n * w)
+        total = _loops().pcb_gather_candidates(zn, pn, cposs, counts, offsets, cz, cp)
+        z_t = self._tensor("z")[:total]
+        betas = torch.mul(z_t.exp_(), self._tensor("p")[:total], out=z_t).numpy()  # intra * inter, as on the block
+        self._room(int(counts.max()))
+        _loops().pcb_keep_candidates(betas, offsets, counts, cposs, self.floors, col, self.vals, self.poss, self.kept,
+                                     self.below, self.at, maxima)
         return int(self.kept.max()) <= self.limit
+
+    def _scratch(self, name: str, size: int, dtype=np.float32) -> np.ndarray:
+        """A reused array of ``size`` entries for :meth:`add_bounded` (grown as needed; not kept)."""
+        a = self._buffers.get(name)
+        if a is None or a.shape[0] < size:
+            a = self._buffers[name] = np.empty(max(size, 1), dtype)
+            self._tensors.pop(name, None)
+        return a[:size]
+
+    def _tensor(self, name: str) -> Tensor:
+        """The tensor over the whole of :meth:`_scratch`'s array ``name`` (made once per array)."""
+        t = self._tensors.get(name)
+        if t is None:
+            t = self._tensors[name] = torch.from_numpy(self._buffers[name])
+        return t
 
     def kth(self, i: int, k: int, hi: float | None = None) -> np.float32 | None:
         """Row ``i``'s ``k``-th smallest score (every score of the row counted or kept, all finite), or None if

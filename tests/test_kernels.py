@@ -658,20 +658,60 @@ def test_kept_scores_count_keep_and_select():
     assert not small.add(torch.from_numpy(np.ascontiguousarray(rows[:, :1000])), 0)
 
 
-def _pcb_paths(monkeypatch, pre, fts, **hp):
-    """merge(pcb) by its sparse compiled path (asserted to finish there), its dense compiled path and the
-    torch code."""
+def test_exp_has_the_same_bits_wherever_an_entry_lies():
+    """KeptScores.add_bounded takes torch's float32 exp of the candidates packed together, where the dense
+    path takes it of whole N x w blocks: on this build an entry's exp must not depend on its position in the
+    tensor (a vectorised loop's scalar tail rounding otherwise), for tensors of every length mod 64."""
+    g = torch.Generator().manual_seed(4)
+    z = torch.rand(8 * 4099, generator=g) * 8  # PCB's z = N * minmax^2 lies in [0, N]
+    z[:64] = torch.tensor([0.0, 8.0, 1e-30, 88.0, 88.7, 89.0, -0.0, 1e-7] * 8)
+    whole = z.exp()
+    for size in [*range(1, 70), 1000, 4097, 4099 * 3]:
+        idx = torch.randperm(z.numel(), generator=g)[:size]
+        assert same_bytes(z[idx].exp(), whole[idx]), size
+        assert same_bytes(z[-size:].clone().exp_(), whole[-size:]), size
+
+
+def test_pcb_score_bound_is_above_the_score_and_close_to_it():
+    """The bound of kernels.pcb_scores' ``bounds``: at or above torch's exp(z) * p for every z in [0, 80]
+    (a fine grid, the grid's float32 neighbours, both ends) and p > 0, within 0.25 % of it; 0 where p <= 0."""
+    z = torch.linspace(0, 80, 2_000_001)
+    z = torch.cat([z, torch.from_numpy(np.nextafter(z.numpy(), np.float32(np.inf))), torch.tensor([80.0])])
+    z = z.clamp_max(80.0)
+    n = 1
+    for p_value in (1e-30, 3.7e-9, 2.0 ** -13):
+        p = torch.full_like(z, p_value)
+        ub = np.empty((n, z.numel()), np.float32)
+        kernels._loops().pcb_bound_rows(z.view(1, -1).numpy(), p.view(1, -1).numpy(), ub)
+        beta = (z.exp() * p).numpy()
+        assert (ub[0] >= beta).all() and (ub[0] <= beta * np.float32(1.0025)).all(), p_value
+    ub = np.empty((1, 4), np.float32)
+    kernels._loops().pcb_bound_rows(np.array([[0.0, 3.0, 80.0, 1.0]], np.float32),
+                                    np.array([[0.0, -1e-9, -0.0, -2.0 ** -13]], np.float32), ub)
+    assert (ub == 0).all()
+
+
+def _pcb_paths(monkeypatch, pre, fts, bounded=None, **hp):
+    """merge(pcb) by its sparse compiled path (asserted to finish there; ``bounded``: whether some chunk must
+    have taken exp only at the candidates, KeptScores.add_bounded), its dense compiled path and the torch
+    code."""
     from mergelib import competition
-    made = []
+    made, bound = [], []
     real = kernels.KeptScores
 
     class Spy(real):
         def kth(self, *a, **k):
             made.append(1)
             return real.kth(self, *a, **k)
+
+        def add_bounded(self, *a, **k):
+            bound.append(1)
+            return real.add_bounded(self, *a, **k)
     monkeypatch.setattr(kernels, "KeptScores", Spy)
     sparse = merge(pre, fts, "pcb", rules=None, **hp)
     assert made, "the sparse path did not run"
+    if bounded is not None:
+        assert bool(bound) == bounded
     with monkeypatch.context() as m:
         m.setattr(competition, "PCB_SPARSE_DENSITY", 0.0)
         dense = merge(pre, fts, "pcb", rules=None, **hp)
@@ -682,11 +722,13 @@ def _pcb_paths(monkeypatch, pre, fts, **hp):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("hp", [{}, {"density": 0.2}, {"density": 0.01, "scale": [1.0, 0.5, 2.0, -1.0, 0.25]}])
-def test_pcb_sparse_scores_same_bits(monkeypatch, dtype, hp):
+@pytest.mark.parametrize("tv_scale", [1e-3, 1e-4])
+def test_pcb_sparse_scores_same_bits(monkeypatch, dtype, hp, tv_scale):
     """PCB keeping only the scores above a floor below its drop threshold gives the bits of the N x D
-    scores, compiled and in torch."""
-    pre, fts = _set(SHAPES, 5, seed=11, ties=True, dtype=dtype)
-    sparse, dense, slow = _pcb_paths(monkeypatch, pre, fts, **hp)
+    scores, compiled and in torch: with cross terms tau_i * sum_j tau_j reaching tanh's range in every
+    column chunk (1e-3), and below it (1e-4: exp taken only at the candidates of the scores' bound)."""
+    pre, fts = _set(SHAPES, 5, seed=11, ties=True, dtype=dtype, scale=tv_scale)
+    sparse, dense, slow = _pcb_paths(monkeypatch, pre, fts, bounded=tv_scale < 1e-3, **hp)
     assert all(same_bytes(sparse[k], dense[k]) and same_bytes(sparse[k], slow[k]) for k in pre)
 
 
@@ -699,7 +741,21 @@ def test_pcb_sparse_scores_with_most_entries_unchanged(monkeypatch):
         for k in ft:
             same = torch.rand(ft[k].shape, generator=g) < 0.97
             ft[k] = torch.where(same, pre[k], ft[k])
-    sparse, dense, slow = _pcb_paths(monkeypatch, pre, fts)
+    sparse, dense, slow = _pcb_paths(monkeypatch, pre, fts, bounded=False)  # the floor is 0: no bound
+    assert all(same_bytes(sparse[k], dense[k]) and same_bytes(sparse[k], slow[k]) for k in pre)
+
+
+def test_pcb_sparse_scores_bounded_and_dense_chunks(monkeypatch):
+    """Task vectors whose cross terms reach tanh's range in one tensor only: its column chunks take exp of
+    every entry, the others only at the candidates of the bound; the same bits as the dense paths."""
+    from mergelib import competition
+    pre, fts = _set(SHAPES, 5, seed=14, scale=1e-4)
+    for ft in fts:  # d.weight's task vectors 300x larger: its products reach 2**-12
+        ft["d.weight"] = pre["d.weight"] + 300 * (ft["d.weight"] - pre["d.weight"])
+    monkeypatch.setattr(competition._select, "CHUNK", 5 * 8192)  # chunks of 8192 columns: some hold d.weight
+    seen = _spy_pcb_scores(monkeypatch)
+    sparse, dense, slow = _pcb_paths(monkeypatch, pre, fts, bounded=True)
+    assert any(big for _, big in seen) and not all(big for _, big in seen)
     assert all(same_bytes(sparse[k], dense[k]) and same_bytes(sparse[k], slow[k]) for k in pre)
 
 
