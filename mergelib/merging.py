@@ -387,7 +387,12 @@ def _fr_per_tensor(pretrained, models, keys: list[str], hp: Mapping) -> dict[str
     no ``N x D`` matrix is flattened and copied again per segment. The same bits as :func:`fr_merge`.
     Raises :class:`NonFiniteError` for non-finite task vectors."""
     _fr_options(**hp)
-    fr_check_selection(FlatLayout.from_shapes({k: tuple(pretrained[k].shape) for k in keys}), stacklevel=3)
+    layout = FlatLayout.from_shapes({k: tuple(pretrained[k].shape) for k in keys})
+    fr_check_selection(layout, stacklevel=3)
+    # the merged tensors are views of one vector on huge pages: allocated per tensor, their pages were
+    # faulted in afresh on every call (17 K page faults per call on the benchmark's set)
+    merged = empty_matrix((layout.D,), device=pretrained[keys[0]].device)
+    views = {k: merged[s:e] for k, s, e in layout.segments()}
     out = {}
     scratch = Scratch()  # the N x numel block, the spectrum and |.| buffers, reused from tensor to tensor
     scratch.reserve(len(models) * max(pretrained[k].numel() for k in keys), ("block", "abs"),
@@ -409,7 +414,7 @@ def _fr_per_tensor(pretrained, models, keys: list[str], hp: Mapping) -> dict[str
         keep = _fr_one_task_at_a_time(tuple(base.shape), base.device)  # each task's vector computed as it is read
         x = (_FRTaskRows([m[k] for m in models], base, scratch.get("task", base.numel(), device=base.device))
              if keep else task_vectors(k))
-        out[k] = fr_tensor(x, k, tuple(base.shape), **hp, scratch=scratch, row_sums=sums[i],
+        out[k] = fr_tensor(x, k, tuple(base.shape), **hp, scratch=scratch, out=views[k], row_sums=sums[i],
                            keep_input=keep).view(base.shape)
     for k, ok in zip(keys, torch.isfinite(sums).all(1).tolist()):  # a non-finite sum (NaN, inf, or finite
         if not ok and not _all_finite(task_vectors(k)):  # entries overflowing): the exact check
