@@ -390,7 +390,8 @@ def _fr_per_tensor(pretrained, models, keys: list[str], hp: Mapping) -> dict[str
     layout = FlatLayout.from_shapes({k: tuple(pretrained[k].shape) for k in keys})
     fr_check_selection(layout, stacklevel=3)
     # the merged tensors are views of one vector on huge pages: allocated per tensor, their pages were
-    # faulted in afresh on every call (17 K page faults per call on the benchmark's set)
+    # faulted in 4 KiB at a time whenever glibc handed out fresh memory (up to 31 K page faults in a call
+    # on the benchmark's set, a few dozen in others)
     merged = empty_matrix((layout.D,), device=pretrained[keys[0]].device)
     views = {k: merged[s:e] for k, s, e in layout.segments()}
     out = {}
