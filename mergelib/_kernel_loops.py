@@ -633,19 +633,24 @@ def pcb_keep_above(betas, floors, col, vals, poss, ks, below, at):
 
 
 @jit
-def pcb_gather_candidates(zs, ps, cposs, counts, offsets, cz, cp):
+def pcb_gather_candidates(zs, ps, cposs, counts, offsets, cz, cp, bigs):
     # the candidates' exp and tanh arguments, row after row: cz[offsets[i] + e] = zs[i, cposs[i, e]] for e
-    # below counts[i], and the same for p, with offsets[i] the candidates of the rows before i. Returns their
-    # number. cz, cp have room for every entry of zs
+    # below counts[i], and the same for p, with offsets[i] the candidates of the rows before i; bigs: the
+    # packed positions of the candidates whose tanh may differ from p (not |p| < 2**-12, NaN included).
+    # Returns (the number of candidates, the number of bigs). cz, cp, bigs have room for every entry of zs
     o = 0
+    nb = 0
     for i in range(zs.shape[0]):
         offsets[i] = o
         z, p, c = zs[i], ps[i], cposs[i]
         for e in range(counts[i]):
+            v = p[c[e]]
             cz[o + e] = z[c[e]]
-            cp[o + e] = p[c[e]]
+            cp[o + e] = v
+            bigs[nb] = o + e
+            nb += not abs(v) < TANH_IDENTITY_BELOW
         o += counts[i]
-    return o
+    return o, nb
 
 
 @jit
@@ -668,6 +673,17 @@ def pcb_keep_candidates(betas, offsets, counts, cposs, floors, col, vals, poss, 
         below[i] += lo
         at[i] += eq
         maxima[i] = mx
+
+
+@jit
+def pcb_scatter_candidates(block, betas, offsets, counts, cposs, fill):
+    # row i of the N x w block filled with fill[i], then the candidates' scores betas[offsets[i] + e] written at
+    # their block columns cposs[i, e], e below counts[i] (pcb_gather_candidates' layout)
+    for i in range(block.shape[0]):
+        b, o, c = block[i], offsets[i], cposs[i]
+        b[:] = fill[i]
+        for e in range(counts[i]):
+            b[c[e]] = betas[o + e]
 
 
 @jit

@@ -687,6 +687,22 @@ def _pcb_official_beta_compiled(pieces, n: int, width: int, lo, hi, span, out: T
     return bad
 
 
+def _pcb_official_beta_bounded(pieces, n: int, width: int, lo, hi, span, out: Tensor, scratch: Scratch,
+                               candidates, thresholds: np.ndarray, fill: np.ndarray) -> int:
+    """:func:`_pcb_official_beta_compiled` where only the scores at or above a threshold per row matter (the
+    streamed merge's counting pass and write pass): ``out`` holds the exact score wherever a bound of it
+    reaches the row's threshold and ``fill[i]`` elsewhere (scores below the threshold), ``exp`` and ``tanh``
+    taken only there (:class:`mergelib.kernels.ScoreCandidates` ``candidates``; ``thresholds``: ``N`` float32,
+    all above 0); a chunk that :func:`_bounded_chunk` turns down gets every score. Returns the number of
+    non-finite column sums."""
+    z, p, bad, big = _pcb_official_args_compiled(pieces, n, width, lo, hi, span, scratch, candidates.bounds(n, width))
+    if _bounded_chunk(bad, big, n, width):
+        candidates.fill(z, p, thresholds, fill, out, big > 0)
+    else:
+        torch.mul(z.exp_(), _tanh_(p) if big else p, out=out)
+    return bad
+
+
 def _pcb_official_args_compiled(pieces, n: int, width: int, lo, hi, span, scratch: Scratch, bounds=None):
     """The arguments of ``exp`` and ``tanh`` of :func:`_pcb_official_beta_compiled` (``z``, ``p``: ``N x width``
     blocks of ``scratch``), the number of non-finite column sums and the number of entries whose ``tanh``
@@ -799,6 +815,15 @@ def _raise_if_not_finite(src: TaskVectorColumns, chunks: list[tuple[int, int]]) 
         raise NonFiniteError("task vectors are not finite")
 
 
+def _bounded_chunk(bad: int, big: int, n: int, width: int) -> bool:
+    """Whether a chunk of PCB's scores takes ``exp`` and ``tanh`` only where a bound of the score reaches a
+    threshold (:class:`mergelib.kernels.ScoreCandidates`), given :func:`_pcb_official_args_compiled`'s
+    counts: every column sum finite (else the dense path, whose non-finite products it keeps), and at most a
+    quarter of the entries in ``tanh``'s range (the bound takes ``tanh(p)`` as ``p``: tight where ``|p|`` is
+    small, as for task vectors; where many products are large it would rule out few entries)."""
+    return not bad and 4 * big <= n * width
+
+
 def _pcb_official_sparse(src: TaskVectorColumns, density: float, lams: Sequence[float], lo: Tensor, hi: Tensor,
                          chunks: list[tuple[int, int]]) -> Tensor | None:
     """Steps 2-6 of :func:`_pcb_official` (compiled, from the state dicts) without its ``N x D`` scores: only
@@ -833,8 +858,8 @@ def _pcb_official_sparse(src: TaskVectorColumns, density: float, lams: Sequence[
         z, p, bad, big = _pcb_official_args_compiled(src.pieces(c0, c1, arrays), n, c1 - c0, lo_np, hi_np,
                                                      clip_span, scratch, kept.bounds(n, c1 - c0) if bounded else None)
         nonfinite += bad
-        if bounded and not big:  # every tanh(p) is p: bounded, exp only at the candidates
-            if not kept.add_bounded(z, p, c0, maxima):
+        if bounded and _bounded_chunk(bad, big, n, c1 - c0):  # exp (and tanh) only at the candidates
+            if not kept.add_bounded(z, p, c0, maxima, big > 0):
                 return None
             continue
         torch.mul(z.exp_(), _tanh_(p) if big else p, out=b)

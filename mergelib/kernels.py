@@ -350,12 +350,86 @@ def pcb_weighted_sum(num: Tensor | np.ndarray, den: Tensor | np.ndarray, beta: T
                               lam if scaled else np.ones(len(finetuned), dtype=np.float32), scaled)
 
 
+class ScoreCandidates:
+    """PCB's balancing scores ``exp(z) * tanh(p)`` of an ``N x w`` block taken only where an upper bound of the
+    score reaches a threshold of its row (the candidates): :func:`pcb_scores` writes the bounds with ``z`` and
+    ``p`` (:meth:`bounds`), one compiled pass finds the candidates, and torch takes ``exp`` (and ``tanh``, where
+    some ``|p|`` reaches ``2**-12``) of them packed together. An entry's ``exp`` and ``tanh`` have the same bits
+    wherever it lies in a tensor (``tests/test_kernels.py`` checks both on the build that runs them), so each
+    candidate's score has the bits of the dense block's ``exp(z) * tanh(p)``; an entry whose bound is below the
+    threshold scores below it too (the bound, :func:`mergelib._kernel_loops.score_bound`, holds for ``0 <= z <=
+    N`` with ``N <= BOUNDED_TASKS``, and ``tanh(p) <= p`` for ``p >= 0``; a score is at most 0 where ``p <= 0``,
+    so every threshold must be above 0). The buffers are reused from block to block."""
+
+    # tasks up to which the bound of exp(z), z <= N, stays a float32 (_kernel_loops.EXP_BOUND_MAX_Z)
+    BOUNDED_TASKS = 80
+
+    def __init__(self):
+        self._buffers: dict[str, np.ndarray] = {}
+        self._tensors: dict[str, Tensor] = {}
+
+    def bounds(self, n: int, w: int) -> np.ndarray:
+        """The ``n x w`` array into which :func:`pcb_scores` writes the bounds that the next call reads."""
+        return self._scratch("bounds", n * w).reshape(n, w)
+
+    def candidates(self, z: Tensor, p: Tensor, below: np.ndarray, tanh: bool = False):
+        """The scores of the entries of the block ``(z, p)`` whose bound (:meth:`bounds`) is above ``below[i]``
+        (float32, per row), packed row after row: ``(scores, offsets, counts, positions, under)``, row ``i``'s
+        candidates at ``scores[offsets[i]:offsets[i] + counts[i]]``, in column order, their block columns
+        ``positions[i, :counts[i]]``; ``under[i]``: the number of the others. ``tanh``: whether some ``|p|``
+        of the block reaches ``2**-12`` (:func:`pcb_scores`' second count), where ``tanh(p)`` may differ from
+        ``p``: torch's ``tanh`` of the candidates' ``p`` that reach it, gathered (it is the identity below, so
+        the bits of :func:`mergelib.competition._tanh_` on the block, which skips whole blocks below it)."""
+        n, w = z.shape
+        cposs = self._scratch("positions", n * (w + 16), np.int64).reshape(n, w + 16)
+        counts = self._scratch("counts", 3 * n, np.int64).reshape(3, n)
+        counts.fill(0)
+        counts, under, offsets = counts  # (offsets: filled by the gather)
+        kept = self._scratch("bounds kept", n * (w + 16)).reshape(n, w + 16)  # (not read)
+        _loops().pcb_keep_above(self.bounds(n, w), below, 0, kept, cposs, counts, under, under)  # the candidates
+        bigs = self._scratch("bigs", n * w, np.int64)
+        total, nbig = _loops().pcb_gather_candidates(z.numpy(), p.numpy(), cposs, counts, offsets,
+                                                     self._scratch("z", n * w), self._scratch("p", n * w), bigs)
+        z_t, p_t = self._tensor("z")[:total], self._tensor("p")[:total]
+        if tanh and nbig:  # tanh of the few candidates where it may differ from p (it is p at the others)
+            at = torch.from_numpy(bigs[:nbig])
+            p_t[at] = p_t[at].tanh_()
+        scores = torch.mul(z_t.exp_(), p_t, out=z_t).numpy()  # intra * inter, as on the block
+        return scores, offsets, counts, cposs, under
+
+    def fill(self, z: Tensor, p: Tensor, thresholds: np.ndarray, fill: np.ndarray, out: Tensor,
+             tanh: bool = False) -> None:
+        """The ``N x w`` block ``out`` (contiguous float32) holds the scores ``exp(z) * tanh(p)`` wherever the
+        bound reaches the row's threshold (``thresholds``: ``N`` float32, all above 0), ``fill[i]`` elsewhere
+        (where the score is below the threshold). ``tanh`` as for :meth:`candidates`."""
+        below = np.nextafter(thresholds, np.float32(-np.inf))  # a bound above it is at or above the threshold
+        scores, offsets, counts, cposs, _ = self.candidates(z, p, below, tanh)
+        _loops().pcb_scatter_candidates(out.numpy(), scores, offsets, counts, cposs, fill)
+
+    def _scratch(self, name: str, size: int, dtype=np.float32) -> np.ndarray:
+        """A reused array of ``size`` entries (grown as needed; not kept)."""
+        a = self._buffers.get(name)
+        if a is None or a.shape[0] < size:
+            a = self._buffers[name] = np.empty(max(size, 1), dtype)
+            self._tensors.pop(name, None)
+        return a[:size]
+
+    def _tensor(self, name: str) -> Tensor:
+        """The tensor over the whole of :meth:`_scratch`'s array ``name`` (made once per array)."""
+        t = self._tensors.get(name)
+        if t is None:
+            t = self._tensors[name] = torch.from_numpy(self._buffers[name])
+        return t
+
+
 class KeptScores:
     """PCB's balancing scores above a floor per row, kept with their positions (model columns), for the
     weighted sums at the few entries that take part in them (:func:`mergelib.competition._pcb_official_sparse`).
     Fed ``N x w`` blocks of scores in column order (:meth:`add`: one compiled pass, 16 entries at a time), it
     counts per row the scores below the floor and those equal to it, and appends the others; the row's
     drop threshold then comes from the counts and the kept scores (:meth:`kth`), exactly."""
+
+    BOUNDED_TASKS = ScoreCandidates.BOUNDED_TASKS  # the most tasks add_bounded takes
 
     def __init__(self, floors: np.ndarray, capacity: int, limit: int):
         n = floors.shape[0]
@@ -368,8 +442,7 @@ class KeptScores:
         self.limit = limit
         # the largest float32 below each floor: a bound above it is at or above the floor (add_bounded)
         self.below_floors = np.nextafter(self.floors, np.float32(-np.inf))
-        self._buffers: dict[str, np.ndarray] = {}
-        self._tensors: dict[str, Tensor] = {}
+        self._candidates = ScoreCandidates()
 
     def add(self, betas: Tensor, col: int) -> bool:
         """Counts and keeps the ``N x w`` scores ``betas`` (contiguous float32) of columns ``col..col + w``.
@@ -389,57 +462,26 @@ class KeptScores:
             vals[:, :k], poss[:, :k] = self.vals[:, :k], self.poss[:, :k]
             self.vals, self.poss = vals, poss
 
-    # add_bounded: tasks up to which its bound of exp(z), z <= N, stays a float32 (_kernel_loops.EXP_BOUND_MAX_Z)
-    BOUNDED_TASKS = 80
-
     def bounds(self, n: int, w: int) -> np.ndarray:
         """The ``n x w`` array into which :func:`pcb_scores` writes the bounds that :meth:`add_bounded` reads."""
-        return self._scratch("bounds", n * w).reshape(n, w)
+        return self._candidates.bounds(n, w)
 
-    def add_bounded(self, z: Tensor, p: Tensor, col: int, maxima: np.ndarray) -> bool:
-        """:meth:`add` of the scores ``exp(z) * p`` of an ``N x w`` block (contiguous float32; ``0 <= z <= N``,
-        ``N <= BOUNDED_TASKS``) whose ``|p|`` are all below ``2**-12`` (``tanh(p)`` is ``p``), without ``exp``
-        of every entry: an upper bound of each score (:meth:`bounds`, written by :func:`pcb_scores` with ``z``
-        and ``p``) rules out those below the row's floor, counted, and torch takes ``exp`` and the product
-        only at the others, the candidates, packed (an entry's ``exp`` has the same bits wherever it lies in
-        a tensor: ``tests/test_kernels.py`` checks it on the build that runs them); they then go through
-        :meth:`add`'s counting and keeping.
+    def add_bounded(self, z: Tensor, p: Tensor, col: int, maxima: np.ndarray, tanh: bool = False) -> bool:
+        """:meth:`add` of the scores ``exp(z) * tanh(p)`` of an ``N x w`` block (contiguous float32; ``0 <= z <=
+        N``, ``N <= BOUNDED_TASKS``) without ``exp`` of every entry: an upper bound of each score (:meth:`bounds`,
+        written by :func:`pcb_scores` with ``z`` and ``p``) rules out those below the row's floor, counted, and
+        torch takes ``exp`` and the product only at the others, the candidates (:class:`ScoreCandidates`);
+        they then go through :meth:`add`'s counting and keeping. ``tanh``: whether some ``|p|`` reaches
+        ``2**-12`` (:meth:`ScoreCandidates.candidates`).
         ``maxima``: the rows' largest scores so far (float32, raised here; the largest score is always a
         candidate). Needs every floor above 0 (an entry with ``p <= 0`` scores at most 0 and is not a
-        candidate). The same counts and kept scores as :meth:`add` of the block ``exp(z) * p``."""
-        n, w = z.shape
-        zn, pn = z.numpy(), p.numpy()
-        ub = self.bounds(n, w)
-        cposs = self._scratch("positions", n * (w + 16), np.int64).reshape(n, w + 16)
-        counts = self._scratch("counts", 3 * n, np.int64).reshape(3, n)
-        counts.fill(0)
-        counts, below, offsets = counts  # (below: with those at the floor; offsets: filled by the gather)
-        _loops().pcb_keep_above(ub, self.below_floors, 0, self._scratch("bounds kept", n * (w + 16)).reshape(n, w + 16),
-                                cposs, counts, below, below)  # bounds at or above the floor: the candidates
+        candidate). The same counts and kept scores as :meth:`add` of the block ``exp(z) * tanh(p)``."""
+        betas, offsets, counts, cposs, below = self._candidates.candidates(z, p, self.below_floors, tanh)
         self.below += below  # a bound below the floor: the score is below it too
-        cz, cp = self._scratch("z", n * w), self._scratch("p", n * w)
-        total = _loops().pcb_gather_candidates(zn, pn, cposs, counts, offsets, cz, cp)
-        z_t = self._tensor("z")[:total]
-        betas = torch.mul(z_t.exp_(), self._tensor("p")[:total], out=z_t).numpy()  # intra * inter, as on the block
         self._room(int(counts.max()))
         _loops().pcb_keep_candidates(betas, offsets, counts, cposs, self.floors, col, self.vals, self.poss, self.kept,
                                      self.below, self.at, maxima)
         return int(self.kept.max()) <= self.limit
-
-    def _scratch(self, name: str, size: int, dtype=np.float32) -> np.ndarray:
-        """A reused array of ``size`` entries for :meth:`add_bounded` (grown as needed; not kept)."""
-        a = self._buffers.get(name)
-        if a is None or a.shape[0] < size:
-            a = self._buffers[name] = np.empty(max(size, 1), dtype)
-            self._tensors.pop(name, None)
-        return a[:size]
-
-    def _tensor(self, name: str) -> Tensor:
-        """The tensor over the whole of :meth:`_scratch`'s array ``name`` (made once per array)."""
-        t = self._tensors.get(name)
-        if t is None:
-            t = self._tensors[name] = torch.from_numpy(self._buffers[name])
-        return t
 
     def kth(self, i: int, k: int, hi: float | None = None) -> np.float32 | None:
         """Row ``i``'s ``k``-th smallest score (every score of the row counted or kept, all finite), or None if

@@ -25,12 +25,16 @@ drop mask is drawn per tensor): it costs about a read. ``fr`` (``align="official
 needs one pass: each 2-D tensor is filtered, aligned and summed
 on its own (:func:`mergelib.fourier.fr_tensor`, the function ``fr_merge`` runs per tensor); its shape
 checks (no 2-D tensor: ``ValueError``; tensors with more than 2 dims: one ``FRFilterWarning``) run on
-the headers before anything is written. ``pcb`` (``mode="official"``) needs five: two passes give
-each task's clip values (two ranks of |tau|, as for TIES), two more the drop threshold q of the signed
-balancing score beta and, on the way, beta's row maximum, then the write pass (the two sampling
-passes compute |tau| and beta at the sampled positions only); everything else in PCB is elementwise
+the headers before anything is written. ``pcb`` (``mode="official"``) needs four: two passes give
+each task's clip values (two ranks of |tau|, as for TIES; the sampling pass computes the task vectors at
+the sampled positions only, and keeps them), one more the drop threshold q of the signed balancing
+score beta and, on the way, beta's row maximum (its sample is beta at the same positions, computed from
+the kept task vectors: no pass of its own), then the write pass; everything else in PCB is elementwise
 across tasks (its sum over tasks adds the rows in order, in memory as here), computed on column
-chunks of each tensor.
+chunks of each tensor. Compiled, those two passes take ``exp`` and ``tanh`` only where an upper bound of
+the score reaches the floor of q's sampled bracket (the counting pass: the scores below it are only
+counted) or q (the write pass: the scores at or below q weigh +0), as the in-memory merge keeps only
+the scores above its floor (:class:`mergelib.kernels.ScoreCandidates`).
 Two settings cannot stream and raise :class:`StreamingNotSupportedError`: ``pcb`` with
 ``mode="paper"`` (its softmaxes divide by a float sum over the whole model) and ``fr`` with
 ``align="paper"`` (its coefficients are float means over the whole model): the rounding of such a
@@ -534,7 +538,7 @@ _SAMPLE_RATE = 1 / 256  # the fraction of every block sampled on the first pass 
 
 
 def _stream_kth(blocks_fn, n: int, ks: Sequence[Sequence[int]], absolute: bool = True, samples_fn=None,
-                count_above: bool = False):
+                count_above: bool = False, on_brackets=None):
     """Exact k-th smallest values of every row over all blocks (of |x| if ``absolute``): ``ks[r]``
     holds the 1-based ranks wanted in row r (the same number for every row); returns ``N x m``
     float32, the values :func:`mergelib.selection.kth_smallest` gives on the concatenated rows.
@@ -555,6 +559,11 @@ def _stream_kth(blocks_fn, n: int, ks: Sequence[Sequence[int]], absolute: bool =
     the inputs at those positions only (the first pass then skips building the float32 blocks). The
     sample only brackets the ranks and the counting pass finds the exact values, so a sample that
     differed from the blocks in some bits would cost time (a fallback), never correctness.
+
+    ``on_brackets``: optional, called with the brackets (per row, per rank ``(lo, hi, tie)``, as
+    :func:`mergelib.selection._brackets` gives them) before the counting pass, and with None before the
+    histogram fallback: blocks of the counting pass may then hold any value below ``lo`` in place of
+    an entry below it (the count is the same), those of the fallback must hold every entry.
 
     ``count_above``: also return, as ``(values, above)``, the number of entries of each row greater
     than each value (``N x m`` int64; of |x| if ``absolute``), from the same counts: the entries below
@@ -580,6 +589,8 @@ def _stream_kth(blocks_fn, n: int, ks: Sequence[Sequence[int]], absolute: bool =
         used += pos.numel()
         D += numel
     brackets = [_sel._brackets(store[r, :used], D, ks[r]) for r in range(n)]
+    if on_brackets is not None:
+        on_brackets(brackets)
     dtype = store.numpy().dtype
     del store  # the sample is not needed on the counting pass (the brackets hold values, not views)
     limit = max(D // 16, 1 << 16)  # a bracket holds ~2 % of a row, unless the row is mostly ties
@@ -602,6 +613,8 @@ def _stream_kth(blocks_fn, n: int, ks: Sequence[Sequence[int]], absolute: bool =
             if count_above:  # D - #(x < lo) - #(lo <= x <= value)
                 above.append([D - below[j] - _count_upto(c, v) for j, (v, (c,)) in enumerate(zip(vals, cands))])
     except _Missed:
+        if on_brackets is not None:
+            on_brackets(None)
         vals = _stream_kth_hist(blocks_fn, n, ks, absolute)
         return (vals, None) if count_above else vals
     vals = torch.stack(out).to(torch.float32)
@@ -644,6 +657,43 @@ def _stream_thresholds(blocks_fn, n: int, ks: list[int], samples_fn=None, count_
     (with ``count_above``: and #(|tau| > it) per row, see :func:`_stream_kth`)."""
     return _stream_kth(blocks_fn, n, [[k] for k in ks], absolute=True, samples_fn=samples_fn,
                        count_above=count_above)
+
+
+class _KeptSample:
+    """The ``N x m`` task vectors at one pass's sampled positions (:func:`_stream_kth`'s sample), key by key,
+    with the positions, for a later pass's sample at the same positions without reading the inputs again:
+    streamed PCB's sample of beta, at the positions of its sample of |tau| (the positions depend only on
+    each tensor's size and offset). In two growing buffers: many small tensors kept alive between the
+    blocks' large ones would fragment the heap (see :func:`_stream_kth`)."""
+
+    def __init__(self, n: int):
+        self.x = torch.empty(n, 1 << 16)
+        self.pos = torch.empty(1 << 16, dtype=torch.int64)
+        self.used = 0
+        self.parts: dict[str, tuple[int, int]] = {}
+
+    def add(self, key: str, pos: Tensor, x: Tensor) -> None:
+        m = pos.numel()
+        if self.used + m > self.pos.numel():
+            cap = max(2 * self.pos.numel(), self.used + m)
+            grown_x, grown_pos = torch.empty(self.x.shape[0], cap), torch.empty(cap, dtype=torch.int64)
+            grown_x[:, :self.used], grown_pos[:self.used] = self.x[:, :self.used], self.pos[:self.used]
+            self.x, self.pos = grown_x, grown_pos
+        self.x[:, self.used:self.used + m] = x
+        self.pos[self.used:self.used + m] = pos
+        self.parts[key] = (self.used, self.used + m)
+        self.used += m
+
+    def samples(self, keys: Sequence[str], numel, fn, compute):
+        """A sampler of :func:`_stream_kth` over ``keys``: ``(numel(k), take)`` with ``take(pos)`` giving
+        ``fn`` of the kept task vectors of key k where ``pos`` are the kept positions, else ``fn(compute(k,
+        pos))`` (from the inputs)."""
+        def take(k: str, pos: Tensor) -> Tensor:
+            a, b = self.parts.get(k, (0, -1))
+            if b - a == pos.numel() and torch.equal(self.pos[a:b], pos):
+                return fn(self.x[:, a:b].contiguous())
+            return fn(compute(k, pos))
+        return ((numel(k), lambda pos, k=k: take(k, pos)) for k in keys)
 
 
 class _Deferred:
@@ -772,7 +822,7 @@ def merge_files(pretrained: str | os.PathLike, finetuned: Sequence[str | os.Path
     one. Writes ``out/model-0000i-of-0000n.safetensors`` (at most ``shard_bytes`` each, one tensor
     may exceed it) and ``out/model.safetensors.index.json``; returns ``out``. Memory: a few tensors
     (the N fine-tuned copies of the tensor being merged, in float32). See the module docstring for
-    the passes (one for per-tensor methods and ``fr``; three for the global ``ties``; five for ``pcb``),
+    the passes (one for per-tensor methods and ``fr``; three for the global ``ties``; four for ``pcb``),
     the errors and what is taken from the base. Raises :class:`StreamingNotSupportedError` for
     ``pcb`` with ``mode="paper"`` and ``fr`` with ``align="paper"``, before reading any tensor.
     """
@@ -828,72 +878,111 @@ def merge_files(pretrained: str | os.PathLike, finetuned: Sequence[str | os.Path
             """fn(k, block(k)) for every selected key, in order (one pass over the inputs)."""
             return (fn(k, block(k)) for k in _progress(src.over(keys), len(keys), desc, quiet))
 
-        def samples(desc: str, fn=lambda x: x):
+        def sample_at(k: str, pos: Tensor) -> Tensor:
+            """The ``N x len(pos)`` task vectors of tensor k at the flat positions ``pos``, computed as
+            :func:`block` computes them."""
+            pre = src.get(0, k).reshape(-1)[pos]
+            x = torch.empty(len(fts), pos.numel())
+            for i in range(len(fts)):
+                _sub_into(src.get(i + 1, k).reshape(-1)[pos], pre, x[i])
+            return x
+
+        def samples(desc: str, fn=lambda x: x, keep: _KeptSample | None = None):
             """The sampler of :func:`_stream_kth` for ``blocks(desc, lambda k, x: fn(x))``, with ``fn``
             elementwise over the columns: the task vectors at the sampled positions only, computed
             as :func:`block` computes them (not for dare_ties, whose drop mask is drawn for the whole
-            block)."""
+            block). ``keep``: where the task vectors at the sampled positions are also kept, for a later
+            sample at the same positions (:meth:`_KeptSample.samples`)."""
             def take(k: str, pos: Tensor) -> Tensor:
-                pre = src.get(0, k).reshape(-1)[pos]
-                x = torch.empty(len(fts), pos.numel())
-                for i in range(len(fts)):
-                    _sub_into(src.get(i + 1, k).reshape(-1)[pos], pre, x[i])
+                x = sample_at(k, pos)
+                if keep is not None:
+                    keep.add(k, pos, x)
                 return fn(x)
             return ((math.prod(base.shape(k)), lambda pos, k=k: take(k, pos))
                     for k in _progress(src.over(keys), len(keys), desc + " (sample)", quiet))
 
+        # inputs the compiled loops of mergelib.kernels read in place (float32 or bf16): no float32 blocks
+        compiled = all(kernels.available(torch.empty(0, dtype=base.dtype(k))) for k in keys)
+
         # TIES's write pass by the compiled loop of mergelib.kernels, each key's inputs read in place (no
         # float32 blocks), for the mass sign rule where torch's last step rounds once
         # (kernels.fused_add_matches_torch)
-        sweep_kernel = (method == "ties" and hp["sign_rule"] == "mass"
-                        and all(kernels.available(torch.empty(0, dtype=base.dtype(k))) for k in keys)
-                        and kernels.fused_add_matches_torch())
+        sweep_kernel = method == "ties" and hp["sign_rule"] == "mass" and compiled and kernels.fused_add_matches_torch()
 
         if method == "fr":
             fr_check_selection(layout, stacklevel=2)
         pcb = None
         # PCB's sweeps by the compiled loops of mergelib.kernels, each key's inputs read in place (no float32
         # blocks; exp and tanh torch's on the same N x C chunks as the torch code, so the same bits)
-        pcb_kernel = method == "pcb" and all(kernels.available(torch.empty(0, dtype=base.dtype(k))) for k in keys)
+        pcb_kernel = method == "pcb" and compiled
         if method == "pcb":  # the row statistics of pcb_merge (official): clip values, then q and max of beta
             n = len(fts)
+            signed = _KeptSample(n)  # the task vectors at the sampled positions: beta's sample, without a pass
             clip = _stream_kth(lambda: blocks("statistics |tau|"), n, [_comp._pcb_official_ks(layout.D)] * n,
-                               samples_fn=lambda: samples("statistics |tau|"))
+                               samples_fn=lambda: samples("statistics |tau|", keep=signed))
             clip_np = [kernels.f32(clip[:, 0]), kernels.f32(clip[:, 1]),  # lo, hi, hi - lo (inf where 0)
                        kernels.f32(_comp._safe_den(clip[:, 1] - clip[:, 0]))]
 
             beta_max = torch.full((n,), -math.inf)
+            # compiled: exp and tanh only where a bound of the score reaches the row's threshold, all above 0
+            # (kernels.ScoreCandidates): on the counting pass, the floor of q's bracket (the scores below it
+            # are only counted: -inf stands for them), on the write pass q (the scores at or below it weigh +0)
+            bounded = pcb_kernel and n <= kernels.ScoreCandidates.BOUNDED_TASKS
+            candidates = kernels.ScoreCandidates() if bounded else None
+            floors = {}  # "floors": the counting pass's thresholds, while the bracket's floors are all above 0
+
+            def on_brackets(brackets) -> None:  # _stream_kth's brackets of q (None: its exact fallback)
+                floors.clear()
+                lows = None if brackets is None else [b[0][0] for b in brackets]
+                if candidates is not None and lows is not None and all(v is not None and v > 0 for v in lows):
+                    floors["floors"] = np.array([float(v) for v in lows], dtype=np.float32)
 
             def betas(k: str, x: Tensor | None) -> Tensor:  # also the row max of beta (the same on both passes)
                 b = scratch.get("pcb beta", n * math.prod(base.shape(k))).view(n, -1)  # counted before the next
-                if x is None:  # pcb_kernel                                               # tensor comes
-                    pre, fts_k = src.get(0, k).reshape(-1), [src.get(i, k).reshape(-1) for i in range(1, n + 1)]
-                    for c0, c1 in _comp._column_chunks(n, b.shape[1], b.device):
-                        fused_beta(k, pre, fts_k, c0, c1, b[:, c0:c1])
-                else:
-                    total = _comp._row_sum(x, out=scratch.get("pcb column sums", x.shape[1]))
-                    for c0, c1 in _comp._column_chunks(n, x.shape[1], x.device):  # temporaries of a chunk, not the
-                        _comp._pcb_official_beta(x[:, c0:c1], total[c0:c1], n, clip[:, 0:1], clip[:, 1:2],  # tensor
-                                                 out=b[:, c0:c1], scratch=scratch)
+                total = _comp._row_sum(x, out=scratch.get("pcb column sums", x.shape[1]))  # tensor comes
+                for c0, c1 in _comp._column_chunks(n, x.shape[1], x.device):  # temporaries of a chunk, not the
+                    _comp._pcb_official_beta(x[:, c0:c1], total[c0:c1], n, clip[:, 0:1], clip[:, 1:2],  # tensor
+                                             out=b[:, c0:c1], scratch=scratch)
                 torch.maximum(beta_max, b.amax(1), out=beta_max)
                 return b
 
-            def fused_beta(k: str, pre: Tensor, fts_k: list[Tensor], c0: int, c1: int, out: Tensor) -> Tensor:
+            def fused_betas():
+                """beta of every selected tensor by column chunks (compiled), each an ``N x w`` block counted
+                before the next comes; below the floors (when set), -inf instead of the score."""
+                low = floors.get("floors")
+                fill = None if low is None else np.full(n, -np.inf, dtype=np.float32)
+                for k in _progress(src.over(keys), len(keys), "statistics beta", quiet):
+                    pre, fts_k = src.get(0, k).reshape(-1), [src.get(i, k).reshape(-1) for i in range(1, n + 1)]
+                    for c0, c1 in _comp._column_chunks(n, pre.numel(), pre.device):
+                        b = scratch.get("pcb beta", n * (c1 - c0)).view(n, c1 - c0)
+                        fused_beta(k, pre, fts_k, c0, c1, b, low, fill)
+                        torch.maximum(beta_max, b.amax(1), out=beta_max)  # the largest score is above the floor
+                        yield b
+
+            def fused_beta(k: str, pre: Tensor, fts_k: list[Tensor], c0: int, c1: int, out: Tensor,
+                           thresholds: np.ndarray | None = None, fill: np.ndarray | None = None) -> Tensor:
                 """beta of columns [c0, c1) of tensor k (flat inputs ``pre``, ``fts_k``) into ``out`` (N x
-                (c1 - c0)), compiled (competition._pcb_official_beta_compiled)."""
-                if _comp._pcb_official_beta_compiled([(0, pre[c0:c1], [f[c0:c1] for f in fts_k])], n, c1 - c0,
-                                                     *clip_np, out, scratch):
+                (c1 - c0), contiguous), compiled (competition._pcb_official_beta_compiled); with ``thresholds``,
+                ``fill`` instead of the scores whose bound is below them (competition._pcb_official_beta_bounded)."""
+                pieces = [(0, pre[c0:c1], [f[c0:c1] for f in fts_k])]
+                if thresholds is None:
+                    bad = _comp._pcb_official_beta_compiled(pieces, n, c1 - c0, *clip_np, out, scratch)
+                else:
+                    bad = _comp._pcb_official_beta_bounded(pieces, n, c1 - c0, *clip_np, out, scratch, candidates,
+                                                           thresholds, fill)
+                if bad:
                     block(k)  # raises NonFiniteError where an input is not finite (else a column sum overflowed)
                 return out
 
             def sampled_betas(x: Tensor) -> Tensor:  # beta of the sampled columns (their max is not needed)
                 return _comp._pcb_official_beta(x, _comp._row_sum(x), n, clip[:, 0:1], clip[:, 1:2])
 
-            beta_blocks = ((lambda: (betas(k, None) for k in _progress(src.over(keys), len(keys), "statistics beta",
-                                                                         quiet))) if pcb_kernel
-                           else lambda: blocks("statistics beta", betas))
+            beta_blocks = fused_betas if pcb_kernel else lambda: blocks("statistics beta", betas)
             q = _stream_kth(beta_blocks, n, [[_comp._pcb_q_k(layout.D, hp["density"])]] * n, absolute=False,
-                            samples_fn=lambda: samples("statistics beta", sampled_betas))
+                            samples_fn=lambda: signed.samples(keys, lambda k: math.prod(base.shape(k)), sampled_betas,
+                                                              sample_at),
+                            on_brackets=on_brackets)
+            signed = None  # the kept sample (N x D/256 task vectors and positions) is not needed any more
             pcb = {"clip": clip, "q": q[:, 0], "max": beta_max, "lams": [1.0] * n if lams is None else lams}
 
         # global statistics of TIES: the global trim's thresholds and tie budgets, the majority sign
@@ -997,8 +1086,10 @@ def merge_files(pretrained: str | os.PathLike, finetuned: Sequence[str | os.Path
                 flat, fts_k = pre.reshape(-1), [src.get(i, k).reshape(-1) for i in range(1, n + 1)]
                 num, den = torch.zeros(numel), torch.zeros(numel)
                 q_np, span, lam_np = _comp._pcb_weighted_sum_args(pcb["q"], pcb["max"], pcb["lams"])
+                above = candidates is not None and bool((q_np > 0).all())  # the scores at or below q weigh +0
                 for c0, c1 in _comp._column_chunks(n, numel, pre.device):
-                    b = fused_beta(k, flat, fts_k, c0, c1, scratch.get("pcb beta", n * (c1 - c0)).view(n, c1 - c0))
+                    b = fused_beta(k, flat, fts_k, c0, c1, scratch.get("pcb beta", n * (c1 - c0)).view(n, c1 - c0),
+                                   *((q_np, q_np) if above else ()))
                     kernels.pcb_weighted_sum(num[c0:c1], den[c0:c1], b, [f[c0:c1] for f in fts_k], flat[c0:c1],
                                              clip_np[0], clip_np[1], q_np, span, lam_np)
                 delta = num.div_(den.clamp_min_(1e-12)).view(pre.shape)

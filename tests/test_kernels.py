@@ -672,6 +672,51 @@ def test_exp_has_the_same_bits_wherever_an_entry_lies():
         assert same_bytes(z[-size:].clone().exp_(), whole[-size:]), size
 
 
+def test_tanh_has_the_same_bits_wherever_an_entry_lies():
+    """ScoreCandidates takes torch's float32 tanh of the candidates' cross terms packed together, where the
+    dense path takes it (competition._tanh_) of whole N x w blocks: on this build an entry's tanh must not
+    depend on its position in the tensor, for tensors of every length mod 64; and tanh(p) <= p for p >= 0,
+    which the scores' bound takes for granted."""
+    from mergelib.competition import _tanh_
+    g = torch.Generator().manual_seed(6)
+    p = torch.randn(8 * 4099, generator=g) * 3e-4  # around tanh's threshold 2**-12
+    p[:64] = torch.tensor([0.0, -0.0, 2.0 ** -12, -(2.0 ** -12), 0.5, 9.0, 1e-30, 4e-4] * 8)
+    whole = p.tanh()
+    for size in [*range(1, 70), 1000, 1024, 4097, 4099 * 3]:
+        idx = torch.randperm(p.numel(), generator=g)[:size]
+        assert same_bytes(p[idx].tanh(), whole[idx]), size
+        assert same_bytes(_tanh_(p[-size:].clone()), whole[-size:]), size
+    grid = torch.cat([torch.logspace(-40, 2, 1_000_001), torch.rand(1 << 20, generator=g) * 2.0 ** -10])
+    assert (grid.tanh() <= grid).all()
+
+
+def test_score_candidates_fill_gives_the_scores_where_the_bound_reaches():
+    """ScoreCandidates.fill: the exact scores exp(z) * tanh(p) wherever the bound reaches the row's threshold,
+    the row's fill elsewhere; every score at or above its threshold is among them."""
+    from mergelib.competition import _tanh_
+    g = torch.Generator().manual_seed(7)
+    n, w = 5, 3001
+    z = torch.rand(n, w, generator=g) * n
+    z[:, :3] = torch.tensor([0.0, float(n), 1e-30])
+    p = torch.randn(n, w, generator=g) * 1e-4
+    p[1, ::7] *= 20.0  # in tanh's range
+    p[2, 5], p[2, 6] = 0.0, -0.0
+    dense = torch.mul(z.exp(), _tanh_(p.clone()))
+    thresholds = torch.quantile(dense, 0.95, dim=1).numpy().astype(np.float32)
+    thresholds[3] = float(dense[3].max())  # one row: only its largest score reaches
+    cand = kernels.ScoreCandidates()
+    ub = cand.bounds(n, w)
+    kernels._loops().pcb_bound_rows(z.numpy(), p.numpy(), ub)
+    fill = np.array([-np.inf, 0.0, 1.0, -2.0, 3.0], np.float32)
+    out = torch.full((n, w), float("nan"))
+    cand.fill(z, p, thresholds, fill, out, tanh=True)
+    reach = torch.from_numpy(ub >= thresholds[:, None])
+    want = torch.where(reach, dense, torch.from_numpy(fill)[:, None])
+    assert same_bytes(out, want)
+    assert bool((reach | (dense < torch.from_numpy(thresholds)[:, None])).all())  # no score at or above is left
+    assert 0 < int(reach.sum()) < n * w // 5 and int(reach[3].sum()) >= 1
+
+
 def test_pcb_score_bound_is_above_the_score_and_close_to_it():
     """The bound of kernels.pcb_scores' ``bounds``: at or above torch's exp(z) * p for every z in [0, 80]
     (a fine grid, the grid's float32 neighbours, both ends) and p > 0, within 0.25 % of it; 0 where p <= 0."""
@@ -691,10 +736,10 @@ def test_pcb_score_bound_is_above_the_score_and_close_to_it():
     assert (ub == 0).all()
 
 
-def _pcb_paths(monkeypatch, pre, fts, bounded=None, **hp):
+def _pcb_paths(monkeypatch, pre, fts, bounded=None, tanh=None, **hp):
     """merge(pcb) by its sparse compiled path (asserted to finish there; ``bounded``: whether some chunk must
-    have taken exp only at the candidates, KeptScores.add_bounded), its dense compiled path and the torch
-    code."""
+    have taken exp only at the candidates, KeptScores.add_bounded; ``tanh``: whether some such chunk must have
+    taken tanh of its candidates too), its dense compiled path and the torch code."""
     from mergelib import competition
     made, bound = [], []
     real = kernels.KeptScores
@@ -704,14 +749,16 @@ def _pcb_paths(monkeypatch, pre, fts, bounded=None, **hp):
             made.append(1)
             return real.kth(self, *a, **k)
 
-        def add_bounded(self, *a, **k):
-            bound.append(1)
-            return real.add_bounded(self, *a, **k)
+        def add_bounded(self, z, p, col, maxima, tanh=False):
+            bound.append(tanh)
+            return real.add_bounded(self, z, p, col, maxima, tanh)
     monkeypatch.setattr(kernels, "KeptScores", Spy)
     sparse = merge(pre, fts, "pcb", rules=None, **hp)
     assert made, "the sparse path did not run"
     if bounded is not None:
         assert bool(bound) == bounded
+    if tanh is not None:
+        assert any(bound) == tanh
     with monkeypatch.context() as m:
         m.setattr(competition, "PCB_SPARSE_DENSITY", 0.0)
         dense = merge(pre, fts, "pcb", rules=None, **hp)
@@ -725,10 +772,11 @@ def _pcb_paths(monkeypatch, pre, fts, bounded=None, **hp):
 @pytest.mark.parametrize("tv_scale", [1e-3, 1e-4])
 def test_pcb_sparse_scores_same_bits(monkeypatch, dtype, hp, tv_scale):
     """PCB keeping only the scores above a floor below its drop threshold gives the bits of the N x D
-    scores, compiled and in torch: with cross terms tau_i * sum_j tau_j reaching tanh's range in every
-    column chunk (1e-3), and below it (1e-4: exp taken only at the candidates of the scores' bound)."""
+    scores, compiled and in torch, exp (and tanh) taken only at the candidates of the scores' bound: with
+    cross terms tau_i * sum_j tau_j reaching tanh's range in every column chunk (1e-3: some candidates take
+    tanh), and below it (1e-4)."""
     pre, fts = _set(SHAPES, 5, seed=11, ties=True, dtype=dtype, scale=tv_scale)
-    sparse, dense, slow = _pcb_paths(monkeypatch, pre, fts, bounded=tv_scale < 1e-3, **hp)
+    sparse, dense, slow = _pcb_paths(monkeypatch, pre, fts, bounded=True, tanh=tv_scale > 1e-4, **hp)
     assert all(same_bytes(sparse[k], dense[k]) and same_bytes(sparse[k], slow[k]) for k in pre)
 
 
@@ -746,16 +794,20 @@ def test_pcb_sparse_scores_with_most_entries_unchanged(monkeypatch):
 
 
 def test_pcb_sparse_scores_bounded_and_dense_chunks(monkeypatch):
-    """Task vectors whose cross terms reach tanh's range in one tensor only: its column chunks take exp of
-    every entry, the others only at the candidates of the bound; the same bits as the dense paths."""
+    """Task vectors whose cross terms reach tanh's range in most entries of one tensor: the column chunks
+    that hold it take exp and tanh of every entry, the others only at the candidates of the bound (some of
+    them through tanh); the same bits as the dense paths."""
     from mergelib import competition
     pre, fts = _set(SHAPES, 5, seed=14, scale=1e-4)
-    for ft in fts:  # d.weight's task vectors 300x larger: its products reach 2**-12
+    for ft in fts:  # d.weight's task vectors 300x larger: most of its products reach 2**-12
         ft["d.weight"] = pre["d.weight"] + 300 * (ft["d.weight"] - pre["d.weight"])
     monkeypatch.setattr(competition._select, "CHUNK", 5 * 8192)  # chunks of 8192 columns: some hold d.weight
     seen = _spy_pcb_scores(monkeypatch)
-    sparse, dense, slow = _pcb_paths(monkeypatch, pre, fts, bounded=True)
+    routes, real = [], competition._bounded_chunk
+    monkeypatch.setattr(competition, "_bounded_chunk", lambda *a: routes.append(real(*a)) or routes[-1])
+    sparse, dense, slow = _pcb_paths(monkeypatch, pre, fts, bounded=True, tanh=True)
     assert any(big for _, big in seen) and not all(big for _, big in seen)
+    assert True in routes and False in routes  # bounded chunks and dense ones
     assert all(same_bytes(sparse[k], dense[k]) and same_bytes(sparse[k], slow[k]) for k in pre)
 
 
@@ -780,6 +832,7 @@ def test_pcb_sparse_scores_fall_back_to_the_dense_path(monkeypatch, miss):
                             lambda s, n, ks: [(torch.tensor(1e30), None, None)] if len(ks) == 1 else real(s, n, ks))
     else:
         monkeypatch.setattr(kernels.KeptScores, "add", lambda self, b, c0: False)
+        monkeypatch.setattr(kernels.KeptScores, "add_bounded", lambda self, *a: False)
     got = merge(pre, fts, "pcb", rules=None)
     assert fell == [True] and all(same_bytes(got[k], want[k]) for k in pre)
 

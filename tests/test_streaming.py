@@ -375,6 +375,52 @@ def test_streamed_pcb_compiled_sweeps_same_bits_as_the_torch_code(tmp_path, monk
     assert any(big for _, big in calls) and not all(big for _, big in calls)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("loud", [None, "blocks.0.mlp.fc1.weight"])
+def test_streamed_pcb_takes_exp_only_where_the_bound_reaches(tmp_path, monkeypatch, dtype, loud):
+    """Streamed PCB's counting pass takes exp and tanh only where a bound of the score reaches the floor of
+    q's bracket, its write pass only where it reaches q (kernels.ScoreCandidates): merge()'s bits, with cross
+    terms in tanh's range in a few entries, and (``loud``) in most entries of one tensor, whose chunks take
+    every score. Its sample of beta comes from the one of |tau|, with no pass of its own."""
+    g = torch.Generator().manual_seed(3)  # weights of 0.05: bf16 rounds no task vector entry to 0
+    pre = {k: ((torch.randn(s, generator=g) * 0.05).to(dtype) if s else torch.arange(16)[None])
+           for k, s in SHAPES.items()}
+    fts = [{k: ((v.float() + torch.randn(v.shape, generator=g) * 1e-2 * (1 + 9 * (k == loud))).to(dtype)
+                if v.is_floating_point() else v) for k, v in pre.items()} for _ in range(4)]
+    base, ftp = _write(tmp_path, pre, fts)
+    seen, real = [], ml.kernels.ScoreCandidates.fill
+    monkeypatch.setattr(ml.kernels.ScoreCandidates, "fill",
+                        lambda self, z, p, thr, *a: seen.append(thr.copy()) or real(self, z, p, thr, *a))
+    routes, bounded = [], st._comp._bounded_chunk
+    monkeypatch.setattr(st._comp, "_bounded_chunk", lambda *a: routes.append(bounded(*a)) or routes[-1])
+    reads = _record_reads(monkeypatch)
+    got = _load_dir(ml.merge_files(base, ftp, tmp_path / "out", "pcb", quiet=True, rules=None))
+    want = ml.merge(pre, fts, "pcb", rules=None)
+    assert all(same_bytes(got[k], want[k].contiguous()) for k in want)
+    distinct = {tuple(t) for t in seen}
+    assert len(distinct) == 2  # the floors of q's brackets, then q
+    floors, q = seen[0], seen[-1]
+    assert (0 < floors).all() and (floors < q).all()
+    assert True in routes and (loud is None or False in routes)
+    assert reads.count(("ft0", "blocks.0.mlp.fc1.weight")) == 4  # no pass for beta's sample
+
+
+def test_streamed_pcb_sample_miss_takes_every_score(tmp_path, monkeypatch):
+    """Where the sample of beta misses q (forced: a bracket above every score), the counting pass that held
+    -inf below the floor gives way to the exact histogram passes, which see every score (and beta's maximum):
+    merge()'s bits."""
+    pre, fts = _models(n=4)
+    base, ftp = _write(tmp_path, pre, fts)
+    real = st._sel._brackets
+    monkeypatch.setattr(st._sel, "_brackets", lambda s, n, ks, signed=[]: (
+        [(torch.tensor(1e30), None, None)] if len(ks) == 1 and not signed.append(1) else real(s, n, ks)))
+    fallbacks, hist = [], st._stream_kth_hist
+    monkeypatch.setattr(st, "_stream_kth_hist", lambda *a, **k: fallbacks.append(1) or hist(*a, **k))
+    got = _load_dir(ml.merge_files(base, ftp, tmp_path / "out", "pcb", quiet=True, rules=None))
+    want = ml.merge(pre, fts, "pcb", rules=None)
+    assert fallbacks == [1] and all(same_bytes(got[k], want[k].contiguous()) for k in want)
+
+
 @pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("method,hp", [("ties", {}), ("ties", {"granularity": "tensor"}), ("task_arithmetic", {}),
                                        ("pcb", {}), ("fr", {})])
@@ -649,7 +695,7 @@ def test_the_merge_imports_only_the_merging_core():
 @pytest.mark.parametrize("method,hp,passes", [
     ("task_arithmetic", {}, 1), ("average", {}, 1), ("dare_ta", {"p": 0.5}, 1), ("fr", {}, 1),
     ("ties", {"granularity": "tensor"}, 1), ("dare_ties", {"granularity": "tensor", "p": 0.5}, 1),
-    ("ties", {}, 3), ("ties", {"trim_rule": "exact"}, 3), ("pcb", {}, 5)])
+    ("ties", {}, 3), ("ties", {"trim_rule": "exact"}, 3), ("pcb", {}, 4)])
 def test_every_pass_reads_each_input_tensor_once(tmp_path, monkeypatch, method, hp, passes):
     """The number of passes the module docstring gives, counted: every merged tensor of the base and of
     each fine-tune is read exactly once per pass (the write pass reuses the base's tensor it read for the
