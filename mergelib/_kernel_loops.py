@@ -456,14 +456,15 @@ EXP_TAYLOR = tuple(np.float32(1 / c) for c in (2, 6, 24, 120))
 # (times k); torch's exp is within an ulp (1.2e-7) of exp, and the score's product rounds by 6e-8.
 # 1 + 2**-9 (2.0e-3) covers all of it: the bound is 1.0018-1.0020 times exp(z) (tests/test_kernels.py)
 EXP_BOUND_MARGIN = np.float32(1 + 2.0 ** -9)
-EXP_BOUND_MAX_Z = 80.0  # 2**k stays a normal float32 (k <= 126) for z up to 87
+# z = N * minmax**2 lies in [0, N], and kernels.ScoreCandidates.BOUNDED_TASKS (80) caps N: 2**k stays a normal
+# float32 (k <= 126) for z up to 87
 
 
 @inline
 def score_bound(z, p):
-    # an upper bound of the score beta = exp(z) * p where |p| < 2**-12 (tanh(p) is p) and z in
-    # [0, EXP_BOUND_MAX_Z]: max(p, 0) * exp(z) bounded from above (beta <= 0 where p <= 0), vectorised: no
-    # table, 2**k from its exponent bits
+    # an upper bound of the score beta = exp(z) * tanh(p) for z in [0, 80] (kernels.ScoreCandidates.BOUNDED_TASKS):
+    # max(p, 0) * exp(z) bounded from above (tanh(p) <= p for p >= 0, and is p where |p| < 2**-12; beta <= 0
+    # where p <= 0), vectorised: no table, 2**k from its exponent bits
     y = z * LOG2E
     k = np.int32(y)
     u = (y - np.float32(k)) * LN2
@@ -488,7 +489,7 @@ def pcb_scores(zs, ps, col, fts, base, lo, hi, span, nf, ubs):
     # tot = ((0 + x_0) + x_1) + ... (competition._row_sum). Returns #(non-finite tot) (0 iff every x is finite)
     # and #(not |p| < 2**-12): the entries whose tanh may differ from p. zs, ps: N x C blocks, the tensor's
     # entries at their columns col.. (No float sums over j: a float reduction keeps the compiler from
-    # vectorising the loop.) ubs: None, or an N x C block for score_bound(z, p) (valid where every |p| < 2**-12)
+    # vectorising the loop.) ubs: None, or an N x C block for score_bound(z, p), an upper bound of exp(z) * tanh(p)
     bad = 0
     big = 0
     tot = np.empty(PCB_BLOCK, dtype=np.float32)

@@ -323,8 +323,8 @@ def pcb_scores(z: Tensor | np.ndarray, p: Tensor | np.ndarray, col: int, finetun
     differ from ``p`` (:data:`mergelib.competition.TANH_IDENTITY_BELOW`). The inputs may also be the NumPy
     arrays of :func:`_np` and ``z``, ``p`` of ``Tensor.numpy()``: converting them once per merge rather than
     once per call saves about 0.1 ms a call (a PCB merge makes hundreds). ``bounds``: an ``N x C`` float32
-    array (:meth:`KeptScores.bounds`) for upper bounds of the scores ``exp(z) * p``, valid where ``tanh(p)``
-    is ``p`` (the second count is 0)."""
+    array (:meth:`ScoreCandidates.bounds`) for upper bounds of the scores ``exp(z) * tanh(p)`` (for ``z`` in
+    ``[0, ScoreCandidates.BOUNDED_TASKS]``)."""
     z, p = (t.numpy() if isinstance(t, Tensor) else t for t in (z, p))
     bad, big = _loops().pcb_scores(z, p, col, tuple(_np(f) for f in finetuned), _np(base), lo, hi, span,
                                    np.float32(len(finetuned)), bounds)
@@ -361,7 +361,8 @@ class ScoreCandidates:
     N`` with ``N <= BOUNDED_TASKS``, and ``tanh(p) <= p`` for ``p >= 0``; a score is at most 0 where ``p <= 0``,
     so every threshold must be above 0). The buffers are reused from block to block."""
 
-    # tasks up to which the bound of exp(z), z <= N, stays a float32 (_kernel_loops.EXP_BOUND_MAX_Z)
+    # tasks up to which the bound of exp(z), z <= N, stays a float32 (2**k a normal float32 up to z = 87:
+    # _kernel_loops.score_bound)
     BOUNDED_TASKS = 80
 
     def __init__(self):

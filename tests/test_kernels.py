@@ -718,11 +718,14 @@ def test_score_candidates_fill_gives_the_scores_where_the_bound_reaches():
 
 
 def test_pcb_score_bound_is_above_the_score_and_close_to_it():
-    """The bound of kernels.pcb_scores' ``bounds``: at or above torch's exp(z) * p for every z in [0, 80]
-    (a fine grid, the grid's float32 neighbours, both ends) and p > 0, within 0.25 % of it; 0 where p <= 0."""
-    z = torch.linspace(0, 80, 2_000_001)
-    z = torch.cat([z, torch.from_numpy(np.nextafter(z.numpy(), np.float32(np.inf))), torch.tensor([80.0])])
-    z = z.clamp_max(80.0)
+    """The bound of kernels.pcb_scores' ``bounds``: at or above torch's exp(z) * p for every z in [0, N] up to
+    the most tasks it takes, 80 (a fine grid, the grid's float32 neighbours, both ends) and p > 0, within
+    0.25 % of it; 0 where p <= 0."""
+    top = float(kernels.ScoreCandidates.BOUNDED_TASKS)
+    assert top == kernels.KeptScores.BOUNDED_TASKS == 80
+    z = torch.linspace(0, top, 2_000_001)
+    z = torch.cat([z, torch.from_numpy(np.nextafter(z.numpy(), np.float32(np.inf))), torch.tensor([top])])
+    z = z.clamp_max(top)
     n = 1
     for p_value in (1e-30, 3.7e-9, 2.0 ** -13):
         p = torch.full_like(z, p_value)
