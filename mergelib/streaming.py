@@ -1209,36 +1209,94 @@ def _parse_value(v: str):
     return v
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _scale_arg(text: str):
+    """``--scale``: one number, or comma-separated numbers (one per fine-tuned checkpoint)."""
     import argparse
-    ap = argparse.ArgumentParser(prog="python -m mergelib.merge",
-                                 description="Merge safetensors checkpoints on disk, tensor by tensor.",
-                                 epilog="Method hyperparameters are passed as --NAME VALUE (e.g. --density 0.2 "
-                                        "--granularity tensor); see mergelib.method_table().")
-    ap.add_argument("pretrained")
-    ap.add_argument("finetuned", nargs="+")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--method", required=True, choices=METHODS)
-    ap.add_argument("--scale", default=None, help="lambda: one number or comma-separated per-task values")
-    ap.add_argument("--rules", default="auto")
-    ap.add_argument("--overwrite", action="store_true")
-    ap.add_argument("--shard-size-gb", type=float, default=DEFAULT_SHARD_BYTES / 1024**3)
-    ap.add_argument("--quiet", action="store_true")
+    try:
+        parts = [float(p) for p in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or comma-separated numbers (one per fine-tuned "
+                                         f"checkpoint), got {text!r}") from None
+    return parts[0] if len(parts) == 1 else parts
+
+
+def _methods_help(width: int = 100) -> str:
+    """The methods and their hyperparameters for ``--help``, from :data:`mergelib.merging.REGISTRY`, as they are
+    typed on the command line (``--sign-rule count``, ``--compat-official true``)."""
+    import textwrap
+
+    def value(v) -> str:
+        return str(v).lower() if isinstance(v, bool) else str(v)
+
+    def wrap(text: str, indent: str, hanging: str) -> list[str]:
+        return textwrap.wrap(text, width, initial_indent=indent, subsequent_indent=hanging)
+
+    lines = ["methods (--method NAME) and their hyperparameters (--NAME VALUE or --NAME=VALUE, after the paths):"]
+    for m in REGISTRY.values():
+        lam = "lambda fixed to 1/N" if m.default_scale is None else \
+            f"default --scale {m.default_scale:g}" + (", or one per task" if m.per_task_scale else "")
+        lines += wrap(f"{m.name}: {m.doc} ({m.paper}; {m.scope}; {lam})", "  ", "      ")
+        for h in m.hparams:
+            allowed = "true/false" if h.kind == "flag" else h.allowed.replace("`", "")
+            lines += wrap(f"--{h.name.replace('_', '-')} {value(h.default)} ({allowed}): {h.doc.replace('`', '')}",
+                          "      ", "          ")
+    lines += [""] + wrap(f"Streaming methods: {_STREAMING}.", "", "") + [
+        "Example:",
+        "  python -m mergelib.merge base.safetensors ft1/ ft2/model.safetensors.index.json \\",
+        "      --out merged/ --method ties --density 0.2 --granularity global"]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m mergelib.merge``: exit status 0 (the output directory printed), 2 for bad arguments or a
+    named error of :func:`merge_files` (printed, nothing written)."""
+    import argparse
+    from .task_vectors import DEFAULT_RULES
+    ap = argparse.ArgumentParser(
+        prog="python -m mergelib.merge", allow_abbrev=False,  # --s... stays a hyperparameter, not --scale
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Merge safetensors checkpoints on disk, tensor by tensor (mergelib.merge_files): the "
+                    "same bits as\nmergelib.merge() on the loaded state dicts, in the memory of a few tensors.",
+        epilog=_methods_help())
+    ap.add_argument("pretrained", help="the base model: a .safetensors file, a *.safetensors.index.json or a "
+                                       "directory holding one")
+    ap.add_argument("finetuned", nargs="+", help="the fine-tuned models, each as the base")
+    ap.add_argument("--out", required=True, help="directory for the merged sharded checkpoint and its index "
+                                                 "(written atomically; must not exist unless --overwrite)")
+    ap.add_argument("--method", required=True, choices=METHODS, metavar="NAME",
+                    help="one of " + ", ".join(METHODS) + " (below)")
+    ap.add_argument("--scale", type=_scale_arg, default=None, metavar="LAMBDA",
+                    help="lambda: one number, or comma-separated per-task values (default: the method's)")
+    ap.add_argument("--rules", default="auto", choices=["auto", "none", *DEFAULT_RULES], metavar="RULES",
+                    help="which tensors take part: auto (by the detected model family), none (every float "
+                         "tensor) or one of " + ", ".join(DEFAULT_RULES) + " (default: auto)")
+    ap.add_argument("--include", action="append", metavar="REGEX",
+                    help="merge only the keys that match one of these regexes (re.search; repeatable; replaces "
+                         "the rule's includes)")
+    ap.add_argument("--exclude", action="append", metavar="REGEX",
+                    help="leave the keys that match this regex at the base (repeatable; added to the rule's)")
+    ap.add_argument("--overwrite", action="store_true", help="replace --out if it exists (only once the merge "
+                                                             "is complete)")
+    ap.add_argument("--shard-size-gb", type=float, default=DEFAULT_SHARD_BYTES / 1024**3, metavar="GB",
+                    help="largest output shard (default: %(default)g; one tensor may exceed it)")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars or notes")
     args, rest = ap.parse_known_args(argv)
     hparams = {}
     i = 0
     while i < len(rest):
         tok = rest[i]
-        if not tok.startswith("--") or i + 1 >= len(rest):
-            ap.error(f"hyperparameters must be given as --NAME VALUE, got {rest[i:]}")
-        hparams[tok[2:].replace("-", "_")] = _parse_value(rest[i + 1])
-        i += 2
-    scale = None
-    if args.scale is not None:
-        parts = [float(p) for p in args.scale.split(",")]
-        scale = parts[0] if len(parts) == 1 else parts
+        if not tok.startswith("--") or len(tok) < 3:
+            ap.error(f"hyperparameters must be given as --NAME VALUE or --NAME=VALUE, got {tok!r}")
+        name, eq, value = tok[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(rest) or rest[i + 1].startswith("--"):
+                ap.error(f"hyperparameter --{name} needs a value (--{name} VALUE)")
+            value, i = rest[i + 1], i + 1
+        hparams[name.replace("-", "_")] = _parse_value(value)
+        i += 1
     try:
-        out = merge_files(args.pretrained, args.finetuned, args.out, args.method, scale=scale,
+        out = merge_files(args.pretrained, args.finetuned, args.out, args.method, scale=args.scale,
+                          include=args.include, exclude=args.exclude,
                           rules=None if args.rules == "none" else args.rules, overwrite=args.overwrite,
                           shard_bytes=int(args.shard_size_gb * 1024**3), quiet=args.quiet, **hparams)
     except (CheckpointError, ValueError, TypeError) as e:

@@ -581,6 +581,60 @@ def test_cli(tmp_path, capsys):
     assert st.main(argv) == 2 and "StreamingNotSupportedError: pcb with mode='paper'" in capsys.readouterr().err
 
 
+def test_cli_help_lists_every_method_and_hyperparameter(capsys):
+    """--help renders the registry: every method, and every hyperparameter as it is typed, with its default."""
+    with pytest.raises(SystemExit) as e:
+        st.main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for m in ml.REGISTRY.values():
+        assert f"  {m.name}: {m.doc}" in text
+        for h in m.hparams:
+            default = str(h.default).lower() if isinstance(h.default, bool) else str(h.default)
+            assert f"--{h.name.replace('_', '-')} {default} (" in text, (m.name, h.name)
+    assert st._STREAMING in " ".join(text.split())
+    for option in ("--out", "--scale", "--rules", "--include", "--exclude", "--overwrite", "--shard-size-gb"):
+        assert option in text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "ties", "--scale", "abc"], "argument --scale: expected a number or comma-separated numbers"),
+    (["--method", "ties", "--scale", "0.5,x"], "got '0.5,x'"),
+    (["--method", "ties", "--density"], "hyperparameter --density needs a value"),
+    (["--method", "ties", "--density", "--granularity", "tensor"], "hyperparameter --density needs a value"),
+    (["--method", "ties", "0.2"], "hyperparameters must be given as --NAME VALUE or --NAME=VALUE, got '0.2'"),
+    (["--method", "fr", "--rules", "bogus"], "argument --rules: invalid choice: 'bogus'"),
+    (["--method", "bogus"], "argument --method: invalid choice: 'bogus'"),
+])
+def test_cli_bad_arguments_exit_2_name_the_problem_and_write_nothing(tmp_path, capsys, args, message):
+    pre, fts = _models(n=2)
+    base, ftp = _write(tmp_path, pre, fts)
+    with pytest.raises(SystemExit) as e:
+        st.main([str(base), *map(str, ftp), "--out", str(tmp_path / "out"), "--quiet", *args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([base.name, *(p.name for p in ftp)])
+
+
+def test_cli_name_equals_value_include_and_exclude(tmp_path, capsys):
+    """--NAME=VALUE, and --include / --exclude (repeatable) as merge_files' include= / exclude=."""
+    pre, fts = _models(n=2)
+    base, ftp = _write(tmp_path, pre, fts)
+    keys = sorted(k for k, v in pre.items() if v.is_floating_point())
+    inc, exc = [re.escape(keys[0]), re.escape(keys[1])], re.escape(keys[1])
+    argv = [str(base), *map(str, ftp), "--out", str(tmp_path / "cli"), "--method", "ties", "--density=0.3",
+            "--trim-rule=exact", "--quiet", "--scale", "0.8"]
+    for pattern in inc:
+        argv += ["--include", pattern]
+    assert st.main([*argv, "--exclude", exc]) == 0
+    got = _load_dir(tmp_path / "cli")
+    want = ml.merge(pre, fts, "ties", scale=0.8, density=0.3, trim_rule="exact", include=inc, exclude=exc)
+    assert all(same_bytes(got[k], want[k]) for k in want)
+    assert not same_bytes(got[keys[0]], pre[keys[0]])  # merged
+    assert all(same_bytes(got[k], pre[k]) for k in keys[1:])  # excluded, or not included: the base's
+
+
 def test_cli_module_is_not_importable_and_merge_stays_a_function():
     with pytest.raises(ImportError, match="command line"):
         importlib.import_module("mergelib.merge")
