@@ -578,10 +578,7 @@ def _stream_kth(blocks_fn, n: int, ks: Sequence[Sequence[int]], absolute: bool =
     for numel, take in samples_fn():
         g = torch.Generator().manual_seed(0x5A11 ^ (numel * 1000003 + D))
         pos = torch.randint(0, numel, (max(1, math.ceil(numel * _SAMPLE_RATE)),), generator=g).sort().values
-        if used + pos.numel() > store.shape[1]:
-            grown = torch.empty(n, max(2 * store.shape[1], used + pos.numel()))
-            grown[:, :used] = store[:, :used]
-            store = grown
+        store = _with_room(store, used, pos.numel())
         part = store[:, used:used + pos.numel()]
         part.copy_(take(pos))
         if absolute:
@@ -619,6 +616,17 @@ def _stream_kth(blocks_fn, n: int, ks: Sequence[Sequence[int]], absolute: bool =
         return (vals, None) if count_above else vals
     vals = torch.stack(out).to(torch.float32)
     return (vals, torch.tensor(above, dtype=torch.int64)) if count_above else vals
+
+
+def _with_room(buf: Tensor, used: int, more: int) -> Tensor:
+    """``buf`` (``... x capacity``) if ``more`` columns fit after its first ``used``, else a buffer at least twice as
+    wide holding those: the samples of :func:`_stream_kth` and :class:`_KeptSample` grow in one buffer each, by
+    doubling (many small tensors kept alive between the blocks' large ones would fragment the heap)."""
+    if used + more <= buf.shape[-1]:
+        return buf
+    grown = buf.new_empty((*buf.shape[:-1], max(2 * buf.shape[-1], used + more)))
+    grown[..., :used] = buf[..., :used]
+    return grown
 
 
 def _count_upto(cands, v: Tensor) -> int:
@@ -674,11 +682,7 @@ class _KeptSample:
 
     def add(self, key: str, pos: Tensor, x: Tensor) -> None:
         m = pos.numel()
-        if self.used + m > self.pos.numel():
-            cap = max(2 * self.pos.numel(), self.used + m)
-            grown_x, grown_pos = torch.empty(self.x.shape[0], cap), torch.empty(cap, dtype=torch.int64)
-            grown_x[:, :self.used], grown_pos[:self.used] = self.x[:, :self.used], self.pos[:self.used]
-            self.x, self.pos = grown_x, grown_pos
+        self.x, self.pos = _with_room(self.x, self.used, m), _with_room(self.pos, self.used, m)
         self.x[:, self.used:self.used + m] = x
         self.pos[self.used:self.used + m] = pos
         self.parts[key] = (self.used, self.used + m)

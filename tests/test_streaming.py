@@ -635,6 +635,33 @@ def test_cli_name_equals_value_include_and_exclude(tmp_path, capsys):
     assert all(same_bytes(got[k], pre[k]) for k in keys[1:])  # excluded, or not included: the base's
 
 
+def test_growing_sample_buffers_keep_their_columns():
+    """_with_room: the buffer itself while the columns fit, else one at least twice as wide with the first
+    ``used`` columns (2-D samples, 1-D positions); _KeptSample, grown from a tiny buffer, hands back each key's
+    kept columns at its positions, and computes the others."""
+    buf = torch.arange(12.0).view(2, 6)
+    assert st._with_room(buf, 4, 2) is buf
+    grown = st._with_room(buf, 4, 3)
+    assert grown.shape == (2, 12) and torch.equal(grown[:, :4], buf[:, :4])
+    assert st._with_room(buf, 4, 30).shape == (2, 34)
+    pos = torch.arange(5)
+    assert torch.equal(st._with_room(pos, 5, 1)[:5], pos) and st._with_room(pos, 5, 1).dtype == torch.int64
+    kept = st._KeptSample(2)
+    kept.x, kept.pos = torch.empty(2, 1), torch.empty(1, dtype=torch.int64)  # grows on every add below
+    g = torch.Generator().manual_seed(0)
+    data = {f"k{i}": (torch.randperm(50, generator=g)[:7 + i].sort().values, torch.randn(2, 7 + i, generator=g))
+            for i in range(6)}
+    for k, (pos, x) in data.items():
+        kept.add(k, pos, x)
+    computed = []
+    sampler = kept.samples([*data, "other"], lambda k: 50, lambda x: x * 2,
+                           lambda k, pos: computed.append(k) or torch.zeros(2, len(pos)))
+    for (numel, take), k in zip(sampler, [*data, "other"]):
+        pos = data[k][0] if k in data else torch.arange(3)
+        assert numel == 50 and torch.equal(take(pos), data[k][1] * 2 if k in data else torch.zeros(2, 3))
+    assert computed == ["other"]
+
+
 def test_cli_module_is_not_importable_and_merge_stays_a_function():
     with pytest.raises(ImportError, match="command line"):
         importlib.import_module("mergelib.merge")
