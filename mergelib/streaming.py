@@ -62,6 +62,14 @@ renamed into place only when complete; on any error the temporary directory is r
 inputs are never opened for writing. Integer buffers (``position_ids``) missing from a fine-tune are
 taken from the pretrained checkpoint (they take no part in merging) and reported; a missing
 floating-point tensor is an error.
+
+**A complete model directory.** Where the pretrained checkpoint lies in a Hugging Face model directory
+(one that holds a ``config.json``), the files that describe the model rather than hold its weights
+(``config.json``, the tokenizer's files, ``generation_config.json``, a sentence-transformers pipeline's
+``modules.json`` and the module folders it names, licence files) are copied into the output with the
+merge, so that ``transformers.AutoModel.from_pretrained(out)`` loads it (:func:`_model_files` says which;
+``copy_files=False`` / ``--no-copy-files`` copies none). The base's model card (``README.md``) is not
+copied: it describes the base, not the merge.
 """
 from __future__ import annotations
 
@@ -456,6 +464,42 @@ def _say(msg: str, quiet: bool) -> None:
         print(f"mergelib.merge_files: {msg}", file=sys.stderr)
 
 
+# weights (merged, or not mergeable here) and their indices: never copied by _model_files
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf", ".ot",
+                    ".tflite", ".npz", ".npy", ".pkl", ".pickle", ".joblib")
+_NOT_COPIED = ("README.md",)  # the base's model card describes the base, not the merge
+
+
+def _model_files(folder: Path) -> list[str]:
+    """The files that :func:`merge_files` copies from the pretrained checkpoint's directory ``folder``, as paths
+    relative to it: none unless it is a Hugging Face model directory (it holds a ``config.json``); else its
+    top-level files (symbolic links followed, as in the Hub's cache) and the files of the module folders that a
+    sentence-transformers ``modules.json`` names (``1_Pooling``...), except weights and their indices
+    (:data:`_WEIGHT_SUFFIXES`, ``*.index.json``), hidden files and the model card (``README.md``)."""
+    if not (folder / "config.json").is_file():
+        return []
+
+    def wanted(f: Path) -> bool:
+        name = f.name
+        return (f.is_file() and not name.startswith(".") and name not in _NOT_COPIED
+                and not name.endswith(_WEIGHT_SUFFIXES) and not name.endswith(".index.json"))
+
+    files = [f.name for f in sorted(folder.iterdir()) if wanted(f)]
+    try:
+        modules = json.loads((folder / "modules.json").read_text()) if "modules.json" in files else []
+        sub = sorted({m["path"] for m in modules if isinstance(m, dict) and isinstance(m.get("path"), str)})
+    except ValueError:
+        sub = []  # not a sentence-transformers pipeline's modules.json: copied as it is, no folders
+    root = folder.resolve()
+    for d in sub:
+        path = (folder / d)
+        if not d or not path.is_dir() or root not in path.resolve().parents:  # "" is the model itself
+            continue
+        files += [f.relative_to(folder).as_posix() for f in sorted(path.rglob("*"))
+                  if wanted(f) and not any(part.startswith(".") for part in f.relative_to(folder).parts)]
+    return files
+
+
 def _check_inputs(base: Checkpoint, fts: list[Checkpoint], names: list[str], quiet: bool) -> dict[str, list[str]]:
     """Key/shape/dtype checks; returns ``{ft_name: [integer buffers taken from the base]}``."""
     borrowed = {}
@@ -817,14 +861,17 @@ def _check_streamable(method: str, hp: Mapping) -> None:
 
 def merge_files(pretrained: str | os.PathLike, finetuned: Sequence[str | os.PathLike], out: str | os.PathLike,
                 method: str, scale=None, include=None, exclude=None, rules="auto", overwrite: bool = False,
-                shard_bytes: int = DEFAULT_SHARD_BYTES, quiet: bool = False, **hparams) -> Path:
+                shard_bytes: int = DEFAULT_SHARD_BYTES, quiet: bool = False, copy_files: bool = True,
+                **hparams) -> Path:
     """Merge checkpoints on disk into ``out`` (a directory), tensor by tensor.
 
     Same arguments and result as :func:`mergelib.merge` (``scale``, ``include``, ``exclude``,
     ``rules``, the method's ``hparams``), with paths instead of state dicts: ``pretrained`` and each of
     ``finetuned`` is a ``.safetensors`` file, a ``*.safetensors.index.json`` or a directory holding
     one. Writes ``out/model-0000i-of-0000n.safetensors`` (at most ``shard_bytes`` each, one tensor
-    may exceed it) and ``out/model.safetensors.index.json``; returns ``out``. Memory: a few tensors
+    may exceed it) and ``out/model.safetensors.index.json``, with ``copy_files`` the pretrained directory's
+    ``config.json``, tokenizer files and the like (see the module docstring: :func:`_model_files`); returns
+    ``out``. Memory: a few tensors
     (the N fine-tuned copies of the tensor being merged, in float32). See the module docstring for
     the passes (one for per-tensor methods and ``fr``; three for the global ``ties``; four for ``pcb``),
     the errors and what is taken from the base. Raises :class:`StreamingNotSupportedError` for
@@ -850,6 +897,7 @@ def merge_files(pretrained: str | os.PathLike, finetuned: Sequence[str | os.Path
     fts = [Checkpoint(f) for f in finetuned]
     names = [f"finetuned[{i}]" for i in range(len(fts))]
     borrowed = _check_inputs(base, fts, names, quiet)
+    model_files = _model_files(base.path.parent) if copy_files else []
     # the per-tensor sums read one key ahead (see _ReadAhead), the other methods on demand
     with closing(_ReadAhead([base, *fts], enabled=spec.fn is _sum)) as src:
         scratch = Scratch()  # float32 buffers reused from tensor to tensor
@@ -1173,9 +1221,15 @@ def merge_files(pretrained: str | os.PathLike, finetuned: Sequence[str | os.Path
             weight_map = {k: f for k, (f, _) in where.items()}
             total = sum(math.prod(meta[k][0]) * torch.empty((), dtype=meta[k][1]).element_size() for k in all_keys)
             index = {"metadata": {"total_size": total, "merged_by": "mergelib", "method": method,
-                                  "borrowed_from_pretrained": borrowed},
+                                  "borrowed_from_pretrained": borrowed, "copied_from_pretrained": model_files},
                      "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+            for name in model_files:  # config.json, the tokenizer's files...: a complete model directory
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(base.path.parent / name, tmp / name)
+            if model_files:
+                _say(f"copied {', '.join(model_files)} from the pretrained checkpoint's directory "
+                     f"(copy_files=False / --no-copy-files: none)", quiet)
             if out.exists():  # overwrite: swap in the complete result, then drop the old one
                 old = out.parent / f".{out.name}.old-{os.getpid()}"
                 os.rename(out, old)
@@ -1283,6 +1337,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                              "is complete)")
     ap.add_argument("--shard-size-gb", type=float, default=DEFAULT_SHARD_BYTES / 1024**3, metavar="GB",
                     help="largest output shard (default: %(default)g; one tensor may exceed it)")
+    ap.add_argument("--no-copy-files", action="store_true",
+                    help="do not copy config.json, the tokenizer's files and the like from the pretrained "
+                         "checkpoint's directory (copied by default where it holds a config.json)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars or notes")
     args, rest = ap.parse_known_args(argv)
     hparams = {}
@@ -1302,7 +1359,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = merge_files(args.pretrained, args.finetuned, args.out, args.method, scale=args.scale,
                           include=args.include, exclude=args.exclude,
                           rules=None if args.rules == "none" else args.rules, overwrite=args.overwrite,
-                          shard_bytes=int(args.shard_size_gb * 1024**3), quiet=args.quiet, **hparams)
+                          shard_bytes=int(args.shard_size_gb * 1024**3), quiet=args.quiet,
+                          copy_files=not args.no_copy_files, **hparams)
     except (CheckpointError, ValueError, TypeError) as e:
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ import runpy
 import subprocess
 import sys
 import threading
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -317,6 +318,104 @@ def test_disk_full_leaves_nothing(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
     assert all(p.read_bytes() == b for p, b in before.items())
+
+
+def _hf_dir(folder, sd):
+    """A Hugging Face / sentence-transformers model directory around the weights ``sd``, with files that are
+    copied and files that are not."""
+    folder.mkdir(parents=True)
+    save_file(sd, str(folder / "model.safetensors"))
+    files = {"config.json": '{"model_type": "bert"}', "tokenizer.json": '{"version": "1.0"}', "vocab.txt": "[PAD]\nx\n",
+             "LICENSE": "MIT", "modules.json": json.dumps([{"idx": 0, "name": "0", "path": ""},
+                                                          {"idx": 1, "name": "1", "path": "1_Pooling"},
+                                                          {"idx": 2, "name": "2", "path": "2_Dense"},
+                                                          {"idx": 3, "name": "3", "path": "../outside"}]),
+             "1_Pooling/config.json": '{"pooling_mode_mean_tokens": true}', "2_Dense/config.json": "{}"}
+    for name, text in files.items():
+        (folder / name).parent.mkdir(exist_ok=True)
+        (folder / name).write_text(text)
+    (folder / "tokenizer_config.json").symlink_to(folder / "tokenizer.json")  # as in the Hub's cache
+    not_copied = {"README.md": "# the base's card", ".gitattributes": "*.bin lfs", "pytorch_model.bin": "w",
+                  "model.safetensors.index.json.bak.index.json": "{}", "2_Dense/model.safetensors": "w",
+                  "logs/run.txt": "not named by modules.json", "1_Pooling/.hidden": "x"}
+    for name, text in not_copied.items():
+        (folder / name).parent.mkdir(exist_ok=True)
+        (folder / name).write_text(text)
+    (folder.parent / "outside").mkdir(exist_ok=True)
+    (folder.parent / "outside" / "secret.txt").write_text("outside the model directory")
+    return {**files, "tokenizer_config.json": files["tokenizer.json"]}
+
+
+def test_a_model_directory_gets_its_config_and_tokenizer_files(tmp_path, capsys):
+    """From a Hugging Face model directory, the output is one too: config.json, the tokenizer's files, licence
+    and the sentence-transformers modules' folders copied (not weights, indices, hidden files, the model card,
+    folders modules.json does not name or that lie outside the directory), listed in the index and reported;
+    the same whether the base is given as the directory or its file; none with copy_files=False or from a
+    folder without config.json."""
+    pre, fts = _models(n=2)
+    copied = _hf_dir(tmp_path / "base", pre)
+    _, ftp = _write(tmp_path, pre, fts)
+    for i, base in enumerate([tmp_path / "base", tmp_path / "base" / "model.safetensors"]):
+        out = ml.merge_files(base, ftp, tmp_path / f"out{i}", "ties", density=0.5)
+        files = {f.relative_to(out).as_posix() for f in out.rglob("*") if f.is_file()}
+        assert files == {*copied, "model-00001-of-00001.safetensors", "model.safetensors.index.json"}
+        assert all((out / name).read_text() == text for name, text in copied.items())
+        assert not (out / "tokenizer_config.json").is_symlink()  # a copy of the file, not of the link
+        index = json.loads((out / "model.safetensors.index.json").read_text())
+        assert sorted(index["metadata"]["copied_from_pretrained"]) == sorted(copied)
+        note = capsys.readouterr().err.split("mergelib.merge_files: copied ")[1]
+        assert all(name in note for name in copied) and "copy_files=False" in note
+        got, want = _load_dir(out), ml.merge(pre, fts, "ties", density=0.5)
+        assert all(same_bytes(got[k], want[k]) for k in want)
+    out = ml.merge_files(tmp_path / "base", ftp, tmp_path / "none", "ties", quiet=True, copy_files=False)
+    assert sorted(f.name for f in out.iterdir()) == ["model-00001-of-00001.safetensors", "model.safetensors.index.json"]
+    argv = [str(tmp_path / "base"), *map(str, ftp), "--out", str(tmp_path / "cli"), "--method", "ties", "--quiet"]
+    assert st.main([*argv, "--no-copy-files"]) == 0
+    assert sorted(f.name for f in (tmp_path / "cli").iterdir()) == sorted(f.name for f in out.iterdir())
+    (tmp_path / "plain").mkdir()  # a folder that is not a model directory: nothing beside the weights is copied
+    save_file(pre, str(tmp_path / "plain" / "base.safetensors"))
+    (tmp_path / "plain" / "notes.txt").write_text("not a model file")
+    out = ml.merge_files(tmp_path / "plain" / "base.safetensors", ftp, tmp_path / "plain_out", "ties", quiet=True)
+    assert sorted(f.name for f in out.iterdir()) == ["model-00001-of-00001.safetensors", "model.safetensors.index.json"]
+
+
+def test_a_failed_copy_of_the_model_files_leaves_nothing(tmp_path, monkeypatch):
+    pre, fts = _models(n=2)
+    _hf_dir(tmp_path / "base", pre)
+    _, ftp = _write(tmp_path, pre, fts)
+    real = st.shutil.copyfile
+
+    def full(src, dst, *a, **k):
+        if Path(src).name == "vocab.txt":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(src, dst, *a, **k)
+
+    monkeypatch.setattr(st.shutil, "copyfile", full)
+    with pytest.raises(st.DiskFullError):
+        ml.merge_files(tmp_path / "base", ftp, tmp_path / "out", "ties", quiet=True)
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+def test_a_merged_real_model_directory_loads_with_transformers(tmp_path):
+    """The real MiniLM and its third-party fine-tune (skipped where they are not installed): the merged
+    directory loads with transformers' AutoModel and AutoTokenizer, with the merged weights."""
+    transformers = pytest.importorskip("transformers")
+    try:
+        base = ml.pretrained.locate_model(ml.pretrained.MINILM, download=False)
+        ft = ml.pretrained.locate_model(ml.pretrained.SRE_FINETUNE, download=False)
+    except ml.pretrained.PretrainedNotFoundError as e:
+        pytest.skip(str(e))
+    out = ml.merge_files(base, [ft], tmp_path / "merged", "task_arithmetic", scale=0.5, quiet=True)
+    model = transformers.AutoModel.from_pretrained(out)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    merged, loaded = dict(st.Checkpoint(out)), model.state_dict()
+    assert set(loaded) <= set(merged) and all(torch.equal(loaded[k], merged[k]) for k in loaded)
+    raw_base = load_file(str(base / "model.safetensors"))
+    assert sum(not torch.equal(loaded[k], raw_base[k]) for k in loaded) > 50  # merged, not the base's
+    with torch.no_grad():
+        hidden = model(**tokenizer(["disk latency alert on the primary"], return_tensors="pt")).last_hidden_state
+    assert hidden.shape[-1] == model.config.hidden_size and torch.isfinite(hidden).all()
 
 
 def test_a_failed_fsync_in_the_background_is_the_merges_error(tmp_path, monkeypatch):
