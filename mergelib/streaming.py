@@ -56,7 +56,8 @@ than the compiled counting loop (``benchmarks/results_files.md``).
 of ``mergelib.merge(pretrained, finetuned, method, **hparams)`` on the loaded state dicts.
 
 **Errors, nothing lost.** Mismatched keys, shapes or dtypes, truncated or corrupt shards, an existing
-output directory (unless ``overwrite=True``) and a full disk raise the named errors below before or
+output directory (unless ``overwrite=True``; never one that holds a file of an input, which replacing it
+would delete: :class:`OutputHoldsInputError`) and a full disk raise the named errors below before or
 instead of producing output: the merge is written to a temporary directory next to ``out`` and
 renamed into place only when complete; on any error the temporary directory is removed and the
 inputs are never opened for writing. Integer buffers (``position_ids``) missing from a fine-tune are
@@ -98,7 +99,8 @@ from .task_vectors import (FlatLayout, NonFiniteError, Scratch, StateDictDtypeEr
                            StateDictShapeError, TaskVectorColumns, _sub_into, empty_matrix)
 
 __all__ = ["merge_files", "Checkpoint", "CheckpointError", "CheckpointKeyError", "CheckpointShapeError",
-           "CheckpointDtypeError", "CorruptCheckpointError", "OutputExistsError", "DiskFullError",
+           "CheckpointDtypeError", "CorruptCheckpointError", "OutputExistsError", "OutputHoldsInputError",
+           "DiskFullError",
            "StreamingNotSupportedError", "DEFAULT_SHARD_BYTES"]
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
@@ -131,6 +133,11 @@ class CorruptCheckpointError(CheckpointError):
 
 class OutputExistsError(CheckpointError, FileExistsError):
     """The output directory exists (pass ``overwrite=True`` / ``--overwrite``)."""
+
+
+class OutputHoldsInputError(CheckpointError, ValueError):
+    """The output directory holds one of the input checkpoints' files: replacing it (``overwrite=True``) would
+    delete that input."""
 
 
 class DiskFullError(CheckpointError, OSError):
@@ -265,6 +272,11 @@ class Checkpoint(Mapping):
 
     def __len__(self) -> int:
         return len(self._file_of)
+
+    @property
+    def files(self) -> list[Path]:
+        """The safetensors files that hold the tensors (one, or the index's shards)."""
+        return list(self._sizes)
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self._meta[key][0]
@@ -498,6 +510,18 @@ def _model_files(folder: Path) -> list[str]:
         files += [f.relative_to(folder).as_posix() for f in sorted(path.rglob("*"))
                   if wanted(f) and not any(part.startswith(".") for part in f.relative_to(folder).parts)]
     return files
+
+
+def _check_out_holds_no_input(out: Path, inputs: Sequence[tuple[str, Checkpoint]]) -> None:
+    """Raise :class:`OutputHoldsInputError` where the existing directory ``out`` holds a file of an input (its
+    index or a shard, as named or behind a symbolic link): ``overwrite`` would delete it with the old output."""
+    root = out.resolve()
+    for name, ckpt in inputs:
+        for f in (ckpt.path, *ckpt.files):
+            if any(root == g or root in g.parents for g in (Path(os.path.abspath(f)), f.resolve())):
+                raise OutputHoldsInputError(f"{out} holds {f.name}, a file of the {name} checkpoint: replacing "
+                                            f"{out} with the merge would delete that input. Write the merge to "
+                                            f"another directory")
 
 
 def _check_inputs(base: Checkpoint, fts: list[Checkpoint], names: list[str], quiet: bool) -> dict[str, list[str]]:
@@ -896,6 +920,8 @@ def merge_files(pretrained: str | os.PathLike, finetuned: Sequence[str | os.Path
     base = Checkpoint(pretrained)
     fts = [Checkpoint(f) for f in finetuned]
     names = [f"finetuned[{i}]" for i in range(len(fts))]
+    if out.exists():
+        _check_out_holds_no_input(out, [("pretrained", base), *zip(names, fts)])
     borrowed = _check_inputs(base, fts, names, quiet)
     model_files = _model_files(base.path.parent) if copy_files else []
     # the per-tensor sums read one key ahead (see _ReadAhead), the other methods on demand

@@ -379,6 +379,33 @@ def test_a_model_directory_gets_its_config_and_tokenizer_files(tmp_path, capsys)
     assert sorted(f.name for f in out.iterdir()) == ["model-00001-of-00001.safetensors", "model.safetensors.index.json"]
 
 
+def test_overwrite_never_replaces_a_directory_that_holds_an_input(tmp_path, capsys):
+    """--out naming an input's directory, one above it, or one holding a link to an input's file is refused even
+    with overwrite (the old output is deleted when the merge is swapped in): nothing written, the inputs kept."""
+    pre, fts = _models(n=2)
+    _hf_dir(tmp_path / "base", pre)
+    (tmp_path / "in").mkdir()
+    _, ftp = _write(tmp_path / "in", pre, fts, sharded=True)  # in/ft0/model.safetensors.index.json, ...
+    (tmp_path / "links").mkdir()
+    for f in ftp[0].parent.iterdir():  # links to the index and its shards, as in the Hugging Face Hub's cache
+        (tmp_path / "links" / ("ft0.json" if f == ftp[0] else f.name)).symlink_to(f)
+    before = {f: f.read_bytes() for f in tmp_path.rglob("*") if f.is_file()}
+    for out, ft, what in [(tmp_path / "base", ftp, "model.safetensors, a file of the pretrained checkpoint"),
+                          (tmp_path, ftp, "a file of the pretrained checkpoint"),
+                          (ftp[1].parent, ftp, "a file of the finetuned.1. checkpoint"),
+                          (tmp_path / "links", [tmp_path / "links" / "ft0.json", ftp[1]],
+                           "ft0.json, a file of the finetuned.0. checkpoint")]:
+        with pytest.raises(st.OutputHoldsInputError, match=what):
+            ml.merge_files(tmp_path / "base", ft, out, "ties", quiet=True, overwrite=True)
+    argv = [str(tmp_path / "base"), *map(str, ftp), "--out", str(tmp_path / "base"), "--method", "ties", "--quiet",
+            "--overwrite"]
+    assert st.main(argv) == 2 and "OutputHoldsInputError" in capsys.readouterr().err
+    assert {f: f.read_bytes() for f in tmp_path.rglob("*") if f.is_file()} == before
+    (tmp_path / "elsewhere").mkdir()  # an existing directory that holds no input is replaced, as before
+    out = ml.merge_files(tmp_path / "base", ftp, tmp_path / "elsewhere", "ties", quiet=True, overwrite=True)
+    assert (out / "model.safetensors.index.json").is_file() and (out / "config.json").is_file()
+
+
 def test_a_failed_copy_of_the_model_files_leaves_nothing(tmp_path, monkeypatch):
     pre, fts = _models(n=2)
     _hf_dir(tmp_path / "base", pre)
