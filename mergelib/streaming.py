@@ -70,7 +70,12 @@ floating-point tensor is an error.
 ``modules.json`` and the module folders it names, licence files) are copied into the output with the
 merge, so that ``transformers.AutoModel.from_pretrained(out)`` loads it (:func:`_model_files` says which;
 ``copy_files=False`` / ``--no-copy-files`` copies none). The base's model card (``README.md``) is not
-copied: it describes the base, not the merge.
+copied: it describes the base. The merge writes its own (:func:`_model_card`): the method, lambda, every
+hyperparameter, the inputs, and the ``python -m mergelib.merge`` command that merges them again (also in
+the index's metadata, with the hyperparameters and lambda).
+
+**Safetensors only.** A PyTorch ``.bin`` pickle (or ``.pt``, ``.ckpt``, GGUF...) raises
+:class:`UnsupportedCheckpointError`, which says how to convert it.
 """
 from __future__ import annotations
 
@@ -99,7 +104,8 @@ from .task_vectors import (FlatLayout, NonFiniteError, Scratch, StateDictDtypeEr
                            StateDictShapeError, TaskVectorColumns, _sub_into, empty_matrix)
 
 __all__ = ["merge_files", "Checkpoint", "CheckpointError", "CheckpointKeyError", "CheckpointShapeError",
-           "CheckpointDtypeError", "CorruptCheckpointError", "OutputExistsError", "OutputHoldsInputError",
+           "CheckpointDtypeError", "CorruptCheckpointError", "UnsupportedCheckpointError", "OutputExistsError",
+           "OutputHoldsInputError",
            "DiskFullError",
            "StreamingNotSupportedError", "DEFAULT_SHARD_BYTES"]
 
@@ -129,6 +135,11 @@ class CheckpointDtypeError(CheckpointError, StateDictDtypeError):
 
 class CorruptCheckpointError(CheckpointError):
     """A shard is truncated, unreadable, or its index names files or tensors that are not there."""
+
+
+class UnsupportedCheckpointError(CheckpointError, ValueError):
+    """An input is a checkpoint in another format than safetensors (a PyTorch ``.bin`` pickle, ``.pt``,
+    ``.ckpt``, GGUF...): :func:`merge_files` reads safetensors only."""
 
 
 class OutputExistsError(CheckpointError, FileExistsError):
@@ -184,6 +195,14 @@ def _read_header(f: Path) -> tuple[dict[str, tuple], int]:
         raise CorruptCheckpointError(f"{f}: unreadable or truncated safetensors file ({e})") from e
 
 
+# checkpoint formats that merge_files does not read (safetensors only), named in its error
+_OTHER_FORMATS = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".gguf", ".h5", ".msgpack", ".onnx", ".npz")
+_CONVERT = ("mergelib.merge_files reads safetensors files (*.safetensors, or a *.safetensors.index.json with its "
+            "shards) only. Convert a PyTorch state dict first, e.g. safetensors.torch.save_file(torch.load(path, "
+            "weights_only=True), 'model.safetensors') (transformers: model.save_pretrained(directory), which writes "
+            "safetensors), or load the state dicts and call mergelib.merge()")
+
+
 class Checkpoint(Mapping):
     """Lazy ``key -> Tensor`` view of a safetensors file, a sharded checkpoint's index, or a directory.
 
@@ -204,10 +223,16 @@ class Checkpoint(Mapping):
             elif len(files) == 1:
                 p = files[0]
             else:
+                others = sorted(f.name for f in p.iterdir() if f.name.endswith(_OTHER_FORMATS))
+                if not files and others:
+                    raise UnsupportedCheckpointError(f"{path} holds {', '.join(others[:4])} but no safetensors "
+                                                     f"checkpoint. {_CONVERT}")
                 raise CorruptCheckpointError(f"{path}: no *.safetensors.index.json and not exactly one "
                                              f"*.safetensors file ({len(files)} found)")
         if not p.exists():
             raise CorruptCheckpointError(f"{p}: no such checkpoint")
+        if p.name.endswith(_OTHER_FORMATS) or p.name.endswith(".bin.index.json"):
+            raise UnsupportedCheckpointError(f"{p} is not a safetensors checkpoint. {_CONVERT}")
         self.path = p
         if p.name.endswith(".json"):
             try:
@@ -479,7 +504,7 @@ def _say(msg: str, quiet: bool) -> None:
 # weights (merged, or not mergeable here) and their indices: never copied by _model_files
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf", ".ot",
                     ".tflite", ".npz", ".npy", ".pkl", ".pickle", ".joblib")
-_NOT_COPIED = ("README.md",)  # the base's model card describes the base, not the merge
+_NOT_COPIED = ("README.md",)  # the base's model card describes the base (the merge writes its own)
 
 
 def _model_files(folder: Path) -> list[str]:
@@ -510,6 +535,57 @@ def _model_files(folder: Path) -> list[str]:
         files += [f.relative_to(folder).as_posix() for f in sorted(path.rglob("*"))
                   if wanted(f) and not any(part.startswith(".") for part in f.relative_to(folder).parts)]
     return files
+
+
+def _command_line(pretrained, finetuned, out, method: str, scale, rules, include, exclude, hp: Mapping,
+                  shard_bytes: int) -> str:
+    """``python -m mergelib.merge ...`` that merges the same inputs the same way (every hyperparameter written
+    out, defaults too), for the model card; ``rules`` given as a dict has no command-line form (noted)."""
+    import shlex
+
+    def value(v) -> str:
+        return str(v).lower() if isinstance(v, bool) else str(v)
+
+    words = ["python", "-m", "mergelib.merge", str(pretrained), *map(str, finetuned), "--out", str(out),
+             "--method", method]
+    if scale is not None:
+        words += ["--scale", ",".join(map(value, scale)) if isinstance(scale, (list, tuple)) else value(scale)]
+    if rules is None or isinstance(rules, str) and rules != "auto":
+        words += ["--rules", "none" if rules is None else rules]
+    for flag, patterns in (("--include", include), ("--exclude", exclude)):
+        for pattern in [patterns] if isinstance(patterns, str) else (patterns or []):
+            words += [flag, pattern]
+    for name, v in hp.items():
+        words += [f"--{name.replace('_', '-')}", value(v)]
+    if shard_bytes != DEFAULT_SHARD_BYTES:
+        words += ["--shard-size-gb", repr(shard_bytes / 1024**3)]  # exact: int(GB * 1024**3) is shard_bytes
+    line = " ".join(shlex.quote(w) for w in words)
+    return line + ("\n# (rules given as a dict, which the command line does not take: " + repr(rules) + ")"
+                   if isinstance(rules, Mapping) else "")
+
+
+def _model_card(spec, pretrained, finetuned, command: str, lam, lams, hp: Mapping, selected: int, total: int,
+                borrowed: Mapping, copied: Sequence[str]) -> str:
+    """The merge's ``README.md``: what was merged, how, and the command that merges it again."""
+    from . import __version__
+    scale = "1/N (fixed)" if spec.default_scale is None else (f"{lam:g}" if lams is None else
+                                                                ", ".join(f"{v:g}" for v in lams) + " (per task)")
+    lines = ["---", "tags:", "- merge", "- mergelib", "---", "", "# A merged checkpoint", "",
+             f"Merged with mergelib {__version__} (`mergelib.merge_files`), tensor by tensor; the same bits as "
+             f"`mergelib.merge()` on the loaded state dicts.", "",
+             f"* **Method**: `{spec.name}` ({spec.paper}): {spec.doc}",
+             f"* **Scale (lambda)**: {scale}",
+             "* **Hyperparameters**: " + (", ".join(f"`{k}={v!r}`" for k, v in hp.items()) or "none"),
+             f"* **Merged tensors**: {selected} of {total}; the others are the pretrained checkpoint's",
+             f"* **Pretrained**: `{pretrained}`",
+             "* **Fine-tuned**: " + ", ".join(f"`{f}`" for f in finetuned)]
+    if borrowed:
+        lines.append("* **Integer buffers taken from the pretrained checkpoint**: " +
+                     "; ".join(f"{name}: {', '.join(keys)}" for name, keys in borrowed.items()))
+    if copied:
+        lines.append("* **Copied from the pretrained checkpoint's directory**: " + ", ".join(copied))
+    lines += ["", "To merge again:", "", "```bash", command, "```", ""]
+    return "\n".join(lines)
 
 
 def _check_out_holds_no_input(out: Path, inputs: Sequence[tuple[str, Checkpoint]]) -> None:
@@ -893,9 +969,9 @@ def merge_files(pretrained: str | os.PathLike, finetuned: Sequence[str | os.Path
     ``rules``, the method's ``hparams``), with paths instead of state dicts: ``pretrained`` and each of
     ``finetuned`` is a ``.safetensors`` file, a ``*.safetensors.index.json`` or a directory holding
     one. Writes ``out/model-0000i-of-0000n.safetensors`` (at most ``shard_bytes`` each, one tensor
-    may exceed it) and ``out/model.safetensors.index.json``, with ``copy_files`` the pretrained directory's
-    ``config.json``, tokenizer files and the like (see the module docstring: :func:`_model_files`); returns
-    ``out``. Memory: a few tensors
+    may exceed it), ``out/model.safetensors.index.json`` and a model card ``out/README.md`` (with the command
+    that merges again), with ``copy_files`` the pretrained directory's ``config.json``, tokenizer files and the
+    like (see the module docstring: :func:`_model_files`); returns ``out``. Memory: a few tensors
     (the N fine-tuned copies of the tensor being merged, in float32). See the module docstring for
     the passes (one for per-tensor methods and ``fr``; three for the global ``ties``; four for ``pcb``),
     the errors and what is taken from the base. Raises :class:`StreamingNotSupportedError` for
@@ -1246,10 +1322,16 @@ def merge_files(pretrained: str | os.PathLike, finetuned: Sequence[str | os.Path
                     deferred.patch(tmp, where, meta)
             weight_map = {k: f for k, (f, _) in where.items()}
             total = sum(math.prod(meta[k][0]) * torch.empty((), dtype=meta[k][1]).element_size() for k in all_keys)
+            command = _command_line(pretrained, finetuned, out, method, scale, rules, include, exclude, hp,
+                                    shard_bytes)
             index = {"metadata": {"total_size": total, "merged_by": "mergelib", "method": method,
-                                  "borrowed_from_pretrained": borrowed, "copied_from_pretrained": model_files},
+                                  "scale": lam if lams is None else lams, "hyperparameters": dict(hp),
+                                  "borrowed_from_pretrained": borrowed, "copied_from_pretrained": model_files,
+                                  "command": command},
                      "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+            (tmp / "README.md").write_text(_model_card(spec, pretrained, finetuned, command, lam, lams, hp,
+                                                       len(keys), len(all_keys), borrowed, model_files))
             for name in model_files:  # config.json, the tokenizer's files...: a complete model directory
                 (tmp / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(base.path.parent / name, tmp / name)

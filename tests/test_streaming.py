@@ -358,8 +358,9 @@ def test_a_model_directory_gets_its_config_and_tokenizer_files(tmp_path, capsys)
     for i, base in enumerate([tmp_path / "base", tmp_path / "base" / "model.safetensors"]):
         out = ml.merge_files(base, ftp, tmp_path / f"out{i}", "ties", density=0.5)
         files = {f.relative_to(out).as_posix() for f in out.rglob("*") if f.is_file()}
-        assert files == {*copied, "model-00001-of-00001.safetensors", "model.safetensors.index.json"}
+        assert files == {*copied, "model-00001-of-00001.safetensors", "model.safetensors.index.json", "README.md"}
         assert all((out / name).read_text() == text for name, text in copied.items())
+        assert "# A merged checkpoint" in (out / "README.md").read_text()  # the merge's card, not the base's
         assert not (out / "tokenizer_config.json").is_symlink()  # a copy of the file, not of the link
         index = json.loads((out / "model.safetensors.index.json").read_text())
         assert sorted(index["metadata"]["copied_from_pretrained"]) == sorted(copied)
@@ -368,7 +369,8 @@ def test_a_model_directory_gets_its_config_and_tokenizer_files(tmp_path, capsys)
         got, want = _load_dir(out), ml.merge(pre, fts, "ties", density=0.5)
         assert all(same_bytes(got[k], want[k]) for k in want)
     out = ml.merge_files(tmp_path / "base", ftp, tmp_path / "none", "ties", quiet=True, copy_files=False)
-    assert sorted(f.name for f in out.iterdir()) == ["model-00001-of-00001.safetensors", "model.safetensors.index.json"]
+    assert sorted(f.name for f in out.iterdir()) == ["README.md", "model-00001-of-00001.safetensors",
+                                                     "model.safetensors.index.json"]
     argv = [str(tmp_path / "base"), *map(str, ftp), "--out", str(tmp_path / "cli"), "--method", "ties", "--quiet"]
     assert st.main([*argv, "--no-copy-files"]) == 0
     assert sorted(f.name for f in (tmp_path / "cli").iterdir()) == sorted(f.name for f in out.iterdir())
@@ -376,7 +378,8 @@ def test_a_model_directory_gets_its_config_and_tokenizer_files(tmp_path, capsys)
     save_file(pre, str(tmp_path / "plain" / "base.safetensors"))
     (tmp_path / "plain" / "notes.txt").write_text("not a model file")
     out = ml.merge_files(tmp_path / "plain" / "base.safetensors", ftp, tmp_path / "plain_out", "ties", quiet=True)
-    assert sorted(f.name for f in out.iterdir()) == ["model-00001-of-00001.safetensors", "model.safetensors.index.json"]
+    assert sorted(f.name for f in out.iterdir()) == ["README.md", "model-00001-of-00001.safetensors",
+                                                     "model.safetensors.index.json"]
 
 
 def test_overwrite_never_replaces_a_directory_that_holds_an_input(tmp_path, capsys):
@@ -404,6 +407,54 @@ def test_overwrite_never_replaces_a_directory_that_holds_an_input(tmp_path, caps
     (tmp_path / "elsewhere").mkdir()  # an existing directory that holds no input is replaced, as before
     out = ml.merge_files(tmp_path / "base", ftp, tmp_path / "elsewhere", "ties", quiet=True, overwrite=True)
     assert (out / "model.safetensors.index.json").is_file() and (out / "config.json").is_file()
+
+
+@pytest.mark.parametrize("method, kwargs", [
+    ("ties", {"density": 0.3, "trim_rule": "exact", "scale": 0.8}),
+    ("dare_ta", {"p": 0.5, "seed": 3, "scale": [0.25, 0.5]}),
+    ("fr", {"align": "none", "compat_official": True, "rules": None, "exclude": ["norm", "bias$"]}),
+    ("pcb", {"include": "blocks", "shard_bytes": 10_000}),
+    ("average", {}),
+])
+def test_the_model_card_says_how_to_merge_again(tmp_path, method, kwargs):
+    """Every merge writes a README.md with the method, lambda, every hyperparameter and the command line that
+    merges the same inputs the same way: run, it writes the same tensors, bit for bit."""
+    pre, fts = _models(n=2)
+    base, ftp = _write(tmp_path, pre, fts)
+    out = ml.merge_files(base, ftp, tmp_path / "first", method, quiet=True, **kwargs)
+    card = (out / "README.md").read_text()
+    meta = json.loads((out / "model.safetensors.index.json").read_text())["metadata"]
+    hp = ml.REGISTRY[method].check_hparams({k: v for k, v in kwargs.items() if k in ml.REGISTRY[method].defaults})
+    assert meta["hyperparameters"] == hp and f"`{method}` ({ml.REGISTRY[method].paper})" in card
+    assert all(f"`{k}={v!r}`" in card for k, v in hp.items())
+    command = card.split("```bash\n")[1].split("\n```")[0]
+    assert command == meta["command"] and command.startswith("python -m mergelib.merge ")
+    import shlex
+    argv = shlex.split(command)[3:]
+    argv[argv.index("--out") + 1] = str(tmp_path / "again")
+    assert st.main([*argv, "--quiet"]) == 0
+    first, again = _load_dir(out), _load_dir(tmp_path / "again")
+    assert first.keys() == again.keys() and all(same_bytes(first[k], again[k]) for k in first)
+    assert (tmp_path / "again" / "README.md").read_text() == card.replace(str(out), str(tmp_path / "again"))
+    assert sorted(f.name for f in out.iterdir()) == sorted(f.name for f in (tmp_path / "again").iterdir())  # shards
+
+
+@pytest.mark.parametrize("layout", ["file", "directory", "index"])
+def test_other_checkpoint_formats_are_named(tmp_path, layout, capsys):
+    """A PyTorch .bin (a file, a directory holding one, or its .bin.index.json) is not read as a corrupt
+    safetensors file: UnsupportedCheckpointError says what it is and how to convert it; nothing is written."""
+    pre, fts = _models(n=2)
+    base, ftp = _write(tmp_path, pre, fts)
+    (tmp_path / "bin").mkdir()
+    torch.save(pre, tmp_path / "bin" / "pytorch_model.bin")
+    (tmp_path / "bin" / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {}}))
+    given = {"file": tmp_path / "bin" / "pytorch_model.bin", "directory": tmp_path / "bin",
+             "index": tmp_path / "bin" / "pytorch_model.bin.index.json"}[layout]
+    with pytest.raises(st.UnsupportedCheckpointError, match=r"not a safetensors checkpoint|but no safetensors") as e:
+        ml.merge_files(base, [given, ftp[1]], tmp_path / "out", "ties", quiet=True)
+    assert "safetensors.torch.save_file" in str(e.value) and "pytorch_model.bin" in str(e.value)
+    assert st.main([str(given), *map(str, ftp), "--out", str(tmp_path / "out"), "--method", "ties", "--quiet"]) == 2
+    assert "UnsupportedCheckpointError" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 def test_a_failed_copy_of_the_model_files_leaves_nothing(tmp_path, monkeypatch):
