@@ -83,6 +83,7 @@ import errno
 import json
 import math
 import os
+import re
 import shutil
 import sys
 from collections import deque
@@ -540,7 +541,8 @@ def _model_files(folder: Path) -> list[str]:
 def _command_line(pretrained, finetuned, out, method: str, scale, rules, include, exclude, hp: Mapping,
                   shard_bytes: int) -> str:
     """``python -m mergelib.merge ...`` that merges the same inputs the same way (every hyperparameter written
-    out, defaults too), for the model card; ``rules`` given as a dict has no command-line form (noted)."""
+    out, defaults too), for the model card; ``scale``: None (the method's) or the checked lambda(s) (a float, or
+    a list of per-task floats); ``rules`` given as a dict has no command-line form (noted)."""
     import shlex
 
     def value(v) -> str:
@@ -553,8 +555,8 @@ def _command_line(pretrained, finetuned, out, method: str, scale, rules, include
     if rules is None or isinstance(rules, str) and rules != "auto":
         words += ["--rules", "none" if rules is None else rules]
     for flag, patterns in (("--include", include), ("--exclude", exclude)):
-        for pattern in [patterns] if isinstance(patterns, str) else (patterns or []):
-            words += [flag, pattern]
+        for pattern in [patterns] if isinstance(patterns, (str, re.Pattern)) else (patterns or []):
+            words += [flag, getattr(pattern, "pattern", pattern)]  # a compiled regex: its text
     for name, v in hp.items():
         words += [f"--{name.replace('_', '-')}", value(v)]
     if shard_bytes != DEFAULT_SHARD_BYTES:
@@ -1322,8 +1324,8 @@ def merge_files(pretrained: str | os.PathLike, finetuned: Sequence[str | os.Path
                     deferred.patch(tmp, where, meta)
             weight_map = {k: f for k, (f, _) in where.items()}
             total = sum(math.prod(meta[k][0]) * torch.empty((), dtype=meta[k][1]).element_size() for k in all_keys)
-            command = _command_line(pretrained, finetuned, out, method, scale, rules, include, exclude, hp,
-                                    shard_bytes)
+            command = _command_line(pretrained, finetuned, out, method, None if scale is None else lams or lam,
+                                    rules, include, exclude, hp, shard_bytes)
             index = {"metadata": {"total_size": total, "merged_by": "mergelib", "method": method,
                                   "scale": lam if lams is None else lams, "hyperparameters": dict(hp),
                                   "borrowed_from_pretrained": borrowed, "copied_from_pretrained": model_files,

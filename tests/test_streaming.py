@@ -413,7 +413,7 @@ def test_overwrite_never_replaces_a_directory_that_holds_an_input(tmp_path, caps
     ("ties", {"density": 0.3, "trim_rule": "exact", "scale": 0.8}),
     ("dare_ta", {"p": 0.5, "seed": 3, "scale": [0.25, 0.5]}),
     ("fr", {"align": "none", "compat_official": True, "rules": None, "exclude": ["norm", "bias$"]}),
-    ("pcb", {"include": "blocks", "shard_bytes": 10_000}),
+    ("pcb", {"include": re.compile("blocks"), "shard_bytes": 10_000, "scale": torch.tensor([1.0, 0.5])}),
     ("average", {}),
 ])
 def test_the_model_card_says_how_to_merge_again(tmp_path, method, kwargs):
