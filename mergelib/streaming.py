@@ -503,8 +503,7 @@ def _say(msg: str, quiet: bool) -> None:
 
 
 # weights (merged, or not mergeable here) and their indices: never copied by _model_files
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf", ".ot",
-                    ".tflite", ".npz", ".npy", ".pkl", ".pickle", ".joblib")
+_WEIGHT_SUFFIXES = (".safetensors", *_OTHER_FORMATS, ".ot", ".tflite", ".npy", ".joblib")
 _NOT_COPIED = ("README.md",)  # the base's model card describes the base (the merge writes its own)
 
 
@@ -545,20 +544,17 @@ def _command_line(pretrained, finetuned, out, method: str, scale, rules, include
     a list of per-task floats); ``rules`` given as a dict has no command-line form (noted)."""
     import shlex
 
-    def value(v) -> str:
-        return str(v).lower() if isinstance(v, bool) else str(v)
-
     words = ["python", "-m", "mergelib.merge", str(pretrained), *map(str, finetuned), "--out", str(out),
              "--method", method]
     if scale is not None:
-        words += ["--scale", ",".join(map(value, scale)) if isinstance(scale, (list, tuple)) else value(scale)]
+        words += ["--scale", ",".join(map(_cli_text, scale)) if isinstance(scale, (list, tuple)) else _cli_text(scale)]
     if rules is None or isinstance(rules, str) and rules != "auto":
         words += ["--rules", "none" if rules is None else rules]
     for flag, patterns in (("--include", include), ("--exclude", exclude)):
         for pattern in [patterns] if isinstance(patterns, (str, re.Pattern)) else (patterns or []):
             words += [flag, getattr(pattern, "pattern", pattern)]  # a compiled regex: its text
     for name, v in hp.items():
-        words += [f"--{name.replace('_', '-')}", value(v)]
+        words += [f"--{name.replace('_', '-')}", _cli_text(v)]
     if shard_bytes != DEFAULT_SHARD_BYTES:
         words += ["--shard-size-gb", repr(shard_bytes / 1024**3)]  # exact: int(GB * 1024**3) is shard_bytes
     line = " ".join(shlex.quote(w) for w in words)
@@ -1377,6 +1373,11 @@ def _parse_value(v: str):
     return v
 
 
+def _cli_text(v) -> str:
+    """A value as the command line takes it (:func:`_parse_value` reads it back): ``true``/``false``, else ``str``."""
+    return str(v).lower() if isinstance(v, bool) else str(v)
+
+
 def _scale_arg(text: str):
     """``--scale``: one number, or comma-separated numbers (one per fine-tuned checkpoint)."""
     import argparse
@@ -1393,8 +1394,6 @@ def _methods_help(width: int = 100) -> str:
     typed on the command line (``--sign-rule count``, ``--compat-official true``)."""
     import textwrap
 
-    def value(v) -> str:
-        return str(v).lower() if isinstance(v, bool) else str(v)
 
     def wrap(text: str, indent: str, hanging: str) -> list[str]:
         return textwrap.wrap(text, width, initial_indent=indent, subsequent_indent=hanging)
@@ -1406,7 +1405,7 @@ def _methods_help(width: int = 100) -> str:
         lines += wrap(f"{m.name}: {m.doc} ({m.paper}; {m.scope}; {lam})", "  ", "      ")
         for h in m.hparams:
             allowed = "true/false" if h.kind == "flag" else h.allowed.replace("`", "")
-            lines += wrap(f"--{h.name.replace('_', '-')} {value(h.default)} ({allowed}): {h.doc.replace('`', '')}",
+            lines += wrap(f"--{h.name.replace('_', '-')} {_cli_text(h.default)} ({allowed}): {h.doc.replace('`', '')}",
                           "      ", "          ")
     lines += [""] + wrap(f"Streaming methods: {_STREAMING}.", "", "") + [
         "Example:",
