@@ -101,8 +101,8 @@ from . import kernels
 from . import selection as _sel
 from .fourier import _fr_options, fr_check_selection, fr_tensor
 from .merging import METHODS, REGISTRY, _selected_keys, _sum, _sum_per_tensor
-from .task_vectors import (FlatLayout, NonFiniteError, Scratch, StateDictDtypeError, StateDictKeyError,
-                           StateDictShapeError, TaskVectorColumns, _sub_into, empty_matrix)
+from .task_vectors import (DEFAULT_RULES, FlatLayout, NonFiniteError, Scratch, StateDictDtypeError,
+                           StateDictKeyError, StateDictShapeError, TaskVectorColumns, _sub_into, empty_matrix)
 
 __all__ = ["merge_files", "Checkpoint", "CheckpointError", "CheckpointKeyError", "CheckpointShapeError",
            "CheckpointDtypeError", "CorruptCheckpointError", "UnsupportedCheckpointError", "OutputExistsError",
@@ -1418,7 +1418,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m mergelib.merge``: exit status 0 (the output directory printed), 2 for bad arguments or a
     named error of :func:`merge_files` (printed, nothing written)."""
     import argparse
-    from .task_vectors import DEFAULT_RULES
     ap = argparse.ArgumentParser(
         prog="python -m mergelib.merge", allow_abbrev=False,  # --s... stays a hyperparameter, not --scale
         formatter_class=argparse.RawDescriptionHelpFormatter,
