@@ -14,6 +14,7 @@ rejects floats. A 0-d non-boolean tensor counts as its number.
 """
 from __future__ import annotations
 
+import difflib
 import math
 import numbers
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["HyperparameterError", "HParam", "check_number", "check_choice", "check_flag"]
+__all__ = ["HyperparameterError", "HParam", "check_number", "check_choice", "check_flag", "closest", "did_you_mean"]
 
 
 class HyperparameterError(ValueError):
@@ -68,11 +69,31 @@ def check_number(value: Any, name: str, *, kind: type = float, low: float | None
     return v
 
 
+def closest(value: Any, choices: Sequence[str]) -> str | None:
+    """The one of ``choices`` closest to a mistyped string ``value`` (``difflib``'s similarity of at least
+    0.75, case and ``-`` / ``_`` ignored: ``"densty"``, ``"TIES"``, ``"sign-rule"``), else None."""
+    if not isinstance(value, str):
+        return None
+    def norm(s: str) -> str:
+        return s.lower().replace("-", "_")
+    by_norm = {norm(c): c for c in choices}
+    close = difflib.get_close_matches(norm(value), list(by_norm), n=1, cutoff=0.75)
+    return by_norm[close[0]] if close else None
+
+
+def did_you_mean(value: Any, choices: Sequence[str]) -> str:
+    """``" (did you mean 'x'?)"`` with :func:`closest`'s choice, else ``""``: the hint that the errors for
+    unknown names and values end with."""
+    c = closest(value, choices)
+    return "" if c is None else f" (did you mean {c!r}?)"
+
+
 def check_choice(value: Any, name: str, choices: Sequence[str], method: str | None = None) -> str:
-    """Return ``value`` if it is one of ``choices`` (strings), else raise :class:`HyperparameterError`."""
+    """Return ``value`` if it is one of ``choices`` (strings), else raise :class:`HyperparameterError`
+    (naming the closest choice to a mistyped string, :func:`did_you_mean`)."""
     if not isinstance(value, str) or value not in choices:
         raise HyperparameterError(f"{_where(name, method)}={value!r} is not allowed: expected one of "
-                                  f"{tuple(choices)}")
+                                  f"{tuple(choices)}{did_you_mean(value, choices)}")
     return value
 
 

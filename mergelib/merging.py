@@ -29,12 +29,12 @@ from .fourier import _TaskRows as _FRTaskRows, _fr_options, _one_task_at_a_time 
 from .fourier import fr_check_selection, fr_merge, fr_tensor
 from . import gpu_kernels as _gpu
 from . import kernels
-from .hparams import HParam, HyperparameterError, check_number
+from .hparams import HParam, HyperparameterError, check_number, closest, did_you_mean
 from .task_vectors import (FlatLayout, NonFiniteError, Scratch, TaskVectorColumns, _check_finite, _sub_into, as_named_list,
                            detect_family, empty_matrix, flatten, resolve_rules, select_keys, unflatten,
                            validate_state_dicts)
 
-__all__ = ["merge", "METHODS", "REGISTRY", "MergeMethod", "method_table"]
+__all__ = ["merge", "METHODS", "REGISTRY", "MergeMethod", "method_spec", "method_table"]
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,9 @@ class MergeMethod:
         allowed = {h.name: h for h in self.hparams}
         unknown = sorted(set(hparams) - set(allowed))
         if unknown:
-            raise TypeError(f"unknown hyperparameter(s) {unknown} for method {self.name!r}; "
+            hints = [f"{c!r} for {u!r}" for u in unknown if (c := closest(u, list(allowed)))]
+            hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
+            raise TypeError(f"unknown hyperparameter(s) {unknown} for method {self.name!r}{hint}; "
                             f"allowed: {sorted(allowed) or 'none'}")
         return {name: h.check(hparams.get(name, h.default), self.name) for name, h in allowed.items()}
 
@@ -197,6 +199,15 @@ REGISTRY: dict[str, MergeMethod] = {m.name: m for m in (
 METHODS: tuple[str, ...] = tuple(REGISTRY)
 
 
+def method_spec(method: str) -> MergeMethod:
+    """The registry's entry for the name ``method``; ``ValueError`` naming the methods (and the closest to
+    a mistyped name: ``"tie"``, ``"TIES"``, ``"task-arithmetic"``) for any other value."""
+    spec = REGISTRY.get(method) if isinstance(method, str) else None
+    if spec is None:
+        raise ValueError(f"unknown method {method!r}{did_you_mean(method, METHODS)}; expected one of {METHODS}")
+    return spec
+
+
 def method_table() -> str:
     """The README's method table (Markdown), rendered from :data:`REGISTRY`."""
     lines = ["| method | paper | scope | default λ | per-task λ | hyperparameters (default; allowed) |",
@@ -232,9 +243,7 @@ def merge(pretrained: Mapping[str, Tensor], finetuned: Sequence[Mapping[str, Ten
     range, ``TypeError`` for unknown hyperparameter names, and the :func:`validate_state_dicts`
     errors for mismatched keys, shapes, dtypes or non-finite values.
     """
-    spec = REGISTRY.get(method) if isinstance(method, str) else None
-    if spec is None:
-        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    spec = method_spec(method)
     hp = spec.check_hparams(hparams)
     named = as_named_list(finetuned)
     if not named:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import mergelib as ml
-from mergelib.hparams import HParam, HyperparameterError, check_number
+from mergelib.hparams import HParam, HyperparameterError, check_number, closest
 from mergelib.merging import REGISTRY, MergeMethod, method_table
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -77,6 +77,41 @@ def test_bad_hyperparameters_raise_named_errors(small, method, kw, msg):
     pre, fts = small
     with pytest.raises(HyperparameterError, match=msg):
         ml.merge(pre, fts, method, **kw)
+
+
+@pytest.mark.parametrize("method, kw, exc, msg", [
+    ("tie", {}, ValueError, r"unknown method 'tie' \(did you mean 'ties'\?\); expected one of \('average'"),
+    ("TIES", {}, ValueError, r"unknown method 'TIES' \(did you mean 'ties'\?\)"),
+    ("task-arithmetic", {}, ValueError, r"\(did you mean 'task_arithmetic'\?\)"),
+    ("averaging", {}, ValueError, r"\(did you mean 'average'\?\)"),
+    ("ties", {"densty": 0.2}, TypeError,
+     r"\['densty'\] for method 'ties' \(did you mean 'density' for 'densty'\?\); allowed: \['density', "),
+    ("ties", {"densty": 0.2, "sign-rule": "mass", "foo": 1}, TypeError,
+     r"\['densty', 'foo', 'sign-rule'\] for method 'ties' \(did you mean 'density' for 'densty', 'sign_rule' for "
+     r"'sign-rule'\?\)"),
+    ("ties", {"granularity": "Global"}, HyperparameterError,
+     r"granularity='Global' is not allowed: expected one of \('global', 'tensor'\) \(did you mean 'global'\?\)"),
+    ("fr", {"mode": "offical"}, HyperparameterError, r"\(did you mean 'official'\?\)"),
+])
+def test_a_mistyped_name_gets_the_closest_one_as_a_hint(small, method, kw, exc, msg):
+    pre, fts = small
+    with pytest.raises(exc, match=msg):
+        ml.merge(pre, fts, method, **kw)
+
+
+@pytest.mark.parametrize("method, kw", [
+    ("dare", {}),  # as far from dare_ta as from dare_ties: no guess
+    ("ties", {"trim": "tensor"}),  # renamed to granularity; trim_rule is something else
+    ("pcb", {"ratio": 0.1}),  # PCB's drop ratio is density
+    ("ties", {"granularity": "row"}),
+    (3, {}),
+])
+def test_no_hint_where_no_name_is_close(small, method, kw):
+    pre, fts = small
+    with pytest.raises((ValueError, TypeError)) as e:
+        ml.merge(pre, fts, method, **kw)
+    assert "did you mean" not in str(e.value)
+    assert closest(None, ["a"]) is None and closest("ties", []) is None and closest("b", ["a"]) is None
 
 
 def test_hyperparameter_error_is_a_value_error_and_good_values_pass(small):
