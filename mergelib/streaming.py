@@ -55,12 +55,12 @@ than the compiled counting loop (``benchmarks/results_files.md``).
 **Same result as in memory.** For every supported method the tensors written are bit for bit those
 of ``mergelib.merge(pretrained, finetuned, method, **hparams)`` on the loaded state dicts.
 
-**Errors, nothing lost.** Mismatched keys, shapes or dtypes, truncated or corrupt shards, an existing
-output directory (unless ``overwrite=True``; never one that holds a file of an input, which replacing it
-would delete: :class:`OutputHoldsInputError`) and a full disk raise the named errors below before or
-instead of producing output: the merge is written to a temporary directory next to ``out`` and
-renamed into place only when complete; on any error the temporary directory is removed and the
-inputs are never opened for writing. Integer buffers (``position_ids``) missing from a fine-tune are
+**Errors, nothing lost.** A missing input, mismatched keys, shapes or dtypes, truncated or corrupt
+shards, an existing output directory (unless ``overwrite=True``; never one that holds a file of an input,
+which replacing it would delete: :class:`OutputHoldsInputError`) and a full disk raise the named errors
+below before or instead of producing output: the merge is written to a temporary directory next to
+``out`` and renamed into place only when complete; on any error the temporary directory is removed and
+the inputs are never opened for writing. Integer buffers (``position_ids``) missing from a fine-tune are
 taken from the pretrained checkpoint (they take no part in merging) and reported; a missing
 floating-point tensor is an error.
 
@@ -100,15 +100,14 @@ from . import competition as _comp
 from . import kernels
 from . import selection as _sel
 from .fourier import _fr_options, fr_check_selection, fr_tensor
-from .merging import METHODS, REGISTRY, _selected_keys, _sum, _sum_per_tensor
+from .merging import METHODS, REGISTRY, _selected_keys, _sum, _sum_per_tensor, method_spec
 from .task_vectors import (DEFAULT_RULES, FlatLayout, NonFiniteError, Scratch, StateDictDtypeError,
                            StateDictKeyError, StateDictShapeError, TaskVectorColumns, _sub_into, empty_matrix)
 
 __all__ = ["merge_files", "Checkpoint", "CheckpointError", "CheckpointKeyError", "CheckpointShapeError",
-           "CheckpointDtypeError", "CorruptCheckpointError", "UnsupportedCheckpointError", "OutputExistsError",
-           "OutputHoldsInputError",
-           "DiskFullError",
-           "StreamingNotSupportedError", "DEFAULT_SHARD_BYTES"]
+           "CheckpointDtypeError", "CheckpointNotFoundError", "CorruptCheckpointError", "UnsupportedCheckpointError",
+           "OutputExistsError", "OutputHoldsInputError", "DiskFullError", "StreamingNotSupportedError",
+           "DEFAULT_SHARD_BYTES"]
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
@@ -132,6 +131,10 @@ class CheckpointShapeError(CheckpointError, StateDictShapeError):
 
 class CheckpointDtypeError(CheckpointError, StateDictDtypeError):
     """A tensor has different dtypes in two checkpoints."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """An input path (a checkpoint file, index or directory) does not exist."""
 
 
 class CorruptCheckpointError(CheckpointError):
@@ -231,7 +234,7 @@ class Checkpoint(Mapping):
                 raise CorruptCheckpointError(f"{path}: no *.safetensors.index.json and not exactly one "
                                              f"*.safetensors file ({len(files)} found)")
         if not p.exists():
-            raise CorruptCheckpointError(f"{p}: no such checkpoint")
+            raise CheckpointNotFoundError(f"{p}: no such file or directory")
         if p.name.endswith(_OTHER_FORMATS) or p.name.endswith(".bin.index.json"):
             raise UnsupportedCheckpointError(f"{p} is not a safetensors checkpoint. {_CONVERT}")
         self.path = p
@@ -975,9 +978,7 @@ def merge_files(pretrained: str | os.PathLike, finetuned: Sequence[str | os.Path
     the errors and what is taken from the base. Raises :class:`StreamingNotSupportedError` for
     ``pcb`` with ``mode="paper"`` and ``fr`` with ``align="paper"``, before reading any tensor.
     """
-    spec = REGISTRY.get(method) if isinstance(method, str) else None
-    if spec is None:
-        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    spec = method_spec(method)
     hp = spec.check_hparams(hparams)
     if not finetuned:
         raise ValueError("finetuned is empty: need at least one fine-tuned checkpoint")

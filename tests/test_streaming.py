@@ -297,6 +297,23 @@ def test_shape_dtype_corrupt_and_existing_output(tmp_path):
     assert ftp.read_bytes() == data  # inputs untouched
 
 
+def test_a_missing_input_is_named_and_nothing_is_written(tmp_path, capsys):
+    pre, fts = _models(n=1)
+    base, (ftp,) = _write(tmp_path, pre, fts)
+    missing = tmp_path / "nowhere" / "model.safetensors"
+    assert issubclass(st.CheckpointNotFoundError, FileNotFoundError)
+    for pretrained, finetuned in ((missing, [ftp]), (base, [ftp, missing]), (base, [tmp_path / "no-dir"])):
+        bad = missing if pretrained == missing or missing in finetuned else tmp_path / "no-dir"
+        with pytest.raises(st.CheckpointNotFoundError, match=f"{re.escape(str(bad))}: no such file or directory"):
+            ml.merge_files(pretrained, finetuned, tmp_path / "out", "ties", quiet=True)
+    assert st.main([str(base), str(missing), "--out", str(tmp_path / "out"), "--method", "ties", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: CheckpointNotFoundError: {missing}: no such file or directory" in err
+    with pytest.raises(ValueError, match=r"unknown method 'tie' \(did you mean 'ties'\?\)"):
+        ml.merge_files(base, [ftp], tmp_path / "out", "tie", quiet=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([base.name, ftp.name])
+
+
 def test_disk_full_leaves_nothing(tmp_path, monkeypatch):
     pre, fts = _models(n=2)
     base, ftp = _write(tmp_path, pre, fts)
