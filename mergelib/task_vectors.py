@@ -27,6 +27,8 @@ from typing import Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from .hparams import did_you_mean
+
 __all__ = [
     "DEFAULT_RULES", "StateDictKeyError", "StateDictShapeError", "StateDictDtypeError",
     "NonFiniteError", "select_keys", "resolve_rules", "detect_family", "validate_state_dicts",
@@ -107,7 +109,8 @@ def resolve_rules(rules: str | Mapping | None, state_dict: StateDict) -> dict:
     if rules == "auto":
         rules = detect_family(state_dict)
     if rules not in DEFAULT_RULES:
-        raise ValueError(f"unknown rules {rules!r}; expected 'auto', a dict or one of {sorted(DEFAULT_RULES)}")
+        raise ValueError(f"unknown rules {rules!r}{did_you_mean(rules, list(DEFAULT_RULES))}; expected 'auto', a "
+                         f"dict or one of {sorted(DEFAULT_RULES)}")
     return dict(DEFAULT_RULES[rules])
 
 

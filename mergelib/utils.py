@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .hparams import did_you_mean
+
 PROFILES = ("quick", "full")
 
 
@@ -35,7 +37,8 @@ def resolve_profile(profile: str = "auto", device: str | torch.device | None = "
     if profile == "auto":
         return "full" if resolve_device(device).type == "cuda" else "quick"
     if profile not in PROFILES:
-        raise ValueError(f"unknown profile {profile!r}; expected 'auto' or one of {PROFILES}")
+        raise ValueError(f"unknown profile {profile!r}{did_you_mean(profile, PROFILES)}; expected 'auto' or one of "
+                         f"{PROFILES}")
     return profile
 
 

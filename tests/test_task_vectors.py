@@ -54,8 +54,10 @@ def test_default_rules(vit_sd):
     rkeys = select_keys(rsd, **resolve_rules("auto", rsd))
     assert not any(k.startswith("linear.") or "running_" in k for k in rkeys)
     assert "layer1.0.conv1.weight" in rkeys and "bn1.weight" in rkeys
-    with pytest.raises(ValueError, match="unknown rules 'nope'"):
+    with pytest.raises(ValueError, match="unknown rules 'nope'; expected 'auto'"):
         resolve_rules("nope", vit_sd)
+    with pytest.raises(ValueError, match=r"unknown rules 'resnets' \(did you mean 'resnet'\?\)"):
+        resolve_rules("resnets", vit_sd)
 
 
 # ---------------------------------------------------------------------------------- validation

@@ -43,6 +43,16 @@ def test_profiles_are_separate(tmp_path):
     assert len(calls) == 2
 
 
+def test_an_unknown_profile_is_named_with_the_closest():
+    from mergelib.utils import resolve_profile
+    assert resolve_profile("quick") == "quick" and resolve_profile("full") == "full"
+    with pytest.raises(ValueError, match=r"unknown profile 'Full' \(did you mean 'full'\?\); expected 'auto' or one "
+                                         r"of \('quick', 'full'\)"):
+        resolve_profile("Full")
+    with pytest.raises(ValueError, match=r"unknown profile 'gpu'; expected"):
+        resolve_profile("gpu")
+
+
 def test_truncated_file_is_detected(tmp_path):
     calls = []
     cfg = {"x": 1}
