@@ -102,7 +102,7 @@ def test_a_mistyped_name_gets_the_closest_one_as_a_hint(small, method, kw, exc, 
 @pytest.mark.parametrize("method, kw", [
     ("dare", {}),  # as far from dare_ta as from dare_ties: no guess
     ("ties", {"trim": "tensor"}),  # renamed to granularity; trim_rule is something else
-    ("pcb", {"ratio": 0.1}),  # PCB's drop ratio is density
+    ("pcb", {"ratio": 0.1}),  # the PCB paper's ratio r is density here: not a spelling to guess from
     ("ties", {"granularity": "row"}),
     (3, {}),
 ])
