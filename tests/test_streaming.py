@@ -799,6 +799,12 @@ def test_cli_help_lists_every_method_and_hyperparameter(capsys):
     (["--method", "ties", "0.2"], "hyperparameters must be given as --NAME VALUE or --NAME=VALUE, got '0.2'"),
     (["--method", "fr", "--rules", "bogus"], "argument --rules: invalid choice: 'bogus'"),
     (["--method", "bogus"], "argument --method: invalid choice: 'bogus'"),
+    (["--method", "ties", "--densty", "0.2"], "unknown hyperparameter(s) --densty for method ties (did you mean "
+     "--density for --densty?); allowed: --density, --granularity, --sign-rule, --trim-rule"),
+    (["--method", "ties", "--sign_rul=count", "--p", "0.5"], "unknown hyperparameter(s) --sign-rul, --p for method "
+     "ties (did you mean --sign-rule for --sign-rul?)"),
+    (["--method", "average", "--density", "0.2"], "unknown hyperparameter(s) --density for method average; "
+     "allowed: none"),
 ])
 def test_cli_bad_arguments_exit_2_name_the_problem_and_write_nothing(tmp_path, capsys, args, message):
     pre, fts = _models(n=2)
