@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["HyperparameterError", "HParam", "check_number", "check_choice", "check_flag", "closest", "did_you_mean"]
+__all__ = ["HyperparameterError", "HParam", "check_number", "check_choice", "check_flag", "closest", "did_you_mean", "did_you_mean_each"]
 
 
 class HyperparameterError(ValueError):
@@ -86,6 +86,14 @@ def did_you_mean(value: Any, choices: Sequence[str]) -> str:
     unknown names and values end with."""
     c = closest(value, choices)
     return "" if c is None else f" (did you mean {c!r}?)"
+
+
+def did_you_mean_each(names: Sequence[str], choices: Sequence[str], spell=repr) -> str:
+    """``" (did you mean 'density' for 'densty', ...?)"`` for those of the unknown ``names`` that have a
+    :func:`closest` choice, each written by ``spell`` (``repr``; the command line writes ``--density``),
+    else ``""``."""
+    pairs = [f"{spell(c)} for {spell(n)}" for n in names if (c := closest(n, choices))]
+    return f" (did you mean {', '.join(pairs)}?)" if pairs else ""
 
 
 def check_choice(value: Any, name: str, choices: Sequence[str], method: str | None = None) -> str:

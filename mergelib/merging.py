@@ -29,7 +29,7 @@ from .fourier import _TaskRows as _FRTaskRows, _fr_options, _one_task_at_a_time 
 from .fourier import fr_check_selection, fr_merge, fr_tensor
 from . import gpu_kernels as _gpu
 from . import kernels
-from .hparams import HParam, HyperparameterError, check_number, closest, did_you_mean
+from .hparams import HParam, HyperparameterError, check_number, did_you_mean, did_you_mean_each
 from .task_vectors import (FlatLayout, NonFiniteError, Scratch, TaskVectorColumns, _check_finite, _sub_into, as_named_list,
                            detect_family, empty_matrix, flatten, resolve_rules, select_keys, unflatten,
                            validate_state_dicts)
@@ -74,9 +74,8 @@ class MergeMethod:
         allowed = {h.name: h for h in self.hparams}
         unknown = sorted(set(hparams) - set(allowed))
         if unknown:
-            hints = [f"{c!r} for {u!r}" for u in unknown if (c := closest(u, list(allowed)))]
-            hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
-            raise TypeError(f"unknown hyperparameter(s) {unknown} for method {self.name!r}{hint}; "
+            raise TypeError(f"unknown hyperparameter(s) {unknown} for method {self.name!r}"
+                            f"{did_you_mean_each(unknown, list(allowed))}; "
                             f"allowed: {sorted(allowed) or 'none'}")
         return {name: h.check(hparams.get(name, h.default), self.name) for name, h in allowed.items()}
 

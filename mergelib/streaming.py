@@ -100,7 +100,7 @@ from . import competition as _comp
 from . import kernels
 from . import selection as _sel
 from .fourier import _fr_options, fr_check_selection, fr_tensor
-from .hparams import closest
+from .hparams import did_you_mean_each
 from .merging import METHODS, REGISTRY, _selected_keys, _sum, _sum_per_tensor, method_spec
 from .task_vectors import (DEFAULT_RULES, FlatLayout, NonFiniteError, Scratch, StateDictDtypeError,
                            StateDictKeyError, StateDictShapeError, TaskVectorColumns, _sub_into, empty_matrix)
@@ -1470,10 +1470,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:  # named as options, with the closest option to a mistyped one
         def flag(n: str) -> str:
             return "--" + n.replace("_", "-")
-        hints = [f"{flag(c)} for {flag(u)}" for u in unknown if (c := closest(u, allowed))]
         ap.error(f"unknown hyperparameter(s) {', '.join(map(flag, unknown))} for method {args.method}"
-                 + (f" (did you mean {', '.join(hints)}?)" if hints else "")
-                 + f"; allowed: {', '.join(map(flag, allowed)) or 'none'} (python -m mergelib.merge --help)")
+                 f"{did_you_mean_each(unknown, allowed, flag)}; allowed: {', '.join(map(flag, allowed)) or 'none'} "
+                 "(python -m mergelib.merge --help)")
     try:
         out = merge_files(args.pretrained, args.finetuned, args.out, args.method, scale=args.scale,
                           include=args.include, exclude=args.exclude,
