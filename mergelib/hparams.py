@@ -23,7 +23,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["HyperparameterError", "HParam", "check_number", "check_choice", "check_flag", "closest", "did_you_mean", "did_you_mean_each"]
+__all__ = ["HyperparameterError", "HParam", "check_number", "check_choice", "check_flag", "closest", "did_you_mean",
+           "did_you_mean_each"]
 
 
 class HyperparameterError(ValueError):
