@@ -558,7 +558,7 @@ def _command_line(pretrained, finetuned, out, method: str, scale, rules, include
         for pattern in [patterns] if isinstance(patterns, (str, re.Pattern)) else (patterns or []):
             words += [flag, getattr(pattern, "pattern", pattern)]  # a compiled regex: its text
     for name, v in hp.items():
-        words += [f"--{name.replace('_', '-')}", _cli_text(v)]
+        words += [_option(name), _cli_text(v)]
     if shard_bytes != DEFAULT_SHARD_BYTES:
         words += ["--shard-size-gb", repr(shard_bytes / 1024**3)]  # exact: int(GB * 1024**3) is shard_bytes
     line = " ".join(shlex.quote(w) for w in words)
@@ -1380,6 +1380,12 @@ def _cli_text(v) -> str:
     return str(v).lower() if isinstance(v, bool) else str(v)
 
 
+def _option(name: str) -> str:
+    """A hyperparameter's option on the command line (``sign_rule`` -> ``--sign-rule``; :func:`main` reads it
+    back): for ``--help``, the model card's command and the errors that name options."""
+    return "--" + name.replace("_", "-")
+
+
 def _scale_arg(text: str):
     """``--scale``: one number, or comma-separated numbers (one per fine-tuned checkpoint)."""
     import argparse
@@ -1396,7 +1402,6 @@ def _methods_help(width: int = 100) -> str:
     typed on the command line (``--sign-rule count``, ``--compat-official true``)."""
     import textwrap
 
-
     def wrap(text: str, indent: str, hanging: str) -> list[str]:
         return textwrap.wrap(text, width, initial_indent=indent, subsequent_indent=hanging)
 
@@ -1407,7 +1412,7 @@ def _methods_help(width: int = 100) -> str:
         lines += wrap(f"{m.name}: {m.doc} ({m.paper}; {m.scope}; {lam})", "  ", "      ")
         for h in m.hparams:
             allowed = "true/false" if h.kind == "flag" else h.allowed.replace("`", "")
-            lines += wrap(f"--{h.name.replace('_', '-')} {_cli_text(h.default)} ({allowed}): {h.doc.replace('`', '')}",
+            lines += wrap(f"{_option(h.name)} {_cli_text(h.default)} ({allowed}): {h.doc.replace('`', '')}",
                           "      ", "          ")
     lines += [""] + wrap(f"Streaming methods: {_STREAMING}.", "", "") + [
         "Example:",
@@ -1468,11 +1473,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     allowed = [h.name for h in REGISTRY[args.method].hparams]
     unknown = [n for n in hparams if n not in allowed]
     if unknown:  # named as options, with the closest option to a mistyped one
-        def flag(n: str) -> str:
-            return "--" + n.replace("_", "-")
-        ap.error(f"unknown hyperparameter(s) {', '.join(map(flag, unknown))} for method {args.method}"
-                 f"{did_you_mean_each(unknown, allowed, flag)}; allowed: {', '.join(map(flag, allowed)) or 'none'} "
-                 "(python -m mergelib.merge --help)")
+        ap.error(f"unknown hyperparameter(s) {', '.join(map(_option, unknown))} for method {args.method}"
+                 f"{did_you_mean_each(unknown, allowed, _option)}; allowed: "
+                 f"{', '.join(map(_option, allowed)) or 'none'} (python -m mergelib.merge --help)")
     try:
         out = merge_files(args.pretrained, args.finetuned, args.out, args.method, scale=args.scale,
                           include=args.include, exclude=args.exclude,
