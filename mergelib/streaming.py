@@ -100,7 +100,7 @@ from . import competition as _comp
 from . import kernels
 from . import selection as _sel
 from .fourier import _fr_options, fr_check_selection, fr_tensor
-from .hparams import did_you_mean_each
+from .hparams import did_you_mean, did_you_mean_each
 from .merging import METHODS, REGISTRY, _selected_keys, _sum, _sum_per_tensor, method_spec
 from .task_vectors import (DEFAULT_RULES, FlatLayout, NonFiniteError, Scratch, StateDictDtypeError,
                            StateDictKeyError, StateDictShapeError, TaskVectorColumns, _sub_into, empty_matrix)
@@ -1386,6 +1386,19 @@ def _option(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _choice_arg(choices: Sequence[str]):
+    """An argparse ``type`` for ``--method`` and ``--rules``: the name if it is one of ``choices``, else an
+    argument error naming the closest choice (argparse's ``choices=`` gives no hint before Python 3.14)."""
+    import argparse
+
+    def check(text: str) -> str:
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"invalid choice: {text!r}{did_you_mean(text, choices)} "
+                                             f"(choose from {', '.join(choices)})")
+        return text
+    return check
+
+
 def _scale_arg(text: str):
     """``--scale``: one number, or comma-separated numbers (one per fine-tuned checkpoint)."""
     import argparse
@@ -1436,11 +1449,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("finetuned", nargs="+", help="the fine-tuned models, each as the base")
     ap.add_argument("--out", required=True, help="directory for the merged sharded checkpoint and its index "
                                                  "(written atomically; must not exist unless --overwrite)")
-    ap.add_argument("--method", required=True, choices=METHODS, metavar="NAME",
+    ap.add_argument("--method", required=True, type=_choice_arg(METHODS), metavar="NAME",
                     help="one of " + ", ".join(METHODS) + " (below)")
     ap.add_argument("--scale", type=_scale_arg, default=None, metavar="LAMBDA",
                     help="lambda: one number, or comma-separated per-task values (default: the method's)")
-    ap.add_argument("--rules", default="auto", choices=["auto", "none", *DEFAULT_RULES], metavar="RULES",
+    ap.add_argument("--rules", default="auto", type=_choice_arg(["auto", "none", *DEFAULT_RULES]),
+                    metavar="RULES",
                     help="which tensors take part: auto (by the detected model family), none (every float "
                          "tensor) or one of " + ", ".join(DEFAULT_RULES) + " (default: auto)")
     ap.add_argument("--include", action="append", metavar="REGEX",

@@ -798,7 +798,12 @@ def test_cli_help_lists_every_method_and_hyperparameter(capsys):
     (["--method", "ties", "--density", "--granularity", "tensor"], "hyperparameter --density needs a value"),
     (["--method", "ties", "0.2"], "hyperparameters must be given as --NAME VALUE or --NAME=VALUE, got '0.2'"),
     (["--method", "fr", "--rules", "bogus"], "argument --rules: invalid choice: 'bogus'"),
-    (["--method", "bogus"], "argument --method: invalid choice: 'bogus'"),
+    (["--method", "bogus"], "argument --method: invalid choice: 'bogus' (choose from average, task_arithmetic, "
+     "ties, dare_ta, dare_ties, pcb, fr)"),
+    (["--method", "tie"], "argument --method: invalid choice: 'tie' (did you mean 'ties'?) (choose from "),
+    (["--method", "DARE-TIES"], "invalid choice: 'DARE-TIES' (did you mean 'dare_ties'?)"),
+    (["--method", "ties", "--rules", "resnets"], "argument --rules: invalid choice: 'resnets' (did you mean "
+     "'resnet'?) (choose from auto, none, vit, "),
     (["--method", "ties", "--densty", "0.2"], "unknown hyperparameter(s) --densty for method ties (did you mean "
      "--density for --densty?); allowed: --density, --granularity, --sign-rule, --trim-rule"),
     (["--method", "ties", "--sign_rul=count", "--p", "0.5"], "unknown hyperparameter(s) --sign-rul, --p for method "
